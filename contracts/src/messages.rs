@@ -1,0 +1,117 @@
+//! The messages of variant 4, named as in the seed's AsyncAPI sketch, in
+//! camelCase JSON. Each type knows the exchange it is published to and its
+//! routing key (its name), so publisher and consumer cannot disagree.
+
+use crate::money::Money;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use uuid::Uuid;
+
+/// A message that travels over RabbitMQ.
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The message name: AMQP `type` property and routing key.
+    const NAME: &'static str;
+    /// The topic exchange of the context that publishes it.
+    const EXCHANGE: &'static str;
+
+    /// What ties the message to a business entity (order id, user id, ...):
+    /// sent as the AMQP `correlation_id` and recorded in log spans.
+    fn correlation_id(&self) -> String;
+}
+
+macro_rules! message {
+    ($ty:ident, $exchange:expr, |$m:ident| $corr:expr) => {
+        impl Message for $ty {
+            const NAME: &'static str = stringify!($ty);
+            const EXCHANGE: &'static str = $exchange;
+            fn correlation_id(&self) -> String {
+                let $m = self;
+                $corr.to_string()
+            }
+        }
+    };
+}
+
+pub mod exchange {
+    pub const IDENTITY: &str = "identity";
+    pub const BILLING: &str = "billing";
+    pub const ORDERING: &str = "ordering";
+}
+
+/// A user registered. Billing opens an account, notification keeps a profile copy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserCreated {
+    pub id: Uuid,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+}
+message!(UserCreated, exchange::IDENTITY, |m| m.id);
+
+/// A user changed their profile. Notification refreshes its copy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserUpdated {
+    pub id: Uuid,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+}
+message!(UserUpdated, exchange::IDENTITY, |m| m.id);
+
+/// A command to billing: charge `amount` to the user's account. Any service
+/// may send it; the outcome carries the same `id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatePayment {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub amount: Money,
+}
+message!(CreatePayment, exchange::ORDERING, |m| m.id);
+
+/// The payment `id` was charged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentCreated {
+    pub id: Uuid,
+}
+message!(PaymentCreated, exchange::BILLING, |m| m.id);
+
+/// The payment `id` was refused, for `reason` (e.g. "not enough money").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentFailed {
+    pub id: Uuid,
+    pub reason: String,
+}
+message!(PaymentFailed, exchange::BILLING, |m| m.id);
+
+/// An order was paid for and is complete.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCreated {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub price: Money,
+    pub occurred_at: DateTime<Utc>,
+}
+message!(OrderCreated, exchange::ORDERING, |m| m.order_id);
+
+/// An order could not be fulfilled, for `reason`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderFailed {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub price: Money,
+    pub reason: String,
+    pub occurred_at: DateTime<Utc>,
+}
+message!(OrderFailed, exchange::ORDERING, |m| m.order_id);
+
+/// The reason billing gives when the balance does not cover a payment.
+pub const NOT_ENOUGH_MONEY: &str = "not enough money";

@@ -1,0 +1,59 @@
+//! The RabbitMQ topology: one durable topic exchange per publishing context,
+//! one durable quorum queue per consuming service and source. Every service
+//! declares all of it at start (declarations are idempotent), so a message
+//! published before its consumer ever ran is kept, never returned as unroutable.
+
+use crate::messages::{self, Message, exchange};
+
+/// A consumer's queue and the messages bound to it.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueSpec {
+    pub name: &'static str,
+    pub exchange: &'static str,
+    pub routing_keys: &'static [&'static str],
+}
+
+pub const EXCHANGES: &[&str] = &[exchange::IDENTITY, exchange::BILLING, exchange::ORDERING];
+
+pub const BILLING_USERS: QueueSpec = QueueSpec {
+    name: "billing.identity",
+    exchange: exchange::IDENTITY,
+    routing_keys: &[messages::UserCreated::NAME],
+};
+
+pub const BILLING_PAYMENTS: QueueSpec = QueueSpec {
+    name: "billing.payments",
+    exchange: exchange::ORDERING,
+    routing_keys: &[messages::CreatePayment::NAME],
+};
+
+pub const ORDERING_PAYMENTS: QueueSpec = QueueSpec {
+    name: "ordering.billing",
+    exchange: exchange::BILLING,
+    routing_keys: &[messages::PaymentCreated::NAME, messages::PaymentFailed::NAME],
+};
+
+pub const NOTIFICATION_USERS: QueueSpec = QueueSpec {
+    name: "notification.identity",
+    exchange: exchange::IDENTITY,
+    routing_keys: &[messages::UserCreated::NAME, messages::UserUpdated::NAME],
+};
+
+pub const NOTIFICATION_ORDERS: QueueSpec = QueueSpec {
+    name: "notification.ordering",
+    exchange: exchange::ORDERING,
+    routing_keys: &[messages::OrderCreated::NAME, messages::OrderFailed::NAME],
+};
+
+/// The durable queues of the system. The push service's per-replica queues
+/// are not here: each replica declares its own, bound to these keys.
+pub const QUEUES: &[QueueSpec] = &[
+    BILLING_USERS,
+    BILLING_PAYMENTS,
+    ORDERING_PAYMENTS,
+    NOTIFICATION_USERS,
+    NOTIFICATION_ORDERS,
+];
+
+/// What each push-service replica binds its own queue to.
+pub const PUSH_ORDER_EVENTS: &[&str] = &[messages::OrderCreated::NAME, messages::OrderFailed::NAME];

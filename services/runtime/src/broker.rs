@@ -1,0 +1,243 @@
+//! The RabbitMQ connection of a service: one connection shared by its tasks,
+//! re-opened on demand after a failure, and the topology declared on every
+//! new connection (declarations are idempotent).
+
+use contracts::topology::{self, QueueSpec};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    current: RwLock<Option<Arc<Connection>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Broker {
+    pub fn new(url: impl Into<String>) -> Self {
+        Broker {
+            inner: Arc::new(Inner {
+                url: url.into(),
+                current: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        let current = self.inner.current.read().expect("broker lock");
+        current.as_ref().is_some_and(|c| c.status().connected())
+    }
+
+    fn live_connection(&self) -> Option<Arc<Connection>> {
+        let current = self.inner.current.read().expect("broker lock");
+        current.as_ref().filter(|c| c.status().connected()).cloned()
+    }
+
+    async fn connection(&self) -> lapin::Result<Arc<Connection>> {
+        if let Some(c) = self.live_connection() {
+            return Ok(c);
+        }
+        let _guard = self.inner.connecting.lock().await;
+        if let Some(c) = self.live_connection() {
+            return Ok(c);
+        }
+        let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await?);
+        let channel = conn.create_channel().await?;
+        declare_topology(&channel).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        tracing::info!("connected to the broker");
+        *self.inner.current.write().expect("broker lock") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new channel on the shared connection, connecting first if needed.
+    pub async fn channel(&self) -> lapin::Result<Channel> {
+        self.connection().await?.create_channel().await
+    }
+
+    /// A new channel in publisher-confirm mode.
+    pub async fn confirm_channel(&self) -> lapin::Result<Channel> {
+        let channel = self.channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(channel)
+    }
+
+    /// Waits until the broker answers, with a growing pause between tries.
+    pub async fn wait_for_channel(
+        &self,
+        confirm: bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<Channel> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let attempt = if confirm { self.confirm_channel().await } else { self.channel().await };
+            match attempt {
+                Ok(c) => return Some(c),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?pause, "broker unavailable"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    pub async fn close(&self) {
+        let conn = self.inner.current.write().expect("broker lock").take();
+        if let Some(conn) = conn {
+            let _ = conn.close(200, "shutting down".into()).await;
+        }
+    }
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+pub fn retry_queue(queue: &str, delay: Duration) -> String {
+    format!("{queue}.retry.{}ms", delay.as_millis())
+}
+
+/// Exchanges, every durable consumer queue with its dead-letter queue, and
+/// their bindings.
+async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
+    for exchange in topology::EXCHANGES {
+        channel
+            .exchange_declare(
+                (*exchange).into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for queue in topology::QUEUES {
+        declare_quorum(channel, queue.name, &[]).await?;
+        declare_quorum(channel, &dead_letter_queue(queue.name), &[]).await?;
+        for key in queue.routing_keys {
+            channel
+                .queue_bind(
+                    queue.name.into(),
+                    queue.exchange.into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn declare_quorum(channel: &Channel, name: &str, extra: &[(&str, AMQPValue)]) -> lapin::Result<()> {
+    let mut pairs = vec![("x-queue-type", text("quorum"))];
+    pairs.extend_from_slice(extra);
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            args(&pairs),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The delay queues of `queue`: a message waits there for its TTL, then is
+/// dead-lettered back to `queue` through the default exchange.
+pub async fn declare_retry_queues(channel: &Channel, queue: &QueueSpec, delays: &[Duration]) -> lapin::Result<()> {
+    for delay in delays {
+        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        declare_quorum(
+            channel,
+            &retry_queue(queue.name, *delay),
+            &[
+                ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(queue.name)),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Why a publish was not taken by the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("returned unroutable by the broker: {0}")]
+    Returned(String),
+    #[error("refused by the broker (nack)")]
+    Nacked,
+    #[error("channel is not in confirm mode")]
+    NotConfirmed,
+}
+
+/// Publishes a persistent, mandatory message and returns the confirm to await
+/// (so that a caller can pipeline many publishes before awaiting).
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, PublishError> {
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await?)
+}
+
+/// A confirm counts only if the broker acked it and did not return it
+/// (lapin reports an unroutable mandatory message as an ack carrying it).
+pub fn check_confirm(confirmation: Confirmation) -> Result<(), PublishError> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(PublishError::Returned(returned.reply_text.to_string())),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+    }
+}
+
+/// Publishes and waits for the broker's confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let confirm = publish(channel, exchange, routing_key, body, properties).await?;
+    check_confirm(confirm.await?)
+}

@@ -1,0 +1,39 @@
+//! Configuration shared by every service that talks to the broker.
+
+use std::time::Duration;
+
+/// How a service reaches RabbitMQ and how its consumers retry.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MessagingConfig {
+    /// AMQP URL of the broker (the vhost is part of it).
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
+    /// Delays before each retry of a failed message, in milliseconds; after
+    /// the last one the message goes to the queue's dead-letter queue.
+    #[arg(long, env = "RETRY_DELAYS_MS", value_delimiter = ',', default_value = "1000,10000,60000")]
+    pub retry_delays_ms: Vec<u64>,
+
+    /// Unacknowledged deliveries a consumer holds (and handles concurrently).
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 16)]
+    pub prefetch: u16,
+
+    /// Safety-net poll of the outbox when no NOTIFY arrives, in milliseconds.
+    #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 1000)]
+    pub outbox_poll_ms: u64,
+}
+
+impl MessagingConfig {
+    pub fn local(amqp_url: impl Into<String>) -> Self {
+        MessagingConfig {
+            amqp_url: amqp_url.into(),
+            retry_delays_ms: vec![1000, 10_000, 60_000],
+            prefetch: 16,
+            outbox_poll_ms: 1000,
+        }
+    }
+
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms.iter().map(|ms| Duration::from_millis(*ms)).collect()
+    }
+}

@@ -1,0 +1,279 @@
+//! The idempotent consumer loop, one per queue.
+//!
+//! For each delivery: read its `message_id` and `type`; in one transaction,
+//! record the id in the inbox (a duplicate stops here) and run the handler for
+//! that type; commit, then ack. A handler error is retried through delay
+//! queues with growing TTLs; after the last delay, or at once for a message
+//! that can never succeed (no id, unknown type, unparsable body), the message
+//! goes to the queue's dead-letter queue with the reason in its headers. A
+//! delivery is acked only after its effect committed or after it was safely
+//! re-published to a retry or dead-letter queue, so nothing is lost and a
+//! poison message never blocks the queue.
+
+use crate::Broker;
+use crate::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue};
+use contracts::Message;
+use contracts::topology::QueueSpec;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use sqlx::{PgConnection, PgPool};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// A message handed to a handler.
+#[derive(Debug, Clone)]
+pub struct Incoming<M> {
+    pub message_id: Uuid,
+    pub payload: M,
+}
+
+/// Why a handler did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might succeed later (database down, a dependency not ready): retried.
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+    /// Can never succeed: dead-lettered at once.
+    #[error("{0}")]
+    Reject(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Retry(e.into())
+    }
+}
+
+pub type HandlerResult = Result<(), HandlerError>;
+
+type Handler<S> =
+    Box<dyn for<'a> Fn(S, &'a mut PgConnection, Uuid, &'a [u8]) -> BoxFuture<'a, HandlerResult> + Send + Sync>;
+
+/// A queue, its handlers by message type, and the state they share.
+pub struct Consumer<S> {
+    queue: QueueSpec,
+    db: PgPool,
+    state: S,
+    handlers: HashMap<&'static str, Handler<S>>,
+}
+
+enum Outcome {
+    Done,
+    Duplicate,
+    Retry(String),
+    DeadLetter(String),
+}
+
+const RETRY_COUNT_HEADER: &str = "x-retry-count";
+
+impl<S: Clone + Send + Sync + 'static> Consumer<S> {
+    pub fn new(queue: QueueSpec, db: PgPool, state: S) -> Self {
+        Consumer { queue, db, state, handlers: HashMap::new() }
+    }
+
+    /// Handles messages of type `M` with `handler`, inside the inbox transaction.
+    pub fn on<M, F>(mut self, handler: F) -> Self
+    where
+        M: Message,
+        F: for<'a> Fn(S, &'a mut PgConnection, Incoming<M>) -> BoxFuture<'a, HandlerResult>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let boxed: Handler<S> = Box::new(move |state, conn, message_id, body| {
+            match serde_json::from_slice::<M>(body) {
+                Ok(payload) => handler(state, conn, Incoming { message_id, payload }),
+                Err(e) => Box::pin(async move {
+                    Err(HandlerError::Reject(format!("invalid {} body: {e}", M::NAME)))
+                }),
+            }
+        });
+        self.handlers.insert(M::NAME, boxed);
+        self
+    }
+
+    /// Consumes until `shutdown`, reconnecting after broker failures.
+    pub async fn run(
+        self,
+        broker: Broker,
+        prefetch: u16,
+        retry_delays: Vec<Duration>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let queue = this.queue.name;
+        while !shutdown.is_cancelled() {
+            let Some(channel) = broker.wait_for_channel(false, &shutdown).await else { break };
+            let session = async {
+                let republish = broker.confirm_channel().await?;
+                declare_retry_queues(&republish, &this.queue, &retry_delays).await?;
+                channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+                let deliveries = channel
+                    .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await?;
+                tracing::info!(queue, "consuming");
+                deliveries
+                    .take_until(shutdown.cancelled())
+                    .for_each_concurrent(usize::from(prefetch.max(1)), |delivery| {
+                        let this = this.clone();
+                        let republish = republish.clone();
+                        let retry_delays = &retry_delays;
+                        async move {
+                            match delivery {
+                                Ok(d) => this.handle(d, &republish, retry_delays).await,
+                                Err(e) => tracing::warn!(queue, error = %e, "consumer stream error"),
+                            }
+                        }
+                    })
+                    .await;
+                anyhow::Ok(())
+            };
+            if let Err(e) = session.await {
+                tracing::warn!(queue, error = %e, "consumer session failed");
+            }
+            let _ = channel.close(200, "consumer stopped".into()).await;
+            if !shutdown.is_cancelled() {
+                tracing::warn!(queue, "consumer disconnected; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, delivery: Delivery, republish: &lapin::Channel, delays: &[Duration]) {
+        let props = &delivery.properties;
+        let message_id = props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let kind = props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let correlation_id = props.correlation_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let span = tracing::info_span!(
+            "message",
+            queue = self.queue.name,
+            message_id = %message_id,
+            r#type = %kind,
+            correlation_id = %correlation_id,
+        );
+        async {
+            let outcome = self.process(&message_id, &kind, &delivery.data).await;
+            self.settle(&delivery, outcome, republish, delays).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(&self, message_id: &str, kind: &str, body: &[u8]) -> Outcome {
+        let Ok(message_id) = Uuid::parse_str(message_id) else {
+            return Outcome::DeadLetter("missing or invalid message_id".into());
+        };
+        let Some(handler) = self.handlers.get(kind) else {
+            return Outcome::DeadLetter(format!("no handler for message type {kind:?}"));
+        };
+        let result = AssertUnwindSafe(async {
+            let mut tx = self.db.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(self.queue.name)
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Ok(false);
+            }
+            handler(self.state.clone(), &mut tx, message_id, body).await?;
+            tx.commit().await?;
+            Ok::<_, HandlerError>(true)
+        })
+        .catch_unwind()
+        .await;
+        match result {
+            Ok(Ok(true)) => Outcome::Done,
+            Ok(Ok(false)) => Outcome::Duplicate,
+            Ok(Err(HandlerError::Reject(reason))) => Outcome::DeadLetter(reason),
+            Ok(Err(HandlerError::Retry(e))) => Outcome::Retry(format!("{e:#}")),
+            Err(_) => Outcome::Retry("handler panicked".into()),
+        }
+    }
+
+    async fn settle(&self, delivery: &Delivery, outcome: Outcome, republish: &lapin::Channel, delays: &[Duration]) {
+        let queue = self.queue.name;
+        let attempt = retry_count(delivery);
+        let forwarded = match outcome {
+            Outcome::Done => {
+                tracing::info!("handled");
+                Ok(())
+            }
+            Outcome::Duplicate => {
+                tracing::info!("duplicate delivery ignored");
+                Ok(())
+            }
+            Outcome::Retry(reason) if (attempt as usize) < delays.len() => {
+                let delay = delays[attempt as usize];
+                tracing::warn!(attempt = attempt + 1, ?delay, %reason, "handler failed; retrying later");
+                let target = retry_queue(queue, delay);
+                forward(republish, delivery, &target, &[(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(i64::from(attempt + 1))), ("x-last-error", text(&reason))]).await
+            }
+            Outcome::Retry(reason) => {
+                let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
+                dead_letter(republish, delivery, queue, &reason).await
+            }
+            Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason).await,
+        };
+        let settled = match forwarded {
+            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                // Not safely stored elsewhere: give it back to the queue.
+                tracing::error!(error = %e, "could not forward the message; requeueing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
+        }
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn retry_count(delivery: &Delivery) -> u32 {
+    let headers = delivery.properties.headers().as_ref();
+    match headers.and_then(|h| h.inner().get(RETRY_COUNT_HEADER)) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+async fn dead_letter(channel: &lapin::Channel, delivery: &Delivery, queue: &str, reason: &str) -> Result<(), crate::broker::PublishError> {
+    tracing::error!(%reason, "message dead-lettered");
+    let headers = [
+        ("x-dead-letter-reason", text(reason)),
+        ("x-original-queue", text(queue)),
+        ("x-original-exchange", text(delivery.exchange.as_str())),
+        ("x-original-routing-key", text(delivery.routing_key.as_str())),
+        ("x-dead-lettered-at", text(&chrono::Utc::now().to_rfc3339())),
+    ];
+    forward(channel, delivery, &dead_letter_queue(queue), &headers).await
+}
+
+/// Re-publishes `delivery` unchanged but for `extra` headers to `queue`
+/// through the default exchange, and waits for the broker's confirm.
+async fn forward(channel: &lapin::Channel, delivery: &Delivery, queue: &str, extra: &[(&str, AMQPValue)]) -> Result<(), crate::broker::PublishError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert((*k).into(), v.clone());
+    }
+    let props = delivery.properties.clone().with_headers(headers);
+    publish_confirmed(channel, "", queue, &delivery.data, props).await
+}

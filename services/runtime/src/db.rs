@@ -1,0 +1,54 @@
+//! The service's own PostgreSQL database: created if missing, migrated at start.
+//!
+//! Two migration sets run on every database: the runtime's own tables (outbox,
+//! inbox) from `migrations/runtime`, and the service's from
+//! `migrations/<service>`. Their versions never overlap, and each migrator
+//! ignores the other's rows in `_sqlx_migrations`.
+
+use anyhow::Context;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::time::Duration;
+
+pub async fn connect(url: &str, mut service_migrations: Migrator) -> anyhow::Result<PgPool> {
+    create_if_missing(url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {}", redact(url)))?;
+    let mut runtime = sqlx::migrate!("../../migrations/runtime");
+    runtime.set_ignore_missing(true);
+    runtime.run(&pool).await.context("runtime migrations")?;
+    service_migrations.set_ignore_missing(true);
+    service_migrations.run(&pool).await.context("service migrations")?;
+    Ok(pool)
+}
+
+async fn create_if_missing(url: &str) -> anyhow::Result<()> {
+    if sqlx::Postgres::database_exists(url).await? {
+        return Ok(());
+    }
+    if let Err(e) = sqlx::Postgres::create_database(url).await {
+        // Another replica may have created it meanwhile.
+        if !sqlx::Postgres::database_exists(url).await? {
+            return Err(e).with_context(|| format!("creating database {}", redact(url)));
+        }
+    }
+    Ok(())
+}
+
+/// A URL fit for logs: the password, if any, replaced.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,226 @@
+//! HTTP plumbing shared by the services: the error type that becomes the
+//! seed's `Error {code, message}` body, JSON and path extractors whose
+//! rejections use that body too, health endpoints, and `serve`.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, extract::DefaultBodyLimit};
+use contracts::api::ErrorBody;
+use serde::Serialize;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::Broker;
+
+/// Largest request body any service accepts.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// An error answered to a client. Server-side causes are logged with their
+/// chain and never shown; the client sees a short, stable message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+    /// Logs `cause` and answers an opaque 500.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        let cause = cause.into();
+        tracing::error!(error = ?cause, "request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.status, self.message)
+    }
+}
+
+pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = ErrorBody { code: status.as_u16(), message: message.into() };
+    (status, axum::Json(body)).into_response()
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let message = match &r {
+            JsonRejection::JsonDataError(e) => format!("invalid request body: {}", source_text(e)),
+            JsonRejection::JsonSyntaxError(e) => format!("malformed JSON: {}", source_text(e)),
+            JsonRejection::MissingJsonContentType(_) => {
+                "expected a request body with Content-Type: application/json".to_string()
+            }
+            other => other.body_text(),
+        };
+        // axum says 422 for a well-formed body of the wrong shape; so do we.
+        ApiError::new(r.status(), message)
+    }
+}
+
+/// serde's own words ("missing field `price` at line 1 column 2"), without
+/// axum's generic prefix.
+fn source_text(e: &dyn std::error::Error) -> String {
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(s) = inner.source() {
+        inner = s;
+    }
+    inner.to_string()
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid path: {}", r.body_text()))
+    }
+}
+
+/// `axum::Json` whose rejection is an [`ApiError`].
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` whose rejection is an [`ApiError`].
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+/// What readiness checks: the database answers and the broker is connected.
+#[derive(Clone)]
+pub struct Readiness {
+    pub db: Option<PgPool>,
+    pub broker: Option<Broker>,
+}
+
+async fn live() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Response {
+    let mut problems = Vec::new();
+    if let Some(db) = &r.db {
+        let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(db));
+        if !matches!(ping.await, Ok(Ok(_))) {
+            problems.push("database unreachable");
+        }
+    }
+    if let Some(broker) = &r.broker {
+        if !broker.is_connected() {
+            problems.push("broker disconnected");
+        }
+    }
+    if problems.is_empty() {
+        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, problems.join(", "))
+    }
+}
+
+/// `/health/live` (the process answers) and `/health/ready` (its dependencies do).
+pub fn health_routes(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(readiness)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this resource")
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+}
+
+/// Wraps a service's routes with what every service answers the same way:
+/// health, JSON 404/405, a body limit, panic safety and request tracing.
+pub fn service_router(routes: Router, readiness: Readiness) -> Router {
+    routes
+        .merge(health_routes(readiness))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http().make_span_with(make_span))
+}
+
+fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let user_id = req.headers().get(crate::auth::USER_ID_HEADER).and_then(|v| v.to_str().ok());
+    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
+    tracing::info_span!(
+        "http",
+        method = %req.method(),
+        path = %req.uri().path(),
+        user_id = user_id.unwrap_or(""),
+        request_id = request_id.unwrap_or(""),
+    )
+}
+
+/// Serves `router` until `shutdown`, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+/// `Content-Type` check helper for proxies and tests.
+pub fn is_json(resp: &Response) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}

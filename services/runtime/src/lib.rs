@@ -1,0 +1,21 @@
+//! What every service of the order system needs, written once: configuration,
+//! telemetry, the database pool and migrations, the HTTP error type and
+//! extractors, health endpoints, the RabbitMQ connection and topology, the
+//! transactional outbox and its relay, the idempotent consumer loop, and
+//! graceful shutdown.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod http;
+pub mod outbox;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use broker::Broker;
+pub use config::MessagingConfig;
+pub use consumer::{Consumer, HandlerError, Incoming};
+pub use http::{ApiError, Json, Path};
+pub use shutdown::Tasks;
