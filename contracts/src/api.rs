@@ -123,3 +123,19 @@ pub struct Notification {
     pub message: String,
     pub created_at: DateTime<Utc>,
 }
+
+/// The claims of an access token (an EdDSA-signed JWT issued by identity).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenClaims {
+    pub iss: String,
+    pub sub: String,
+    pub user_id: Uuid,
+    pub email: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: Uuid,
+}
+
+pub const TOKEN_ISSUER: &str = "order-system";
+pub const TOKEN_COOKIE: &str = "accessToken";

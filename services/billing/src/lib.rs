@@ -1,0 +1,64 @@
+//! Billing: one account per user and the payments charged to it.
+//!
+//! Deposits and withdrawals are synchronous REST calls (204); payments arrive
+//! as `CreatePayment` commands and are answered with `PaymentCreated` or
+//! `PaymentFailed` through the outbox. An account is created on first touch
+//! (UserCreated, a deposit, a read or a payment), so no ordering between
+//! those streams is assumed.
+
+mod accounts;
+mod payments;
+
+use axum::Router;
+use axum::routing::{get, post};
+use contracts::messages::{CreatePayment, UserCreated};
+use contracts::topology;
+use runtime::http::{Readiness, serve, service_router};
+use runtime::outbox::Relay;
+use runtime::{Broker, Consumer, MessagingConfig, Tasks};
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "billing", about = "Billing service: accounts and payments")]
+pub struct Config {
+    #[arg(long, env = "BILLING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/billing")]
+    pub database_url: String,
+
+    #[command(flatten)]
+    pub messaging: MessagingConfig,
+
+    #[arg(long, env = "BILLING_ADDR", default_value = "127.0.0.1:8082")]
+    pub addr: String,
+}
+
+fn routes(db: PgPool) -> Router {
+    Router::new()
+        .route("/api/v1/account", get(accounts::get_account))
+        .route("/api/v1/account/deposit", post(accounts::deposit))
+        .route("/api/v1/account/withdraw", post(accounts::withdraw))
+        .with_state(db)
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/billing")).await?;
+    let broker = Broker::new(&config.messaging.amqp_url);
+    let app = service_router(routes(db.clone()), Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let m = &config.messaging;
+
+    let users = Consumer::new(topology::BILLING_USERS, db.clone(), ())
+        .on::<UserCreated, _>(|_, tx, msg| Box::pin(accounts::on_user_created(tx, msg)));
+    let payments = Consumer::new(topology::BILLING_PAYMENTS, db.clone(), ())
+        .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg)));
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    tasks.spawn("users consumer", users.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
+    tasks.spawn("payments consumer", payments.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
+    tasks.spawn("outbox relay", Relay::new(db.clone(), broker.clone(), Duration::from_millis(m.outbox_poll_ms)).run(shutdown.clone()));
+    tasks.spawn("http", serve(listener, app, shutdown.clone()));
+    let result = tasks.join().await;
+    broker.close().await;
+    result
+}

@@ -1,0 +1,60 @@
+//! The API gateway: the only door from outside. It verifies the access token
+//! (bearer header or `accessToken` cookie) against identity's published key,
+//! drops any `X-User-*` header a client sent, forwards the request to the
+//! service that owns the path with the user's id and e-mail, and streams the
+//! answer back unbuffered (the event stream included).
+
+mod auth;
+mod proxy;
+
+use axum::Router;
+use axum::routing::any;
+use runtime::Tasks;
+use runtime::http::{Readiness, health_routes, not_found, serve, with_common_layers};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "gateway", about = "API gateway")]
+pub struct Config {
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    #[arg(long, env = "IDENTITY_URL", default_value = "http://127.0.0.1:8081")]
+    pub identity_url: String,
+    #[arg(long, env = "BILLING_URL", default_value = "http://127.0.0.1:8082")]
+    pub billing_url: String,
+    #[arg(long, env = "ORDERING_URL", default_value = "http://127.0.0.1:8083")]
+    pub ordering_url: String,
+    #[arg(long, env = "NOTIFICATION_URL", default_value = "http://127.0.0.1:8084")]
+    pub notification_url: String,
+    #[arg(long, env = "PUSH_URL", default_value = "http://127.0.0.1:8085")]
+    pub push_url: String,
+    /// How often the list of revoked tokens is refreshed from identity, in
+    /// milliseconds (a logout through this replica applies at once).
+    #[arg(long, env = "REVOCATION_REFRESH_MS", default_value_t = 2000)]
+    pub revocation_refresh_ms: u64,
+    /// Longest wait for a service's answer to start (event streams, once
+    /// started, are never cut).
+    #[arg(long, env = "UPSTREAM_TIMEOUT_SECS", default_value_t = 30)]
+    pub upstream_timeout_secs: u64,
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = proxy::client();
+    let auth = Arc::new(auth::Authenticator::new(client.clone(), config.identity_url.clone()));
+    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone()));
+    let app = Router::new()
+        .route("/api/{*path}", any(proxy::forward))
+        .with_state(gateway)
+        .merge(health_routes(Readiness { db: None, broker: None }))
+        .fallback(not_found);
+    let app = with_common_layers(app);
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    let refresh = Duration::from_millis(config.revocation_refresh_ms);
+    tasks.spawn("token keys", auth.clone().keep_fresh(refresh, shutdown.clone()));
+    tasks.spawn("http", serve(listener, app, shutdown.clone()));
+    tasks.join().await
+}

@@ -1,0 +1,90 @@
+//! Identity: users, their passwords, and the access tokens that prove who
+//! calls. Registration answers 201 at once and announces `UserCreated`
+//! through the outbox; login signs an EdDSA JWT whose public key the gateway
+//! reads from `/.well-known/jwks.json`; logout revokes the token.
+
+mod keys;
+mod users;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::{get, post};
+use runtime::http::{Readiness, serve, service_router};
+use runtime::outbox::Relay;
+use runtime::{Broker, MessagingConfig, Tasks};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use keys::SigningKey;
+
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "identity", about = "Identity service: users, login, tokens")]
+pub struct Config {
+    #[arg(long, env = "IDENTITY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/identity")]
+    pub database_url: String,
+
+    #[command(flatten)]
+    pub messaging: MessagingConfig,
+
+    /// How long an access token is valid, in seconds.
+    #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+
+    /// Ed25519 private key (PKCS#8 PEM) that signs tokens. Without it, a key
+    /// is generated once and kept in the identity database.
+    #[arg(long, env = "JWT_PRIVATE_KEY_PEM", hide_env_values = true)]
+    pub jwt_private_key_pem: Option<String>,
+
+    /// Mark the `accessToken` cookie `Secure` (set it behind HTTPS).
+    #[arg(long, env = "COOKIE_SECURE", default_value_t = false)]
+    pub cookie_secure: bool,
+
+    #[arg(long, env = "IDENTITY_ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: String,
+}
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    db: PgPool,
+    key: Arc<SigningKey>,
+    token_ttl: Duration,
+    cookie_secure: bool,
+}
+
+fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/register", post(users::register))
+        .route("/api/v1/login", post(users::login))
+        .route("/api/v1/logout", post(users::logout))
+        .route("/api/v1/profile", get(users::profile).put(users::update_profile))
+        .route("/.well-known/jwks.json", get(keys::jwks))
+        .route("/internal/v1/revoked-tokens", get(keys::revoked_tokens))
+        .with_state(state)
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/identity")).await?;
+    let key = match &config.jwt_private_key_pem {
+        Some(pem) => SigningKey::from_pem(pem).context("JWT_PRIVATE_KEY_PEM")?,
+        None => SigningKey::load_or_create(&db).await?,
+    };
+    let broker = Broker::new(&config.messaging.amqp_url);
+    let state = AppState {
+        db: db.clone(),
+        key: Arc::new(key),
+        token_ttl: Duration::from_secs(config.token_ttl_secs),
+        cookie_secure: config.cookie_secure,
+    };
+    let app = service_router(routes(state), Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    let relay = Relay::new(db.clone(), broker.clone(), Duration::from_millis(config.messaging.outbox_poll_ms));
+    tasks.spawn("outbox relay", relay.run(shutdown.clone()));
+    tasks.spawn("http", serve(listener, app, shutdown.clone()));
+    let result = tasks.join().await;
+    broker.close().await;
+    result
+}

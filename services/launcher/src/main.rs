@@ -1,1 +1,91 @@
-fn main() {}
+//! Runs the whole order system in one process: every service on its own
+//! port, against one PostgreSQL server (a database per service, created and
+//! migrated at start) and one RabbitMQ broker. Defaults suit a developer
+//! machine with both running locally; the gateway answers on 127.0.0.1:8080.
+
+use clap::Parser;
+use runtime::{MessagingConfig, Tasks};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "order-system", about = "Runs every service of the order system in one process")]
+struct Cli {
+    /// PostgreSQL server; each service uses its own database on it.
+    #[arg(long, env = "POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres_url: String,
+
+    #[command(flatten)]
+    messaging: MessagingConfig,
+
+    /// Address of the public gateway.
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    gateway_addr: SocketAddr,
+
+    /// Interface the internal services listen on (ports: gateway + 1 ... + 5).
+    #[arg(long, env = "INTERNAL_HOST", default_value = "127.0.0.1")]
+    internal_host: IpAddr,
+
+    #[command(flatten)]
+    mail: notification::MailConfig,
+
+    #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
+    token_ttl_secs: u64,
+
+    #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
+    heartbeat_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::telemetry::init();
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    runtime::shutdown::on_signal(shutdown.clone());
+
+    let db = |name: &str| format!("{}/{name}", cli.postgres_url.trim_end_matches('/'));
+    let port = |n: u16| SocketAddr::new(cli.internal_host, cli.gateway_addr.port() + n);
+    let url = |addr: SocketAddr| format!("http://{addr}");
+    let (identity_addr, billing_addr, ordering_addr, notification_addr, push_addr) =
+        (port(1), port(2), port(3), port(4), port(5));
+    let mail_dir: PathBuf = cli.mail.mail_dir.clone();
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    let identity = identity::Config {
+        database_url: db("identity"),
+        messaging: cli.messaging.clone(),
+        token_ttl_secs: cli.token_ttl_secs,
+        jwt_private_key_pem: std::env::var("JWT_PRIVATE_KEY_PEM").ok(),
+        cookie_secure: false,
+        addr: identity_addr.to_string(),
+    };
+    tasks.spawn("identity", identity::run(identity, TcpListener::bind(identity_addr).await?, shutdown.clone()));
+    let billing = billing::Config { database_url: db("billing"), messaging: cli.messaging.clone(), addr: billing_addr.to_string() };
+    tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
+    let ordering = ordering::Config { database_url: db("ordering"), messaging: cli.messaging.clone(), addr: ordering_addr.to_string() };
+    tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));
+    let notification = notification::Config {
+        database_url: db("notification"),
+        messaging: cli.messaging.clone(),
+        mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
+        addr: notification_addr.to_string(),
+    };
+    tasks.spawn("notification", notification::run(notification, TcpListener::bind(notification_addr).await?, shutdown.clone()));
+    let push = push_service::Config { messaging: cli.messaging.clone(), heartbeat_secs: cli.heartbeat_secs, addr: push_addr.to_string() };
+    tasks.spawn("push-service", push_service::run(push, TcpListener::bind(push_addr).await?, shutdown.clone()));
+    let gateway = gateway::Config {
+        addr: cli.gateway_addr.to_string(),
+        identity_url: url(identity_addr),
+        billing_url: url(billing_addr),
+        ordering_url: url(ordering_addr),
+        notification_url: url(notification_addr),
+        push_url: url(push_addr),
+        revocation_refresh_ms: 2000,
+        upstream_timeout_secs: 30,
+    };
+    tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
+    tracing::info!(gateway = %cli.gateway_addr, "order system running; Ctrl-C stops it");
+    tasks.join().await
+}

@@ -1,0 +1,82 @@
+//! Notification: keeps a copy of each user's contact details (from
+//! `UserCreated`/`UserUpdated`), turns `OrderCreated`/`OrderFailed` into a
+//! stored notification and an e-mail, and lists a user's notifications.
+//!
+//! The e-mail is written to `email_deliveries` in the same transaction as the
+//! notification, and the mailer sends it once the address is known. An order
+//! event that arrives before the user's profile is therefore never dropped:
+//! its e-mail simply waits for the profile.
+
+mod mailer;
+mod notifications;
+
+use axum::Router;
+use axum::routing::get;
+use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
+use contracts::topology;
+use runtime::http::{Readiness, serve, service_router};
+use runtime::{Broker, Consumer, MessagingConfig, Tasks};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use mailer::Mailer;
+
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "notification", about = "Notification service: notifications and e-mail")]
+pub struct Config {
+    #[arg(long, env = "NOTIFICATION_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/notification")]
+    pub database_url: String,
+
+    #[command(flatten)]
+    pub messaging: MessagingConfig,
+
+    #[command(flatten)]
+    pub mail: MailConfig,
+
+    #[arg(long, env = "NOTIFICATION_ADDR", default_value = "127.0.0.1:8084")]
+    pub addr: String,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct MailConfig {
+    /// SMTP server, e.g. `smtp://127.0.0.1:1025`. Without it, e-mails are
+    /// written as files to `--mail-dir`.
+    #[arg(long, env = "SMTP_URL")]
+    pub smtp_url: Option<String>,
+
+    /// Where e-mails go when no SMTP server is configured.
+    #[arg(long, env = "MAIL_DIR", default_value = "var/mail")]
+    pub mail_dir: PathBuf,
+
+    #[arg(long, env = "MAIL_FROM", default_value = "Order System <orders@localhost>")]
+    pub mail_from: String,
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/notification")).await?;
+    let broker = Broker::new(&config.messaging.amqp_url);
+    let mailer = Mailer::new(&config.mail, db.clone())?;
+    let routes = Router::new()
+        .route("/api/v1/notifications", get(notifications::list))
+        .with_state(db.clone());
+    let app = service_router(routes, Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let m = &config.messaging;
+
+    let users = Consumer::new(topology::NOTIFICATION_USERS, db.clone(), ())
+        .on::<UserCreated, _>(|_, tx, msg| Box::pin(notifications::on_user_created(tx, msg)))
+        .on::<UserUpdated, _>(|_, tx, msg| Box::pin(notifications::on_user_updated(tx, msg)));
+    let orders = Consumer::new(topology::NOTIFICATION_ORDERS, db.clone(), ())
+        .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
+        .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg)));
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    tasks.spawn("users consumer", users.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
+    tasks.spawn("orders consumer", orders.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
+    tasks.spawn("mailer", mailer.run(Duration::from_millis(m.outbox_poll_ms), shutdown.clone()));
+    tasks.spawn("http", serve(listener, app, shutdown.clone()));
+    let result = tasks.join().await;
+    broker.close().await;
+    result
+}

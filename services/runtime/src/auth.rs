@@ -31,3 +31,10 @@ impl<S: Send + Sync> FromRequestParts<S> for CurrentUser {
         Ok(CurrentUser { id, email })
     }
 }
+
+/// Set by the gateway on the logout call only: the token being ended.
+pub const TOKEN_ID_HEADER: &str = "x-token-id";
+pub const TOKEN_EXPIRES_HEADER: &str = "x-token-expires";
+
+/// Headers that only the gateway may set; it drops any a client sent.
+pub const INTERNAL_HEADERS: &[&str] = &[USER_ID_HEADER, USER_EMAIL_HEADER, TOKEN_ID_HEADER, TOKEN_EXPIRES_HEADER];

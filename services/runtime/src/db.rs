@@ -52,3 +52,54 @@ pub fn redact(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// Wakes a worker when a transaction that NOTIFYs `channel` commits, or after
+/// `poll` as a safety net (a lost connection or notification delays the work,
+/// never loses it).
+pub struct Wakeup {
+    pool: PgPool,
+    channel: &'static str,
+    listener: Option<sqlx::postgres::PgListener>,
+    poll: Duration,
+}
+
+impl Wakeup {
+    pub fn new(pool: PgPool, channel: &'static str, poll: Duration) -> Self {
+        Wakeup { pool, channel, listener: None, poll }
+    }
+
+    async fn listen(&mut self) {
+        if self.listener.is_some() {
+            return;
+        }
+        let attempt = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+            l.listen(self.channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match attempt.await {
+            Ok(l) => self.listener = Some(l),
+            Err(e) => tracing::warn!(channel = self.channel, error = %e, "LISTEN failed; polling"),
+        }
+    }
+
+    /// Waits for a notification or the poll interval; `false` on shutdown.
+    pub async fn wait(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        self.listen().await;
+        let notified = async {
+            match self.listener.as_mut() {
+                Some(l) => l.recv().await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            r = notified => if let Err(e) = r {
+                tracing::warn!(channel = self.channel, error = %e, "listener lost");
+                self.listener = None;
+            },
+            _ = tokio::time::sleep(self.poll) => {}
+        }
+        true
+    }
+}

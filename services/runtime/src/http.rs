@@ -4,7 +4,7 @@
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Router, extract::DefaultBodyLimit};
@@ -166,7 +166,7 @@ pub fn health_routes(readiness: Readiness) -> Router {
         .with_state(readiness)
 }
 
-async fn not_found() -> ApiError {
+pub async fn not_found() -> ApiError {
     ApiError::not_found("no such resource")
 }
 
@@ -182,11 +182,17 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Wraps a service's routes with what every service answers the same way:
 /// health, JSON 404/405, a body limit, panic safety and request tracing.
 pub fn service_router(routes: Router, readiness: Readiness) -> Router {
-    routes
+    let router = routes
         .merge(health_routes(readiness))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    with_common_layers(router)
+}
+
+/// Panic safety (a JSON 500) and a request span with the user id.
+pub fn with_common_layers(router: Router) -> Router {
+    router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
 }
@@ -215,12 +221,4 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
-}
-
-/// `Content-Type` check helper for proxies and tests.
-pub fn is_json(resp: &Response) -> bool {
-    resp.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"))
 }

@@ -9,7 +9,8 @@ use crate::broker::{check_confirm, publish};
 use contracts::Message;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use sqlx::postgres::{PgListener, PgPool};
+use crate::db::Wakeup;
+use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -78,29 +79,15 @@ impl Relay {
     /// Runs until `shutdown`: wakes on every commit that wrote to the outbox
     /// (LISTEN/NOTIFY) and on a slow poll as a safety net.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut wakeup = Wakeup::new(self.pool.clone(), "outbox", self.poll);
         let mut last_cleanup = tokio::time::Instant::now();
-        while !shutdown.is_cancelled() {
+        'connection: while !shutdown.is_cancelled() {
             let Some(channel) = self.broker.wait_for_channel(true, &shutdown).await else { break };
-            let mut listener = match PgListener::connect_with(&self.pool).await {
-                Ok(mut l) => match l.listen("outbox").await {
-                    Ok(()) => Some(l),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox LISTEN failed; polling only");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox LISTEN failed; polling only");
-                    None
-                }
-            };
             loop {
-                match self.drain(&channel).await {
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox relay failed; reconnecting");
-                        break;
-                    }
+                if let Err(e) = self.drain(&channel).await {
+                    tracing::warn!(error = %e, "outbox relay failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'connection;
                 }
                 if last_cleanup.elapsed() > Duration::from_secs(600) {
                     last_cleanup = tokio::time::Instant::now();
@@ -108,23 +95,9 @@ impl Relay {
                         tracing::warn!(error = %e, "outbox cleanup failed");
                     }
                 }
-                let notified = async {
-                    match listener.as_mut() {
-                        Some(l) => l.recv().await.map(|_| ()),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = notified => if let Err(e) = r {
-                        tracing::warn!(error = %e, "outbox listener lost");
-                        listener = None;
-                    },
-                    _ = tokio::time::sleep(self.poll) => {}
+                if !wakeup.wait(&shutdown).await {
+                    break 'connection;
                 }
-            }
-            if !shutdown.is_cancelled() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         Ok(())

@@ -1,0 +1,11 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::telemetry::init();
+    let config = push_service::Config::parse();
+    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    runtime::shutdown::on_signal(shutdown.clone());
+    push_service::run(config, listener, shutdown).await
+}

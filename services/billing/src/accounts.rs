@@ -1,0 +1,92 @@
+//! The account of the calling user: read, deposit, withdraw.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use contracts::api::{BillingAccount, BillingUpdate};
+use contracts::messages::{NOT_ENOUGH_MONEY, UserCreated};
+use runtime::auth::CurrentUser;
+use runtime::consumer::HandlerResult;
+use runtime::{ApiError, Incoming, Json};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// Opens the account if it does not exist yet (balance 0).
+pub async fn ensure_account(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(user_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes `amount` from the account if the balance covers it, in one
+/// conditional statement: concurrent debits can never overdraw.
+pub async fn debit(conn: &mut PgConnection, user_id: Uuid, amount: Decimal) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE accounts SET balance = balance - $2, updated_at = now() WHERE user_id = $1 AND balance >= $2",
+    )
+    .bind(user_id)
+    .bind(amount)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
+}
+
+pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) -> HandlerResult {
+    ensure_account(tx, msg.payload.id).await?;
+    tracing::info!(user_id = %msg.payload.id, "account ready");
+    Ok(())
+}
+
+pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<BillingAccount>, ApiError> {
+    let mut conn = db.acquire().await?;
+    ensure_account(&mut conn, user.id).await?;
+    let (amount, created_at, updated_at) =
+        sqlx::query_as("SELECT balance, created_at, updated_at FROM accounts WHERE user_id = $1")
+            .bind(user.id)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(Json(BillingAccount { amount, created_at, updated_at }))
+}
+
+pub async fn deposit(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Json(body): Json<BillingUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let result = sqlx::query(
+        "INSERT INTO accounts (user_id, balance) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET balance = accounts.balance + EXCLUDED.balance, updated_at = now()",
+    )
+    .bind(user.id)
+    .bind(body.amount.as_decimal())
+    .execute(&db)
+    .await;
+    match result {
+        Ok(_) => {
+            tracing::info!(user_id = %user.id, amount = %body.amount, "deposit");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        // numeric_value_out_of_range: the balance would not fit NUMERIC(14,2).
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22003") => {
+            Err(ApiError::unprocessable("the balance would exceed the largest amount an account can hold"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn withdraw(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Json(body): Json<BillingUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let mut conn = db.acquire().await?;
+    ensure_account(&mut conn, user.id).await?;
+    if !debit(&mut conn, user.id, body.amount.as_decimal()).await? {
+        return Err(ApiError::unprocessable(NOT_ENOUGH_MONEY));
+    }
+    tracing::info!(user_id = %user.id, amount = %body.amount, "withdrawal");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,47 @@
+//! `CreatePayment` → charge the account → `PaymentCreated` or `PaymentFailed`.
+
+use contracts::messages::{CreatePayment, NOT_ENOUGH_MONEY, PaymentCreated, PaymentFailed};
+use runtime::consumer::HandlerResult;
+use runtime::{Incoming, outbox};
+use sqlx::PgConnection;
+
+use crate::accounts::{debit, ensure_account};
+
+pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePayment>) -> HandlerResult {
+    let p = msg.payload;
+    // The same payment asked again (under another message id) gets the
+    // outcome it already had, and is not charged twice.
+    let previous: Option<(bool, Option<String>)> =
+        sqlx::query_as("SELECT succeeded, reason FROM payments WHERE id = $1")
+            .bind(p.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (succeeded, reason) = match previous {
+        Some(outcome) => {
+            tracing::info!(payment_id = %p.id, "payment already handled; repeating its outcome");
+            outcome
+        }
+        None => {
+            ensure_account(tx, p.user_id).await?;
+            let charged = debit(tx, p.user_id, p.amount.as_decimal()).await?;
+            let reason = (!charged).then(|| NOT_ENOUGH_MONEY.to_string());
+            sqlx::query("INSERT INTO payments (id, user_id, amount, succeeded, reason) VALUES ($1, $2, $3, $4, $5)")
+                .bind(p.id)
+                .bind(p.user_id)
+                .bind(p.amount.as_decimal())
+                .bind(charged)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(payment_id = %p.id, user_id = %p.user_id, amount = %p.amount, charged, "payment");
+            (charged, reason)
+        }
+    };
+    if succeeded {
+        outbox::enqueue(tx, &PaymentCreated { id: p.id }).await?;
+    } else {
+        let reason = reason.unwrap_or_else(|| NOT_ENOUGH_MONEY.to_string());
+        outbox::enqueue(tx, &PaymentFailed { id: p.id, reason }).await?;
+    }
+    Ok(())
+}

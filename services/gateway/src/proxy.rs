@@ -1,0 +1,162 @@
+//! Routing and forwarding: which service owns a public path, and the
+//! streaming proxy itself.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use runtime::ApiError;
+use runtime::auth::{INTERNAL_HEADERS, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER, USER_EMAIL_HEADER, USER_ID_HEADER};
+use runtime::http::BODY_LIMIT;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Config;
+use crate::auth::{AuthError, Authenticator};
+
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
+
+pub fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+pub async fn get_json<T: DeserializeOwned>(client: &Client, url: &str) -> anyhow::Result<T> {
+    let uri: Uri = url.parse()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await??;
+    anyhow::ensure!(resp.status().is_success(), "{url} answered {}", resp.status());
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// A public path prefix and where it goes.
+struct Route {
+    public: &'static str,
+    upstream: String,
+    internal: &'static str,
+}
+
+pub struct Gateway {
+    routes: Vec<Route>,
+    client: Client,
+    auth: Arc<Authenticator>,
+    timeout: Duration,
+}
+
+/// Calls that need no token.
+fn is_public(method: &Method, path: &str) -> bool {
+    method == Method::POST && matches!(path, "/api/v1/identity/register" | "/api/v1/identity/login")
+}
+
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
+
+impl Gateway {
+    pub fn new(config: &Config, client: Client, auth: Arc<Authenticator>) -> Self {
+        let route = |public, upstream: &String, internal| Route { public, upstream: upstream.trim_end_matches('/').to_string(), internal };
+        Gateway {
+            routes: vec![
+                route("/api/v1/identity/", &config.identity_url, "/api/v1/"),
+                route("/api/v1/billing/", &config.billing_url, "/api/v1/"),
+                route("/api/v1/ordering/", &config.ordering_url, "/api/v1/"),
+                route("/api/v1/notifications", &config.notification_url, "/api/v1/notifications"),
+                route("/api/v1/push/", &config.push_url, "/api/v1/"),
+            ],
+            client,
+            auth,
+            timeout: Duration::from_secs(config.upstream_timeout_secs),
+        }
+    }
+
+    fn route(&self, path: &str) -> Option<(&Route, String)> {
+        self.routes.iter().find_map(|r| {
+            let rest = path.strip_prefix(r.public)?;
+            // `/api/v1/notifications` must not match `/api/v1/notificationsX`.
+            if !r.public.ends_with('/') && !(rest.is_empty() || rest.starts_with('/')) {
+                return None;
+            }
+            Some((r, format!("{}{}", r.internal, rest)))
+        })
+    }
+}
+
+pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Response, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let Some((route, internal_path)) = gw.route(&path) else {
+        return Err(ApiError::not_found("no such resource"));
+    };
+    if parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| n > BODY_LIMIT) {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {BODY_LIMIT} bytes")));
+    }
+
+    // Only the gateway speaks for the user.
+    for name in INTERNAL_HEADERS {
+        parts.headers.remove(*name);
+    }
+    for name in HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    let mut claims = None;
+    if !is_public(&parts.method, &path) {
+        let c = gw.auth.authenticate(&parts.headers).await.map_err(|e| match e {
+            AuthError::Missing => ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie"),
+            AuthError::Invalid => ApiError::unauthorized("the access token is invalid, expired or revoked"),
+            AuthError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet"),
+        })?;
+        let set = |h: &mut axum::http::HeaderMap, name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        set(&mut parts.headers, USER_ID_HEADER, c.user_id.to_string());
+        set(&mut parts.headers, USER_EMAIL_HEADER, c.email.clone());
+        if path == "/api/v1/identity/logout" {
+            set(&mut parts.headers, TOKEN_ID_HEADER, c.jti.to_string());
+            set(&mut parts.headers, TOKEN_EXPIRES_HEADER, c.exp.to_string());
+        }
+        tracing::Span::current().record("user_id", tracing::field::display(c.user_id));
+        claims = Some(c);
+    }
+
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    parts.uri = format!("{}{}{}", route.upstream, internal_path, query)
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid request path"))?;
+    let upstream = Request::from_parts(parts, body);
+    let resp = match tokio::time::timeout(gw.timeout, gw.client.request(upstream)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %route.upstream, error = %e, "upstream unreachable");
+            return Err(ApiError::new(StatusCode::BAD_GATEWAY, "the service is unavailable, try again"));
+        }
+        Err(_) => return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the service did not answer in time")),
+    };
+
+    if path == "/api/v1/identity/logout" && resp.status().is_success() {
+        if let Some(c) = &claims {
+            gw.auth.revoke(c);
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    // A service names its resources by its own paths; clients see public ones.
+    if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        if let Some(rest) = loc.strip_prefix(route.internal) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}{}", route.public, rest)) {
+                parts.headers.insert(header::LOCATION, v);
+            }
+        }
+    }
+    Ok(Response::from_parts(parts, Body::new(body)).into_response())
+}

@@ -1,0 +1,252 @@
+//! Registration, login, logout and the user's profile.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use argon2::Argon2;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use contracts::api::{AccessToken, Login, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, UpdateProfile, User};
+use contracts::messages::{UserCreated, UserUpdated};
+use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
+use runtime::outbox;
+use runtime::{ApiError, Json};
+use std::sync::LazyLock;
+use uuid::Uuid;
+
+use crate::AppState;
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: Uuid,
+    email: String,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    phone: Option<String>,
+}
+
+impl From<UserRow> for User {
+    fn from(r: UserRow) -> User {
+        User { id: r.id, email: r.email, first_name: r.first_name, last_name: r.last_name, phone: r.phone }
+    }
+}
+
+/// An e-mail address as people type it: one `@`, something on both sides,
+/// a dot in the domain, no spaces. Deliverability is proven by the mail itself.
+fn parse_email(raw: &str) -> Result<String, ApiError> {
+    let email = raw.trim();
+    let valid = email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.contains('@') && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        });
+    if valid { Ok(email.to_string()) } else { Err(ApiError::unprocessable("email is not a valid e-mail address")) }
+}
+
+fn parse_password(p: &str) -> Result<&str, ApiError> {
+    match p.chars().count() {
+        n if n < 8 => Err(ApiError::unprocessable("password must have at least 8 characters")),
+        n if n > 128 => Err(ApiError::unprocessable("password must have at most 128 characters")),
+        _ => Ok(p),
+    }
+}
+
+/// Optional free text: trimmed, empty means absent, bounded in length.
+fn parse_text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    let Some(v) = value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else { return Ok(None) };
+    if v.chars().count() > max {
+        return Err(ApiError::unprocessable(format!("{field} must have at most {max} characters")));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(format!("{field} must not contain control characters")));
+    }
+    Ok(Some(v))
+}
+
+fn parse_phone(value: Option<String>) -> Result<Option<String>, ApiError> {
+    let phone = parse_text("phone", value, 32)?;
+    if let Some(p) = &phone {
+        let digits = p.chars().filter(char::is_ascii_digit).count();
+        if digits < 5 || !p.chars().all(|c| c.is_ascii_digit() || "+-() .".contains(c)) {
+            return Err(ApiError::unprocessable("phone must be a phone number such as +71004242424"));
+        }
+    }
+    Ok(phone)
+}
+
+async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing: {e}")))
+}
+
+/// A hash to verify against when the e-mail is unknown, so that the answer
+/// takes as long as for a wrong password.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    Argon2::default().hash_password(b"not a password", &SaltString::generate(&mut OsRng)).expect("hash").to_string()
+});
+
+async fn verify_password(password: String, hash: Option<String>) -> Result<bool, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
+        let ok = PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok());
+        known && ok
+    })
+    .await
+    .map_err(ApiError::internal)
+}
+
+pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
+    let email = parse_email(&form.email)?;
+    let password = parse_password(&form.password)?.to_string();
+    let first_name = parse_text("firstName", form.first_name, 100)?;
+    let last_name = parse_text("lastName", form.last_name, 100)?;
+    let phone = parse_phone(form.phone)?;
+    let hash = hash_password(password).await?;
+    let id = Uuid::now_v7();
+
+    let mut tx = state.db.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO users (id, email, password_hash, first_name, last_name, phone)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(&email)
+    .bind(&hash)
+    .bind(&first_name)
+    .bind(&last_name)
+    .bind(&phone)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(ApiError::conflict("a user with this e-mail is already registered"));
+    }
+    let user = User { id, email, first_name, last_name, phone };
+    outbox::enqueue(
+        &mut tx,
+        &UserCreated {
+            id,
+            email: user.email.clone(),
+            first_name: user.first_name.clone(),
+            last_name: user.last_name.clone(),
+            phone: user.phone.clone(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(user_id = %id, "user registered");
+    Ok((StatusCode::CREATED, Json(user)).into_response())
+}
+
+fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
+    let secure = if state.cookie_secure { "; Secure" } else { "" };
+    let c = format!("{TOKEN_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    HeaderValue::from_str(&c).expect("cookie is ASCII")
+}
+
+pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Result<Response, ApiError> {
+    let row: Option<(Uuid, String, String)> =
+        sqlx::query_as("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)")
+            .bind(form.email.trim())
+            .fetch_optional(&state.db)
+            .await?;
+    let (hash, user) = match row {
+        Some((id, email, hash)) => (Some(hash), Some((id, email))),
+        None => (None, None),
+    };
+    let valid = verify_password(form.password, hash).await?;
+    let (Some((id, email)), true) = (user, valid) else {
+        return Err(ApiError::unauthorized("wrong e-mail or password"));
+    };
+    let now = Utc::now().timestamp();
+    let ttl = state.token_ttl.as_secs();
+    let claims = TokenClaims {
+        iss: TOKEN_ISSUER.into(),
+        sub: id.to_string(),
+        user_id: id,
+        email,
+        iat: now,
+        exp: now + ttl as i64,
+        jti: Uuid::new_v4(),
+    };
+    let token = state.key.sign(&claims)?;
+    tracing::info!(user_id = %id, "logged in");
+    let mut resp = Json(AccessToken { access_token: token.clone() }).into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, &token, ttl));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// Ends the token the gateway authenticated this call with.
+pub async fn logout(State(state): State<AppState>, user: CurrentUser, headers: HeaderMap) -> Result<Response, ApiError> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let jti = header(TOKEN_ID_HEADER).and_then(|v| Uuid::parse_str(v).ok());
+    let expires = header(TOKEN_EXPIRES_HEADER)
+        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0));
+    if let (Some(jti), Some(expires)) = (jti, expires) {
+        sqlx::query("INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(jti)
+            .bind(expires)
+            .execute(&state.db)
+            .await?;
+    }
+    tracing::info!(user_id = %user.id, "logged out");
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, "", 0));
+    Ok(resp)
+}
+
+async fn find_user(state: &AppState, id: Uuid) -> Result<User, ApiError> {
+    let row: Option<UserRow> =
+        sqlx::query_as("SELECT id, email, first_name, last_name, phone FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&state.db)
+            .await?;
+    row.map(User::from).ok_or_else(|| ApiError::not_found("user not found"))
+}
+
+pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result<Json<User>, ApiError> {
+    Ok(Json(find_user(&state, user.id).await?))
+}
+
+pub async fn update_profile(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Json(form): Json<UpdateProfile>,
+) -> Result<Json<User>, ApiError> {
+    let first_name = parse_text("firstName", form.first_name, 100)?;
+    let last_name = parse_text("lastName", form.last_name, 100)?;
+    let phone = parse_phone(form.phone)?;
+    let mut tx = state.db.begin().await?;
+    let row: Option<UserRow> = sqlx::query_as(
+        "UPDATE users SET first_name = $2, last_name = $3, phone = $4, updated_at = now()
+         WHERE id = $1 RETURNING id, email, first_name, last_name, phone",
+    )
+    .bind(user.id)
+    .bind(&first_name)
+    .bind(&last_name)
+    .bind(&phone)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let user = User::from(row.ok_or_else(|| ApiError::not_found("user not found"))?);
+    outbox::enqueue(
+        &mut tx,
+        &UserUpdated {
+            id: user.id,
+            email: user.email.clone(),
+            first_name: user.first_name.clone(),
+            last_name: user.last_name.clone(),
+            phone: user.phone.clone(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(user))
+}

@@ -1,0 +1,99 @@
+//! Profiles, notifications, and the list a user reads.
+
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use contracts::api::Notification;
+use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
+use runtime::auth::CurrentUser;
+use runtime::consumer::HandlerResult;
+use runtime::{ApiError, Incoming, Json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::mailer::EMAIL_CHANNEL;
+
+async fn upsert_profile(
+    tx: &mut PgConnection,
+    id: Uuid,
+    email: &str,
+    first_name: &Option<String>,
+    last_name: &Option<String>,
+    phone: &Option<String>,
+) -> HandlerResult {
+    sqlx::query(
+        "INSERT INTO profiles (user_id, email, first_name, last_name, phone) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, first_name = EXCLUDED.first_name,
+             last_name = EXCLUDED.last_name, phone = EXCLUDED.phone, updated_at = now()",
+    )
+    .bind(id)
+    .bind(email)
+    .bind(first_name)
+    .bind(last_name)
+    .bind(phone)
+    .execute(&mut *tx)
+    .await?;
+    // E-mails that waited for this address can go now.
+    sqlx::query("SELECT pg_notify($1, '')").bind(EMAIL_CHANNEL).execute(&mut *tx).await?;
+    tracing::info!(user_id = %id, "profile stored");
+    Ok(())
+}
+
+pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) -> HandlerResult {
+    let u = msg.payload;
+    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone).await
+}
+
+pub async fn on_user_updated(tx: &mut PgConnection, msg: Incoming<UserUpdated>) -> HandlerResult {
+    let u = msg.payload;
+    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone).await
+}
+
+/// Stores the notification and queues its e-mail, in the consumer's transaction.
+async fn notify(tx: &mut PgConnection, user_id: Uuid, subject: &str, message: String) -> HandlerResult {
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO notifications (id, user_id, message) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(user_id)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO email_deliveries (notification_id, user_id, subject, body) VALUES ($1, $2, $3, $4)")
+        .bind(id)
+        .bind(user_id)
+        .bind(subject)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_notify($1, '')").bind(EMAIL_CHANNEL).execute(&mut *tx).await?;
+    tracing::info!(user_id = %user_id, notification_id = %id, "notification stored");
+    Ok(())
+}
+
+pub async fn on_order_created(tx: &mut PgConnection, msg: Incoming<OrderCreated>) -> HandlerResult {
+    let o = msg.payload;
+    let text = format!("Your order for {}$ has been successfully processed", o.price);
+    notify(tx, o.user_id, "Your order has been processed", text).await
+}
+
+pub async fn on_order_failed(tx: &mut PgConnection, msg: Incoming<OrderFailed>) -> HandlerResult {
+    let o = msg.payload;
+    let text = format!("Your order for {}$ was not fulfilled due to: {}", o.price, o.reason);
+    notify(tx, o.user_id, "Your order was not fulfilled", text).await
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    message: String,
+    created_at: DateTime<Utc>,
+}
+
+pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Notification>>, ApiError> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, message, created_at FROM notifications WHERE user_id = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(user.id)
+    .fetch_all(&db)
+    .await?;
+    Ok(Json(rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect()))
+}

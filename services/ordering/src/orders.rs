@@ -1,0 +1,137 @@
+//! Placing, listing and polling orders, and settling them when billing answers.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use contracts::api::{CreateOrder, Order, OrderStatus};
+use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
+use contracts::Money;
+use runtime::auth::CurrentUser;
+use runtime::consumer::{HandlerError, HandlerResult};
+use runtime::{ApiError, Incoming, Json, Path, outbox};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+const COLUMNS: &str = "id, price, status, reason, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    price: Decimal,
+    status: String,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<OrderRow> for Order {
+    type Error = ApiError;
+    fn try_from(r: OrderRow) -> Result<Order, ApiError> {
+        let status = match r.status.as_str() {
+            "pending" => OrderStatus::Pending,
+            "succeeded" => OrderStatus::Succeeded,
+            "failed" => OrderStatus::Failed,
+            other => return Err(ApiError::internal(anyhow::anyhow!("unknown order status {other}"))),
+        };
+        let price = Money::new(r.price).map_err(ApiError::internal)?;
+        Ok(Order { id: r.id, price, status, reason: r.reason, created_at: r.created_at, updated_at: r.updated_at })
+    }
+}
+
+pub async fn create(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Json(body): Json<CreateOrder>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::now_v7();
+    let mut tx = db.begin().await?;
+    let row: OrderRow = sqlx::query_as(&format!(
+        "INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(user.id)
+    .bind(body.price.as_decimal())
+    .fetch_one(&mut *tx)
+    .await?;
+    outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
+    tx.commit().await?;
+    tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
+
+    let location = HeaderValue::from_str(&format!("/api/v1/orders/{id}")).expect("ASCII");
+    let mut resp = (StatusCode::ACCEPTED, Json(Order::try_from(row)?)).into_response();
+    resp.headers_mut().insert(header::LOCATION, location);
+    Ok(resp)
+}
+
+pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Order>>, ApiError> {
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC"
+    ))
+    .bind(user.id)
+    .fetch_all(&db)
+    .await?;
+    Ok(Json(rows.into_iter().map(Order::try_from).collect::<Result<_, _>>()?))
+}
+
+/// Another user's order is answered exactly like a missing one.
+pub async fn get_one(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Order>, ApiError> {
+    let row: Option<OrderRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
+            .bind(id)
+            .bind(user.id)
+            .fetch_optional(&db)
+            .await?;
+    Ok(Json(row.ok_or_else(|| ApiError::not_found("order not found"))?.try_into()?))
+}
+
+/// Moves a pending order to its final status; `None` when the payment is not
+/// an order's, or the order is already settled (a repeated answer).
+async fn settle(
+    tx: &mut PgConnection,
+    id: Uuid,
+    status: OrderStatus,
+    reason: Option<&str>,
+) -> Result<Option<(Uuid, Money)>, HandlerError> {
+    let row: Option<(Uuid, Decimal)> = sqlx::query_as(
+        "UPDATE orders SET status = $2, reason = $3, updated_at = now()
+         WHERE id = $1 AND status = 'pending' RETURNING user_id, price",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        Some((user_id, price)) => {
+            let price = Money::new(price).map_err(|e| HandlerError::Reject(e.to_string()))?;
+            tracing::info!(order_id = %id, user_id = %user_id, status = status.as_str(), "order settled");
+            Ok(Some((user_id, price)))
+        }
+        None => {
+            tracing::info!(order_id = %id, "no pending order for this payment; ignored");
+            Ok(None)
+        }
+    }
+}
+
+pub async fn on_payment_created(tx: &mut PgConnection, msg: Incoming<PaymentCreated>) -> HandlerResult {
+    let order_id = msg.payload.id;
+    if let Some((user_id, price)) = settle(tx, order_id, OrderStatus::Succeeded, None).await? {
+        outbox::enqueue(tx, &OrderCreated { order_id, user_id, price, occurred_at: Utc::now() }).await?;
+    }
+    Ok(())
+}
+
+pub async fn on_payment_failed(tx: &mut PgConnection, msg: Incoming<PaymentFailed>) -> HandlerResult {
+    let PaymentFailed { id: order_id, reason } = msg.payload;
+    if let Some((user_id, price)) = settle(tx, order_id, OrderStatus::Failed, Some(&reason)).await? {
+        outbox::enqueue(tx, &OrderFailed { order_id, user_id, price, reason, occurred_at: Utc::now() }).await?;
+    }
+    Ok(())
+}
