@@ -15,3 +15,10 @@ pub fn init() {
         registry.with(fmt::layer()).try_init()
     };
 }
+
+/// For tests: output goes through the test harness's capture, shown only
+/// for failing tests.
+pub fn init_for_tests() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
+    let _ = tracing_subscriber::registry().with(filter).with(fmt::layer().with_test_writer()).try_init();
+}

@@ -1,0 +1,367 @@
+//! The test harness: every test gets the whole system in-process on random
+//! ports, with its own PostgreSQL databases, its own RabbitMQ vhost and its
+//! own SMTP server (aiosmtpd), so tests run in parallel without seeing each
+//! other's data or messages.
+
+use futures::StreamExt;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use reqwest::{Method, StatusCode};
+use runtime::MessagingConfig;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+pub fn postgres_url() -> String {
+    env_or("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
+}
+
+fn rabbitmq_api() -> String {
+    env_or("TEST_RABBITMQ_API", "http://guest:guest@127.0.0.1:15672/api")
+}
+
+fn amqp_base() -> String {
+    env_or("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+}
+
+/// A RabbitMQ vhost of one test, deleted by `drop_vhost`.
+pub struct Vhost {
+    pub name: String,
+    pub amqp_url: String,
+}
+
+pub async fn create_vhost(name: &str) -> Vhost {
+    let http = reqwest::Client::new();
+    let api = rabbitmq_api();
+    let ok = |r: reqwest::Response| {
+        assert!(r.status().is_success(), "RabbitMQ management API: {}", r.status());
+    };
+    ok(http.put(format!("{api}/vhosts/{name}")).send().await.expect("RabbitMQ management API (enable rabbitmq_management)"));
+    ok(http
+        .put(format!("{api}/permissions/{name}/guest"))
+        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await
+        .unwrap());
+    Vhost { name: name.to_string(), amqp_url: format!("{}/{name}", amqp_base()) }
+}
+
+pub async fn drop_vhost(name: &str) {
+    let _ = reqwest::Client::new().delete(format!("{}/vhosts/{name}", rabbitmq_api())).send().await;
+}
+
+pub async fn drop_database(name: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", postgres_url())).await {
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        let _ = sqlx::query(&sql).execute(&pool).await;
+    }
+}
+
+/// A real SMTP server on loopback: Python's aiosmtpd writing a Maildir.
+pub struct SmtpSink {
+    pub port: u16,
+    pub dir: PathBuf,
+    _process: tokio::process::Child,
+}
+
+impl SmtpSink {
+    pub async fn start(dir: PathBuf) -> SmtpSink {
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let process = tokio::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.join("maildir"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return SmtpSink { port, dir, _process: process };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("aiosmtpd did not start on port {port}");
+    }
+
+    /// Every message received so far, raw.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("maildir").join("new")) else { return vec![] };
+        entries.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()).collect()
+    }
+}
+
+/// The whole system of one test.
+pub struct TestApp {
+    pub gateway: String,
+    pub http: reqwest::Client,
+    pub vhost: Vhost,
+    pub prefix: String,
+    pub smtp: SmtpSink,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn listener() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+pub const SERVICES_WITH_DB: [&str; 4] = ["identity", "billing", "ordering", "notification"];
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        runtime::telemetry::init_for_tests();
+        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let vhost = create_vhost(&prefix).await;
+        let smtp = SmtpSink::start(std::env::temp_dir().join(format!("order-system-{prefix}"))).await;
+        let messaging = MessagingConfig { retry_delays_ms: vec![100, 300], ..MessagingConfig::local(&vhost.amqp_url) };
+        let db = |service: &str| format!("{}/{prefix}_{service}", postgres_url());
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let (l, identity_url) = listener().await;
+        let config = identity::Config {
+            database_url: db("identity"),
+            messaging: messaging.clone(),
+            token_ttl_secs: 3600,
+            jwt_private_key_pem: None,
+            cookie_secure: false,
+            addr: String::new(),
+        };
+        tasks.push(tokio::spawn(identity::run(config, l, shutdown.clone())));
+        let (l, billing_url) = listener().await;
+        let config = billing::Config { database_url: db("billing"), messaging: messaging.clone(), addr: String::new() };
+        tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
+        let (l, ordering_url) = listener().await;
+        let config = ordering::Config { database_url: db("ordering"), messaging: messaging.clone(), addr: String::new() };
+        tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
+        let (l, notification_url) = listener().await;
+        let config = notification::Config {
+            database_url: db("notification"),
+            messaging: messaging.clone(),
+            mail: notification::MailConfig {
+                smtp_url: Some(format!("smtp://127.0.0.1:{}", smtp.port)),
+                mail_dir: smtp.dir.join("unused"),
+                mail_from: "Order System <orders@localhost>".into(),
+            },
+            addr: String::new(),
+        };
+        tasks.push(tokio::spawn(notification::run(config, l, shutdown.clone())));
+        let (l, push_url) = listener().await;
+        let config = push_service::Config { messaging: messaging.clone(), heartbeat_secs: 1, addr: String::new() };
+        tasks.push(tokio::spawn(push_service::run(config, l, shutdown.clone())));
+        let (l, gateway) = listener().await;
+        let config = gateway::Config {
+            addr: String::new(),
+            identity_url,
+            billing_url,
+            ordering_url: ordering_url.clone(),
+            notification_url,
+            push_url,
+            revocation_refresh_ms: 200,
+            upstream_timeout_secs: 30,
+        };
+        tasks.push(tokio::spawn(gateway::run(config, l, shutdown.clone())));
+
+        let app = TestApp { gateway, http: reqwest::Client::new(), vhost, prefix, smtp, shutdown, tasks };
+        app.wait_until_ready(&ordering_url).await;
+        app
+    }
+
+    async fn wait_until_ready(&self, ordering_url: &str) {
+        // Ready when the gateway can verify tokens (identity is up and has a key)
+        // and the consumers are connected.
+        eventually(Duration::from_secs(30), || async {
+            let r = self.http.post(format!("{}/api/v1/identity/logout", self.gateway)).bearer_auth("x.y.z").send().await.ok()?;
+            let ordering = self.http.get(format!("{ordering_url}/health/ready")).send().await.ok()?;
+            (r.status() == StatusCode::UNAUTHORIZED && ordering.status().is_success()).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops every service and removes the test's databases and vhost.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        for service in SERVICES_WITH_DB {
+            drop_database(&format!("{}_{service}", self.prefix)).await;
+        }
+        drop_vhost(&self.vhost.name).await;
+        let _ = std::fs::remove_dir_all(&self.smtp.dir);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.gateway)
+    }
+
+    pub async fn call(&self, user: Option<&User>, method: Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(u) = user {
+            req = req.bearer_auth(&u.token);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("gateway answers")
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, user: &User, path: &str) -> T {
+        let r = self.call(Some(user), Method::GET, path, None).await;
+        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+        r.json().await.expect("JSON body")
+    }
+
+    pub async fn post(&self, user: &User, path: &str, body: Value) -> reqwest::Response {
+        self.call(Some(user), Method::POST, path, Some(body)).await
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> reqwest::Response {
+        self.call(None, Method::POST, "/identity/register", Some(json!({"email": email, "password": password, "firstName": "Test", "lastName": "User"}))).await
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.call(None, Method::POST, "/identity/login", Some(json!({"email": email, "password": password}))).await
+    }
+
+    /// A new user, registered and logged in.
+    pub async fn user(&self) -> User {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let r = self.register(&email, "correct horse").await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let id: Uuid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+        let r = self.login(&email, "correct horse").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
+        User { id, email, token }
+    }
+
+    pub async fn balance(&self, user: &User) -> f64 {
+        self.get::<Value>(user, "/billing/account").await["amount"].as_f64().unwrap()
+    }
+
+    /// Polls the order until it leaves `pending`.
+    pub async fn settled_order(&self, user: &User, id: &str) -> Value {
+        eventually(Duration::from_secs(20), || async {
+            let order: Value = self.get(user, &format!("/ordering/orders/{id}")).await;
+            (order["status"] != "pending").then_some(order)
+        })
+        .await
+    }
+
+    /// Opens the user's event stream through the gateway; events arrive on the receiver.
+    pub async fn subscribe(&self, user: &User) -> mpsc::UnboundedReceiver<SseEvent> {
+        let resp = self.http.get(self.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut body = resp.bytes_stream();
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let mut ev = SseEvent::default();
+                    for line in block.lines() {
+                        if let Some((field, value)) = line.split_once(':') {
+                            let value = value.strip_prefix(' ').unwrap_or(value).to_string();
+                            match field {
+                                "id" => ev.id = value,
+                                "event" => ev.event = value,
+                                "data" => ev.data.push_str(&value),
+                                _ => {}
+                            }
+                        }
+                    }
+                    if !ev.event.is_empty() && tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// Publishes a raw message into the test's vhost, as a service would.
+    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, message_id: Option<&str>, kind: &str, body: &[u8]) {
+        let conn = Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        let mut props = BasicProperties::default().with_type(kind.into()).with_content_type("application/json".into());
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        let confirm = channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body, props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "published and routed");
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub token: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SseEvent {
+    pub id: String,
+    pub event: String,
+    pub data: String,
+}
+
+/// Retries `check` until it yields a value, or fails the test after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts the seed's error body: `{code, message}` with the response's status.
+pub async fn assert_error(resp: reqwest::Response, status: StatusCode, needle: &str) {
+    assert_eq!(resp.status(), status);
+    let body: Value = resp.json().await.expect("error body is JSON");
+    assert_eq!(body["code"], status.as_u16(), "{body}");
+    let message = body["message"].as_str().expect("message");
+    assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{message:?} should mention {needle:?}");
+}
+
+impl TestApp {
+    /// Messages in a queue of the test's vhost (ready and unacknowledged).
+    pub async fn queue_depth(&self, queue: &str) -> i64 {
+        let url = format!("{}/queues/{}/{queue}", rabbitmq_api(), self.vhost.name);
+        let stats: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        stats["messages"].as_i64().unwrap_or(-1)
+    }
+
+    /// A connection to one of the test's service databases.
+    pub async fn db(&self, service: &str) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&format!("{}/{}_{service}", postgres_url(), self.prefix)).await.unwrap()
+    }
+}

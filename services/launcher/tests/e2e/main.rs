@@ -1,0 +1,7 @@
+//! End-to-end tests of the order system through its gateway, on the real
+//! PostgreSQL, RabbitMQ and an SMTP server (see `helpers`).
+
+mod api;
+mod flow;
+mod helpers;
+mod messaging;

@@ -1,0 +1,274 @@
+//! The messaging guarantees: idempotent consumers, the outbox, retries and
+//! dead letters, and a balance that never goes negative.
+
+use crate::helpers::{TestApp, create_vhost, drop_database, drop_vhost, eventually, postgres_url};
+use contracts::messages::{CreatePayment, Message, OrderCreated, exchange};
+use contracts::topology::QueueSpec;
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use reqwest::StatusCode;
+use runtime::consumer::HandlerError;
+use runtime::outbox::{self, Relay};
+use runtime::{Broker, Consumer};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use uuid::Uuid;
+
+fn create_payment(id: Uuid, user: Uuid, amount: &str) -> Vec<u8> {
+    serde_json::to_vec(&CreatePayment { id, user_id: user, amount: amount.parse().unwrap() }).unwrap()
+}
+
+#[tokio::test]
+async fn a_create_payment_delivered_twice_charges_once() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+
+    let payment = Uuid::new_v4();
+    let body = create_payment(payment, user.id, "30");
+    let message_id = Uuid::new_v4().to_string();
+    // The same message twice (a redelivery), then the same payment again
+    // under another message id (a sender that retried).
+    for id in [message_id.clone(), message_id, Uuid::new_v4().to_string()] {
+        app.publish_raw(exchange::ORDERING, CreatePayment::NAME, Some(&id), CreatePayment::NAME, &body).await;
+    }
+    let billing = app.db("billing").await;
+    eventually(Duration::from_secs(10), || async {
+        let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE queue = 'billing.payments'").fetch_one(&billing).await.unwrap();
+        (handled == 2 && app.queue_depth("billing.payments").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(app.balance(&user).await, 70.0);
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1").bind(payment).fetch_one(&billing).await.unwrap();
+    assert_eq!(payments, 1);
+    // Each request for the payment was answered (PaymentCreated twice, same id).
+    let answers: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1")
+        .bind(payment.to_string())
+        .fetch_one(&billing)
+        .await
+        .unwrap();
+    assert_eq!(answers, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_payments_and_withdrawals_never_overdraw() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+
+    let publishes = futures::future::join_all((0..15).map(|_| {
+        let body = create_payment(Uuid::new_v4(), user.id, "10");
+        let app = &app;
+        async move {
+            app.publish_raw(exchange::ORDERING, CreatePayment::NAME, Some(&Uuid::new_v4().to_string()), CreatePayment::NAME, &body).await
+        }
+    }));
+    let withdrawals = futures::future::join_all((0..15).map(|_| app.post(&user, "/billing/account/withdraw", json!({"amount": 10}))));
+    let (_, responses) = tokio::join!(publishes, withdrawals);
+    let withdrawn = responses.iter().filter(|r| r.status() == StatusCode::NO_CONTENT).count() as i64;
+    assert!(responses.iter().all(|r| r.status() == StatusCode::NO_CONTENT || r.status() == StatusCode::UNPROCESSABLE_ENTITY));
+
+    let billing = app.db("billing").await;
+    let charged: i64 = eventually(Duration::from_secs(20), || async {
+        let (total, charged): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE succeeded) FROM payments")
+            .fetch_one(&billing)
+            .await
+            .unwrap();
+        (total == 15).then_some(charged)
+    })
+    .await;
+    assert_eq!(charged + withdrawn, 10, "exactly the balance was spent");
+    assert_eq!(app.balance(&user).await, 0.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_queue_keeps_flowing() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+
+    let id = || Some(Uuid::new_v4().to_string());
+    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, b"{ not json").await;
+    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, None, CreatePayment::NAME, &create_payment(Uuid::new_v4(), user.id, "1")).await;
+    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), "Nonsense", b"{}").await;
+    // A good message behind the bad ones is still handled.
+    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, &create_payment(Uuid::new_v4(), user.id, "20")).await;
+
+    eventually(Duration::from_secs(10), || async { (app.balance(&user).await == 30.0).then_some(()) }).await;
+    eventually(Duration::from_secs(10), || async { (app.queue_depth("billing.payments.dead").await == 3).then_some(()) }).await;
+
+    let conn = lapin::Connection::connect(&app.vhost.amqp_url, Default::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut reasons = Vec::new();
+    while let Some(m) = channel.basic_get("billing.payments.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        match headers.inner().get("x-dead-letter-reason") {
+            Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
+            other => panic!("no reason header: {other:?}"),
+        }
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].starts_with("invalid CreatePayment body"), "{reasons:?}");
+    assert_eq!(reasons[1], "missing or invalid message_id");
+    assert_eq!(reasons[2], "no handler for message type \"Nonsense\"");
+    app.stop().await;
+}
+
+/// A database and a vhost for the runtime-level tests below.
+struct Scratch {
+    prefix: String,
+    pool: sqlx::PgPool,
+    broker: Broker,
+}
+
+impl Scratch {
+    async fn new() -> Scratch {
+        runtime::telemetry::init_for_tests();
+        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let vhost = create_vhost(&prefix).await;
+        let pool = runtime::db::connect(&format!("{}/{prefix}_scratch", postgres_url()), sqlx::migrate!("../../migrations/ordering")).await.unwrap();
+        Scratch { broker: Broker::new(&vhost.amqp_url), prefix, pool }
+    }
+
+    async fn channel(&self) -> lapin::Channel {
+        self.broker.channel().await.unwrap()
+    }
+
+    /// A queue bound to `exchange`/`key`, as a consumer of the system would have.
+    async fn queue(&self, name: &str, exchange: &str, key: &str) {
+        let args = {
+            let mut t = FieldTable::default();
+            t.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            t
+        };
+        let ch = self.channel().await;
+        ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args.clone()).await.unwrap();
+        ch.queue_declare(format!("{name}.dead").into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
+        ch.queue_bind(name.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.channel().await;
+        ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap().message_count()
+    }
+
+    async fn stop(self) {
+        self.broker.close().await;
+        self.pool.close().await;
+        drop_database(&format!("{}_scratch", self.prefix)).await;
+        drop_vhost(&self.prefix).await;
+    }
+}
+
+fn order_created() -> OrderCreated {
+    OrderCreated { order_id: Uuid::new_v4(), user_id: Uuid::new_v4(), price: "12.34".parse().unwrap(), occurred_at: chrono::Utc::now() }
+}
+
+#[tokio::test]
+async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_starts() {
+    let s = Scratch::new().await;
+    s.queue("test.orders", exchange::ORDERING, OrderCreated::NAME).await;
+    let event = order_created();
+    let mut tx = s.pool.begin().await.unwrap();
+    let message_id = outbox::enqueue(&mut tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.depth("test.orders").await, 0, "nothing is published without the relay");
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(Relay::new(s.pool.clone(), s.broker.clone(), Duration::from_secs(60)).run(shutdown.clone()));
+    let ch = s.channel().await;
+    let got = eventually(Duration::from_secs(10), || async {
+        ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    })
+    .await;
+    let props = &got.delivery.properties;
+    assert_eq!(props.message_id().as_ref().unwrap().as_str(), message_id.to_string());
+    assert_eq!(props.kind().as_ref().unwrap().as_str(), "OrderCreated");
+    assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), event.order_id.to_string());
+    assert_eq!(serde_json::from_slice::<OrderCreated>(&got.delivery.data).unwrap(), event);
+    let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM outbox WHERE message_id = $1").bind(message_id).fetch_one(&s.pool).await.unwrap();
+    assert!(sent, "marked sent after the confirm");
+
+    // Once running, it wakes on the commit itself (the poll is a minute).
+    let mut tx = s.pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &order_created()).await.unwrap();
+    tx.commit().await.unwrap();
+    eventually(Duration::from_secs(5), || async {
+        ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    })
+    .await;
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    s.stop().await;
+}
+
+const RETRY_QUEUE: QueueSpec = QueueSpec { name: "test.retries", exchange: exchange::ORDERING, routing_keys: &[OrderCreated::NAME] };
+
+/// Runs a consumer whose handler fails its first `failures` calls.
+async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
+    s.queue(RETRY_QUEUE.name, exchange::ORDERING, OrderCreated::NAME).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let consumer = Consumer::new(RETRY_QUEUE, s.pool.clone(), (calls.clone(), failures)).on::<OrderCreated, _>(|(calls, failures), tx, msg| {
+        Box::pin(async move {
+            if calls.fetch_add(1, Ordering::SeqCst) < failures {
+                return Err(HandlerError::Retry(anyhow::anyhow!("database is having a bad day")));
+            }
+            sqlx::query("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, 1)").bind(msg.payload.order_id).bind(msg.payload.user_id).execute(tx).await?;
+            Ok(())
+        })
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let delays = vec![Duration::from_millis(50), Duration::from_millis(150)];
+    tokio::spawn(consumer.run(s.broker.clone(), 4, delays, shutdown.clone()));
+    (calls, shutdown)
+}
+
+async fn publish(s: &Scratch, event: &OrderCreated) {
+    let ch = s.broker.confirm_channel().await.unwrap();
+    let props = outbox::properties(Uuid::new_v4(), OrderCreated::NAME, None, chrono::Utc::now());
+    runtime::broker::publish_confirmed(&ch, exchange::ORDERING, OrderCreated::NAME, &serde_json::to_vec(event).unwrap(), props).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_handler_is_retried_with_delays_and_its_effect_lands_once() {
+    let s = Scratch::new().await;
+    let (calls, shutdown) = consume_with_failures(&s, 2).await;
+    let event = order_created();
+    publish(&s, &event).await;
+    eventually(Duration::from_secs(10), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1").bind(event.order_id).fetch_one(&s.pool).await.unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(s.depth("test.retries.dead").await, 0);
+    shutdown.cancel();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_that_keeps_failing_ends_in_the_dead_letter_queue() {
+    let s = Scratch::new().await;
+    let (calls, shutdown) = consume_with_failures(&s, u32::MAX).await;
+    publish(&s, &order_created()).await;
+    eventually(Duration::from_secs(10), || async { (s.depth("test.retries.dead").await == 1).then_some(()) }).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "first try and two retries");
+    let ch = s.channel().await;
+    let m = ch.basic_get("test.retries.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let headers = m.delivery.properties.headers().clone().unwrap();
+    let reason = match headers.inner().get("x-dead-letter-reason") {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{other:?}"),
+    };
+    assert!(reason.starts_with("gave up after 3 attempts: database is having a bad day"), "{reason}");
+    shutdown.cancel();
+    s.stop().await;
+}
