@@ -24,7 +24,6 @@ pub enum MoneyError {
     TooLarge,
 }
 
-
 impl fmt::Display for MoneyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -83,10 +82,10 @@ impl fmt::Display for Money {
 /// Writes any decimal amount (a balance may be zero) as a JSON number.
 pub fn serialize_decimal<S: Serializer>(value: &Decimal, s: S) -> Result<S::Ok, S::Error> {
     let v = value.normalize();
-    if v.scale() == 0 {
-        if let Ok(i) = i64::try_from(v) {
-            return s.serialize_i64(i);
-        }
+    if v.scale() == 0
+        && let Ok(i) = i64::try_from(v)
+    {
+        return s.serialize_i64(i);
     }
     // At most 15 significant digits: the shortest float representation is exact.
     let f: f64 = v.to_string().parse().map_err(serde::ser::Error::custom)?;

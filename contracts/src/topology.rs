@@ -15,11 +15,8 @@ pub struct QueueSpec {
 
 pub const EXCHANGES: &[&str] = &[exchange::IDENTITY, exchange::BILLING, exchange::ORDERING];
 
-pub const BILLING_USERS: QueueSpec = QueueSpec {
-    name: "billing.identity",
-    exchange: exchange::IDENTITY,
-    routing_keys: &[messages::UserCreated::NAME],
-};
+pub const BILLING_USERS: QueueSpec =
+    QueueSpec { name: "billing.identity", exchange: exchange::IDENTITY, routing_keys: &[messages::UserCreated::NAME] };
 
 pub const BILLING_PAYMENTS: QueueSpec = QueueSpec {
     name: "billing.payments",
@@ -47,13 +44,8 @@ pub const NOTIFICATION_ORDERS: QueueSpec = QueueSpec {
 
 /// The durable queues of the system. The push service's per-replica queues
 /// are not here: each replica declares its own, bound to these keys.
-pub const QUEUES: &[QueueSpec] = &[
-    BILLING_USERS,
-    BILLING_PAYMENTS,
-    ORDERING_PAYMENTS,
-    NOTIFICATION_USERS,
-    NOTIFICATION_ORDERS,
-];
+pub const QUEUES: &[QueueSpec] =
+    &[BILLING_USERS, BILLING_PAYMENTS, ORDERING_PAYMENTS, NOTIFICATION_USERS, NOTIFICATION_ORDERS];
 
 /// What each push-service replica binds its own queue to.
 pub const PUSH_ORDER_EVENTS: &[&str] = &[messages::OrderCreated::NAME, messages::OrderFailed::NAME];

@@ -118,12 +118,24 @@ fn decode(delivery: &Delivery) -> Result<PushEvent, String> {
     let (event, user_id, data) = match kind.as_str() {
         OrderCreated::NAME => {
             let m: OrderCreated = serde_json::from_slice(&delivery.data).map_err(bad)?;
-            let data = OrderEventData { order_id: m.order_id, status: OrderStatus::Succeeded, price: m.price, reason: None, occurred_at: m.occurred_at };
+            let data = OrderEventData {
+                order_id: m.order_id,
+                status: OrderStatus::Succeeded,
+                price: m.price,
+                reason: None,
+                occurred_at: m.occurred_at,
+            };
             (OrderCreated::NAME, m.user_id, data)
         }
         OrderFailed::NAME => {
             let m: OrderFailed = serde_json::from_slice(&delivery.data).map_err(bad)?;
-            let data = OrderEventData { order_id: m.order_id, status: OrderStatus::Failed, price: m.price, reason: Some(m.reason), occurred_at: m.occurred_at };
+            let data = OrderEventData {
+                order_id: m.order_id,
+                status: OrderStatus::Failed,
+                price: m.price,
+                reason: Some(m.reason),
+                occurred_at: m.occurred_at,
+            };
             (OrderFailed::NAME, m.user_id, data)
         }
         other => return Err(format!("unexpected message type {other:?}")),
@@ -136,7 +148,9 @@ fn decode(delivery: &Delivery) -> Result<PushEvent, String> {
 pub async fn consume(hub: Arc<Hub>, broker: Broker, prefetch: u16, shutdown: CancellationToken) -> anyhow::Result<()> {
     let queue = format!("push.{}", Uuid::new_v4().simple());
     while !shutdown.is_cancelled() {
-        let Some(channel) = broker.wait_for_channel(false, &shutdown).await else { break };
+        let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
+            break;
+        };
         let session = async {
             channel
                 .queue_declare(
@@ -147,7 +161,13 @@ pub async fn consume(hub: Arc<Hub>, broker: Broker, prefetch: u16, shutdown: Can
                 .await?;
             for key in PUSH_ORDER_EVENTS {
                 channel
-                    .queue_bind(queue.as_str().into(), exchange::ORDERING.into(), (*key).into(), QueueBindOptions::default(), FieldTable::default())
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange::ORDERING.into(),
+                        (*key).into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
                     .await?;
             }
             channel.basic_qos(prefetch, BasicQosOptions::default()).await?;

@@ -43,12 +43,17 @@ pub(crate) struct AppState {
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = Broker::new(&config.messaging.amqp_url);
     let hub = Arc::new(Hub::default());
-    let state = AppState { hub: hub.clone(), heartbeat: Duration::from_secs(config.heartbeat_secs), shutdown: shutdown.clone() };
+    let state = AppState {
+        hub: hub.clone(),
+        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        shutdown: shutdown.clone(),
+    };
     let routes = Router::new().route("/api/v1/orders", get(sse::order_events)).with_state(state);
     let app = service_router(routes, Readiness { db: None, broker: Some(broker.clone()) });
 
     let mut tasks = Tasks::new(shutdown.clone());
-    tasks.spawn("order events consumer", hub::consume(hub, broker.clone(), config.messaging.prefetch, shutdown.clone()));
+    tasks
+        .spawn("order events consumer", hub::consume(hub, broker.clone(), config.messaging.prefetch, shutdown.clone()));
     tasks.spawn("http", serve(listener, app, shutdown.clone()));
     let result = tasks.join().await;
     broker.close().await;

@@ -56,7 +56,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let mut tasks = Tasks::new(shutdown.clone());
     tasks.spawn("users consumer", users.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
     tasks.spawn("payments consumer", payments.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
-    tasks.spawn("outbox relay", Relay::new(db.clone(), broker.clone(), Duration::from_millis(m.outbox_poll_ms)).run(shutdown.clone()));
+    tasks.spawn(
+        "outbox relay",
+        Relay::new(db.clone(), broker.clone(), Duration::from_millis(m.outbox_poll_ms)).run(shutdown.clone()),
+    );
     tasks.spawn("http", serve(listener, app, shutdown.clone()));
     let result = tasks.join().await;
     broker.close().await;

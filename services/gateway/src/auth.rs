@@ -54,10 +54,10 @@ pub enum AuthError {
 
 /// The token a request carries: `Authorization: Bearer`, else the cookie.
 pub fn token_of(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        if let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
-            return Some(t.trim());
-        }
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+        && let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))
+    {
+        return Some(t.trim());
     }
     headers
         .get_all(axum::http::header::COOKIE)
@@ -107,7 +107,8 @@ impl Authenticator {
     }
 
     async fn fetch_revoked(&self) -> anyhow::Result<()> {
-        let list: Vec<Revoked> = get_json(&self.client, &format!("{}/internal/v1/revoked-tokens", self.identity_url)).await?;
+        let list: Vec<Revoked> =
+            get_json(&self.client, &format!("{}/internal/v1/revoked-tokens", self.identity_url)).await?;
         let now = chrono::Utc::now().timestamp();
         let mut revoked = self.revoked.write().expect("revoked lock");
         revoked.retain(|_, exp| *exp > now);
@@ -116,12 +117,18 @@ impl Authenticator {
     }
 
     /// Keeps keys and revocations current until `shutdown`.
-    pub async fn keep_fresh(self: std::sync::Arc<Self>, every: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn keep_fresh(
+        self: std::sync::Arc<Self>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut pause = Duration::from_millis(100);
         while self.keys.read().expect("keys lock").is_empty() {
             match self.fetch_keys().await {
                 Ok(()) => tracing::info!("identity keys loaded"),
-                Err(e) => tracing::warn!(error = %e, retry_in = ?pause, "identity keys not available yet"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "identity keys not available yet")
+                }
             }
             if self.keys.read().expect("keys lock").is_empty() {
                 tokio::select! {
@@ -162,7 +169,8 @@ impl Authenticator {
         validation.set_issuer(&[TOKEN_ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.leeway = 5;
-        let claims = jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| AuthError::Invalid)?.claims;
+        let claims =
+            jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| AuthError::Invalid)?.claims;
         if self.revoked.read().expect("revoked lock").contains_key(&claims.jti) {
             return Err(AuthError::Invalid);
         }

@@ -61,7 +61,11 @@ const HOP_BY_HOP: &[&str] =
 
 impl Gateway {
     pub fn new(config: &Config, client: Client, auth: Arc<Authenticator>) -> Self {
-        let route = |public, upstream: &String, internal| Route { public, upstream: upstream.trim_end_matches('/').to_string(), internal };
+        let route = |public, upstream: &String, internal| Route {
+            public,
+            upstream: upstream.trim_end_matches('/').to_string(),
+            internal,
+        };
         Gateway {
             routes: vec![
                 route("/api/v1/identity/", &config.identity_url, "/api/v1/"),
@@ -80,7 +84,7 @@ impl Gateway {
         self.routes.iter().find_map(|r| {
             let rest = path.strip_prefix(r.public)?;
             // `/api/v1/notifications` must not match `/api/v1/notificationsX`.
-            if !r.public.ends_with('/') && !(rest.is_empty() || rest.starts_with('/')) {
+            if !(r.public.ends_with('/') || rest.is_empty() || rest.starts_with('/')) {
                 return None;
             }
             Some((r, format!("{}{}", r.internal, rest)))
@@ -94,8 +98,17 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     let Some((route, internal_path)) = gw.route(&path) else {
         return Err(ApiError::not_found("no such resource"));
     };
-    if parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| n > BODY_LIMIT) {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {BODY_LIMIT} bytes")));
+    if parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > BODY_LIMIT)
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {BODY_LIMIT} bytes"),
+        ));
     }
 
     // Only the gateway speaks for the user.
@@ -108,9 +121,13 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     let mut claims = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(|e| match e {
-            AuthError::Missing => ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie"),
+            AuthError::Missing => {
+                ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
+            }
             AuthError::Invalid => ApiError::unauthorized("the access token is invalid, expired or revoked"),
-            AuthError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet"),
+            AuthError::Unavailable => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet")
+            }
         })?;
         let set = |h: &mut axum::http::HeaderMap, name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {
@@ -138,25 +155,27 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
             tracing::warn!(upstream = %route.upstream, error = %e, "upstream unreachable");
             return Err(ApiError::new(StatusCode::BAD_GATEWAY, "the service is unavailable, try again"));
         }
-        Err(_) => return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the service did not answer in time")),
+        Err(_) => {
+            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the service did not answer in time"));
+        }
     };
 
-    if path == "/api/v1/identity/logout" && resp.status().is_success() {
-        if let Some(c) = &claims {
-            gw.auth.revoke(c);
-        }
+    if path == "/api/v1/identity/logout"
+        && resp.status().is_success()
+        && let Some(c) = &claims
+    {
+        gw.auth.revoke(c);
     }
     let (mut parts, body) = resp.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(*name);
     }
     // A service names its resources by its own paths; clients see public ones.
-    if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-        if let Some(rest) = loc.strip_prefix(route.internal) {
-            if let Ok(v) = HeaderValue::from_str(&format!("{}{}", route.public, rest)) {
-                parts.headers.insert(header::LOCATION, v);
-            }
-        }
+    if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok())
+        && let Some(rest) = loc.strip_prefix(route.internal)
+        && let Ok(v) = HeaderValue::from_str(&format!("{}{}", route.public, rest))
+    {
+        parts.headers.insert(header::LOCATION, v);
     }
     Ok(Response::from_parts(parts, Body::new(body)).into_response())
 }

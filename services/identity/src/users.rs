@@ -1,7 +1,7 @@
 //! Registration, login, logout and the user's profile.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +38,11 @@ fn parse_email(raw: &str) -> Result<String, ApiError> {
     let valid = email.len() <= 254
         && !email.chars().any(char::is_whitespace)
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && !domain.contains('@') && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
         });
     if valid { Ok(email.to_string()) } else { Err(ApiError::unprocessable("email is not a valid e-mail address")) }
 }
@@ -53,7 +57,9 @@ fn parse_password(p: &str) -> Result<&str, ApiError> {
 
 /// Optional free text: trimmed, empty means absent, bounded in length.
 fn parse_text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
-    let Some(v) = value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else { return Ok(None) };
+    let Some(v) = value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
     if v.chars().count() > max {
         return Err(ApiError::unprocessable(format!("{field} must have at most {max} characters")));
     }
@@ -94,7 +100,8 @@ async fn verify_password(password: String, hash: Option<String>) -> Result<bool,
     tokio::task::spawn_blocking(move || {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
-        let ok = PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok());
+        let ok =
+            PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok());
         known && ok
     })
     .await
@@ -184,7 +191,11 @@ pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Re
 }
 
 /// Ends the token the gateway authenticated this call with.
-pub async fn logout(State(state): State<AppState>, user: CurrentUser, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn logout(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let jti = header(TOKEN_ID_HEADER).and_then(|v| Uuid::parse_str(v).ok());
     let expires = header(TOKEN_EXPIRES_HEADER)

@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "order-system", about = "Runs every service of the order system in one process")]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// PostgreSQL server; each service uses its own database on it.
     #[arg(long, env = "POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432")]
     postgres_url: String,
@@ -38,10 +41,26 @@ struct Cli {
     heartbeat_secs: u64,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Runs every service (the default).
+    Run,
+    /// Moves the messages of QUEUE's dead-letter queue (QUEUE.dead) back to
+    /// QUEUE, once the cause of their failure is fixed.
+    ReplayDeadLetters { queue: String },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
     let cli = Cli::parse();
+    if let Some(Command::ReplayDeadLetters { queue }) = &cli.command {
+        let broker = runtime::Broker::new(&cli.messaging.amqp_url);
+        let moved = runtime::consumer::replay_dead_letters(&broker, queue).await?;
+        broker.close().await;
+        println!("moved {moved} message(s) from {queue}.dead back to {queue}");
+        return Ok(());
+    }
     let shutdown = CancellationToken::new();
     runtime::shutdown::on_signal(shutdown.clone());
 
@@ -62,9 +81,17 @@ async fn main() -> anyhow::Result<()> {
         addr: identity_addr.to_string(),
     };
     tasks.spawn("identity", identity::run(identity, TcpListener::bind(identity_addr).await?, shutdown.clone()));
-    let billing = billing::Config { database_url: db("billing"), messaging: cli.messaging.clone(), addr: billing_addr.to_string() };
+    let billing = billing::Config {
+        database_url: db("billing"),
+        messaging: cli.messaging.clone(),
+        addr: billing_addr.to_string(),
+    };
     tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
-    let ordering = ordering::Config { database_url: db("ordering"), messaging: cli.messaging.clone(), addr: ordering_addr.to_string() };
+    let ordering = ordering::Config {
+        database_url: db("ordering"),
+        messaging: cli.messaging.clone(),
+        addr: ordering_addr.to_string(),
+    };
     tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));
     let notification = notification::Config {
         database_url: db("notification"),
@@ -72,8 +99,15 @@ async fn main() -> anyhow::Result<()> {
         mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
         addr: notification_addr.to_string(),
     };
-    tasks.spawn("notification", notification::run(notification, TcpListener::bind(notification_addr).await?, shutdown.clone()));
-    let push = push_service::Config { messaging: cli.messaging.clone(), heartbeat_secs: cli.heartbeat_secs, addr: push_addr.to_string() };
+    tasks.spawn(
+        "notification",
+        notification::run(notification, TcpListener::bind(notification_addr).await?, shutdown.clone()),
+    );
+    let push = push_service::Config {
+        messaging: cli.messaging.clone(),
+        heartbeat_secs: cli.heartbeat_secs,
+        addr: push_addr.to_string(),
+    };
     tasks.spawn("push-service", push_service::run(push, TcpListener::bind(push_addr).await?, shutdown.clone()));
     let gateway = gateway::Config {
         addr: cli.gateway_addr.to_string(),

@@ -58,9 +58,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/notification")).await?;
     let broker = Broker::new(&config.messaging.amqp_url);
     let mailer = Mailer::new(&config.mail, db.clone())?;
-    let routes = Router::new()
-        .route("/api/v1/notifications", get(notifications::list))
-        .with_state(db.clone());
+    let routes = Router::new().route("/api/v1/notifications", get(notifications::list)).with_state(db.clone());
     let app = service_router(routes, Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
     let m = &config.messaging;
 

@@ -116,11 +116,8 @@ impl Mailer {
     }
 
     async fn send(&self, mail: &Due) -> anyhow::Result<()> {
-        let name = [mail.first_name.as_deref(), mail.last_name.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let name =
+            [mail.first_name.as_deref(), mail.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
         let to = Mailbox::new((!name.is_empty()).then_some(name), mail.email.parse().context("recipient address")?);
         let message = Message::builder()
             .from(self.from.clone())

@@ -95,5 +95,7 @@ pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Ve
     .bind(user.id)
     .fetch_all(&db)
     .await?;
-    Ok(Json(rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect()))
+    Ok(Json(
+        rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect(),
+    ))
 }

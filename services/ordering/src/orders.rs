@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use contracts::Money;
 use contracts::api::{CreateOrder, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
-use contracts::Money;
 use runtime::auth::CurrentUser;
 use runtime::consumer::{HandlerError, HandlerResult};
 use runtime::{ApiError, Incoming, Json, Path, outbox};
@@ -33,7 +33,9 @@ impl TryFrom<OrderRow> for Order {
             "pending" => OrderStatus::Pending,
             "succeeded" => OrderStatus::Succeeded,
             "failed" => OrderStatus::Failed,
-            other => return Err(ApiError::internal(anyhow::anyhow!("unknown order status {other}"))),
+            other => {
+                return Err(ApiError::internal(anyhow::anyhow!("unknown order status {other}")));
+            }
         };
         let price = Money::new(r.price).map_err(ApiError::internal)?;
         Ok(Order { id: r.id, price, status, reason: r.reason, created_at: r.created_at, updated_at: r.updated_at })
@@ -47,14 +49,13 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let id = Uuid::now_v7();
     let mut tx = db.begin().await?;
-    let row: OrderRow = sqlx::query_as(&format!(
-        "INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(user.id)
-    .bind(body.price.as_decimal())
-    .fetch_one(&mut *tx)
-    .await?;
+    let row: OrderRow =
+        sqlx::query_as(&format!("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3) RETURNING {COLUMNS}"))
+            .bind(id)
+            .bind(user.id)
+            .bind(body.price.as_decimal())
+            .fetch_one(&mut *tx)
+            .await?;
     outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
@@ -66,12 +67,11 @@ pub async fn create(
 }
 
 pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Order>>, ApiError> {
-    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC"
-    ))
-    .bind(user.id)
-    .fetch_all(&db)
-    .await?;
+    let rows: Vec<OrderRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC"))
+            .bind(user.id)
+            .fetch_all(&db)
+            .await?;
     Ok(Json(rows.into_iter().map(Order::try_from).collect::<Result<_, _>>()?))
 }
 
@@ -81,12 +81,11 @@ pub async fn get_one(
     user: CurrentUser,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Order>, ApiError> {
-    let row: Option<OrderRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
-            .bind(id)
-            .bind(user.id)
-            .fetch_optional(&db)
-            .await?;
+    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
+        .bind(id)
+        .bind(user.id)
+        .fetch_optional(&db)
+        .await?;
     Ok(Json(row.ok_or_else(|| ApiError::not_found("order not found"))?.try_into()?))
 }
 

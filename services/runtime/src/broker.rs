@@ -3,11 +3,10 @@
 //! new connection (declarations are idempotent).
 
 use contracts::topology::{self, QueueSpec};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
 use lapin::Confirmation;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::{Arc, RwLock};
@@ -158,11 +157,7 @@ async fn declare_quorum(channel: &Channel, name: &str, extra: &[(&str, AMQPValue
     let mut pairs = vec![("x-queue-type", text("quorum"))];
     pairs.extend_from_slice(extra);
     channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            args(&pairs),
-        )
+        .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args(&pairs))
         .await?;
     Ok(())
 }

@@ -83,19 +83,13 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     pub fn on<M, F>(mut self, handler: F) -> Self
     where
         M: Message,
-        F: for<'a> Fn(S, &'a mut PgConnection, Incoming<M>) -> BoxFuture<'a, HandlerResult>
-            + Send
-            + Sync
-            + 'static,
+        F: for<'a> Fn(S, &'a mut PgConnection, Incoming<M>) -> BoxFuture<'a, HandlerResult> + Send + Sync + 'static,
     {
-        let boxed: Handler<S> = Box::new(move |state, conn, message_id, body| {
-            match serde_json::from_slice::<M>(body) {
+        let boxed: Handler<S> =
+            Box::new(move |state, conn, message_id, body| match serde_json::from_slice::<M>(body) {
                 Ok(payload) => handler(state, conn, Incoming { message_id, payload }),
-                Err(e) => Box::pin(async move {
-                    Err(HandlerError::Reject(format!("invalid {} body: {e}", M::NAME)))
-                }),
-            }
-        });
+                Err(e) => Box::pin(async move { Err(HandlerError::Reject(format!("invalid {} body: {e}", M::NAME))) }),
+            });
         self.handlers.insert(M::NAME, boxed);
         self
     }
@@ -111,7 +105,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         let this = Arc::new(self);
         let queue = this.queue.name;
         while !shutdown.is_cancelled() {
-            let Some(channel) = broker.wait_for_channel(false, &shutdown).await else { break };
+            let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
+                break;
+            };
             let session = async {
                 let republish = broker.confirm_channel().await?;
                 declare_retry_queues(&republish, &this.queue, &retry_delays).await?;
@@ -129,7 +125,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                         async move {
                             match delivery {
                                 Ok(d) => this.handle(d, &republish, retry_delays).await,
-                                Err(e) => tracing::warn!(queue, error = %e, "consumer stream error"),
+                                Err(e) => {
+                                    tracing::warn!(queue, error = %e, "consumer stream error")
+                                }
                             }
                         }
                     })
@@ -177,14 +175,12 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         };
         let result = AssertUnwindSafe(async {
             let mut tx = self.db.begin().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(self.queue.name)
-            .bind(message_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let inserted = sqlx::query("INSERT INTO inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(self.queue.name)
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if inserted == 0 {
                 return Ok(false);
             }
@@ -219,7 +215,16 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 let delay = delays[attempt as usize];
                 tracing::warn!(attempt = attempt + 1, ?delay, %reason, "handler failed; retrying later");
                 let target = retry_queue(queue, delay);
-                forward(republish, delivery, &target, &[(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(i64::from(attempt + 1))), ("x-last-error", text(&reason))]).await
+                forward(
+                    republish,
+                    delivery,
+                    &target,
+                    &[
+                        (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(i64::from(attempt + 1))),
+                        ("x-last-error", text(&reason)),
+                    ],
+                )
+                .await
             }
             Outcome::Retry(reason) => {
                 let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
@@ -255,7 +260,12 @@ fn retry_count(delivery: &Delivery) -> u32 {
     }
 }
 
-async fn dead_letter(channel: &lapin::Channel, delivery: &Delivery, queue: &str, reason: &str) -> Result<(), crate::broker::PublishError> {
+async fn dead_letter(
+    channel: &lapin::Channel,
+    delivery: &Delivery,
+    queue: &str,
+    reason: &str,
+) -> Result<(), crate::broker::PublishError> {
     tracing::error!(%reason, "message dead-lettered");
     let headers = [
         ("x-dead-letter-reason", text(reason)),
@@ -269,11 +279,57 @@ async fn dead_letter(channel: &lapin::Channel, delivery: &Delivery, queue: &str,
 
 /// Re-publishes `delivery` unchanged but for `extra` headers to `queue`
 /// through the default exchange, and waits for the broker's confirm.
-async fn forward(channel: &lapin::Channel, delivery: &Delivery, queue: &str, extra: &[(&str, AMQPValue)]) -> Result<(), crate::broker::PublishError> {
+async fn forward(
+    channel: &lapin::Channel,
+    delivery: &Delivery,
+    queue: &str,
+    extra: &[(&str, AMQPValue)],
+) -> Result<(), crate::broker::PublishError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     for (k, v) in extra {
         headers.insert((*k).into(), v.clone());
     }
     let props = delivery.properties.clone().with_headers(headers);
     publish_confirmed(channel, "", queue, &delivery.data, props).await
+}
+
+/// Moves what is in `queue`'s dead-letter queue back to `queue`, with its
+/// retry count and dead-letter headers removed, once the cause is fixed.
+/// Moves at most the messages present when it starts; returns how many.
+pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let present = channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    let mut moved = 0;
+    while moved < present {
+        let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else { break };
+        let delivery = message.delivery;
+        let mut headers = FieldTable::default();
+        if let Some(old) = delivery.properties.headers() {
+            for (k, v) in old.inner() {
+                let key = k.as_str();
+                if key != RETRY_COUNT_HEADER
+                    && key != "x-last-error"
+                    && !key.starts_with("x-dead-letter")
+                    && key != "x-death"
+                {
+                    headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let props = delivery.properties.clone().with_headers(headers);
+        publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    Ok(moved)
 }

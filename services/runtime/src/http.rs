@@ -146,10 +146,10 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
             problems.push("database unreachable");
         }
     }
-    if let Some(broker) = &r.broker {
-        if !broker.is_connected() {
-            problems.push("broker disconnected");
-        }
+    if let Some(broker) = &r.broker
+        && !broker.is_connected()
+    {
+        problems.push("broker disconnected");
     }
     if problems.is_empty() {
         axum::Json(serde_json::json!({"status": "ready"})).into_response()
@@ -160,10 +160,7 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
 
 /// `/health/live` (the process answers) and `/health/ready` (its dependencies do).
 pub fn health_routes(readiness: Readiness) -> Router {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .with_state(readiness)
+    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready)).with_state(readiness)
 }
 
 pub async fn not_found() -> ApiError {
@@ -192,9 +189,7 @@ pub fn service_router(routes: Router, readiness: Readiness) -> Router {
 
 /// Panic safety (a JSON 500) and a request span with the user id.
 pub fn with_common_layers(router: Router) -> Router {
-    router
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http().make_span_with(make_span))
+    router.layer(CatchPanicLayer::custom(panic_response)).layer(TraceLayer::new_for_http().make_span_with(make_span))
 }
 
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
@@ -210,15 +205,9 @@ fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
 }
 
 /// Serves `router` until `shutdown`, then lets in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }

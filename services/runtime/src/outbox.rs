@@ -6,10 +6,10 @@
 
 use crate::Broker;
 use crate::broker::{check_confirm, publish};
+use crate::db::Wakeup;
 use contracts::Message;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use crate::db::Wakeup;
 use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 use std::time::Duration;
@@ -37,7 +37,12 @@ pub async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::
 }
 
 /// AMQP properties every message of the system carries.
-pub fn properties(message_id: Uuid, message_type: &str, correlation_id: Option<&str>, created: chrono::DateTime<chrono::Utc>) -> BasicProperties {
+pub fn properties(
+    message_id: Uuid,
+    message_type: &str,
+    correlation_id: Option<&str>,
+    created: chrono::DateTime<chrono::Utc>,
+) -> BasicProperties {
     let mut p = BasicProperties::default()
         .with_message_id(message_id.to_string().into())
         .with_type(message_type.into())
@@ -82,7 +87,9 @@ impl Relay {
         let mut wakeup = Wakeup::new(self.pool.clone(), "outbox", self.poll);
         let mut last_cleanup = tokio::time::Instant::now();
         'connection: while !shutdown.is_cancelled() {
-            let Some(channel) = self.broker.wait_for_channel(true, &shutdown).await else { break };
+            let Some(channel) = self.broker.wait_for_channel(true, &shutdown).await else {
+                break;
+            };
             loop {
                 if let Err(e) = self.drain(&channel).await {
                     tracing::warn!(error = %e, "outbox relay failed; reconnecting");
@@ -168,10 +175,7 @@ impl Relay {
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)").bind(&sent).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows.len())
     }

@@ -9,7 +9,8 @@ async fn registration_and_login_errors_are_clear() {
     let app = TestApp::spawn().await;
     let email = "Someone@Example.com";
     assert_eq!(app.register(email, "long enough").await.status(), StatusCode::CREATED);
-    assert_error(app.register("someone@example.com", "long enough").await, StatusCode::CONFLICT, "already registered").await;
+    assert_error(app.register("someone@example.com", "long enough").await, StatusCode::CONFLICT, "already registered")
+        .await;
     assert_error(app.register("not-an-email", "long enough").await, StatusCode::UNPROCESSABLE_ENTITY, "e-mail").await;
     assert_error(app.register("x@example.com", "short").await, StatusCode::UNPROCESSABLE_ENTITY, "at least 8").await;
 
@@ -22,7 +23,10 @@ async fn registration_and_login_errors_are_clear() {
     let r = app.login("someone@example.com", "long enough").await;
     assert_eq!(r.status(), StatusCode::OK);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    assert!(cookie.starts_with("accessToken=") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.starts_with("accessToken=") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
     assert_eq!(token.split('.').count(), 3, "a JWT");
     app.stop().await;
@@ -33,32 +37,107 @@ async fn bad_input_gets_a_4xx_with_the_error_body() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
     let raw = |path: &str, body: &'static str| {
-        app.http.post(app.url(path)).bearer_auth(&user.token).header("content-type", "application/json").body(body).send()
+        app.http
+            .post(app.url(path))
+            .bearer_auth(&user.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     assert_error(raw("/ordering/orders", "{not json").await.unwrap(), StatusCode::BAD_REQUEST, "malformed JSON").await;
-    assert_error(raw("/ordering/orders", "{}").await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "missing field `price`").await;
-    assert_error(raw("/ordering/orders", r#"{"price":"600"}"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "positive number").await;
-    assert_error(raw("/ordering/orders", r#"{"price":0}"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "greater than zero").await;
-    assert_error(raw("/ordering/orders", r#"{"price":-3}"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "greater than zero").await;
-    assert_error(raw("/ordering/orders", r#"{"price":1.005}"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "two decimal places").await;
-    assert_error(raw("/billing/account/deposit", r#"{"amount":1e20}"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "must not exceed").await;
-    assert_error(raw("/billing/account/deposit", "[]").await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "invalid request body").await;
-    let no_type = app.http.post(app.url("/billing/account/deposit")).bearer_auth(&user.token).body(r#"{"amount":1}"#).send().await.unwrap();
+    assert_error(
+        raw("/ordering/orders", "{}").await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing field `price`",
+    )
+    .await;
+    assert_error(
+        raw("/ordering/orders", r#"{"price":"600"}"#).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "positive number",
+    )
+    .await;
+    assert_error(
+        raw("/ordering/orders", r#"{"price":0}"#).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "greater than zero",
+    )
+    .await;
+    assert_error(
+        raw("/ordering/orders", r#"{"price":-3}"#).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "greater than zero",
+    )
+    .await;
+    assert_error(
+        raw("/ordering/orders", r#"{"price":1.005}"#).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "two decimal places",
+    )
+    .await;
+    assert_error(
+        raw("/billing/account/deposit", r#"{"amount":1e20}"#).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "must not exceed",
+    )
+    .await;
+    assert_error(
+        raw("/billing/account/deposit", "[]").await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid request body",
+    )
+    .await;
+    let no_type = app
+        .http
+        .post(app.url("/billing/account/deposit"))
+        .bearer_auth(&user.token)
+        .body(r#"{"amount":1}"#)
+        .send()
+        .await
+        .unwrap();
     assert_error(no_type, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json").await;
     let huge = format!(r#"{{"price":1,"pad":"{}"}}"#, "x".repeat(100_000));
-    let r = app.http.post(app.url("/ordering/orders")).bearer_auth(&user.token).header("content-type", "application/json").body(huge).send().await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/ordering/orders"))
+        .bearer_auth(&user.token)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
     assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "larger than").await;
 
-    assert_error(app.call(Some(&user), Method::GET, "/ordering/orders/not-a-uuid", None).await, StatusCode::BAD_REQUEST, "invalid").await;
+    assert_error(
+        app.call(Some(&user), Method::GET, "/ordering/orders/not-a-uuid", None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid",
+    )
+    .await;
     let unknown = format!("/ordering/orders/{}", uuid::Uuid::new_v4());
-    assert_error(app.call(Some(&user), Method::GET, &unknown, None).await, StatusCode::NOT_FOUND, "order not found").await;
-    assert_error(app.call(Some(&user), Method::GET, "/nowhere", None).await, StatusCode::NOT_FOUND, "no such resource").await;
-    assert_error(app.call(Some(&user), Method::DELETE, "/billing/account", None).await, StatusCode::METHOD_NOT_ALLOWED, "not allowed").await;
+    assert_error(app.call(Some(&user), Method::GET, &unknown, None).await, StatusCode::NOT_FOUND, "order not found")
+        .await;
+    assert_error(app.call(Some(&user), Method::GET, "/nowhere", None).await, StatusCode::NOT_FOUND, "no such resource")
+        .await;
+    assert_error(
+        app.call(Some(&user), Method::DELETE, "/billing/account", None).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not allowed",
+    )
+    .await;
 
     // Withdrawing more than the balance.
     app.post(&user, "/billing/account/deposit", json!({"amount": 12.5})).await;
-    assert_error(app.post(&user, "/billing/account/withdraw", json!({"amount": 12.51})).await, StatusCode::UNPROCESSABLE_ENTITY, "not enough money").await;
-    assert_eq!(app.post(&user, "/billing/account/withdraw", json!({"amount": 2.25})).await.status(), StatusCode::NO_CONTENT);
+    assert_error(
+        app.post(&user, "/billing/account/withdraw", json!({"amount": 12.51})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not enough money",
+    )
+    .await;
+    assert_eq!(
+        app.post(&user, "/billing/account/withdraw", json!({"amount": 2.25})).await.status(),
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(app.balance(&user).await, 10.25);
     app.stop().await;
 }
@@ -69,23 +148,51 @@ async fn tokens_forged_headers_cookies_and_logout() {
     let user = app.user().await;
 
     // A client cannot speak for a user by sending the gateway's headers.
-    let forged = app.http.get(app.url("/billing/account")).header("X-User-Id", user.id.to_string()).header("X-User-Email", &user.email).send().await.unwrap();
+    let forged = app
+        .http
+        .get(app.url("/billing/account"))
+        .header("X-User-Id", user.id.to_string())
+        .header("X-User-Email", &user.email)
+        .send()
+        .await
+        .unwrap();
     assert_error(forged, StatusCode::UNAUTHORIZED, "authentication required").await;
-    let bad = app.http.get(app.url("/billing/account")).bearer_auth("eyJhbGciOiJFZERTQSJ9.e30.c2ln").send().await.unwrap();
+    let bad =
+        app.http.get(app.url("/billing/account")).bearer_auth("eyJhbGciOiJFZERTQSJ9.e30.c2ln").send().await.unwrap();
     assert_error(bad, StatusCode::UNAUTHORIZED, "invalid").await;
     // Nor override their own identity: the token wins over a forged header.
     let other = uuid::Uuid::new_v4();
-    let r = app.http.get(app.url("/identity/profile")).bearer_auth(&user.token).header("X-User-Id", other.to_string()).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url("/identity/profile"))
+        .bearer_auth(&user.token)
+        .header("X-User-Id", other.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["id"], user.id.to_string());
 
     // The cookie authenticates as well as the header does.
-    let r = app.http.get(app.url("/identity/profile")).header("cookie", format!("theme=dark; accessToken={}", user.token)).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url("/identity/profile"))
+        .header("cookie", format!("theme=dark; accessToken={}", user.token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let profile: Value = r.json().await.unwrap();
     assert_eq!(profile["email"], user.email.as_str());
     assert_eq!(profile["firstName"], "Test");
 
-    let r = app.http.put(app.url("/identity/profile")).bearer_auth(&user.token).json(&json!({"firstName": "Julie", "lastName": "Doe", "phone": "+71004242424"})).send().await.unwrap();
+    let r = app
+        .http
+        .put(app.url("/identity/profile"))
+        .bearer_auth(&user.token)
+        .json(&json!({"firstName": "Julie", "lastName": "Doe", "phone": "+71004242424"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["firstName"], "Julie");
 
@@ -93,7 +200,12 @@ async fn tokens_forged_headers_cookies_and_logout() {
     let r = app.call(Some(&user), Method::POST, "/identity/logout", None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
-    assert_error(app.call(Some(&user), Method::GET, "/billing/account", None).await, StatusCode::UNAUTHORIZED, "revoked").await;
+    assert_error(
+        app.call(Some(&user), Method::GET, "/billing/account", None).await,
+        StatusCode::UNAUTHORIZED,
+        "revoked",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -112,7 +224,12 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
     })
     .await;
 
-    assert_error(app.call(Some(&bob), Method::GET, &format!("/ordering/orders/{order}"), None).await, StatusCode::NOT_FOUND, "order not found").await;
+    assert_error(
+        app.call(Some(&bob), Method::GET, &format!("/ordering/orders/{order}"), None).await,
+        StatusCode::NOT_FOUND,
+        "order not found",
+    )
+    .await;
     assert!(app.get::<Vec<Value>>(&bob, "/ordering/orders").await.is_empty());
     assert!(app.get::<Vec<Value>>(&bob, "/notifications").await.is_empty());
     assert_eq!(app.balance(&bob).await, 0.0);

@@ -36,7 +36,10 @@ async fn register_deposit_order_succeed_then_fail() {
     })
     .await;
     eventually(Duration::from_secs(10), || async {
-        app.smtp.messages().into_iter().find(|m| m.contains(&user.email) && m.contains("600.00$") && m.contains("successfully processed"))
+        app.smtp
+            .messages()
+            .into_iter()
+            .find(|m| m.contains(&user.email) && m.contains("600.00$") && m.contains("successfully processed"))
     })
     .await;
 
@@ -57,7 +60,10 @@ async fn register_deposit_order_succeed_then_fail() {
     .await;
     assert_eq!(notifications[0]["message"], failure, "newest first");
     eventually(Duration::from_secs(10), || async {
-        app.smtp.messages().into_iter().find(|m| m.contains(&user.email) && m.contains("500.00$") && m.contains("not enough money"))
+        app.smtp
+            .messages()
+            .into_iter()
+            .find(|m| m.contains(&user.email) && m.contains("500.00$") && m.contains("not enough money"))
     })
     .await;
 

@@ -45,7 +45,11 @@ pub async fn create_vhost(name: &str) -> Vhost {
     let ok = |r: reqwest::Response| {
         assert!(r.status().is_success(), "RabbitMQ management API: {}", r.status());
     };
-    ok(http.put(format!("{api}/vhosts/{name}")).send().await.expect("RabbitMQ management API (enable rabbitmq_management)"));
+    ok(http
+        .put(format!("{api}/vhosts/{name}"))
+        .send()
+        .await
+        .expect("RabbitMQ management API (enable rabbitmq_management)"));
     ok(http
         .put(format!("{api}/permissions/{name}/guest"))
         .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
@@ -94,7 +98,9 @@ impl SmtpSink {
 
     /// Every message received so far, raw.
     pub fn messages(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.dir.join("maildir").join("new")) else { return vec![] };
+        let Ok(entries) = std::fs::read_dir(self.dir.join("maildir").join("new")) else {
+            return vec![];
+        };
         entries.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()).collect()
     }
 }
@@ -143,7 +149,8 @@ impl TestApp {
         let config = billing::Config { database_url: db("billing"), messaging: messaging.clone(), addr: String::new() };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
         let (l, ordering_url) = listener().await;
-        let config = ordering::Config { database_url: db("ordering"), messaging: messaging.clone(), addr: String::new() };
+        let config =
+            ordering::Config { database_url: db("ordering"), messaging: messaging.clone(), addr: String::new() };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
         let (l, notification_url) = listener().await;
         let config = notification::Config {
@@ -182,7 +189,13 @@ impl TestApp {
         // Ready when the gateway can verify tokens (identity is up and has a key)
         // and the consumers are connected.
         eventually(Duration::from_secs(30), || async {
-            let r = self.http.post(format!("{}/api/v1/identity/logout", self.gateway)).bearer_auth("x.y.z").send().await.ok()?;
+            let r = self
+                .http
+                .post(format!("{}/api/v1/identity/logout", self.gateway))
+                .bearer_auth("x.y.z")
+                .send()
+                .await
+                .ok()?;
             let ordering = self.http.get(format!("{ordering_url}/health/ready")).send().await.ok()?;
             (r.status() == StatusCode::UNAUTHORIZED && ordering.status().is_success()).then_some(())
         })
@@ -206,7 +219,13 @@ impl TestApp {
         format!("{}/api/v1{path}", self.gateway)
     }
 
-    pub async fn call(&self, user: Option<&User>, method: Method, path: &str, body: Option<Value>) -> reqwest::Response {
+    pub async fn call(
+        &self,
+        user: Option<&User>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
         let mut req = self.http.request(method, self.url(path));
         if let Some(u) = user {
             req = req.bearer_auth(&u.token);
@@ -228,7 +247,13 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str, password: &str) -> reqwest::Response {
-        self.call(None, Method::POST, "/identity/register", Some(json!({"email": email, "password": password, "firstName": "Test", "lastName": "User"}))).await
+        self.call(
+            None,
+            Method::POST,
+            "/identity/register",
+            Some(json!({"email": email, "password": password, "firstName": "Test", "lastName": "User"})),
+        )
+        .await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
@@ -295,7 +320,14 @@ impl TestApp {
     }
 
     /// Publishes a raw message into the test's vhost, as a service would.
-    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, message_id: Option<&str>, kind: &str, body: &[u8]) {
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: Option<&str>,
+        kind: &str,
+        body: &[u8],
+    ) {
         let conn = Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default()).await.unwrap();
         let channel = conn.create_channel().await.unwrap();
         channel.confirm_select(Default::default()).await.unwrap();
@@ -304,7 +336,13 @@ impl TestApp {
             props = props.with_message_id(id.into());
         }
         let confirm = channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory: true, ..Default::default() }, body, props)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                props,
+            )
             .await
             .unwrap()
             .await

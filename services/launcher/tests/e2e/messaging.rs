@@ -36,19 +36,27 @@ async fn a_create_payment_delivered_twice_charges_once() {
     }
     let billing = app.db("billing").await;
     eventually(Duration::from_secs(10), || async {
-        let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE queue = 'billing.payments'").fetch_one(&billing).await.unwrap();
+        let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE queue = 'billing.payments'")
+            .fetch_one(&billing)
+            .await
+            .unwrap();
         (handled == 2 && app.queue_depth("billing.payments").await == 0).then_some(())
     })
     .await;
     assert_eq!(app.balance(&user).await, 70.0);
-    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1").bind(payment).fetch_one(&billing).await.unwrap();
-    assert_eq!(payments, 1);
-    // Each request for the payment was answered (PaymentCreated twice, same id).
-    let answers: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1")
-        .bind(payment.to_string())
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1")
+        .bind(payment)
         .fetch_one(&billing)
         .await
         .unwrap();
+    assert_eq!(payments, 1);
+    // Each request for the payment was answered (PaymentCreated twice, same id).
+    let answers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1")
+            .bind(payment.to_string())
+            .fetch_one(&billing)
+            .await
+            .unwrap();
     assert_eq!(answers, 2);
     app.stop().await;
 }
@@ -63,20 +71,33 @@ async fn concurrent_payments_and_withdrawals_never_overdraw() {
         let body = create_payment(Uuid::new_v4(), user.id, "10");
         let app = &app;
         async move {
-            app.publish_raw(exchange::ORDERING, CreatePayment::NAME, Some(&Uuid::new_v4().to_string()), CreatePayment::NAME, &body).await
+            app.publish_raw(
+                exchange::ORDERING,
+                CreatePayment::NAME,
+                Some(&Uuid::new_v4().to_string()),
+                CreatePayment::NAME,
+                &body,
+            )
+            .await
         }
     }));
-    let withdrawals = futures::future::join_all((0..15).map(|_| app.post(&user, "/billing/account/withdraw", json!({"amount": 10}))));
+    let withdrawals =
+        futures::future::join_all((0..15).map(|_| app.post(&user, "/billing/account/withdraw", json!({"amount": 10}))));
     let (_, responses) = tokio::join!(publishes, withdrawals);
     let withdrawn = responses.iter().filter(|r| r.status() == StatusCode::NO_CONTENT).count() as i64;
-    assert!(responses.iter().all(|r| r.status() == StatusCode::NO_CONTENT || r.status() == StatusCode::UNPROCESSABLE_ENTITY));
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.status() == StatusCode::NO_CONTENT || r.status() == StatusCode::UNPROCESSABLE_ENTITY)
+    );
 
     let billing = app.db("billing").await;
     let charged: i64 = eventually(Duration::from_secs(20), || async {
-        let (total, charged): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE succeeded) FROM payments")
-            .fetch_one(&billing)
-            .await
-            .unwrap();
+        let (total, charged): (i64, i64) =
+            sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE succeeded) FROM payments")
+                .fetch_one(&billing)
+                .await
+                .unwrap();
         (total == 15).then_some(charged)
     })
     .await;
@@ -93,18 +114,37 @@ async fn poison_messages_are_dead_lettered_and_the_queue_keeps_flowing() {
 
     let id = || Some(Uuid::new_v4().to_string());
     app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, b"{ not json").await;
-    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, None, CreatePayment::NAME, &create_payment(Uuid::new_v4(), user.id, "1")).await;
+    app.publish_raw(
+        exchange::ORDERING,
+        CreatePayment::NAME,
+        None,
+        CreatePayment::NAME,
+        &create_payment(Uuid::new_v4(), user.id, "1"),
+    )
+    .await;
     app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), "Nonsense", b"{}").await;
     // A good message behind the bad ones is still handled.
-    app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, &create_payment(Uuid::new_v4(), user.id, "20")).await;
+    app.publish_raw(
+        exchange::ORDERING,
+        CreatePayment::NAME,
+        id().as_deref(),
+        CreatePayment::NAME,
+        &create_payment(Uuid::new_v4(), user.id, "20"),
+    )
+    .await;
 
     eventually(Duration::from_secs(10), || async { (app.balance(&user).await == 30.0).then_some(()) }).await;
-    eventually(Duration::from_secs(10), || async { (app.queue_depth("billing.payments.dead").await == 3).then_some(()) }).await;
+    eventually(Duration::from_secs(10), || async {
+        (app.queue_depth("billing.payments.dead").await == 3).then_some(())
+    })
+    .await;
 
     let conn = lapin::Connection::connect(&app.vhost.amqp_url, Default::default()).await.unwrap();
     let channel = conn.create_channel().await.unwrap();
     let mut reasons = Vec::new();
-    while let Some(m) = channel.basic_get("billing.payments.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+    while let Some(m) =
+        channel.basic_get("billing.payments.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    {
         let headers = m.delivery.properties.headers().clone().unwrap_or_default();
         match headers.inner().get("x-dead-letter-reason") {
             Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
@@ -131,7 +171,12 @@ impl Scratch {
         runtime::telemetry::init_for_tests();
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let vhost = create_vhost(&prefix).await;
-        let pool = runtime::db::connect(&format!("{}/{prefix}_scratch", postgres_url()), sqlx::migrate!("../../migrations/ordering")).await.unwrap();
+        let pool = runtime::db::connect(
+            &format!("{}/{prefix}_scratch", postgres_url()),
+            sqlx::migrate!("../../migrations/ordering"),
+        )
+        .await
+        .unwrap();
         Scratch { broker: Broker::new(&vhost.amqp_url), prefix, pool }
     }
 
@@ -147,14 +192,31 @@ impl Scratch {
             t
         };
         let ch = self.channel().await;
-        ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args.clone()).await.unwrap();
-        ch.queue_declare(format!("{name}.dead").into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
-        ch.queue_bind(name.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args.clone())
+            .await
+            .unwrap();
+        ch.queue_declare(
+            format!("{name}.dead").into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            args,
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(name.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
     }
 
     async fn depth(&self, queue: &str) -> u32 {
         let ch = self.channel().await;
-        ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap().message_count()
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
     }
 
     async fn stop(self) {
@@ -166,7 +228,12 @@ impl Scratch {
 }
 
 fn order_created() -> OrderCreated {
-    OrderCreated { order_id: Uuid::new_v4(), user_id: Uuid::new_v4(), price: "12.34".parse().unwrap(), occurred_at: chrono::Utc::now() }
+    OrderCreated {
+        order_id: Uuid::new_v4(),
+        user_id: Uuid::new_v4(),
+        price: "12.34".parse().unwrap(),
+        occurred_at: chrono::Utc::now(),
+    }
 }
 
 #[tokio::test]
@@ -182,7 +249,8 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
     assert_eq!(s.depth("test.orders").await, 0, "nothing is published without the relay");
 
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(Relay::new(s.pool.clone(), s.broker.clone(), Duration::from_secs(60)).run(shutdown.clone()));
+    let relay =
+        tokio::spawn(Relay::new(s.pool.clone(), s.broker.clone(), Duration::from_secs(60)).run(shutdown.clone()));
     let ch = s.channel().await;
     let got = eventually(Duration::from_secs(10), || async {
         ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap()
@@ -193,7 +261,11 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
     assert_eq!(props.kind().as_ref().unwrap().as_str(), "OrderCreated");
     assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), event.order_id.to_string());
     assert_eq!(serde_json::from_slice::<OrderCreated>(&got.delivery.data).unwrap(), event);
-    let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM outbox WHERE message_id = $1").bind(message_id).fetch_one(&s.pool).await.unwrap();
+    let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM outbox WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
     assert!(sent, "marked sent after the confirm");
 
     // Once running, it wakes on the commit itself (the poll is a minute).
@@ -210,21 +282,28 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
     s.stop().await;
 }
 
-const RETRY_QUEUE: QueueSpec = QueueSpec { name: "test.retries", exchange: exchange::ORDERING, routing_keys: &[OrderCreated::NAME] };
+const RETRY_QUEUE: QueueSpec =
+    QueueSpec { name: "test.retries", exchange: exchange::ORDERING, routing_keys: &[OrderCreated::NAME] };
 
 /// Runs a consumer whose handler fails its first `failures` calls.
 async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
     s.queue(RETRY_QUEUE.name, exchange::ORDERING, OrderCreated::NAME).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let consumer = Consumer::new(RETRY_QUEUE, s.pool.clone(), (calls.clone(), failures)).on::<OrderCreated, _>(|(calls, failures), tx, msg| {
-        Box::pin(async move {
-            if calls.fetch_add(1, Ordering::SeqCst) < failures {
-                return Err(HandlerError::Retry(anyhow::anyhow!("database is having a bad day")));
-            }
-            sqlx::query("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, 1)").bind(msg.payload.order_id).bind(msg.payload.user_id).execute(tx).await?;
-            Ok(())
-        })
-    });
+    let consumer = Consumer::new(RETRY_QUEUE, s.pool.clone(), (calls.clone(), failures)).on::<OrderCreated, _>(
+        |(calls, failures), tx, msg| {
+            Box::pin(async move {
+                if calls.fetch_add(1, Ordering::SeqCst) < failures {
+                    return Err(HandlerError::Retry(anyhow::anyhow!("database is having a bad day")));
+                }
+                sqlx::query("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, 1)")
+                    .bind(msg.payload.order_id)
+                    .bind(msg.payload.user_id)
+                    .execute(tx)
+                    .await?;
+                Ok(())
+            })
+        },
+    );
     let shutdown = tokio_util::sync::CancellationToken::new();
     let delays = vec![Duration::from_millis(50), Duration::from_millis(150)];
     tokio::spawn(consumer.run(s.broker.clone(), 4, delays, shutdown.clone()));
@@ -234,7 +313,15 @@ async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, t
 async fn publish(s: &Scratch, event: &OrderCreated) {
     let ch = s.broker.confirm_channel().await.unwrap();
     let props = outbox::properties(Uuid::new_v4(), OrderCreated::NAME, None, chrono::Utc::now());
-    runtime::broker::publish_confirmed(&ch, exchange::ORDERING, OrderCreated::NAME, &serde_json::to_vec(event).unwrap(), props).await.unwrap();
+    runtime::broker::publish_confirmed(
+        &ch,
+        exchange::ORDERING,
+        OrderCreated::NAME,
+        &serde_json::to_vec(event).unwrap(),
+        props,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -244,7 +331,11 @@ async fn a_failing_handler_is_retried_with_delays_and_its_effect_lands_once() {
     let event = order_created();
     publish(&s, &event).await;
     eventually(Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1").bind(event.order_id).fetch_one(&s.pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1")
+            .bind(event.order_id)
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
         (n == 1).then_some(())
     })
     .await;
@@ -255,10 +346,12 @@ async fn a_failing_handler_is_retried_with_delays_and_its_effect_lands_once() {
 }
 
 #[tokio::test]
-async fn a_handler_that_keeps_failing_ends_in_the_dead_letter_queue() {
+async fn a_handler_that_keeps_failing_ends_in_the_dead_letter_queue_and_can_be_replayed() {
     let s = Scratch::new().await;
-    let (calls, shutdown) = consume_with_failures(&s, u32::MAX).await;
-    publish(&s, &order_created()).await;
+    // Fails three times: the first try and both retries.
+    let (calls, shutdown) = consume_with_failures(&s, 3).await;
+    let event = order_created();
+    publish(&s, &event).await;
     eventually(Duration::from_secs(10), || async { (s.depth("test.retries.dead").await == 1).then_some(()) }).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3, "first try and two retries");
     let ch = s.channel().await;
