@@ -5,29 +5,37 @@ use crate::money::{Money, serialize_decimal};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The seed's `Error`: every error response of every service has this body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
+    /// The HTTP status code.
+    #[schema(format = Int32)]
     pub code: u16,
     pub message: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
+    #[schema(read_only)]
     pub id: Uuid,
+    #[schema(read_only, format = Email)]
     pub email: String,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub phone: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Register {
+    #[schema(format = Email)]
     pub email: String,
+    /// 8 to 128 characters.
     pub password: String,
     #[serde(default)]
     pub first_name: Option<String>,
@@ -37,14 +45,15 @@ pub struct Register {
     pub phone: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 
 pub struct Login {
+    #[schema(format = Email)]
     pub email: String,
     pub password: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessToken {
     pub access_token: String,
@@ -52,7 +61,7 @@ pub struct AccessToken {
 
 /// `PUT /identity/profile`: the seed sends a whole `User`; `id` and `email`
 /// are read-only there and ignored when present.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateProfile {
     #[serde(default)]
@@ -63,7 +72,7 @@ pub struct UpdateProfile {
     pub phone: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     Pending,
@@ -81,51 +90,59 @@ impl OrderStatus {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Order {
+    #[schema(read_only)]
     pub id: Uuid,
     pub price: Money,
     pub status: OrderStatus,
     /// Why a failed order failed (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[schema(read_only)]
     pub created_at: DateTime<Utc>,
+    #[schema(read_only)]
     pub updated_at: DateTime<Utc>,
 }
 
 /// `POST /ordering/orders`: the seed's `Order` with only `price` writable.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateOrder {
     pub price: Money,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BillingAccount {
     #[serde(serialize_with = "serialize_decimal")]
+    #[schema(value_type = f64, minimum = 0, multiple_of = 0.01)]
     pub amount: Decimal,
+    #[schema(read_only)]
     pub created_at: DateTime<Utc>,
+    #[schema(read_only)]
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 
 pub struct BillingUpdate {
     pub amount: Money,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Notification {
+    #[schema(read_only)]
     pub id: Uuid,
     pub message: String,
+    #[schema(read_only)]
     pub created_at: DateTime<Utc>,
 }
 
 /// The claims of an access token (an EdDSA-signed JWT issued by identity).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenClaims {
     pub iss: String,

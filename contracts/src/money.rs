@@ -98,6 +98,32 @@ impl Serialize for Money {
     }
 }
 
+/// The JSON Schema of money, as the AsyncAPI document shows it: a JSON number,
+/// positive, with at most two decimals, at most [`Money::MAX`].
+#[cfg(feature = "asyncapi")]
+impl schemars::JsonSchema for Money {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Money".into()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        "contracts::Money".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let max: f64 = Money::MAX.to_string().parse().expect("Money::MAX is a number");
+        schemars::json_schema!({
+            "description": "An exact amount of money: a JSON number (`600`, `12.5`), greater than zero, \
+                with at most two decimal places. Kept as a decimal, never as a float, by every service.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": max,
+            "multipleOf": 0.01,
+            "examples": [600, 12.5]
+        })
+    }
+}
+
 struct MoneyVisitor;
 
 impl Visitor<'_> for MoneyVisitor {
@@ -168,3 +194,20 @@ mod tests {
         assert_eq!(serde_json::to_string(&m("999999999999.99")).unwrap(), "999999999999.99");
     }
 }
+
+/// In OpenAPI, money is a JSON number: positive, in cents.
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .exclusive_minimum(Some(0.0))
+            .maximum(Some(999_999_999_999.99))
+            .multiple_of(Some(0.01))
+            .description(Some("An amount of money: positive, at most two decimal places."))
+            .examples([serde_json::json!(600)])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}

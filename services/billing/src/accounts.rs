@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use contracts::api::{BillingAccount, BillingUpdate};
+use contracts::api::{BillingAccount, BillingUpdate, ErrorBody};
 use contracts::messages::{NOT_ENOUGH_MONEY, UserCreated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
@@ -40,6 +40,12 @@ pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) 
     Ok(())
 }
 
+#[utoipa::path(get, path = "/api/v1/account", tag = "billing", operation_id = "getBillingAccount",
+    responses(
+        (status = 200, description = "The user's account (opened with 0 on first use)", body = BillingAccount),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<BillingAccount>, ApiError> {
     let mut conn = db.acquire().await?;
     ensure_account(&mut conn, user.id).await?;
@@ -51,6 +57,14 @@ pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<
     Ok(Json(BillingAccount { amount, created_at, updated_at }))
 }
 
+#[utoipa::path(post, path = "/api/v1/account/deposit", tag = "billing", operation_id = "depositMoney",
+    request_body = BillingUpdate,
+    responses(
+        (status = 204, description = "Deposited"),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = 422, description = "Invalid amount, or the balance would exceed the maximum", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn deposit(
     State(db): State<PgPool>,
     user: CurrentUser,
@@ -77,6 +91,14 @@ pub async fn deposit(
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/account/withdraw", tag = "billing", operation_id = "withdrawMoney",
+    request_body = BillingUpdate,
+    responses(
+        (status = 204, description = "Withdrawn"),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = 422, description = "Invalid amount, or not enough money", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn withdraw(
     State(db): State<PgPool>,
     user: CurrentUser,

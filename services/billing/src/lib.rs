@@ -14,12 +14,23 @@ use axum::routing::{get, post};
 use contracts::messages::{CreatePayment, UserCreated};
 use contracts::topology;
 use runtime::http::{Readiness, serve, service_router};
+use runtime::openapi::InternalAuth;
 use runtime::outbox::Relay;
 use runtime::{Broker, Consumer, MessagingConfig, Tasks};
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// The service's REST API, as served at `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Billing service", description = "Accounts, deposits, withdrawals."),
+    paths(accounts::get_account, accounts::deposit, accounts::withdraw),
+    modifiers(&InternalAuth),
+    tags((name = "billing")),
+)]
+pub struct ApiDoc;
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "billing", about = "Billing service: accounts and payments")]
@@ -40,6 +51,7 @@ fn routes(db: PgPool) -> Router {
         .route("/api/v1/account/deposit", post(accounts::deposit))
         .route("/api/v1/account/withdraw", post(accounts::withdraw))
         .with_state(db)
+        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -5,7 +5,9 @@
 //! answer back unbuffered (the event stream included).
 
 mod auth;
+pub mod docs;
 mod proxy;
+mod web;
 
 use axum::Router;
 use axum::routing::any;
@@ -39,9 +41,25 @@ pub struct Config {
     /// started, are never cut).
     #[arg(long, env = "UPSTREAM_TIMEOUT_SECS", default_value_t = 30)]
     pub upstream_timeout_secs: u64,
+    /// HTTPS address (HTTP/2 by ALPN `h2`, and HTTP/1.1); empty turns it off.
+    #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
+    pub https_addr: String,
+    #[command(flatten)]
+    pub tls: runtime::tls::TlsConfig,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let https = runtime::tls::bind(&config.https_addr)?;
+    run_with_tls(config, listener, https, shutdown).await
+}
+
+/// [`run`], with the HTTPS listener given (or none).
+pub async fn run_with_tls(
+    config: Config,
+    listener: TcpListener,
+    https: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let client = proxy::client();
     let auth = Arc::new(auth::Authenticator::new(client.clone(), config.identity_url.clone()));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone()));
@@ -49,12 +67,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
         .merge(health_routes(Readiness { db: None, broker: None }))
+        .merge(web::routes())
+        .merge(docs::routes())
         .fallback(not_found);
     let app = with_common_layers(app);
 
     let mut tasks = Tasks::new(shutdown.clone());
     let refresh = Duration::from_millis(config.revocation_refresh_ms);
     tasks.spawn("token keys", auth.clone().keep_fresh(refresh, shutdown.clone()));
+    if let Some(https) = https {
+        let tls = runtime::tls::server_config(&config.tls).await?;
+        let grace = Duration::from_secs(30);
+        tasks.spawn("https", runtime::tls::serve_tls(https, app.clone(), tls, shutdown.clone(), grace));
+    }
     tasks.spawn("http", serve(listener, app, shutdown.clone()));
     tasks.join().await
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
 use runtime::http::{Readiness, serve, service_router};
+use runtime::openapi::InternalAuth;
 use runtime::outbox::Relay;
 use runtime::{Broker, MessagingConfig, Tasks};
 use sqlx::PgPool;
@@ -19,6 +20,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::SigningKey;
+
+/// The service's REST API, as served at `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Identity service", description = "Users, login and access tokens."),
+    paths(users::register, users::login, users::logout, users::profile, users::update_profile),
+    modifiers(&InternalAuth),
+    tags((name = "identity")),
+)]
+pub struct ApiDoc;
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "identity", about = "Identity service: users, login, tokens")]
@@ -63,6 +74,7 @@ fn routes(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(keys::jwks))
         .route("/internal/v1/revoked-tokens", get(keys::revoked_tokens))
         .with_state(state)
+        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

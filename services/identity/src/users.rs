@@ -6,7 +6,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use contracts::api::{AccessToken, Login, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, UpdateProfile, User};
+use contracts::api::{
+    AccessToken, ErrorBody, Login, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, UpdateProfile, User,
+};
 use contracts::messages::{UserCreated, UserUpdated};
 use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
 use runtime::outbox;
@@ -108,6 +110,14 @@ async fn verify_password(password: String, hash: Option<String>) -> Result<bool,
     .map_err(ApiError::internal)
 }
 
+#[utoipa::path(post, path = "/api/v1/register", tag = "identity", operation_id = "registerUser", security(()),
+    request_body = Register,
+    responses(
+        (status = 201, description = "Registered", body = User),
+        (status = 409, description = "The e-mail is already registered", body = ErrorBody),
+        (status = 422, description = "Invalid e-mail, password or profile field", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
     let email = parse_email(&form.email)?;
     let password = parse_password(&form.password)?.to_string();
@@ -157,6 +167,14 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
     HeaderValue::from_str(&c).expect("cookie is ASCII")
 }
 
+#[utoipa::path(post, path = "/api/v1/login", tag = "identity", operation_id = "loginUser", security(()),
+    request_body = Login,
+    responses(
+        (status = 200, description = "The access token (also set as the `accessToken` cookie)", body = AccessToken,
+            headers(("Set-Cookie" = String, description = "accessToken=<JWT>; HttpOnly; SameSite=Strict"))),
+        (status = 401, description = "Wrong e-mail or password", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Result<Response, ApiError> {
     let row: Option<(Uuid, String, String)> =
         sqlx::query_as("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)")
@@ -191,6 +209,11 @@ pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Re
 }
 
 /// Ends the token the gateway authenticated this call with.
+#[utoipa::path(post, path = "/api/v1/logout", tag = "identity", operation_id = "logoutUser",
+    responses(
+        (status = 204, description = "Logout succeeded; the token is no longer accepted"),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+    ))]
 pub async fn logout(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -223,10 +246,24 @@ async fn find_user(state: &AppState, id: Uuid) -> Result<User, ApiError> {
     row.map(User::from).ok_or_else(|| ApiError::not_found("user not found"))
 }
 
+#[utoipa::path(get, path = "/api/v1/profile", tag = "identity", operation_id = "getCurrentUser",
+    responses(
+        (status = 200, description = "The current user", body = User),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result<Json<User>, ApiError> {
     Ok(Json(find_user(&state, user.id).await?))
 }
 
+#[utoipa::path(put, path = "/api/v1/profile", tag = "identity", operation_id = "updateCurrentUser",
+    request_body = UpdateProfile,
+    responses(
+        (status = 200, description = "The updated user", body = User),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = 422, description = "Invalid profile field", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn update_profile(
     State(state): State<AppState>,
     user: CurrentUser,

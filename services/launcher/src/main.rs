@@ -39,12 +39,43 @@ struct Cli {
 
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
+
+    /// How long order events can be resumed (RabbitMQ `x-max-age`).
+    #[arg(long, env = "PUSH_RETENTION", default_value = "24h")]
+    push_retention: String,
+
+    /// HTTPS address of the gateway (HTTP/2 and HTTP/1.1); empty turns it off.
+    #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
+    gateway_https_addr: String,
+
+    /// HTTPS address of the push service itself; empty turns it off.
+    #[arg(long, env = "PUSH_TLS_ADDR", default_value = "127.0.0.1:8086")]
+    push_tls_addr: String,
+
+    /// Use the push service at this URL (e.g. a separate `push-service`
+    /// process) instead of starting one in this process.
+    #[arg(long, env = "EXTERNAL_PUSH_URL")]
+    external_push_url: Option<String>,
+
+    /// Prefix of the database names (`<prefix>identity`, ...), to run a
+    /// second system on the same PostgreSQL server.
+    #[arg(long, env = "DATABASE_PREFIX", default_value = "")]
+    database_prefix: String,
+
+    #[command(flatten)]
+    tls: runtime::tls::TlsConfig,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Runs every service (the default).
     Run,
+    /// Writes the OpenAPI documents generated from the code to DIR
+    /// (the committed copies live in contracts/openapi).
+    Openapi {
+        #[arg(default_value = "contracts/openapi")]
+        dir: std::path::PathBuf,
+    },
     /// Moves the messages of QUEUE's dead-letter queue (QUEUE.dead) back to
     /// QUEUE, once the cause of their failure is fixed.
     ReplayDeadLetters { queue: String },
@@ -54,6 +85,14 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
     let cli = Cli::parse();
+    if let Some(Command::Openapi { dir }) = &cli.command {
+        std::fs::create_dir_all(dir)?;
+        for (name, json) in order_system::openapi::all_documents() {
+            std::fs::write(dir.join(&name), json)?;
+            println!("wrote {}", dir.join(&name).display());
+        }
+        return Ok(());
+    }
     if let Some(Command::ReplayDeadLetters { queue }) = &cli.command {
         let broker = runtime::Broker::new(&cli.messaging.amqp_url);
         let moved = runtime::consumer::replay_dead_letters(&broker, queue).await?;
@@ -64,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     runtime::shutdown::on_signal(shutdown.clone());
 
-    let db = |name: &str| format!("{}/{name}", cli.postgres_url.trim_end_matches('/'));
+    let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
     let port = |n: u16| SocketAddr::new(cli.internal_host, cli.gateway_addr.port() + n);
     let url = |addr: SocketAddr| format!("http://{addr}");
     let (identity_addr, billing_addr, ordering_addr, notification_addr, push_addr) =
@@ -103,21 +142,33 @@ async fn main() -> anyhow::Result<()> {
         "notification",
         notification::run(notification, TcpListener::bind(notification_addr).await?, shutdown.clone()),
     );
-    let push = push_service::Config {
-        messaging: cli.messaging.clone(),
-        heartbeat_secs: cli.heartbeat_secs,
-        addr: push_addr.to_string(),
+    let push_url = match &cli.external_push_url {
+        Some(external) => external.clone(),
+        None => {
+            let push = push_service::Config {
+                heartbeat_secs: cli.heartbeat_secs,
+                retention: cli.push_retention.clone(),
+                addr: push_addr.to_string(),
+                tls_addr: cli.push_tls_addr.clone(),
+                tls: cli.tls.clone(),
+                ..push_service::Config::local(cli.messaging.clone())
+            };
+            let listener = TcpListener::bind(push_addr).await?;
+            tasks.spawn("push-service", push_service::run(push, listener, shutdown.clone()));
+            url(push_addr)
+        }
     };
-    tasks.spawn("push-service", push_service::run(push, TcpListener::bind(push_addr).await?, shutdown.clone()));
     let gateway = gateway::Config {
         addr: cli.gateway_addr.to_string(),
         identity_url: url(identity_addr),
         billing_url: url(billing_addr),
         ordering_url: url(ordering_addr),
         notification_url: url(notification_addr),
-        push_url: url(push_addr),
+        push_url,
         revocation_refresh_ms: 2000,
         upstream_timeout_secs: 30,
+        https_addr: cli.gateway_https_addr.clone(),
+        tls: cli.tls.clone(),
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
     tracing::info!(gateway = %cli.gateway_addr, "order system running; Ctrl-C stops it");

@@ -15,6 +15,7 @@ use axum::routing::get;
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
 use runtime::http::{Readiness, serve, service_router};
+use runtime::openapi::InternalAuth;
 use runtime::{Broker, Consumer, MessagingConfig, Tasks};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +23,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use mailer::Mailer;
+
+/// The service's REST API, as served at `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Notification service", description = "The notifications sent to a user."),
+    paths(notifications::list),
+    modifiers(&InternalAuth),
+    tags((name = "notifications")),
+)]
+pub struct ApiDoc;
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "notification", about = "Notification service: notifications and e-mail")]

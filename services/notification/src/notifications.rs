@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use contracts::api::Notification;
+use contracts::api::{ErrorBody, Notification};
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
@@ -88,6 +88,12 @@ struct Row {
     created_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications", operation_id = "getNotifications",
+    responses(
+        (status = 200, description = "The user's notifications, newest first", body = Vec<Notification>),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Notification>>, ApiError> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, message, created_at FROM notifications WHERE user_id = $1 ORDER BY created_at DESC, id DESC",

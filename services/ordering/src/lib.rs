@@ -10,12 +10,23 @@ use axum::routing::get;
 use contracts::messages::{PaymentCreated, PaymentFailed};
 use contracts::topology;
 use runtime::http::{Readiness, serve, service_router};
+use runtime::openapi::InternalAuth;
 use runtime::outbox::Relay;
 use runtime::{Broker, Consumer, MessagingConfig, Tasks};
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// The service's REST API, as served at `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Ordering service", description = "Orders: placed at once (202), settled when billing answers."),
+    paths(orders::create, orders::list, orders::get_one),
+    modifiers(&InternalAuth),
+    tags((name = "ordering")),
+)]
+pub struct ApiDoc;
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "ordering", about = "Ordering service: orders")]
@@ -35,6 +46,7 @@ fn routes(db: PgPool) -> Router {
         .route("/api/v1/orders", get(orders::list).post(orders::create))
         .route("/api/v1/orders/{id}", get(orders::get_one))
         .with_state(db)
+        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

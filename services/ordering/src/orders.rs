@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use contracts::Money;
-use contracts::api::{CreateOrder, Order, OrderStatus};
+use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
 use runtime::consumer::{HandlerError, HandlerResult};
@@ -42,6 +42,15 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/orders", tag = "ordering", operation_id = "createOrder",
+    request_body = CreateOrder,
+    responses(
+        (status = 202, description = "Accepted: the order is pending until billing answers; poll its Location or listen on the event stream",
+            body = Order, headers(("Location" = String, description = "The order's URL"))),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = 422, description = "Invalid price", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn create(
     State(db): State<PgPool>,
     user: CurrentUser,
@@ -66,6 +75,12 @@ pub async fn create(
     Ok(resp)
 }
 
+#[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",
+    responses(
+        (status = 200, description = "The user's orders, newest first", body = Vec<Order>),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Order>>, ApiError> {
     let rows: Vec<OrderRow> =
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC"))
@@ -76,6 +91,15 @@ pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Ve
 }
 
 /// Another user's order is answered exactly like a missing one.
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "ordering", operation_id = "getOrder",
+    params(("id" = Uuid, Path, description = "The order id")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 400, description = "Not an order id", body = ErrorBody),
+        (status = 401, description = "Not authenticated", body = ErrorBody),
+        (status = 404, description = "No such order of this user", body = ErrorBody),
+        (status = "default", description = "Unexpected error", body = ErrorBody),
+    ))]
 pub async fn get_one(
     State(db): State<PgPool>,
     user: CurrentUser,

@@ -10,9 +10,11 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod http;
+pub mod openapi;
 pub mod outbox;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use broker::Broker;
 pub use config::MessagingConfig;

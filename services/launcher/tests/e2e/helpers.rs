@@ -108,6 +108,10 @@ impl SmtpSink {
 /// The whole system of one test.
 pub struct TestApp {
     pub gateway: String,
+    /// The gateway's HTTPS address (HTTP/2 by ALPN, self-signed certificate).
+    pub gateway_https: String,
+    /// The push service, directly (HTTP/1.1 and h2c).
+    pub push: String,
     pub http: reqwest::Client,
     pub vhost: Vhost,
     pub prefix: String,
@@ -165,7 +169,9 @@ impl TestApp {
         };
         tasks.push(tokio::spawn(notification::run(config, l, shutdown.clone())));
         let (l, push_url) = listener().await;
-        let config = push_service::Config { messaging: messaging.clone(), heartbeat_secs: 1, addr: String::new() };
+        let push = push_url.clone();
+        let config =
+            push_service::Config { heartbeat_secs: 1, drain_secs: 0, ..push_service::Config::local(messaging.clone()) };
         tasks.push(tokio::spawn(push_service::run(config, l, shutdown.clone())));
         let (l, gateway) = listener().await;
         let config = gateway::Config {
@@ -177,10 +183,24 @@ impl TestApp {
             push_url,
             revocation_refresh_ms: 200,
             upstream_timeout_secs: 30,
+            https_addr: String::new(),
+            tls: Default::default(),
         };
-        tasks.push(tokio::spawn(gateway::run(config, l, shutdown.clone())));
+        let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gateway_https = format!("https://{}", https.local_addr().unwrap());
+        tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
 
-        let app = TestApp { gateway, http: reqwest::Client::new(), vhost, prefix, smtp, shutdown, tasks };
+        let app = TestApp {
+            gateway,
+            gateway_https,
+            push,
+            http: reqwest::Client::new(),
+            vhost,
+            prefix,
+            smtp,
+            shutdown,
+            tasks,
+        };
         app.wait_until_ready(&ordering_url).await;
         app
     }

@@ -2,6 +2,8 @@
 //! PostgreSQL, RabbitMQ and an SMTP server (see `helpers`).
 
 mod api;
+mod contract;
 mod flow;
 mod helpers;
 mod messaging;
+mod push;

@@ -1,0 +1,4 @@
+//! The one-process launcher of the order system, and the public API document
+//! assembled from every service's own.
+
+pub mod openapi;

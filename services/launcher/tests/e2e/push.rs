@@ -1,0 +1,313 @@
+//! The push service: resumable event streams (Last-Event-ID, `lastEventId`),
+//! on another replica and after a restart, the `reset` event for an expired
+//! id, tokens never from the URL, and HTTP/2 (TLS with ALPN h2, and h2c).
+
+use crate::helpers::{SseEvent, TestApp, User, eventually};
+use futures::StreamExt;
+use reqwest::{StatusCode, Version};
+use runtime::MessagingConfig;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A push-service replica of its own (beside the one behind the gateway).
+struct Replica {
+    url: String,
+    https: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    async fn start(app: &TestApp, tweak: impl FnOnce(&mut push_service::Config)) -> Replica {
+        let mut config = push_service::Config {
+            heartbeat_secs: 1,
+            drain_secs: 0,
+            ..push_service::Config::local(MessagingConfig::local(&app.vhost.amqp_url))
+        };
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let tls = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let https = format!("https://{}", tls.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(push_service::run_with_tls(config, listener, Some(tls), shutdown.clone()));
+        Replica { url, https, shutdown, task }
+    }
+
+    /// The user's stream on this replica, as the gateway would ask for it.
+    async fn subscribe(&self, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
+        let mut req = reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header("x-user-id", user.id.to_string());
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        events(req.send().await.unwrap())
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// Parses a `text/event-stream` response into events (comments skipped).
+fn events(resp: reqwest::Response) -> mpsc::UnboundedReceiver<SseEvent> {
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                for line in block.lines() {
+                    if let Some((field, value)) = line.split_once(':') {
+                        let value = value.strip_prefix(' ').unwrap_or(value).to_string();
+                        match field {
+                            "id" => ev.id = value,
+                            "event" => ev.event = value,
+                            "data" => ev.data.push_str(&value),
+                            _ => {}
+                        }
+                    }
+                }
+                if !ev.event.is_empty() && tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<SseEvent>) -> SseEvent {
+    tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time").expect("stream open")
+}
+
+fn order_of(e: &SseEvent) -> String {
+    let data: Value = serde_json::from_str(&e.data).unwrap();
+    data["orderId"].as_str().unwrap().to_string()
+}
+
+/// Places an order and waits until it is settled; returns its id.
+async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
+    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.settled_order(user, &id).await;
+    id
+}
+
+async fn gateway_stream(app: &TestApp, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
+    let mut req = app.http.get(app.url("/push/orders")).bearer_auth(&user.token);
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    events(req.send().await.unwrap())
+}
+
+/// Asserts that the next events are exactly those of `orders`, in order,
+/// with increasing ids; returns the last id.
+async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, orders: &[&str], after: &str) -> String {
+    let mut last: u64 = after.parse().unwrap();
+    for order in orders {
+        let e = next(rx).await;
+        assert_eq!(order_of(&e), *order, "{e:?}");
+        let id: u64 = e.id.parse().expect("numeric id");
+        assert!(id > last, "ids increase: {id} after {last}");
+        last = id;
+    }
+    last.to_string()
+}
+
+#[tokio::test]
+async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+
+    let mut stream = gateway_stream(&app, &user, None).await;
+    let first = settled_order(&app, &user, 10).await;
+    let e = next(&mut stream).await;
+    assert_eq!((e.event.as_str(), order_of(&e)), ("OrderCreated", first.clone()));
+    drop(stream);
+
+    // Missed while away: one that fails, one that succeeds.
+    let missed_fail = settled_order(&app, &user, 1000).await;
+    let missed_ok = settled_order(&app, &user, 20).await;
+
+    let mut stream = gateway_stream(&app, &user, Some(&e.id)).await;
+    let last = expect_orders(&mut stream, &[&missed_fail, &missed_ok], &e.id).await;
+    // Then live, with nothing replayed twice.
+    let live = settled_order(&app, &user, 30).await;
+    expect_orders(&mut stream, &[&live], &last).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_connection_resumes_from_the_last_event_id_query_parameter() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let mut stream = gateway_stream(&app, &user, None).await;
+    let first = settled_order(&app, &user, 10).await; // fails: no money
+    let e = next(&mut stream).await;
+    assert_eq!((e.event.as_str(), order_of(&e)), ("OrderFailed", first));
+    drop(stream);
+    let missed = settled_order(&app, &user, 11).await;
+
+    let resp = app.http.get(app.url(&format!("/push/orders?lastEventId={}", e.id))).bearer_auth(&user.token);
+    let mut stream = events(resp.send().await.unwrap());
+    expect_orders(&mut stream, &[&missed], &e.id).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
+    let app = TestApp::spawn().await;
+    let alice = app.user().await;
+    let bob = app.user().await;
+    app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
+
+    // Alice's first event arrives through the gateway's replica.
+    let mut stream = gateway_stream(&app, &alice, None).await;
+    let first = settled_order(&app, &alice, 10).await;
+    let e = next(&mut stream).await;
+    assert_eq!(order_of(&e), first);
+    drop(stream);
+
+    // A second replica, started after the events it is asked for.
+    let missed = settled_order(&app, &alice, 20).await;
+    settled_order(&app, &bob, 5).await; // bob's: never on alice's stream
+    let replica = Replica::start(&app, |_| {}).await;
+    let mut stream = replica.subscribe(&alice, Some(&e.id)).await;
+    let last = expect_orders(&mut stream, &[&missed], &e.id).await;
+    let live = settled_order(&app, &alice, 30).await;
+    let last = expect_orders(&mut stream, &[&live], &last).await;
+    drop(stream);
+
+    // The replica stops; an order settles while it is down; it starts again.
+    replica.stop().await;
+    let while_down = settled_order(&app, &alice, 1000).await;
+    let replica = Replica::start(&app, |_| {}).await;
+    let mut stream = replica.subscribe(&alice, Some(&last)).await;
+    let last = expect_orders(&mut stream, &[&while_down], &last).await;
+    settled_order(&app, &bob, 6).await;
+    let after = settled_order(&app, &alice, 40).await;
+    expect_orders(&mut stream, &[&after], &last).await;
+    replica.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_or_unknown_id_gets_a_reset_event() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let other = app.user().await;
+    // A replica on its own stream that keeps one second, in tiny segments
+    // (retention drops whole segments).
+    let replica = Replica::start(&app, |c| {
+        c.stream = "push.short".into();
+        c.retention = "1s".into();
+        c.segment_bytes = Some(2000);
+    })
+    .await;
+    let mut stream = replica.subscribe(&user, None).await;
+    let old = settled_order(&app, &user, 10).await;
+    let e = next(&mut stream).await;
+    assert_eq!(order_of(&e), old);
+    drop(stream);
+    let before: u64 = e.id.parse::<u64>().unwrap() - 1;
+
+    // Other users' orders fill new segments until the old ones are dropped;
+    // then resuming from before the old event says the history is gone.
+    let reset = eventually(Duration::from_secs(60), || async {
+        settled_order(&app, &other, 1).await;
+        let mut stream = replica.subscribe(&user, Some(&before.to_string())).await;
+        let e = next(&mut stream).await;
+        (e.event == "reset").then_some(e)
+    })
+    .await;
+    let id: u64 = reset.id.parse().unwrap();
+    assert!(id > before, "the reset moves the id past the gap");
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(data["lastEventId"], before);
+
+    // An id this service never issued: reset too.
+    let mut stream = replica.subscribe(&user, Some("not-an-offset")).await;
+    assert_eq!(next(&mut stream).await.event, "reset");
+    replica.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_comes_from_a_header_or_the_cookie_never_from_the_url() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    for query in ["accessToken", "access_token", "token"] {
+        let r = app.http.get(app.url(&format!("/push/orders?{query}={}", user.token))).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "?{query}=");
+    }
+    let r = app.http.get(app.url("/push/orders")).bearer_auth("not.a.token").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = app
+        .http
+        .get(app.url("/push/orders"))
+        .header("cookie", format!("accessToken={}", user.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder().use_rustls_tls().danger_accept_invalid_certs(true).build().unwrap()
+}
+
+#[tokio::test]
+async fn http2_over_tls_and_h2c_carry_the_stream() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let tls = h2_client();
+
+    // The gateway over TLS: ALPN h2, the page and the stream on one connection.
+    let page = tls.get(format!("{}/", app.gateway_https)).send().await.unwrap();
+    assert_eq!(page.version(), Version::HTTP_2);
+    assert!(page.text().await.unwrap().contains("<title>Orders</title>"));
+    let resp = tls.get(format!("{}/api/v1/push/orders", app.gateway_https)).bearer_auth(&user.token).send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let mut stream = events(resp);
+    let order = tls
+        .post(format!("{}/api/v1/ordering/orders", app.gateway_https))
+        .bearer_auth(&user.token)
+        .json(&json!({"price": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((order.version(), order.status()), (Version::HTTP_2, StatusCode::ACCEPTED));
+    let id = order.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(order_of(&next(&mut stream).await), id);
+
+    // The push service itself: TLS with h2, and h2c (prior knowledge) in clear.
+    let replica = Replica::start(&app, |_| {}).await;
+    let resp = tls.get(format!("{}/api/v1/orders", replica.https)).header("x-user-id", user.id.to_string());
+    let resp = resp.send().await.unwrap();
+    assert_eq!((resp.version(), resp.status()), (Version::HTTP_2, StatusCode::OK));
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let resp = h2c.get(format!("{}/api/v1/orders", replica.url)).header("x-user-id", user.id.to_string());
+    let resp = resp.send().await.unwrap();
+    assert_eq!((resp.version(), resp.status()), (Version::HTTP_2, StatusCode::OK));
+    let plain = reqwest::get(format!("{}/health/live", replica.url)).await.unwrap();
+    assert_eq!(plain.version(), Version::HTTP_11);
+    let h2c_gateway = h2c.get(format!("{}/health/live", app.gateway)).send().await.unwrap();
+    assert_eq!(h2c_gateway.version(), Version::HTTP_2);
+    replica.stop().await;
+    app.stop().await;
+}

@@ -1,0 +1,38 @@
+//! OpenAPI documents generated from the handlers' own types (utoipa): each
+//! service serves its internal document at `/openapi.json`.
+
+use axum::Router;
+use axum::routing::get;
+use utoipa::Modify;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
+
+/// Services behind the gateway trust the `X-User-Id` header it sets
+/// (the seed's `UserRequest` scheme).
+pub struct InternalAuth;
+
+impl Modify for InternalAuth {
+    fn modify(&self, doc: &mut OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "UserRequest",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                crate::auth::USER_ID_HEADER,
+                "The authenticated user's id, set by the gateway only",
+            ))),
+        );
+        doc.security = Some(vec![SecurityRequirement::new("UserRequest", Vec::<String>::new())]);
+    }
+}
+
+/// `GET /openapi.json`: the document, rendered once.
+pub fn route(doc: OpenApi) -> Router {
+    let json = doc.to_pretty_json().expect("an OpenAPI document serialises");
+    Router::new().route(
+        "/openapi.json",
+        get(move || {
+            let json = json.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], json) }
+        }),
+    )
+}
