@@ -7,8 +7,8 @@
 # BIN is one of: gateway, identity, billing, ordering, notification,
 # push-service, order-system (the one-process launcher). All of them are
 # compiled once in the `builder` stage, which does not depend on BIN, so
-# building the seven images costs one compilation (docker-compose.yml does
-# exactly that).
+# building several images costs one compilation: BuildKit reuses (and, for
+# parallel builds such as `docker compose build`, shares) that stage.
 #
 # Stages:
 #   planner  - reduces the source tree to a "skeleton": the manifests, the
@@ -29,7 +29,9 @@ FROM ${RUST_IMAGE} AS planner
 WORKDIR /src
 COPY . .
 # The skeleton mirrors the workspace: each member keeps its Cargo.toml, and
-# each target it has (lib, main, src/bin/*, build.rs) becomes an empty file.
+# each target root cargo would discover (lib, main, src/bin, tests, benches,
+# examples, build.rs) becomes an empty stand-in, so that cargo can read every
+# manifest. (A target with a custom `path` elsewhere needs a line here.)
 # What the dependency build then sees is exactly the dependency graph, so the
 # `COPY --from=planner` below (cached by content) stays valid until a manifest
 # or Cargo.lock changes - the same idea as cargo-chef, without the extra tool.
@@ -42,10 +44,14 @@ RUN set -eu; \
         cp "$dir/Cargo.toml" "/skeleton/$dir/"; \
         if [ -f "$dir/src/lib.rs" ]; then : > "/skeleton/$dir/src/lib.rs"; fi; \
         if [ -f "$dir/src/main.rs" ]; then echo 'fn main() {}' > "/skeleton/$dir/src/main.rs"; fi; \
-        if [ -d "$dir/src/bin" ]; then \
-            mkdir -p "/skeleton/$dir/src/bin"; \
-            for bin in "$dir"/src/bin/*.rs; do echo 'fn main() {}' > "/skeleton/$dir/src/bin/${bin##*/}"; done; \
-        fi; \
+        for root in "$dir"/src/bin/*.rs "$dir"/src/bin/*/main.rs \
+                    "$dir"/tests/*.rs "$dir"/tests/*/main.rs \
+                    "$dir"/benches/*.rs "$dir"/benches/*/main.rs \
+                    "$dir"/examples/*.rs "$dir"/examples/*/main.rs; do \
+            if [ -f "$root" ]; then \
+                mkdir -p "/skeleton/${root%/*}"; echo 'fn main() {}' > "/skeleton/$root"; \
+            fi; \
+        done; \
         if [ -f "$dir/build.rs" ]; then echo 'fn main() {}' > "/skeleton/$dir/build.rs"; fi; \
     done
 
