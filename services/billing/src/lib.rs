@@ -57,7 +57,15 @@ fn routes(db: PgPool) -> Router {
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/billing")).await?;
     let broker = Broker::new(&config.messaging.amqp_url);
-    let app = service_router(routes(db.clone()), Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let app = service_router(
+        "billing",
+        routes(db.clone()),
+        Readiness {
+            db: Some(db.clone()),
+            broker: Some(broker.clone()),
+            outbox_max_age: Some(config.messaging.outbox_max_age()),
+        },
+    );
     let m = &config.messaging;
 
     let users = Consumer::new(topology::BILLING_USERS, db.clone(), ())

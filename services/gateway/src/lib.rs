@@ -66,11 +66,11 @@ pub async fn run_with_tls(
     let app = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
-        .merge(health_routes(Readiness { db: None, broker: None }))
+        .merge(health_routes(Readiness::default()))
         .merge(web::routes())
         .merge(docs::routes())
         .fallback(not_found);
-    let app = with_common_layers(app);
+    let app = with_common_layers("gateway", app.merge(runtime::metrics::routes()));
 
     let mut tasks = Tasks::new(shutdown.clone());
     let refresh = Duration::from_millis(config.revocation_refresh_ms);

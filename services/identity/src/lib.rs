@@ -90,7 +90,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         token_ttl: Duration::from_secs(config.token_ttl_secs),
         cookie_secure: config.cookie_secure,
     };
-    let app = service_router(routes(state), Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let app = service_router(
+        "identity",
+        routes(state),
+        Readiness {
+            db: Some(db.clone()),
+            broker: Some(broker.clone()),
+            outbox_max_age: Some(config.messaging.outbox_max_age()),
+        },
+    );
 
     let mut tasks = Tasks::new(shutdown.clone());
     let relay = Relay::new(db.clone(), broker.clone(), Duration::from_millis(config.messaging.outbox_poll_ms));

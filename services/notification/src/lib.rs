@@ -70,7 +70,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let broker = Broker::new(&config.messaging.amqp_url);
     let mailer = Mailer::new(&config.mail, db.clone())?;
     let routes = Router::new().route("/api/v1/notifications", get(notifications::list)).with_state(db.clone());
-    let app = service_router(routes, Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let app = service_router(
+        "notification",
+        routes,
+        Readiness { db: Some(db.clone()), broker: Some(broker.clone()), outbox_max_age: None },
+    );
     let m = &config.messaging;
 
     let users = Consumer::new(topology::NOTIFICATION_USERS, db.clone(), ())

@@ -90,6 +90,7 @@ impl Mailer {
             for mail in &due {
                 match self.send(mail).await {
                     Ok(()) => {
+                        metrics::counter!("emails_sent_total").increment(1);
                         tracing::info!(delivery_id = mail.id, to = %mail.email, "e-mail sent");
                         sqlx::query("UPDATE email_deliveries SET sent_at = now(), sent_to = $2, attempts = attempts + 1 WHERE id = $1")
                             .bind(mail.id)
@@ -98,6 +99,7 @@ impl Mailer {
                             .await?;
                     }
                     Err(e) => {
+                        metrics::counter!("emails_failed_total").increment(1);
                         tracing::warn!(delivery_id = mail.id, error = %e, "e-mail not sent; will retry");
                         sqlx::query(
                             "UPDATE email_deliveries SET attempts = attempts + 1, last_error = $2,

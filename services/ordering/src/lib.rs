@@ -52,7 +52,15 @@ fn routes(db: PgPool) -> Router {
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/ordering")).await?;
     let broker = Broker::new(&config.messaging.amqp_url);
-    let app = service_router(routes(db.clone()), Readiness { db: Some(db.clone()), broker: Some(broker.clone()) });
+    let app = service_router(
+        "ordering",
+        routes(db.clone()),
+        Readiness {
+            db: Some(db.clone()),
+            broker: Some(broker.clone()),
+            outbox_max_age: Some(config.messaging.outbox_max_age()),
+        },
+    );
     let m = &config.messaging;
 
     let payments = Consumer::new(topology::ORDERING_PAYMENTS, db.clone(), ())

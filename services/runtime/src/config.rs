@@ -21,6 +21,11 @@ pub struct MessagingConfig {
     /// Safety-net poll of the outbox when no NOTIFY arrives, in milliseconds.
     #[arg(long, env = "OUTBOX_POLL_MS", default_value_t = 1000)]
     pub outbox_poll_ms: u64,
+
+    /// Readiness fails when the oldest unsent outbox message is older than
+    /// this, in seconds (the relay is stuck or the broker refuses it).
+    #[arg(long, env = "OUTBOX_READY_MAX_AGE_SECS", default_value_t = 300)]
+    pub outbox_ready_max_age_secs: u64,
 }
 
 impl MessagingConfig {
@@ -30,7 +35,12 @@ impl MessagingConfig {
             retry_delays_ms: vec![1000, 10_000, 60_000],
             prefetch: 16,
             outbox_poll_ms: 1000,
+            outbox_ready_max_age_secs: 300,
         }
+    }
+
+    pub fn outbox_max_age(&self) -> Duration {
+        Duration::from_secs(self.outbox_ready_max_age_secs)
     }
 
     pub fn retry_delays(&self) -> Vec<Duration> {

@@ -202,6 +202,14 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     async fn settle(&self, delivery: &Delivery, outcome: Outcome, republish: &lapin::Channel, delays: &[Duration]) {
         let queue = self.queue.name;
         let attempt = retry_count(delivery);
+        let kind = delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_default();
+        let label = match &outcome {
+            Outcome::Done => "handled",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retry(_) if (attempt as usize) < delays.len() => "retried",
+            Outcome::Retry(_) | Outcome::DeadLetter(_) => "dead_lettered",
+        };
+        metrics::counter!("messages_consumed_total", "queue" => queue, "type" => kind, "outcome" => label).increment(1);
         let forwarded = match outcome {
             Outcome::Done => {
                 tracing::info!("handled");

@@ -127,11 +127,14 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
-/// What readiness checks: the database answers and the broker is connected.
-#[derive(Clone)]
+/// What readiness checks: the database answers, the broker is connected, and
+/// the outbox is being relayed (its oldest unsent message is younger than
+/// `outbox_max_age`).
+#[derive(Clone, Default)]
 pub struct Readiness {
     pub db: Option<PgPool>,
     pub broker: Option<Broker>,
+    pub outbox_max_age: Option<Duration>,
 }
 
 async fn live() -> impl IntoResponse {
@@ -145,6 +148,13 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
         if !matches!(ping.await, Ok(Ok(_))) {
             problems.push("database unreachable");
         }
+    }
+    if let (Some(db), Some(max)) = (&r.db, r.outbox_max_age)
+        && let Ok(Ok((_, Some(oldest)))) =
+            tokio::time::timeout(Duration::from_secs(2), crate::outbox::backlog(db)).await
+        && oldest > max.as_secs_f64()
+    {
+        problems.push("outbox not relayed");
     }
     if let Some(broker) = &r.broker
         && !broker.is_connected()
@@ -178,18 +188,22 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// Wraps a service's routes with what every service answers the same way:
 /// health, JSON 404/405, a body limit, panic safety and request tracing.
-pub fn service_router(routes: Router, readiness: Readiness) -> Router {
+pub fn service_router(service: &'static str, routes: Router, readiness: Readiness) -> Router {
     let router = routes
         .merge(health_routes(readiness))
+        .merge(crate::metrics::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
-    with_common_layers(router)
+    with_common_layers(service, router)
 }
 
-/// Panic safety (a JSON 500) and a request span with the user id.
-pub fn with_common_layers(router: Router) -> Router {
-    router.layer(CatchPanicLayer::custom(panic_response)).layer(TraceLayer::new_for_http().make_span_with(make_span))
+/// Request metrics, panic safety (a JSON 500) and a request span with the user id.
+pub fn with_common_layers(service: &'static str, router: Router) -> Router {
+    router
+        .layer(axum::middleware::from_fn(move |req, next| crate::metrics::track_http(service, req, next)))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http().make_span_with(make_span))
 }
 
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {

@@ -110,9 +110,13 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes batches until nothing is due.
+    /// Publishes batches until nothing is due, then reports the backlog.
     async fn drain(&self, channel: &lapin::Channel) -> anyhow::Result<()> {
         while self.publish_batch(channel).await? == self.batch as usize {}
+        let (count, oldest) = backlog(&self.pool).await?;
+        let database = self.pool.connect_options().get_database().unwrap_or("").to_string();
+        metrics::gauge!("outbox_backlog_messages", "database" => database.clone()).set(count as f64);
+        metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database).set(oldest.unwrap_or(0.0));
         Ok(())
     }
 
@@ -158,10 +162,12 @@ impl Relay {
         for (row, confirm) in rows.iter().zip(pending) {
             match confirm.await.map_err(Into::into).and_then(check_confirm) {
                 Ok(()) => {
+                    metrics::counter!("messages_published_total", "exchange" => row.exchange.clone(), "type" => row.message_type.clone()).increment(1);
                     tracing::debug!(message_id = %row.message_id, r#type = %row.message_type, correlation_id = ?row.correlation_id, "published");
                     sent.push(row.id)
                 }
                 Err(e) => {
+                    metrics::counter!("messages_publish_failed_total", "exchange" => row.exchange.clone(), "type" => row.message_type.clone()).increment(1);
                     tracing::error!(message_id = %row.message_id, r#type = %row.message_type, error = %e, "publish failed; will retry");
                     sqlx::query(
                         "UPDATE outbox SET attempts = attempts + 1, last_error = $2,

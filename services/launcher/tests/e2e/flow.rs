@@ -87,6 +87,19 @@ async fn register_deposit_order_succeed_then_fail() {
     assert_eq!(data["orderId"], failed_id.as_str());
     assert_eq!(data["reason"], "not enough money");
 
+    // What happened shows in the metrics.
+    let metrics = app.http.get(format!("{}/metrics", app.gateway)).send().await.unwrap().text().await.unwrap();
+    for series in [
+        r#"http_server_request_duration_seconds_bucket{service="ordering",method="POST",route="/api/v1/orders",status="202""#,
+        r#"messages_consumed_total{queue="billing.payments",type="CreatePayment",outcome="handled"}"#,
+        r#"messages_published_total{exchange="ordering",type="OrderCreated"}"#,
+        "outbox_backlog_messages{",
+        "outbox_oldest_unsent_age_seconds{",
+        "emails_sent_total",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+
     app.stop().await;
 }
 

@@ -110,8 +110,6 @@ pub struct TestApp {
     pub gateway: String,
     /// The gateway's HTTPS address (HTTP/2 by ALPN, self-signed certificate).
     pub gateway_https: String,
-    /// The push service, directly (HTTP/1.1 and h2c).
-    pub push: String,
     pub http: reqwest::Client,
     pub vhost: Vhost,
     pub prefix: String,
@@ -169,7 +167,6 @@ impl TestApp {
         };
         tasks.push(tokio::spawn(notification::run(config, l, shutdown.clone())));
         let (l, push_url) = listener().await;
-        let push = push_url.clone();
         let config =
             push_service::Config { heartbeat_secs: 1, drain_secs: 0, ..push_service::Config::local(messaging.clone()) };
         tasks.push(tokio::spawn(push_service::run(config, l, shutdown.clone())));
@@ -190,17 +187,8 @@ impl TestApp {
         let gateway_https = format!("https://{}", https.local_addr().unwrap());
         tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
 
-        let app = TestApp {
-            gateway,
-            gateway_https,
-            push,
-            http: reqwest::Client::new(),
-            vhost,
-            prefix,
-            smtp,
-            shutdown,
-            tasks,
-        };
+        let app =
+            TestApp { gateway, gateway_https, http: reqwest::Client::new(), vhost, prefix, smtp, shutdown, tasks };
         app.wait_until_ready(&ordering_url).await;
         app
     }

@@ -41,7 +41,8 @@ impl Replica {
 
     /// The user's stream on this replica, as the gateway would ask for it.
     async fn subscribe(&self, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
-        let mut req = reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header("x-user-id", user.id.to_string());
+        let mut req =
+            reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header("x-user-id", user.id.to_string());
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -281,7 +282,8 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
     let page = tls.get(format!("{}/", app.gateway_https)).send().await.unwrap();
     assert_eq!(page.version(), Version::HTTP_2);
     assert!(page.text().await.unwrap().contains("<title>Orders</title>"));
-    let resp = tls.get(format!("{}/api/v1/push/orders", app.gateway_https)).bearer_auth(&user.token).send().await.unwrap();
+    let resp =
+        tls.get(format!("{}/api/v1/push/orders", app.gateway_https)).bearer_auth(&user.token).send().await.unwrap();
     assert_eq!(resp.version(), Version::HTTP_2);
     let mut stream = events(resp);
     let order = tls
