@@ -1,20 +1,17 @@
-//! The hub: order events from this replica's queue, fanned out to the open
-//! streams of the user each event belongs to.
+//! The hub: order events read live from the event stream, fanned out to the
+//! open connections of the user each event belongs to.
+//!
+//! The hub also knows its *position*: the offset of the last stream entry the
+//! live reader delivered. Every entry after it is still to come through the
+//! live reader, so a connection that subscribes at position `P` gets every
+//! event after `P` live and must replay only up to `P` (see `sse`).
 
 use contracts::api::OrderStatus;
-use contracts::messages::{Message, OrderCreated, OrderFailed, exchange};
-use contracts::topology::PUSH_ORDER_EVENTS;
-use futures::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use runtime::Broker;
+use contracts::messages::{Message, OrderCreated, OrderFailed};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 /// What a page needs to update an order without another call.
@@ -29,68 +26,153 @@ pub struct OrderEventData {
     pub occurred_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// One event on a user's stream: `id:` is the message id, `event:` its type.
+/// One event on a user's stream: `id:` is its stream offset (the same on
+/// every replica), `event:` its type.
 #[derive(Clone, Debug)]
 pub struct PushEvent {
-    pub id: String,
+    pub offset: u64,
     pub event: &'static str,
     pub user_id: Uuid,
     pub data: OrderEventData,
 }
 
-/// Events a slow stream may fall behind by before it is closed (the browser
-/// then reconnects); nothing is skipped silently.
-const STREAM_BUFFER: usize = 256;
-/// Message ids remembered to drop a redelivered event.
-const RECENT_IDS: usize = 10_000;
+/// An entry of the event stream: an order event, or anything else (a marker,
+/// an unusable message) that only moves the position.
+#[derive(Debug)]
+pub enum Entry {
+    Event(PushEvent),
+    Other { offset: u64 },
+}
 
-#[derive(Default)]
+impl Entry {
+    pub fn offset(&self) -> u64 {
+        match self {
+            Entry::Event(e) => e.offset,
+            Entry::Other { offset } => *offset,
+        }
+    }
+}
+
+/// Decodes a stream entry from its AMQP type and body.
+pub fn decode(offset: u64, kind: &str, body: &[u8]) -> Result<Entry, String> {
+    let bad = |e: serde_json::Error| format!("invalid {kind} body: {e}");
+    let (event, user_id, data) = match kind {
+        OrderCreated::NAME => {
+            let m: OrderCreated = serde_json::from_slice(body).map_err(bad)?;
+            let data = OrderEventData {
+                order_id: m.order_id,
+                status: OrderStatus::Succeeded,
+                price: m.price,
+                reason: None,
+                occurred_at: m.occurred_at,
+            };
+            (OrderCreated::NAME, m.user_id, data)
+        }
+        OrderFailed::NAME => {
+            let m: OrderFailed = serde_json::from_slice(body).map_err(bad)?;
+            let data = OrderEventData {
+                order_id: m.order_id,
+                status: OrderStatus::Failed,
+                price: m.price,
+                reason: Some(m.reason),
+                occurred_at: m.occurred_at,
+            };
+            (OrderFailed::NAME, m.user_id, data)
+        }
+        _ => return Ok(Entry::Other { offset }),
+    };
+    Ok(Entry::Event(PushEvent { offset, event, user_id, data }))
+}
+
+struct State {
+    streams: HashMap<Uuid, broadcast::Sender<Arc<PushEvent>>>,
+    position: Option<u64>,
+}
+
 pub struct Hub {
-    streams: Mutex<HashMap<Uuid, broadcast::Sender<Arc<PushEvent>>>>,
-    recent: Mutex<(HashSet<String>, VecDeque<String>)>,
+    state: Mutex<State>,
+    buffer: usize,
+    ready: watch::Sender<Option<u64>>,
 }
 
 impl Hub {
-    pub fn subscribe(self: &Arc<Self>, user: Uuid) -> Subscription {
-        let mut streams = self.streams.lock().expect("hub lock");
-        let rx = streams.entry(user).or_insert_with(|| broadcast::channel(STREAM_BUFFER).0).subscribe();
-        Subscription { rx: Some(rx), hub: self.clone(), user }
+    /// `buffer`: events a connection may fall behind by before it is closed
+    /// (the browser then resumes from its last id; nothing is skipped).
+    pub fn new(buffer: usize) -> Self {
+        Hub {
+            state: Mutex::new(State { streams: HashMap::new(), position: None }),
+            buffer: buffer.max(1),
+            ready: watch::channel(None).0,
+        }
+    }
+
+    /// Subscribes `user` to live events, with the position at that instant:
+    /// every event after it arrives on the subscription. `None` until the
+    /// live reader has delivered its first entry.
+    pub fn subscribe(self: &Arc<Self>, user: Uuid) -> (Subscription, Option<u64>) {
+        let mut state = self.state.lock().expect("hub lock");
+        let position = state.position;
+        let rx = state.streams.entry(user).or_insert_with(|| broadcast::channel(self.buffer).0).subscribe();
+        (Subscription { rx: Some(rx), hub: self.clone(), user }, position)
+    }
+
+    /// Waits until the hub has a position (the live reader is attached).
+    pub async fn ready(&self) -> u64 {
+        let mut rx = self.ready.subscribe();
+        let position = rx.wait_for(Option::is_some).await.expect("hub alive");
+        position.expect("checked")
+    }
+
+    pub fn position(&self) -> Option<u64> {
+        self.state.lock().expect("hub lock").position
     }
 
     pub fn open_streams(&self) -> usize {
-        self.streams.lock().expect("hub lock").values().map(|s| s.receiver_count()).sum()
+        self.state.lock().expect("hub lock").streams.values().map(|s| s.receiver_count()).sum()
     }
 
-    /// Hands `event` to its user's streams; `false` if it was seen before.
-    pub fn publish(&self, event: PushEvent) -> bool {
+    pub fn users(&self) -> usize {
+        self.state.lock().expect("hub lock").streams.len()
+    }
+
+    /// Takes an entry from the live reader: moves the position and hands an
+    /// event to its user's connections.
+    pub fn publish(&self, entry: Entry) {
+        let offset = entry.offset();
         {
-            let mut recent = self.recent.lock().expect("hub lock");
-            if !recent.0.insert(event.id.clone()) {
-                return false;
+            let mut state = self.state.lock().expect("hub lock");
+            if state.position.is_some_and(|p| offset <= p) {
+                return; // re-read after a reconnect
             }
-            recent.1.push_back(event.id.clone());
-            if recent.1.len() > RECENT_IDS {
-                let old = recent.1.pop_front().expect("non-empty");
-                recent.0.remove(&old);
+            state.position = Some(offset);
+            if let Entry::Event(event) = entry
+                && let Some(tx) = state.streams.get(&event.user_id)
+            {
+                let _ = tx.send(Arc::new(event));
             }
         }
-        let streams = self.streams.lock().expect("hub lock");
-        if let Some(tx) = streams.get(&event.user_id) {
-            let _ = tx.send(Arc::new(event));
-        }
-        true
+        self.ready.send_if_modified(|p| {
+            let first = p.is_none();
+            *p = Some(offset);
+            first
+        });
+    }
+
+    /// Closes every connection (they resume from their ids elsewhere or here).
+    pub fn close_all(&self) {
+        self.state.lock().expect("hub lock").streams.clear();
     }
 
     fn release(&self, user: Uuid) {
-        let mut streams = self.streams.lock().expect("hub lock");
-        if streams.get(&user).is_some_and(|s| s.receiver_count() == 0) {
-            streams.remove(&user);
+        let mut state = self.state.lock().expect("hub lock");
+        if state.streams.get(&user).is_some_and(|s| s.receiver_count() == 0) {
+            state.streams.remove(&user);
         }
     }
 }
 
-/// A stream's receiver; dropping it frees the user's channel at once when it
-/// was the last one.
+/// A connection's receiver; dropping it frees the user's channel at once when
+/// it was the last one.
 pub struct Subscription {
     rx: Option<broadcast::Receiver<Arc<PushEvent>>>,
     hub: Arc<Hub>,
@@ -108,97 +190,4 @@ impl Drop for Subscription {
         self.rx.take();
         self.hub.release(self.user);
     }
-}
-
-fn decode(delivery: &Delivery) -> Result<PushEvent, String> {
-    let props = &delivery.properties;
-    let id = props.message_id().as_ref().map(|s| s.to_string()).ok_or("missing message_id")?;
-    let kind = props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
-    let bad = |e: serde_json::Error| format!("invalid {kind} body: {e}");
-    let (event, user_id, data) = match kind.as_str() {
-        OrderCreated::NAME => {
-            let m: OrderCreated = serde_json::from_slice(&delivery.data).map_err(bad)?;
-            let data = OrderEventData {
-                order_id: m.order_id,
-                status: OrderStatus::Succeeded,
-                price: m.price,
-                reason: None,
-                occurred_at: m.occurred_at,
-            };
-            (OrderCreated::NAME, m.user_id, data)
-        }
-        OrderFailed::NAME => {
-            let m: OrderFailed = serde_json::from_slice(&delivery.data).map_err(bad)?;
-            let data = OrderEventData {
-                order_id: m.order_id,
-                status: OrderStatus::Failed,
-                price: m.price,
-                reason: Some(m.reason),
-                occurred_at: m.occurred_at,
-            };
-            (OrderFailed::NAME, m.user_id, data)
-        }
-        other => return Err(format!("unexpected message type {other:?}")),
-    };
-    Ok(PushEvent { id, event, user_id, data })
-}
-
-/// Consumes this replica's own queue (exclusive, deleted with the
-/// connection) until `shutdown`, reconnecting after failures.
-pub async fn consume(hub: Arc<Hub>, broker: Broker, prefetch: u16, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let queue = format!("push.{}", Uuid::new_v4().simple());
-    while !shutdown.is_cancelled() {
-        let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
-            break;
-        };
-        let session = async {
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                    FieldTable::default(),
-                )
-                .await?;
-            for key in PUSH_ORDER_EVENTS {
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        exchange::ORDERING.into(),
-                        (*key).into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-            }
-            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-            let deliveries = channel
-                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                .await?
-                .take_until(shutdown.cancelled());
-            let mut deliveries = std::pin::pin!(deliveries);
-            tracing::info!(queue = %queue, "consuming order events");
-            while let Some(delivery) = deliveries.next().await {
-                let delivery = delivery?;
-                match decode(&delivery) {
-                    Ok(event) => {
-                        let span = tracing::info_span!("push", message_id = %event.id, order_id = %event.data.order_id, user_id = %event.user_id);
-                        let _enter = span.enter();
-                        if hub.publish(event) {
-                            tracing::debug!("event pushed");
-                        }
-                    }
-                    // Nothing durable depends on this replica's copy: the
-                    // message is logged and dropped from this queue only.
-                    Err(reason) => tracing::error!(%reason, "unusable order event skipped"),
-                }
-                delivery.ack(BasicAckOptions::default()).await?;
-            }
-            anyhow::Ok(())
-        };
-        if let Err(e) = session.await {
-            tracing::warn!(error = %e, "order event consumer failed; reconnecting");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-    Ok(())
 }

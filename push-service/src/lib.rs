@@ -1,26 +1,34 @@
 //! Push service: streams each user's order outcomes (`OrderCreated`,
-//! `OrderFailed`) to their browsers as server-sent events.
+//! `OrderFailed`) to their browsers as server-sent events, over HTTP/2 (TLS
+//! with ALPN `h2`, or cleartext h2c and HTTP/1.1 behind a proxy).
 //!
-//! Every replica binds its own queue to the ordering exchange, so each sees
-//! every order event and can serve any user; the hub hands each event to the
-//! streams of the user it belongs to.
+//! The events come from a durable RabbitMQ stream (see `stream`): each event's
+//! SSE id is its stream offset, the same on every replica, so a browser can
+//! resume from its last id on any replica, after a restart too, within the
+//! stream's retention. The hub fans live events out to the connections of the
+//! user each belongs to; a resuming connection replays what it missed from
+//! the stream and then joins the live fan-out (see `sse`).
 
 mod hub;
 mod sse;
+mod stream;
 
 use axum::Router;
 use axum::routing::get;
 use runtime::http::{Readiness, serve, service_router};
+use runtime::tls::TlsConfig;
 use runtime::{Broker, MessagingConfig, Tasks};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-pub use hub::{Hub, PushEvent};
+pub use hub::{Hub, OrderEventData, PushEvent};
+pub use sse::RESET;
 
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "push-service", about = "Push service: order events to browsers over SSE")]
+#[command(name = "push-service", about = "Push service: order events to browsers over HTTP/2 server-sent events")]
 pub struct Config {
     #[command(flatten)]
     pub messaging: MessagingConfig,
@@ -29,31 +37,135 @@ pub struct Config {
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
 
+    /// The `retry:` hint: milliseconds a browser waits before reconnecting.
+    #[arg(long, env = "SSE_RETRY_MS", default_value_t = 3000)]
+    pub retry_ms: u64,
+
+    /// How long events can be resumed (RabbitMQ `x-max-age`: 24h, 7D, 90m, ...).
+    #[arg(long, env = "PUSH_RETENTION", default_value = "24h", value_parser = parse_max_age)]
+    pub retention: String,
+
+    /// Largest segment file of the stream, in bytes (RabbitMQ's default when
+    /// unset); retention drops whole segments.
+    #[arg(long, env = "PUSH_STREAM_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+
+    /// The RabbitMQ stream of order events.
+    #[arg(long, env = "PUSH_STREAM", default_value = "push.order-events")]
+    pub stream: String,
+
+    /// Events a connection may fall behind by before it is closed (the
+    /// browser then resumes from its last id).
+    #[arg(long, env = "PUSH_CONNECTION_BUFFER", default_value_t = 256)]
+    pub buffer: usize,
+
+    /// On shutdown, open streams are closed at random moments within this
+    /// many seconds, so that their reconnections are spread out.
+    #[arg(long, env = "PUSH_DRAIN_SECS", default_value_t = 10)]
+    pub drain_secs: u64,
+
+    /// Replays (resumes from an older id) read from the stream at once.
+    #[arg(long, env = "PUSH_MAX_REPLAYS", default_value_t = 64)]
+    pub max_replays: usize,
+
+    /// Cleartext address: HTTP/1.1 and prior-knowledge HTTP/2 (h2c).
     #[arg(long, env = "PUSH_ADDR", default_value = "127.0.0.1:8085")]
     pub addr: String,
+
+    /// HTTPS address (ALPN h2 and http/1.1); empty turns HTTPS off.
+    #[arg(long, env = "PUSH_TLS_ADDR", default_value = "127.0.0.1:8086")]
+    pub tls_addr: String,
+
+    #[command(flatten)]
+    pub tls: TlsConfig,
+}
+
+fn parse_max_age(s: &str) -> Result<String, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    if !n.is_empty() && n.parse::<u64>().is_ok_and(|n| n > 0) && matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s") {
+        Ok(s.to_string())
+    } else {
+        Err("expected a number and a unit of Y, M, D, h, m or s (e.g. 24h)".into())
+    }
+}
+
+impl Config {
+    /// The defaults, on `messaging`, with HTTPS off.
+    pub fn local(messaging: MessagingConfig) -> Self {
+        Config {
+            messaging,
+            heartbeat_secs: 15,
+            retry_ms: 3000,
+            retention: "24h".into(),
+            stream: "push.order-events".into(),
+            segment_bytes: None,
+            buffer: 256,
+            drain_secs: 10,
+            max_replays: 64,
+            addr: String::new(),
+            tls_addr: String::new(),
+            tls: TlsConfig::default(),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub(crate) struct AppState {
     hub: Arc<Hub>,
+    broker: Broker,
+    spec: stream::StreamSpec,
+    prefetch: u16,
+    replays: Arc<Semaphore>,
     heartbeat: Duration,
+    retry: Duration,
+    drain: Duration,
     shutdown: CancellationToken,
 }
 
+/// Runs the service on `listener` (and on `tls_addr` when set) until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = runtime::tls::bind(&config.tls_addr)?;
+    run_with_tls(config, listener, tls, shutdown).await
+}
+
+/// [`run`], with the HTTPS listener given (or none).
+pub async fn run_with_tls(
+    config: Config,
+    listener: TcpListener,
+    tls_listener: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let broker = Broker::new(&config.messaging.amqp_url);
-    let hub = Arc::new(Hub::default());
+    let hub = Arc::new(Hub::new(config.buffer));
+    let spec = stream::StreamSpec {
+        name: config.stream.clone(),
+        max_age: config.retention.clone(),
+        segment_bytes: config.segment_bytes,
+    };
+    // A stream reader needs credit for whole chunks to keep up.
+    let prefetch = config.messaging.prefetch.max(256);
+    let drain = Duration::from_secs(config.drain_secs);
     let state = AppState {
         hub: hub.clone(),
-        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        broker: broker.clone(),
+        spec: spec.clone(),
+        prefetch,
+        replays: Arc::new(Semaphore::new(config.max_replays.max(1))),
+        heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
+        retry: Duration::from_millis(config.retry_ms),
+        drain,
         shutdown: shutdown.clone(),
     };
     let routes = Router::new().route("/api/v1/orders", get(sse::order_events)).with_state(state);
-    let app = service_router(routes, Readiness { db: None, broker: Some(broker.clone()) });
+    let app = service_router("push", routes, Readiness { broker: Some(broker.clone()), ..Default::default() });
 
     let mut tasks = Tasks::new(shutdown.clone());
-    tasks
-        .spawn("order events consumer", hub::consume(hub, broker.clone(), config.messaging.prefetch, shutdown.clone()));
+    tasks.spawn("order event stream", stream::read_live(hub, broker.clone(), spec, prefetch, shutdown.clone()));
+    if let Some(tls_listener) = tls_listener {
+        let tls = runtime::tls::server_config(&config.tls).await?;
+        let grace = drain + Duration::from_secs(5);
+        tasks.spawn("https", runtime::tls::serve_tls(tls_listener, app.clone(), tls, shutdown.clone(), grace));
+    }
     tasks.spawn("http", serve(listener, app, shutdown.clone()));
     let result = tasks.join().await;
     broker.close().await;

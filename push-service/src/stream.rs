@@ -1,0 +1,203 @@
+//! The order event stream: a durable RabbitMQ stream (`x-queue-type=stream`,
+//! `x-max-age` = the retention window) bound to the `ordering` exchange for
+//! `OrderCreated` and `OrderFailed`. RabbitMQ numbers its entries with
+//! offsets that are the same for every reader, so the offset is the SSE event
+//! id on every replica, and any replica can replay from any id.
+//!
+//! Each replica reads the stream live (from `next` at start, from its last
+//! offset + 1 after a broker reconnect) into its hub; a resuming connection
+//! opens a short-lived reader from the id it last saw.
+
+use contracts::messages::exchange;
+use contracts::topology::PUSH_ORDER_EVENTS;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel};
+use runtime::Broker;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::hub::{Entry, Hub, decode};
+
+/// The stream's name and retention.
+#[derive(Clone, Debug)]
+pub struct StreamSpec {
+    pub name: String,
+    /// `x-max-age`, e.g. `24h`, `7D`, `30m`.
+    pub max_age: String,
+    /// `x-stream-max-segment-size-bytes`.
+    pub segment_bytes: Option<u64>,
+}
+
+/// The type of the marker a replica appends to learn its position at start.
+const MARKER: &str = "PushMarker";
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Declares the stream and its bindings (idempotent). A stream declared
+/// earlier with another retention is used as it is (change it with a policy).
+pub async fn declare(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
+    let channel = broker.channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("stream"));
+    args.insert("x-max-age".into(), text(&spec.max_age));
+    if let Some(bytes) = spec.segment_bytes {
+        args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(i64::try_from(bytes)?));
+    }
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let channel = match channel.queue_declare(spec.name.as_str().into(), durable, args).await {
+        Ok(_) => channel,
+        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::warn!(stream = %spec.name, error = %e, "stream exists with other arguments; using it as it is");
+            let channel = broker.channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            channel.queue_declare(spec.name.as_str().into(), passive, FieldTable::default()).await?;
+            channel
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for key in PUSH_ORDER_EVENTS {
+        channel
+            .queue_bind(
+                spec.name.as_str().into(),
+                exchange::ORDERING.into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Where a reader starts.
+#[derive(Clone, Copy, Debug)]
+pub enum From {
+    Next,
+    Offset(u64),
+}
+
+/// Opens a reader of the stream on a new channel.
+pub async fn open(
+    broker: &Broker,
+    spec: &StreamSpec,
+    from: From,
+    prefetch: u16,
+) -> lapin::Result<(Channel, lapin::Consumer)> {
+    let channel = broker.channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut args = FieldTable::default();
+    let offset = match from {
+        From::Next => text("next"),
+        From::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+    };
+    args.insert("x-stream-offset".into(), offset);
+    let consumer =
+        channel.basic_consume(spec.name.as_str().into(), "".into(), BasicConsumeOptions::default(), args).await?;
+    Ok((channel, consumer))
+}
+
+/// The stream offset of a delivery (its `x-stream-offset` header).
+pub fn offset_of(properties: &BasicProperties) -> Option<u64> {
+    let headers = properties.headers().as_ref()?;
+    let value = headers.inner().iter().find(|(k, _)| k.as_str() == "x-stream-offset")?.1;
+    let n: i64 = match value {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    u64::try_from(n).ok()
+}
+
+/// Decodes a delivery into a stream entry, acknowledging it (a stream reader
+/// must ack to get more credit; nothing is removed from the stream).
+pub async fn entry_of(delivery: lapin::message::Delivery) -> anyhow::Result<Entry> {
+    let offset = offset_of(&delivery.properties).ok_or_else(|| anyhow::anyhow!("delivery without x-stream-offset"))?;
+    let kind = delivery.properties.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
+    let entry = decode(offset, &kind, &delivery.data).unwrap_or_else(|reason| {
+        tracing::error!(offset, %reason, "unusable order event skipped");
+        Entry::Other { offset }
+    });
+    delivery.ack(BasicAckOptions::default()).await?;
+    Ok(entry)
+}
+
+/// Appends a marker to the stream (so that a replica with no traffic learns
+/// its position at once).
+async fn append_marker(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
+    let channel = broker.confirm_channel().await?;
+    let props = BasicProperties::default()
+        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_type(MARKER.into())
+        .with_content_type("application/json".into());
+    runtime::broker::publish_confirmed(&channel, "", &spec.name, b"{}", props).await?;
+    let _ = channel.close(200, "marker appended".into()).await;
+    Ok(())
+}
+
+/// Reads the stream live into `hub` until `shutdown`, reconnecting after
+/// failures from the offset after the last one delivered.
+pub async fn read_live(
+    hub: Arc<Hub>,
+    broker: Broker,
+    spec: StreamSpec,
+    prefetch: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut pause = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let session = async {
+            declare(&broker, &spec).await?;
+            let from = match hub.position() {
+                Some(p) => From::Offset(p + 1),
+                None => From::Next,
+            };
+            let (channel, consumer) = open(&broker, &spec, from, prefetch).await?;
+            tracing::info!(stream = %spec.name, ?from, "reading order events live");
+            if hub.position().is_none() {
+                append_marker(&broker, &spec).await?;
+            }
+            let mut deliveries = std::pin::pin!(consumer.take_until(shutdown.cancelled()));
+            let mut first = true;
+            while let Some(delivery) = deliveries.next().await {
+                let entry = entry_of(delivery?).await?;
+                if first
+                    && let From::Offset(expected) = from
+                    && entry.offset() > expected
+                {
+                    // The broker was away longer than the retention: what
+                    // the open connections missed is gone. Close them, so
+                    // each resumes from its id and is told to refetch.
+                    tracing::warn!(expected, got = entry.offset(), "stream entries expired while disconnected");
+                    hub.close_all();
+                }
+                first = false;
+                hub.publish(entry);
+            }
+            let _ = channel.close(200, "shutting down".into()).await;
+            anyhow::Ok(())
+        };
+        match session.await {
+            Ok(()) => pause = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "order event stream reader failed; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+// The order system's page: plain JavaScript, no build step, no dependencies.
+// Session: the HttpOnly `accessToken` cookie set by login (sent by fetch and
+// EventSource alike). Live order updates: the SSE stream /api/v1/push/orders;
+// while it is unavailable, pending orders are polled.
+'use strict';
+
+const API = '/api/v1';
+const $ = (id) => document.getElementById(id);
+const state = {
+  orders: new Map(),      // id -> order
+  source: null,           // EventSource
+  reconnectTimer: null,
+  pollTimer: null,
+  lastEventId: sessionStorage.getItem('lastEventId') || '',
+};
+
+async function api(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: {} };
+  if (body !== undefined) {
+    init.headers['content-type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const resp = await fetch(API + path, init);
+  const text = await resp.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!resp.ok) {
+    const err = new Error((data && data.message) || resp.statusText);
+    err.status = resp.status;
+    throw err;
+  }
+  return data;
+}
+
+function say(text) { $('message').textContent = text || ''; }
+const money = (n) => Number(n).toFixed(2);
+
+// ---- session ----
+
+async function start() {
+  try {
+    const account = await api('GET', '/billing/account');
+    showApp(account);
+  } catch (e) {
+    if (e.status === 401) showAuth(); else say(e.message);
+  }
+}
+
+function showAuth() {
+  stopStream();
+  $('auth').hidden = false;
+  $('app').hidden = true;
+  $('logout').hidden = true;
+  $('who').textContent = '';
+}
+
+async function showApp(account) {
+  $('auth').hidden = true;
+  $('app').hidden = false;
+  $('logout').hidden = false;
+  renderBalance(account);
+  try {
+    const profile = await api('GET', '/identity/profile');
+    $('who').textContent = profile.email || '';
+  } catch (_) { /* the name is decoration */ }
+  await loadOrders();
+  loadNotifications();
+  openStream();
+}
+
+$('register-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const f = new FormData(ev.target);
+  const body = { email: f.get('email'), password: f.get('password') };
+  if (f.get('firstName')) body.firstName = f.get('firstName');
+  try {
+    await api('POST', '/identity/register', body);
+    await login(body.email, body.password);
+  } catch (e) { say(`Registration failed: ${e.message}`); }
+});
+
+$('login-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const f = new FormData(ev.target);
+  try { await login(f.get('email'), f.get('password')); } catch (e) { say(`Login failed: ${e.message}`); }
+});
+
+async function login(email, password) {
+  await api('POST', '/identity/login', { email, password });
+  say('');
+  state.lastEventId = '';
+  sessionStorage.removeItem('lastEventId');
+  showApp(await api('GET', '/billing/account'));
+}
+
+$('logout').addEventListener('click', async () => {
+  try { await api('POST', '/identity/logout'); } catch (_) { /* logged out either way */ }
+  state.orders.clear();
+  $('orders').replaceChildren();
+  $('notifications').replaceChildren();
+  showAuth();
+});
+
+// ---- balance and orders ----
+
+function renderBalance(account) { $('balance').textContent = money(account.amount); }
+
+async function refreshBalance() {
+  try { renderBalance(await api('GET', '/billing/account')); } catch (e) { handle(e); }
+}
+
+$('deposit-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const amount = Number(new FormData(ev.target).get('amount'));
+  try {
+    await api('POST', '/billing/account/deposit', { amount });
+    ev.target.reset();
+    say('');
+    await refreshBalance();
+  } catch (e) { handle(e); }
+});
+
+$('order-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const price = Number(new FormData(ev.target).get('price'));
+  try {
+    const order = await api('POST', '/ordering/orders', { price });
+    ev.target.reset();
+    say('');
+    upsertOrder(order);
+    schedulePoll();
+  } catch (e) { handle(e); }
+});
+
+async function loadOrders() {
+  try {
+    const list = await api('GET', '/ordering/orders');
+    list.reverse().forEach((o) => upsertOrder(o));
+    schedulePoll();
+  } catch (e) { handle(e); }
+}
+
+// Keeps the newest-known state of an order and its row. `eventId` is set
+// when the update came from the event stream.
+function upsertOrder(order, eventId) {
+  const known = state.orders.get(order.id);
+  if (known && known.status !== 'pending' && order.status === 'pending') return; // stale
+  const merged = Object.assign({}, known, order);
+  state.orders.set(order.id, merged);
+  let row = document.querySelector(`tr[data-order-id="${order.id}"]`);
+  if (!row) {
+    row = document.createElement('tr');
+    row.dataset.orderId = order.id;
+    for (let i = 0; i < 5; i++) row.appendChild(document.createElement('td'));
+    $('orders').prepend(row);
+  }
+  const cells = row.children;
+  cells[0].textContent = order.id.slice(0, 8);
+  cells[0].title = order.id;
+  cells[1].textContent = money(merged.price);
+  cells[2].textContent = merged.status;
+  cells[2].className = `status status-${merged.status}`;
+  cells[3].textContent = merged.reason || '';
+  cells[4].textContent = new Date(merged.occurredAt || merged.updatedAt || merged.createdAt || Date.now())
+    .toLocaleTimeString();
+  row.dataset.status = merged.status;
+  if (eventId !== undefined) row.dataset.eventId = eventId;
+}
+
+// ---- notifications ----
+
+async function loadNotifications() {
+  try {
+    const list = await api('GET', '/notifications');
+    $('notifications').replaceChildren(...list.map((n) => {
+      const li = document.createElement('li');
+      li.textContent = n.message;
+      return li;
+    }));
+  } catch (e) { handle(e); }
+}
+$('refresh-notifications').addEventListener('click', loadNotifications);
+
+// ---- live updates ----
+
+function setStreamState(s) {
+  const el = $('stream-state');
+  el.dataset.state = s;
+  el.textContent = `updates: ${s}`;
+}
+
+function rememberId(id) {
+  if (!id) return;
+  state.lastEventId = id;
+  sessionStorage.setItem('lastEventId', id);
+}
+
+function onOrderEvent(ev) {
+  rememberId(ev.lastEventId);
+  const e = JSON.parse(ev.data);
+  upsertOrder({ id: e.orderId, status: e.status, price: e.price, reason: e.reason, occurredAt: e.occurredAt },
+    ev.lastEventId);
+  refreshBalance();
+  setTimeout(loadNotifications, 500); // the notification is written asynchronously
+}
+
+function openStream() {
+  stopStream();
+  // A first connection resumes from the id this tab saw last (the browser
+  // sends Last-Event-ID itself on its own reconnections).
+  const url = `${API}/push/orders` + (state.lastEventId ? `?lastEventId=${encodeURIComponent(state.lastEventId)}` : '');
+  const source = new EventSource(url, { withCredentials: true });
+  state.source = source;
+  setStreamState('connecting');
+  source.addEventListener('open', () => {
+    setStreamState('live');
+    // Without an id to resume from, what happened while away is in the list.
+    if (!state.lastEventId) loadOrders();
+  });
+  source.addEventListener('OrderCreated', onOrderEvent);
+  source.addEventListener('OrderFailed', onOrderEvent);
+  source.addEventListener('reset', (ev) => {
+    // Events were missed beyond the retention window: refetch.
+    rememberId(ev.lastEventId);
+    loadOrders();
+    refreshBalance();
+    loadNotifications();
+  });
+  source.addEventListener('error', () => {
+    if (state.source !== source) return;
+    schedulePoll();
+    if (source.readyState === EventSource.CLOSED) {
+      // The browser gives up on an error status (e.g. 502 while the push
+      // service is down): retry ourselves, resuming from the last id.
+      setStreamState('polling');
+      state.reconnectTimer = setTimeout(async () => {
+        try { await api('GET', '/billing/account'); } catch (e) { if (e.status === 401) return showAuth(); }
+        openStream();
+      }, 3000);
+    } else {
+      setStreamState('reconnecting');
+    }
+  });
+}
+
+function stopStream() {
+  clearTimeout(state.reconnectTimer);
+  if (state.source) state.source.close();
+  state.source = null;
+  setStreamState('off');
+}
+
+// While the stream is not live, pending orders are polled.
+function schedulePoll() {
+  if (state.pollTimer) return;
+  state.pollTimer = setTimeout(poll, 2000);
+}
+
+async function poll() {
+  state.pollTimer = null;
+  const pending = [...state.orders.values()].filter((o) => o.status === 'pending');
+  if (pending.length === 0 || $('app').hidden) return;
+  if ($('stream-state').dataset.state !== 'live') {
+    for (const o of pending) {
+      try {
+        const fresh = await api('GET', `/ordering/orders/${o.id}`);
+        upsertOrder(fresh);
+        if (fresh.status !== 'pending') refreshBalance();
+      } catch (e) { if (e.status === 401) return showAuth(); }
+    }
+  }
+  schedulePoll();
+}
+
+function handle(e) {
+  if (e.status === 401) showAuth(); else say(e.message);
+}
+
+start();
