@@ -3,6 +3,8 @@
 //! disagree), the broker topology, and the JSON types of the public REST API.
 
 pub mod api;
+#[cfg(feature = "asyncapi")]
+pub mod asyncapi;
 pub mod messages;
 pub mod money;
 pub mod topology;

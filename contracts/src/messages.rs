@@ -19,15 +19,26 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn correlation_id(&self) -> String;
 }
 
+/// The payload field that a message sends as its AMQP `correlation_id` (its
+/// Rust name; the JSON name is its camelCase): the AsyncAPI document points
+/// its `correlationId` there.
+#[cfg(feature = "asyncapi")]
+pub trait CorrelationField: Message {
+    const CORRELATION_FIELD: &'static str;
+}
+
 macro_rules! message {
-    ($ty:ident, $exchange:expr, |$m:ident| $corr:expr) => {
+    ($ty:ident, $exchange:expr, $corr:ident) => {
         impl Message for $ty {
             const NAME: &'static str = stringify!($ty);
             const EXCHANGE: &'static str = $exchange;
             fn correlation_id(&self) -> String {
-                let $m = self;
-                $corr.to_string()
+                self.$corr.to_string()
             }
+        }
+        #[cfg(feature = "asyncapi")]
+        impl CorrelationField for $ty {
+            const CORRELATION_FIELD: &'static str = stringify!($corr);
         }
     };
 }
@@ -40,6 +51,7 @@ pub mod exchange {
 
 /// A user registered. Billing opens an account, notification keeps a profile copy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct UserCreated {
     pub id: Uuid,
@@ -48,10 +60,11 @@ pub struct UserCreated {
     pub last_name: Option<String>,
     pub phone: Option<String>,
 }
-message!(UserCreated, exchange::IDENTITY, |m| m.id);
+message!(UserCreated, exchange::IDENTITY, id);
 
 /// A user changed their profile. Notification refreshes its copy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct UserUpdated {
     pub id: Uuid,
@@ -60,58 +73,67 @@ pub struct UserUpdated {
     pub last_name: Option<String>,
     pub phone: Option<String>,
 }
-message!(UserUpdated, exchange::IDENTITY, |m| m.id);
+message!(UserUpdated, exchange::IDENTITY, id);
 
 /// A command to billing: charge `amount` to the user's account. Any service
 /// may send it; the outcome carries the same `id`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct CreatePayment {
     pub id: Uuid,
     pub user_id: Uuid,
     pub amount: Money,
 }
-message!(CreatePayment, exchange::ORDERING, |m| m.id);
+message!(CreatePayment, exchange::ORDERING, id);
 
 /// The payment `id` was charged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentCreated {
     pub id: Uuid,
 }
-message!(PaymentCreated, exchange::BILLING, |m| m.id);
+message!(PaymentCreated, exchange::BILLING, id);
 
 /// The payment `id` was refused, for `reason` (e.g. "not enough money").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentFailed {
     pub id: Uuid,
+    /// Why, in words a person reads (e.g. "not enough money").
     pub reason: String,
 }
-message!(PaymentFailed, exchange::BILLING, |m| m.id);
+message!(PaymentFailed, exchange::BILLING, id);
 
 /// An order was paid for and is complete.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct OrderCreated {
     pub order_id: Uuid,
     pub user_id: Uuid,
     pub price: Money,
+    /// When the order was settled.
     pub occurred_at: DateTime<Utc>,
 }
-message!(OrderCreated, exchange::ORDERING, |m| m.order_id);
+message!(OrderCreated, exchange::ORDERING, order_id);
 
 /// An order could not be fulfilled, for `reason`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
 #[serde(rename_all = "camelCase")]
 pub struct OrderFailed {
     pub order_id: Uuid,
     pub user_id: Uuid,
     pub price: Money,
+    /// Why, in words a person reads (e.g. "not enough money").
     pub reason: String,
+    /// When the order was settled.
     pub occurred_at: DateTime<Utc>,
 }
-message!(OrderFailed, exchange::ORDERING, |m| m.order_id);
+message!(OrderFailed, exchange::ORDERING, order_id);
 
 /// The reason billing gives when the balance does not cover a payment.
 pub const NOT_ENOUGH_MONEY: &str = "not enough money";

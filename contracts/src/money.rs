@@ -157,6 +157,23 @@ impl<'de> Deserialize<'de> for Money {
     }
 }
 
+/// In OpenAPI, money is a JSON number: positive, in cents.
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .exclusive_minimum(Some(0.0))
+            .maximum(Some(999_999_999_999.99))
+            .multiple_of(Some(0.01))
+            .description(Some("An amount of money: positive, at most two decimal places."))
+            .examples([serde_json::json!(600)])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,20 +211,3 @@ mod tests {
         assert_eq!(serde_json::to_string(&m("999999999999.99")).unwrap(), "999999999999.99");
     }
 }
-
-/// In OpenAPI, money is a JSON number: positive, in cents.
-impl utoipa::PartialSchema for Money {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ObjectBuilder, Type};
-        ObjectBuilder::new()
-            .schema_type(Type::Number)
-            .exclusive_minimum(Some(0.0))
-            .maximum(Some(999_999_999_999.99))
-            .multiple_of(Some(0.01))
-            .description(Some("An amount of money: positive, at most two decimal places."))
-            .examples([serde_json::json!(600)])
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for Money {}
