@@ -148,6 +148,8 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     parts.uri = format!("{}{}{}", route.upstream, internal_path, query)
         .parse()
         .map_err(|_| ApiError::bad_request("invalid request path"))?;
+    // The hop to a service is HTTP/1.1 whatever the client spoke (h2 over TLS, h2c).
+    parts.version = axum::http::Version::HTTP_11;
     let upstream = Request::from_parts(parts, body);
     let resp = match tokio::time::timeout(gw.timeout, gw.client.request(upstream)).await {
         Ok(Ok(resp)) => resp,
