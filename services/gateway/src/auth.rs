@@ -149,6 +149,11 @@ impl Authenticator {
         }
     }
 
+    /// Whether tokens can be verified yet (identity's keys are loaded).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.read().expect("keys lock").is_empty()
+    }
+
     /// Applies a logout at once on this replica.
     pub fn revoke(&self, claims: &TokenClaims) {
         self.revoked.write().expect("revoked lock").insert(claims.jti, claims.exp);

@@ -63,10 +63,14 @@ pub async fn run_with_tls(
     let client = proxy::client();
     let auth = Arc::new(auth::Authenticator::new(client.clone(), config.identity_url.clone()));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone()));
+    let keys = auth.clone();
     let app = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
-        .merge(health_routes(Readiness::default()))
+        .merge(health_routes(Readiness {
+            check: Some(Arc::new(move || (!keys.has_keys()).then_some("identity's token keys not loaded yet"))),
+            ..Default::default()
+        }))
         .merge(web::routes())
         .merge(docs::routes())
         .fallback(not_found);

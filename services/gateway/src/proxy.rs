@@ -144,6 +144,12 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         claims = Some(c);
     }
 
+    // The service's span is a child of this request's.
+    if let Some(tp) = runtime::telemetry::traceparent(&tracing::Span::current())
+        && let Ok(v) = HeaderValue::from_str(&tp)
+    {
+        parts.headers.insert(runtime::telemetry::TRACEPARENT, v);
+    }
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     parts.uri = format!("{}{}{}", route.upstream, internal_path, query)
         .parse()

@@ -36,25 +36,33 @@ impl SigningKey {
         Self::from_pkcs8(kid, &der)
     }
 
-    /// The key kept in the database, created on first start. Concurrent first
-    /// starts agree on the oldest key.
+    /// The key kept in the database, created on first start. An advisory
+    /// lock makes replicas that start together on an empty database agree on
+    /// one key.
     pub async fn load_or_create(db: &PgPool) -> anyhow::Result<Self> {
+        let mut tx = db.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.signing_keys'))").execute(&mut *tx).await?;
         let existing: Option<(String, Vec<u8>)> =
             sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys ORDER BY created_at, kid LIMIT 1")
-                .fetch_optional(db)
+                .fetch_optional(&mut *tx)
                 .await?;
-        if let Some((kid, der)) = existing {
-            return Self::from_pkcs8(kid, &der);
-        }
-        let der = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .map_err(|_| anyhow::anyhow!("generating a signing key"))?;
-        sqlx::query("INSERT INTO signing_keys (kid, pkcs8) VALUES ($1, $2)")
-            .bind(Uuid::new_v4().simple().to_string())
-            .bind(der.as_ref())
-            .execute(db)
-            .await?;
-        tracing::info!("generated a new token signing key");
-        Box::pin(Self::load_or_create(db)).await
+        let (kid, der) = match existing {
+            Some(key) => key,
+            None => {
+                let der = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                    .map_err(|_| anyhow::anyhow!("generating a signing key"))?;
+                let kid = Uuid::new_v4().simple().to_string();
+                sqlx::query("INSERT INTO signing_keys (kid, pkcs8) VALUES ($1, $2)")
+                    .bind(&kid)
+                    .bind(der.as_ref())
+                    .execute(&mut *tx)
+                    .await?;
+                tracing::info!("generated a new token signing key");
+                (kid, der.as_ref().to_vec())
+            }
+        };
+        tx.commit().await?;
+        Self::from_pkcs8(kid, &der)
     }
 
     pub fn sign<T: Serialize>(&self, claims: &T) -> anyhow::Result<String> {

@@ -97,6 +97,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             db: Some(db.clone()),
             broker: Some(broker.clone()),
             outbox_max_age: Some(config.messaging.outbox_max_age()),
+            ..Default::default()
         },
     );
 

@@ -2,10 +2,12 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init("identity");
     let config = identity::Config::parse();
     let listener = tokio::net::TcpListener::bind(&config.addr).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     runtime::shutdown::on_signal(shutdown.clone());
-    identity::run(config, listener, shutdown).await
+    let result = identity::run(config, listener, shutdown).await;
+    runtime::telemetry::flush();
+    result
 }

@@ -83,7 +83,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init("order-system");
     let cli = Cli::parse();
     if let Some(Command::Openapi { dir }) = &cli.command {
         std::fs::create_dir_all(dir)?;
@@ -172,5 +172,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
     tracing::info!(gateway = %cli.gateway_addr, "order system running; Ctrl-C stops it");
-    tasks.join().await
+    let result = tasks.join().await;
+    runtime::telemetry::flush();
+    result
 }

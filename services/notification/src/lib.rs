@@ -73,7 +73,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let app = service_router(
         "notification",
         routes,
-        Readiness { db: Some(db.clone()), broker: Some(broker.clone()), outbox_max_age: None },
+        Readiness { db: Some(db.clone()), broker: Some(broker.clone()), ..Default::default() },
     );
     let m = &config.messaging;
 

@@ -158,6 +158,11 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             r#type = %kind,
             correlation_id = %correlation_id,
         );
+        if let Some(AMQPValue::LongString(tp)) =
+            props.headers().as_ref().and_then(|h| h.inner().get(crate::telemetry::TRACEPARENT))
+        {
+            crate::telemetry::set_parent(&span, &tp.to_string());
+        }
         async {
             let outcome = self.process(&message_id, &kind, &delivery.data).await;
             self.settle(&delivery, outcome, republish, delays).await;

@@ -135,6 +135,8 @@ pub struct Readiness {
     pub db: Option<PgPool>,
     pub broker: Option<Broker>,
     pub outbox_max_age: Option<Duration>,
+    /// A service's own condition: `Some(problem)` while it is not ready.
+    pub check: Option<std::sync::Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
 }
 
 async fn live() -> impl IntoResponse {
@@ -155,6 +157,9 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
         && oldest > max.as_secs_f64()
     {
         problems.push("outbox not relayed");
+    }
+    if let Some(problem) = r.check.as_ref().and_then(|check| check()) {
+        problems.push(problem);
     }
     if let Some(broker) = &r.broker
         && !broker.is_connected()
@@ -209,13 +214,17 @@ pub fn with_common_layers(service: &'static str, router: Router) -> Router {
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let user_id = req.headers().get(crate::auth::USER_ID_HEADER).and_then(|v| v.to_str().ok());
     let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "http",
         method = %req.method(),
         path = %req.uri().path(),
         user_id = user_id.unwrap_or(""),
         request_id = request_id.unwrap_or(""),
-    )
+    );
+    if let Some(parent) = req.headers().get(crate::telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()) {
+        crate::telemetry::set_parent(&span, parent);
+    }
+    span
 }
 
 /// Serves `router` until `shutdown`, then lets in-flight requests finish.

@@ -21,9 +21,14 @@ use uuid::Uuid;
 pub async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::Result<Uuid> {
     let id = Uuid::now_v7();
     let payload = serde_json::to_value(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    // The trace goes on with the message: its consumer's span is our child.
+    let headers = match crate::telemetry::traceparent(&tracing::Span::current()) {
+        Some(tp) => serde_json::json!({ crate::telemetry::TRACEPARENT: tp }),
+        None => serde_json::json!({}),
+    };
     sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload, headers)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
     .bind(M::EXCHANGE)
@@ -31,6 +36,7 @@ pub async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::
     .bind(M::NAME)
     .bind(message.correlation_id())
     .bind(payload)
+    .bind(headers)
     .execute(conn)
     .await?;
     Ok(id)

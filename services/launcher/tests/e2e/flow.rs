@@ -130,3 +130,50 @@ async fn an_event_stream_carries_only_its_own_users_events() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
+
+/// One order's trace runs from the gateway through ordering, the outbox and
+/// the broker to billing, back to ordering, and on to notification and push.
+#[tokio::test]
+async fn an_orders_trace_follows_it_through_every_service() {
+    let app = TestApp::spawn().await;
+    let spans = runtime::telemetry::init_for_tests();
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 10})).await;
+
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let traceparent = format!("00-{trace_id}-{:016x}-01", rand_span_id());
+    let r = app
+        .http
+        .post(app.url("/ordering/orders"))
+        .bearer_auth(&user.token)
+        .header("traceparent", &traceparent)
+        .json(&json!({"price": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.settled_order(&user, &id).await;
+
+    // The consumers' spans of this trace, by queue.
+    let queues = |spans: &opentelemetry_sdk::trace::InMemorySpanExporter| -> Vec<String> {
+        spans
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .filter(|s| format!("{:032x}", s.span_context.trace_id()) == trace_id && s.name == "message")
+            .filter_map(|s| s.attributes.iter().find(|kv| kv.key.as_str() == "queue").map(|kv| kv.value.to_string()))
+            .collect()
+    };
+    let seen = eventually(Duration::from_secs(10), || async {
+        let q = queues(spans);
+        (q.iter().any(|q| q == "billing.payments") && q.iter().any(|q| q == "notification.ordering")).then_some(q)
+    })
+    .await;
+    assert!(seen.iter().any(|q| q == "ordering.billing"), "{seen:?}");
+    app.stop().await;
+}
+
+fn rand_span_id() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() as u64) | 1
+}

@@ -399,11 +399,21 @@ pub async fn assert_error(resp: reqwest::Response, status: StatusCode, needle: &
 }
 
 impl TestApp {
-    /// Messages in a queue of the test's vhost (ready and unacknowledged).
+    /// Messages ready in a queue of the test's vhost (the broker's own count,
+    /// not the management API's sampled statistics).
     pub async fn queue_depth(&self, queue: &str) -> i64 {
-        let url = format!("{}/queues/{}/{queue}", rabbitmq_api(), self.vhost.name);
-        let stats: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        stats["messages"].as_i64().unwrap_or(-1)
+        let conn = Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+        i64::from(declared.message_count())
     }
 
     /// A connection to one of the test's service databases.
