@@ -33,15 +33,18 @@ pub struct User {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Register {
-    #[schema(format = Email)]
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
-    /// 8 to 128 characters.
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
     #[serde(default)]
+    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub first_name: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub last_name: Option<String>,
     #[serde(default)]
+    #[schema(pattern = r"^(\+?[0-9][0-9 ().-]{3,31})?$", example = "+71004242424")]
     pub phone: Option<String>,
 }
 
@@ -65,10 +68,13 @@ pub struct AccessToken {
 #[serde(rename_all = "camelCase")]
 pub struct UpdateProfile {
     #[serde(default)]
+    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub first_name: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub last_name: Option<String>,
     #[serde(default)]
+    #[schema(pattern = r"^(\+?[0-9][0-9 ().-]{3,31})?$", example = "+71004242424")]
     pub phone: Option<String>,
 }
 

@@ -57,29 +57,32 @@ fn parse_password(p: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// Optional free text: trimmed, empty means absent, bounded in length.
+/// Optional free text: no control characters, trimmed, empty means absent,
+/// at most `max` characters (the schema's `pattern` and `maxLength`).
 fn parse_text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
-    let Some(v) = value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    if v.chars().count() > max {
-        return Err(ApiError::unprocessable(format!("{field} must have at most {max} characters")));
-    }
+    let Some(v) = value else { return Ok(None) };
     if v.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(format!("{field} must not contain control characters")));
     }
-    Ok(Some(v))
+    if v.chars().count() > max {
+        return Err(ApiError::unprocessable(format!("{field} must have at most {max} characters")));
+    }
+    let v = v.trim();
+    Ok((!v.is_empty()).then(|| v.to_string()))
 }
 
+/// A phone number as the schema's pattern says: an optional `+`, a digit,
+/// then 3 to 31 digits, spaces, dots, dashes or parentheses.
 fn parse_phone(value: Option<String>) -> Result<Option<String>, ApiError> {
-    let phone = parse_text("phone", value, 32)?;
-    if let Some(p) = &phone {
-        let digits = p.chars().filter(char::is_ascii_digit).count();
-        if digits < 5 || !p.chars().all(|c| c.is_ascii_digit() || "+-() .".contains(c)) {
-            return Err(ApiError::unprocessable("phone must be a phone number such as +71004242424"));
-        }
+    let Some(p) = value.filter(|p| !p.is_empty()) else { return Ok(None) };
+    let rest = p.strip_prefix('+').unwrap_or(&p);
+    let valid = rest.starts_with(|c: char| c.is_ascii_digit())
+        && (4..=32).contains(&rest.len())
+        && rest.chars().all(|c| c.is_ascii_digit() || " ().-".contains(c));
+    if !valid {
+        return Err(ApiError::unprocessable("phone must be a phone number such as +71004242424"));
     }
-    Ok(phone)
+    Ok(Some(p))
 }
 
 async fn hash_password(password: String) -> Result<String, ApiError> {

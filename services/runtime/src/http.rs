@@ -111,10 +111,29 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// `axum::Json` whose rejection is an [`ApiError`].
-#[derive(Debug, Clone, Copy, Default, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body (always an object in this API) or response. Its
+/// rejections are [`ApiError`]s that say what is wrong.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        // serde would also read a struct from an array; a body is an object.
+        if !value.is_object() {
+            return Err(ApiError::unprocessable("invalid request body: expected a JSON object"));
+        }
+        serde_json::from_value(value)
+            .map(Json)
+            .map_err(|e| ApiError::unprocessable(format!("invalid request body: {e}")))
+    }
+}
 
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
