@@ -56,7 +56,7 @@ pub struct Config {
 
     /// Events a connection may fall behind by before it is closed (the
     /// browser then resumes from its last id).
-    #[arg(long, env = "PUSH_CONNECTION_BUFFER", default_value_t = 256)]
+    #[arg(long, env = "PUSH_CONNECTION_BUFFER", default_value_t = 64)]
     pub buffer: usize,
 
     /// On shutdown, open streams are closed at random moments within this
@@ -99,7 +99,7 @@ impl Config {
             retention: "24h".into(),
             stream: "push.order-events".into(),
             segment_bytes: None,
-            buffer: 256,
+            buffer: 64,
             drain_secs: 10,
             max_replays: 64,
             addr: String::new(),
