@@ -167,7 +167,10 @@ pub async fn order_events(
                 }
             }
         }
-        while open {
+        if !open {
+            return;
+        }
+        loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Spread the reconnections of a draining replica.
