@@ -13,12 +13,9 @@ use axum::Router;
 use axum::routing::{get, post};
 use contracts::messages::{CreatePayment, UserCreated};
 use contracts::topology;
-use runtime::http::{Readiness, serve, service_router};
 use runtime::openapi::InternalAuth;
-use runtime::outbox::Relay;
-use runtime::{Broker, Consumer, MessagingConfig, Tasks};
+use runtime::{Consumer, MessagingConfig, Service};
 use sqlx::PgPool;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -55,34 +52,25 @@ fn routes(db: PgPool) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/billing")).await?;
-    let broker = Broker::new(&config.messaging.amqp_url);
-    let app = service_router(
+    let mut service = Service::start(
         "billing",
-        routes(db.clone()),
-        Readiness {
-            db: Some(db.clone()),
-            broker: Some(broker.clone()),
-            outbox_max_age: Some(config.messaging.outbox_max_age()),
-            ..Default::default()
-        },
+        &config.database_url,
+        sqlx::migrate!("../../migrations/billing"),
+        &config.messaging,
+        shutdown,
+    )
+    .await?;
+    let db = service.db.clone();
+    service.consume(
+        "users consumer",
+        Consumer::new(topology::BILLING_USERS, db.clone(), ())
+            .on::<UserCreated, _>(|_, tx, msg| Box::pin(accounts::on_user_created(tx, msg))),
     );
-    let m = &config.messaging;
-
-    let users = Consumer::new(topology::BILLING_USERS, db.clone(), ())
-        .on::<UserCreated, _>(|_, tx, msg| Box::pin(accounts::on_user_created(tx, msg)));
-    let payments = Consumer::new(topology::BILLING_PAYMENTS, db.clone(), ())
-        .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg)));
-
-    let mut tasks = Tasks::new(shutdown.clone());
-    tasks.spawn("users consumer", users.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
-    tasks.spawn("payments consumer", payments.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
-    tasks.spawn(
-        "outbox relay",
-        Relay::new(db.clone(), broker.clone(), Duration::from_millis(m.outbox_poll_ms)).run(shutdown.clone()),
+    service.consume(
+        "payments consumer",
+        Consumer::new(topology::BILLING_PAYMENTS, db.clone(), ())
+            .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg))),
     );
-    tasks.spawn("http", serve(listener, app, shutdown.clone()));
-    let result = tasks.join().await;
-    broker.close().await;
-    result
+    service.relay_outbox();
+    service.serve(listener, routes(db)).await
 }

@@ -1,13 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init("billing");
-    let config = billing::Config::parse();
-    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    runtime::shutdown::on_signal(shutdown.clone());
-    let result = billing::run(config, listener, shutdown).await;
-    runtime::telemetry::flush();
-    result
+    runtime::service::main("billing", |c: &billing::Config| &c.addr, billing::run).await
 }

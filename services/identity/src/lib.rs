@@ -9,10 +9,8 @@ mod users;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
-use runtime::http::{Readiness, serve, service_router};
 use runtime::openapi::InternalAuth;
-use runtime::outbox::Relay;
-use runtime::{Broker, MessagingConfig, Tasks};
+use runtime::{MessagingConfig, Service};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,34 +76,24 @@ fn routes(state: AppState) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/identity")).await?;
+    let mut service = Service::start(
+        "identity",
+        &config.database_url,
+        sqlx::migrate!("../../migrations/identity"),
+        &config.messaging,
+        shutdown,
+    )
+    .await?;
     let key = match &config.jwt_private_key_pem {
         Some(pem) => SigningKey::from_pem(pem).context("JWT_PRIVATE_KEY_PEM")?,
-        None => SigningKey::load_or_create(&db).await?,
+        None => SigningKey::load_or_create(&service.db).await?,
     };
-    let broker = Broker::new(&config.messaging.amqp_url);
     let state = AppState {
-        db: db.clone(),
+        db: service.db.clone(),
         key: Arc::new(key),
         token_ttl: Duration::from_secs(config.token_ttl_secs),
         cookie_secure: config.cookie_secure,
     };
-    let app = service_router(
-        "identity",
-        routes(state),
-        Readiness {
-            db: Some(db.clone()),
-            broker: Some(broker.clone()),
-            outbox_max_age: Some(config.messaging.outbox_max_age()),
-            ..Default::default()
-        },
-    );
-
-    let mut tasks = Tasks::new(shutdown.clone());
-    let relay = Relay::new(db.clone(), broker.clone(), Duration::from_millis(config.messaging.outbox_poll_ms));
-    tasks.spawn("outbox relay", relay.run(shutdown.clone()));
-    tasks.spawn("http", serve(listener, app, shutdown.clone()));
-    let result = tasks.join().await;
-    broker.close().await;
-    result
+    service.relay_outbox();
+    service.serve(listener, routes(state)).await
 }

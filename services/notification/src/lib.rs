@@ -14,9 +14,8 @@ use axum::Router;
 use axum::routing::get;
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
-use runtime::http::{Readiness, serve, service_router};
 use runtime::openapi::InternalAuth;
-use runtime::{Broker, Consumer, MessagingConfig, Tasks};
+use runtime::{Consumer, MessagingConfig, Service};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -66,30 +65,34 @@ pub struct MailConfig {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = runtime::db::connect(&config.database_url, sqlx::migrate!("../../migrations/notification")).await?;
-    let broker = Broker::new(&config.messaging.amqp_url);
-    let mailer = Mailer::new(&config.mail, db.clone())?;
-    let routes = Router::new().route("/api/v1/notifications", get(notifications::list)).with_state(db.clone());
-    let app = service_router(
+    let mut service = Service::start(
         "notification",
-        routes,
-        Readiness { db: Some(db.clone()), broker: Some(broker.clone()), ..Default::default() },
+        &config.database_url,
+        sqlx::migrate!("../../migrations/notification"),
+        &config.messaging,
+        shutdown,
+    )
+    .await?;
+    let db = service.db.clone();
+    service.consume(
+        "users consumer",
+        Consumer::new(topology::NOTIFICATION_USERS, db.clone(), ())
+            .on::<UserCreated, _>(|_, tx, msg| Box::pin(notifications::on_user_created(tx, msg)))
+            .on::<UserUpdated, _>(|_, tx, msg| Box::pin(notifications::on_user_updated(tx, msg))),
     );
-    let m = &config.messaging;
-
-    let users = Consumer::new(topology::NOTIFICATION_USERS, db.clone(), ())
-        .on::<UserCreated, _>(|_, tx, msg| Box::pin(notifications::on_user_created(tx, msg)))
-        .on::<UserUpdated, _>(|_, tx, msg| Box::pin(notifications::on_user_updated(tx, msg)));
-    let orders = Consumer::new(topology::NOTIFICATION_ORDERS, db.clone(), ())
-        .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
-        .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg)));
-
-    let mut tasks = Tasks::new(shutdown.clone());
-    tasks.spawn("users consumer", users.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
-    tasks.spawn("orders consumer", orders.run(broker.clone(), m.prefetch, m.retry_delays(), shutdown.clone()));
-    tasks.spawn("mailer", mailer.run(Duration::from_millis(m.outbox_poll_ms), shutdown.clone()));
-    tasks.spawn("http", serve(listener, app, shutdown.clone()));
-    let result = tasks.join().await;
-    broker.close().await;
-    result
+    service.consume(
+        "orders consumer",
+        Consumer::new(topology::NOTIFICATION_ORDERS, db.clone(), ())
+            .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
+            .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg))),
+    );
+    let mailer = Mailer::new(&config.mail, db.clone())?;
+    let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
+    let shutdown = service.shutdown();
+    service.spawn("mailer", mailer.run(poll, shutdown));
+    let routes = Router::new()
+        .route("/api/v1/notifications", get(notifications::list))
+        .with_state(db)
+        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
+    service.serve(listener, routes).await
 }

@@ -1,13 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init("notification");
-    let config = notification::Config::parse();
-    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    runtime::shutdown::on_signal(shutdown.clone());
-    let result = notification::run(config, listener, shutdown).await;
-    runtime::telemetry::flush();
-    result
+    runtime::service::main("notification", |c: &notification::Config| &c.addr, notification::run).await
 }

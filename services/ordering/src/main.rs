@@ -1,13 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init("ordering");
-    let config = ordering::Config::parse();
-    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    runtime::shutdown::on_signal(shutdown.clone());
-    let result = ordering::run(config, listener, shutdown).await;
-    runtime::telemetry::flush();
-    result
+    runtime::service::main("ordering", |c: &ordering::Config| &c.addr, ordering::run).await
 }

@@ -1,0 +1,107 @@
+//! The skeleton every service with a database shares: its database (created
+//! and migrated) and broker connection, its consumers and outbox relay, and
+//! its HTTP routes with health and metrics, started together and stopped
+//! together. A service's `run` then reads as its wiring.
+
+use crate::http::{Readiness, serve, service_router};
+use crate::outbox::Relay;
+use crate::{Broker, Consumer, MessagingConfig, Tasks};
+use axum::Router;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub struct Service {
+    name: &'static str,
+    pub db: PgPool,
+    pub broker: Broker,
+    messaging: MessagingConfig,
+    tasks: Tasks,
+    relays_outbox: bool,
+}
+
+impl Service {
+    /// Connects to (and migrates) the service's database; the broker is
+    /// connected lazily by the tasks that need it.
+    pub async fn start(
+        name: &'static str,
+        database_url: &str,
+        migrations: Migrator,
+        messaging: &MessagingConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let db = crate::db::connect(database_url, migrations).await?;
+        Ok(Service {
+            name,
+            db,
+            broker: Broker::new(&messaging.amqp_url),
+            messaging: messaging.clone(),
+            tasks: Tasks::new(shutdown),
+            relays_outbox: false,
+        })
+    }
+
+    pub fn shutdown(&self) -> CancellationToken {
+        self.tasks.shutdown()
+    }
+
+    /// Runs `consumer` on its queue.
+    pub fn consume<S: Clone + Send + Sync + 'static>(&mut self, task: &'static str, consumer: Consumer<S>) {
+        let m = &self.messaging;
+        let run = consumer.run(self.broker.clone(), m.prefetch, m.retry_delays(), self.shutdown());
+        self.tasks.spawn(task, run);
+    }
+
+    /// Publishes what the service writes to its outbox.
+    pub fn relay_outbox(&mut self) {
+        let relay =
+            Relay::new(self.db.clone(), self.broker.clone(), Duration::from_millis(self.messaging.outbox_poll_ms));
+        self.tasks.spawn("outbox relay", relay.run(self.shutdown()));
+        self.relays_outbox = true;
+    }
+
+    /// Any other long-running task of the service.
+    pub fn spawn<F>(&mut self, task: &'static str, future: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.spawn(task, future);
+    }
+
+    /// Serves `routes` (with health, metrics and the common layers) and runs
+    /// every task until shutdown or the first failure.
+    pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+        let readiness = Readiness {
+            db: Some(self.db.clone()),
+            broker: Some(self.broker.clone()),
+            outbox_max_age: self.relays_outbox.then(|| self.messaging.outbox_max_age()),
+            ..Default::default()
+        };
+        let app = service_router(self.name, routes, readiness);
+        let shutdown = self.shutdown();
+        self.tasks.spawn("http", serve(listener, app, shutdown));
+        let result = self.tasks.join().await;
+        self.broker.close().await;
+        result
+    }
+}
+
+/// The body of every service binary: telemetry, configuration from flags and
+/// environment, the listener, signals, and a final flush of the traces.
+pub async fn main<C, F, Fut>(name: &'static str, addr: fn(&C) -> &str, run: F) -> anyhow::Result<()>
+where
+    C: clap::Parser,
+    F: FnOnce(C, TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(name);
+    let config = C::parse();
+    let listener = TcpListener::bind(addr(&config)).await?;
+    let shutdown = CancellationToken::new();
+    crate::shutdown::on_signal(shutdown.clone());
+    let result = run(config, listener, shutdown).await;
+    crate::telemetry::flush();
+    result
+}
