@@ -122,6 +122,16 @@ pub(crate) struct AppState {
     shutdown: CancellationToken,
 }
 
+/// What this replica holds: open streams, users with one, and the offset of
+/// the last stream entry read (not routed by the gateway).
+async fn streams(axum::extract::State(state): axum::extract::State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "openStreams": state.hub.open_streams(),
+        "users": state.hub.users(),
+        "position": state.hub.position(),
+    }))
+}
+
 /// Runs the service on `listener` (and on `tls_addr` when set) until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tls = runtime::tls::bind(&config.tls_addr)?;
@@ -156,7 +166,10 @@ pub async fn run_with_tls(
         drain,
         shutdown: shutdown.clone(),
     };
-    let routes = Router::new().route("/api/v1/orders", get(sse::order_events)).with_state(state);
+    let routes = Router::new()
+        .route("/api/v1/orders", get(sse::order_events))
+        .route("/internal/v1/streams", get(streams))
+        .with_state(state);
     let app = service_router("push", routes, Readiness { broker: Some(broker.clone()), ..Default::default() });
 
     let mut tasks = Tasks::new(shutdown.clone());

@@ -313,3 +313,114 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
     replica.stop().await;
     app.stop().await;
 }
+
+impl Replica {
+    async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/internal/v1/streams", self.url)).await.unwrap().json().await.unwrap()
+    }
+}
+
+/// Publishes `count` `OrderCreated` for `user` as ordering's relay does
+/// (pipelined, confirmed); returns the order ids in order.
+async fn publish_orders(app: &TestApp, user: uuid::Uuid, count: usize) -> Vec<String> {
+    let conn = lapin::Connection::connect(&app.vhost.amqp_url, Default::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut orders = Vec::with_capacity(count);
+    let mut confirms = Vec::with_capacity(count);
+    for _ in 0..count {
+        let order = uuid::Uuid::new_v4();
+        let body = json!({"orderId": order, "userId": user, "price": 1, "occurredAt": chrono::Utc::now()});
+        let props = lapin::BasicProperties::default()
+            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_type("OrderCreated".into())
+            .with_content_type("application/json".into());
+        let opts = lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() };
+        let body = serde_json::to_vec(&body).unwrap();
+        confirms
+            .push(channel.basic_publish("ordering".into(), "OrderCreated".into(), opts, &body, props).await.unwrap());
+        orders.push(order.to_string());
+    }
+    for c in confirms {
+        assert!(matches!(c.await.unwrap(), lapin::Confirmation::Ack(None)));
+    }
+    let _ = conn.close(200, "done".into()).await;
+    orders
+}
+
+#[tokio::test]
+async fn a_closed_stream_is_freed_at_once() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    // No heartbeat for an hour and no events: only the disconnect itself
+    // can free the stream.
+    let replica = Replica::start(&app, |c| c.heartbeat_secs = 3600).await;
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for client in [reqwest::Client::new(), h2c] {
+        let resp = client
+            .get(format!("{}/api/v1/orders", replica.url))
+            .header("x-user-id", user.id.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        eventually(WAIT, || async { (replica.stats().await["openStreams"] == 1).then_some(()) }).await;
+        drop(resp);
+        drop(client);
+        eventually(WAIT, || async {
+            let s = replica.stats().await;
+            (s["openStreams"] == 0 && s["users"] == 0).then_some(())
+        })
+        .await;
+    }
+    replica.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_falls_behind_is_closed_and_resumes_without_a_gap() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let replica = Replica::start(&app, |c| c.buffer = 1).await;
+    // HTTP/2 with a small window: the client stops reading, the server
+    // cannot send, the connection's buffer overflows.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_adaptive_window(false)
+        .http2_initial_stream_window_size(16 * 1024)
+        .http2_initial_connection_window_size(16 * 1024)
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("{}/api/v1/orders", replica.url))
+        .header("x-user-id", user.id.to_string())
+        .send()
+        .await
+        .unwrap();
+    let start = replica.stats().await["position"].as_u64().unwrap();
+    let total = 500;
+    let orders = publish_orders(&app, user.id, total).await;
+    eventually(WAIT, || async {
+        (replica.stats().await["position"].as_u64().unwrap() >= start + total as u64).then_some(())
+    })
+    .await;
+
+    // Reading now: some events, then the server closes the stream.
+    let mut stream = events(resp);
+    let mut seen = Vec::new();
+    let mut last_id = String::new();
+    while let Some(e) = tokio::time::timeout(WAIT, stream.recv()).await.expect("the stream ends") {
+        seen.push(order_of(&e));
+        last_id = e.id;
+    }
+    assert!(!seen.is_empty() && seen.len() < total, "closed after {} of {total}", seen.len());
+    assert_eq!(seen[..], orders[..seen.len()]);
+
+    // Resuming from its last id gets the rest, in order, nothing skipped.
+    let mut stream = replica.subscribe(&user, Some(&last_id)).await;
+    for expected in &orders[seen.len()..] {
+        assert_eq!(&order_of(&next(&mut stream).await), expected);
+    }
+    replica.stop().await;
+    app.stop().await;
+}
