@@ -5,12 +5,19 @@
 //! live reader delivered. Every entry after it is still to come through the
 //! live reader, so a connection that subscribes at position `P` gets every
 //! event after `P` live and must replay only up to `P` (see `sse`).
+//!
+//! The last events it read (a bounded number, none older than the retention)
+//! stay in memory, so that a browser that reconnects to the same replica
+//! (a network blip, a stream closed for falling behind) resumes without
+//! reading the stream. That window is a cache: the stream is the history.
 
 use contracts::api::OrderStatus;
 use contracts::messages::{Message, OrderCreated, OrderFailed};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
@@ -87,22 +94,67 @@ pub fn decode(offset: u64, kind: &str, body: &[u8]) -> Result<Entry, String> {
 struct State {
     streams: HashMap<Uuid, broadcast::Sender<Arc<PushEvent>>>,
     position: Option<u64>,
+    /// The last events read, oldest first, with when they were read.
+    recent: VecDeque<(Instant, Arc<PushEvent>)>,
+    /// Every event at or after this offset (up to the position) is in `recent`.
+    recent_from: Option<u64>,
+}
+
+impl State {
+    fn forget_older_than(&mut self, max_age: Duration) {
+        while let Some((at, e)) = self.recent.front() {
+            if at.elapsed() <= max_age {
+                break;
+            }
+            self.recent_from = Some(e.offset + 1);
+            self.recent.pop_front();
+        }
+    }
+}
+
+/// How many recent events a hub keeps in memory, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct Recent {
+    pub events: usize,
+    pub max_age: Duration,
 }
 
 pub struct Hub {
     state: Mutex<State>,
     buffer: usize,
+    recent: Recent,
     ready: watch::Sender<Option<u64>>,
+    /// Resumes served from memory and from the stream.
+    pub replays_from_memory: AtomicU64,
+    pub replays_from_stream: AtomicU64,
+}
+
+/// Where a resuming connection finds what it missed.
+pub enum Missed {
+    /// Nothing to replay (a fresh connection, or an id at or after the position).
+    Nothing,
+    /// The user's events after the id, from memory.
+    InMemory(Vec<Arc<PushEvent>>),
+    /// Beyond the memory window: replay from the stream up to the position.
+    InStream,
 }
 
 impl Hub {
     /// `buffer`: events a connection may fall behind by before it is closed
     /// (the browser then resumes from its last id; nothing is skipped).
-    pub fn new(buffer: usize) -> Self {
+    pub fn new(buffer: usize, recent: Recent) -> Self {
         Hub {
-            state: Mutex::new(State { streams: HashMap::new(), position: None }),
+            state: Mutex::new(State {
+                streams: HashMap::new(),
+                position: None,
+                recent: VecDeque::new(),
+                recent_from: None,
+            }),
             buffer: buffer.max(1),
+            recent,
             ready: watch::channel(None).0,
+            replays_from_memory: AtomicU64::new(0),
+            replays_from_stream: AtomicU64::new(0),
         }
     }
 
@@ -110,10 +162,36 @@ impl Hub {
     /// every event after it arrives on the subscription. `None` until the
     /// live reader has delivered its first entry.
     pub fn subscribe(self: &Arc<Self>, user: Uuid) -> (Subscription, Option<u64>) {
+        let (subscription, position, _) = self.subscribe_after(user, None);
+        (subscription, position)
+    }
+
+    /// [`subscribe`](Self::subscribe), and where to find the user's events
+    /// after `after` up to the position, taken in the same instant.
+    pub fn subscribe_after(self: &Arc<Self>, user: Uuid, after: Option<u64>) -> (Subscription, Option<u64>, Missed) {
         let mut state = self.state.lock().expect("hub lock");
         let position = state.position;
         let rx = state.streams.entry(user).or_insert_with(|| broadcast::channel(self.buffer).0).subscribe();
-        (Subscription { rx: Some(rx), hub: self.clone(), user }, position)
+        state.forget_older_than(self.recent.max_age);
+        let missed = match (after, position) {
+            (Some(n), Some(p)) if n < p => {
+                if state.recent_from.is_some_and(|from| from <= n + 1) {
+                    let events = state
+                        .recent
+                        .iter()
+                        .filter(|(_, e)| e.user_id == user && e.offset > n && e.offset <= p)
+                        .map(|(_, e)| e.clone())
+                        .collect();
+                    self.replays_from_memory.fetch_add(1, Ordering::Relaxed);
+                    Missed::InMemory(events)
+                } else {
+                    self.replays_from_stream.fetch_add(1, Ordering::Relaxed);
+                    Missed::InStream
+                }
+            }
+            _ => Missed::Nothing,
+        };
+        (Subscription { rx: Some(rx), hub: self.clone(), user }, position, missed)
     }
 
     /// Waits until the hub has a position (the live reader is attached).
@@ -145,10 +223,22 @@ impl Hub {
                 return; // re-read after a reconnect
             }
             state.position = Some(offset);
-            if let Entry::Event(event) = entry
-                && let Some(tx) = state.streams.get(&event.user_id)
-            {
-                let _ = tx.send(Arc::new(event));
+            if self.recent.events > 0 && state.recent_from.is_none() {
+                state.recent_from = Some(offset);
+            }
+            if let Entry::Event(event) = entry {
+                let event = Arc::new(event);
+                if let Some(tx) = state.streams.get(&event.user_id) {
+                    let _ = tx.send(event.clone());
+                }
+                if self.recent.events > 0 {
+                    state.recent.push_back((Instant::now(), event));
+                    if state.recent.len() > self.recent.events
+                        && let Some((_, old)) = state.recent.pop_front()
+                    {
+                        state.recent_from = Some(old.offset + 1);
+                    }
+                }
             }
         }
         self.ready.send_if_modified(|p| {
@@ -160,7 +250,10 @@ impl Hub {
 
     /// Closes every connection (they resume from their ids elsewhere or here).
     pub fn close_all(&self) {
-        self.state.lock().expect("hub lock").streams.clear();
+        let mut state = self.state.lock().expect("hub lock");
+        state.streams.clear();
+        state.recent.clear();
+        state.recent_from = None;
     }
 
     fn release(&self, user: Uuid) {
@@ -189,5 +282,76 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.rx.take();
         self.hub.release(self.user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(offset: u64, user: Uuid) -> Entry {
+        Entry::Event(PushEvent {
+            offset,
+            event: "OrderCreated",
+            user_id: user,
+            data: OrderEventData {
+                order_id: Uuid::new_v4(),
+                status: OrderStatus::Succeeded,
+                price: serde_json::from_str("1").unwrap(),
+                reason: None,
+                occurred_at: chrono::Utc::now(),
+            },
+        })
+    }
+
+    fn offsets(missed: Missed) -> Option<Vec<u64>> {
+        match missed {
+            Missed::InMemory(events) => Some(events.iter().map(|e| e.offset).collect()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn resumes_from_memory_within_the_window_and_from_the_stream_beyond_it() {
+        let hub = Arc::new(Hub::new(4, Recent { events: 3, max_age: Duration::from_secs(60) }));
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.publish(Entry::Other { offset: 10 }); // the marker
+        for (offset, user) in [(11, alice), (12, bob), (13, alice), (14, alice)] {
+            hub.publish(event(offset, user));
+        }
+        // Three events kept: 12, 13, 14; offset 11 was forgotten.
+        let (_s, position, missed) = hub.subscribe_after(alice, Some(11));
+        assert_eq!(position, Some(14));
+        assert_eq!(offsets(missed), Some(vec![13, 14]));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(10));
+        assert!(matches!(missed, Missed::InStream), "11 is no longer in memory");
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(14));
+        assert!(matches!(missed, Missed::Nothing));
+        assert_eq!(hub.replays_from_memory.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.replays_from_stream.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_users_channel_is_freed_with_its_last_subscription() {
+        let hub = Arc::new(Hub::new(4, Recent { events: 0, max_age: Duration::ZERO }));
+        let user = Uuid::new_v4();
+        let (a, _) = hub.subscribe(user);
+        let (b, _) = hub.subscribe(user);
+        assert_eq!((hub.users(), hub.open_streams()), (1, 2));
+        drop(a);
+        assert_eq!((hub.users(), hub.open_streams()), (1, 1));
+        drop(b);
+        assert_eq!((hub.users(), hub.open_streams()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_learns_it() {
+        let hub = Arc::new(Hub::new(2, Recent { events: 0, max_age: Duration::ZERO }));
+        let user = Uuid::new_v4();
+        let (mut sub, _) = hub.subscribe(user);
+        for offset in 1..=3 {
+            hub.publish(event(offset, user));
+        }
+        assert!(matches!(sub.recv().await, Err(broadcast::error::RecvError::Lagged(1))));
     }
 }

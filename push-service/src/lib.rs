@@ -64,6 +64,12 @@ pub struct Config {
     #[arg(long, env = "PUSH_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,
 
+    /// Recent events kept in memory (within the retention) so that a browser
+    /// reconnecting to the same replica resumes without reading the stream;
+    /// 0 turns this off.
+    #[arg(long, env = "PUSH_RECENT_EVENTS", default_value_t = 10_000)]
+    pub recent_events: usize,
+
     /// Replays (resumes from an older id) read from the stream at once.
     #[arg(long, env = "PUSH_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
@@ -81,11 +87,24 @@ pub struct Config {
 }
 
 fn parse_max_age(s: &str) -> Result<String, String> {
+    max_age(s).map(|_| s.to_string())
+}
+
+/// The duration of an `x-max-age` value.
+fn max_age(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    if !n.is_empty() && n.parse::<u64>().is_ok_and(|n| n > 0) && matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s") {
-        Ok(s.to_string())
-    } else {
-        Err("expected a number and a unit of Y, M, D, h, m or s (e.g. 24h)".into())
+    let secs = match unit {
+        "Y" => 365 * 86_400,
+        "M" => 30 * 86_400,
+        "D" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => 0,
+    };
+    match n.parse::<u64>() {
+        Ok(n) if n > 0 && secs > 0 => Ok(Duration::from_secs(n.saturating_mul(secs))),
+        _ => Err("expected a number and a unit of Y, M, D, h, m or s (e.g. 24h)".into()),
     }
 }
 
@@ -102,6 +121,7 @@ impl Config {
             buffer: 64,
             drain_secs: 10,
             max_replays: 64,
+            recent_events: 10_000,
             addr: String::new(),
             tls_addr: String::new(),
             tls: TlsConfig::default(),
@@ -129,6 +149,8 @@ async fn streams(axum::extract::State(state): axum::extract::State<AppState>) ->
         "openStreams": state.hub.open_streams(),
         "users": state.hub.users(),
         "position": state.hub.position(),
+        "replaysFromMemory": state.hub.replays_from_memory.load(std::sync::atomic::Ordering::Relaxed),
+        "replaysFromStream": state.hub.replays_from_stream.load(std::sync::atomic::Ordering::Relaxed),
     }))
 }
 
@@ -146,7 +168,9 @@ pub async fn run_with_tls(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker = Broker::new(&config.messaging.amqp_url);
-    let hub = Arc::new(Hub::new(config.buffer));
+    let recent =
+        hub::Recent { events: config.recent_events, max_age: max_age(&config.retention).map_err(anyhow::Error::msg)? };
+    let hub = Arc::new(Hub::new(config.buffer, recent));
     let spec = stream::StreamSpec {
         name: config.stream.clone(),
         max_age: config.retention.clone(),

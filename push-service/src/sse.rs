@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
-use crate::hub::{Entry, PushEvent};
+use crate::hub::{Entry, Missed, PushEvent};
 use crate::stream::{self, From};
 
 /// The typed event that tells a page its history is gone: refetch.
@@ -88,7 +88,11 @@ pub async fn order_events(
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));
     }
-    let (mut subscription, position) = state.hub.subscribe(user.id);
+    let after = match resume {
+        Resume::From(n) => Some(n),
+        _ => None,
+    };
+    let (mut subscription, position, missed) = state.hub.subscribe_after(user.id, after);
     let position = position.expect("the hub is ready");
     let shutdown = state.shutdown.clone();
     tracing::info!(user_id = %user.id, ?resume, position, "stream opened");
@@ -107,63 +111,76 @@ pub async fn order_events(
             }
             Resume::From(n) if n >= position => covered = Some(n),
             Resume::From(n) => {
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => None,
-                    p = state.replays.acquire() => p.ok(),
-                };
-                let reader = match permit {
-                    Some(_) => stream::open(&state.broker, &state.spec, From::Offset(n + 1), state.prefetch).await.ok(),
-                    None => None,
-                };
-                let Some((channel, consumer)) = reader else {
-                    // The client retries from its id.
-                    tracing::warn!(user_id = %user.id, "replay unavailable; closing the stream");
-                    return;
-                };
-                let mut consumer = std::pin::pin!(consumer);
-                let mut first = true;
-                loop {
-                    let next = tokio::select! {
-                        _ = shutdown.cancelled() => { open = false; break }
-                        next = tokio::time::timeout(REPLAY_IDLE, consumer.next()) => next,
+                if let Missed::InMemory(events) = missed {
+                    for e in &events {
+                        if let Some(event) = event_of(e) {
+                            yield Ok(event);
+                        }
+                    }
+                    covered = Some(position);
+                } else {
+                    let permit = tokio::select! {
+                        _ = shutdown.cancelled() => None,
+                        p = state.replays.acquire() => p.ok(),
                     };
-                    let delivery = match next {
-                        Err(_) => {
-                            // The stream holds nothing from N+1 on: expired.
-                            yield Ok(reset_event(position, Some(n)));
-                            covered = Some(position);
+                    let reader = match permit {
+                        Some(_) => stream::open(&state.broker, &state.spec, From::Offset(n + 1), state.prefetch).await.ok(),
+                        None => None,
+                    };
+                    let Some((channel, consumer)) = reader else {
+                        // The client retries from its id.
+                        tracing::warn!(user_id = %user.id, "replay unavailable; closing the stream");
+                        return;
+                    };
+                    let mut consumer = std::pin::pin!(consumer);
+                    let mut first = true;
+                    loop {
+                        let next = tokio::select! {
+                            _ = shutdown.cancelled() => { open = false; break }
+                            next = tokio::time::timeout(REPLAY_IDLE, consumer.next()) => next,
+                        };
+                        let delivery = match next {
+                            Err(_) if first => {
+                                // The stream holds nothing from N+1 on: expired.
+                                yield Ok(reset_event(position, Some(n)));
+                                covered = Some(position);
+                                break;
+                            }
+                            Err(_) => { open = false; break } // stalled: the client resumes
+                            Ok(Some(Ok(d))) => d,
+                            Ok(_) => { open = false; break }
+                        };
+                        let Ok(entry) = stream::entry_of(delivery).await else { open = false; break };
+                        let offset = entry.offset();
+                        if offset <= n {
+                            continue; // the rest of the chunk that holds N+1
+                        }
+                        if first && offset > n + 1 {
+                            tracing::info!(user_id = %user.id, asked = n, oldest = offset, "resume point expired");
+                            yield Ok(reset_event(offset - 1, Some(n)));
+                            covered = Some(offset - 1);
+                        }
+                        first = false;
+                        if offset > position {
+                            // Everything up to the position has been read.
+                            covered = covered.max(Some(position));
+                            break; // live from here on
+                        }
+                        if let Entry::Event(e) = &entry
+                            && e.user_id == user.id
+                            && let Some(event) = event_of(e)
+                        {
+                            yield Ok(event);
+                        }
+                        covered = Some(offset);
+                        if offset >= position {
                             break;
                         }
-                        Ok(Some(Ok(d))) => d,
-                        Ok(_) => { open = false; break }
-                    };
-                    let Ok(entry) = stream::entry_of(delivery).await else { open = false; break };
-                    let offset = entry.offset();
-                    if first && offset > n + 1 {
-                        tracing::info!(user_id = %user.id, asked = n, oldest = offset, "resume point expired");
-                        yield Ok(reset_event(offset - 1, Some(n)));
-                        covered = Some(offset - 1);
                     }
-                    first = false;
-                    if offset > position {
-                        // Everything up to the position has been read.
-                        covered = covered.max(Some(position));
-                        break; // live from here on
+                    let _ = channel.close(200, "replayed".into()).await;
+                    if covered.is_some_and(|c| c < position) {
+                        open = false; // interrupted: the client resumes from its id
                     }
-                    if let Entry::Event(e) = &entry
-                        && e.user_id == user.id
-                        && let Some(event) = event_of(e)
-                    {
-                        yield Ok(event);
-                    }
-                    covered = Some(offset);
-                    if offset >= position {
-                        break;
-                    }
-                }
-                let _ = channel.close(200, "replayed".into()).await;
-                if covered.is_some_and(|c| c < position) {
-                    open = false; // interrupted: the client resumes from its id
                 }
             }
         }

@@ -171,6 +171,11 @@ pub async fn read_live(
             let mut first = true;
             while let Some(delivery) = deliveries.next().await {
                 let entry = entry_of(delivery?).await?;
+                if let From::Offset(expected) = from
+                    && entry.offset() < expected
+                {
+                    continue; // the rest of the chunk that holds `expected`
+                }
                 if first
                     && let From::Offset(expected) = from
                     && entry.offset() > expected

@@ -189,6 +189,7 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let replica = Replica::start(&app, |_| {}).await;
     let mut stream = replica.subscribe(&alice, Some(&e.id)).await;
     let last = expect_orders(&mut stream, &[&missed], &e.id).await;
+    assert_eq!(replica.stats().await["replaysFromStream"], 1);
     let live = settled_order(&app, &alice, 30).await;
     let last = expect_orders(&mut stream, &[&live], &last).await;
     drop(stream);
@@ -380,8 +381,20 @@ async fn a_closed_stream_is_freed_at_once() {
 #[tokio::test]
 async fn a_client_that_falls_behind_is_closed_and_resumes_without_a_gap() {
     let app = TestApp::spawn().await;
+    // Resumed from the replica's memory, then (memory off) from the stream.
+    for recent_events in [10_000, 0] {
+        falls_behind_and_resumes(&app, recent_events).await;
+    }
+    app.stop().await;
+}
+
+async fn falls_behind_and_resumes(app: &TestApp, recent_events: usize) {
     let user = app.user().await;
-    let replica = Replica::start(&app, |c| c.buffer = 1).await;
+    let replica = Replica::start(app, |c| {
+        c.buffer = 1;
+        c.recent_events = recent_events;
+    })
+    .await;
     // HTTP/2 with a small window: the client stops reading, the server
     // cannot send, the connection's buffer overflows.
     let client = reqwest::Client::builder()
@@ -399,7 +412,7 @@ async fn a_client_that_falls_behind_is_closed_and_resumes_without_a_gap() {
         .unwrap();
     let start = replica.stats().await["position"].as_u64().unwrap();
     let total = 500;
-    let orders = publish_orders(&app, user.id, total).await;
+    let orders = publish_orders(app, user.id, total).await;
     eventually(WAIT, || async {
         (replica.stats().await["position"].as_u64().unwrap() >= start + total as u64).then_some(())
     })
@@ -421,6 +434,11 @@ async fn a_client_that_falls_behind_is_closed_and_resumes_without_a_gap() {
     for expected in &orders[seen.len()..] {
         assert_eq!(&order_of(&next(&mut stream).await), expected);
     }
+    let stats = replica.stats().await;
+    let (memory, stream) = if recent_events > 0 { (1, 0) } else { (0, 1) };
+    assert_eq!(
+        (stats["replaysFromMemory"].as_u64(), stats["replaysFromStream"].as_u64()),
+        (Some(memory), Some(stream))
+    );
     replica.stop().await;
-    app.stop().await;
 }
