@@ -442,3 +442,38 @@ async fn falls_behind_and_resumes(app: &TestApp, recent_events: usize) {
     );
     replica.stop().await;
 }
+
+#[tokio::test]
+async fn streams_start_with_a_retry_hint_get_heartbeats_and_close_on_shutdown() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let replica = Replica::start(&app, |c| {
+        c.retry_ms = 1500;
+        c.drain_secs = 2;
+    })
+    .await;
+    let url = format!("{}/api/v1/orders", replica.url);
+    let resp = reqwest::Client::new().get(&url).header("x-user-id", user.id.to_string()).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    // The hint first, then a heartbeat comment (`:` alone) on the idle stream.
+    while !text.split_once("\n\n").is_some_and(|(_, rest)| rest.contains(":\n\n")) {
+        let chunk = tokio::time::timeout(WAIT, body.next()).await.expect("data in time").unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.starts_with("retry: 1500\n"), "{text:?}");
+
+    // Shutdown: every open stream ends (each at its own moment within the
+    // drain window), and the replica stops.
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(replica.subscribe(&user, None).await);
+    }
+    replica.shutdown.cancel();
+    for mut s in streams {
+        assert!(tokio::time::timeout(WAIT, s.recv()).await.expect("closed in time").is_none());
+    }
+    let stopped = tokio::time::timeout(WAIT, replica.task).await.expect("stops in time").unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    app.stop().await;
+}
