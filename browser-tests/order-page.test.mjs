@@ -11,7 +11,8 @@
 // service starts again and the page catches up from the event stream.
 //
 // Environment: PROFILE (debug), CHROMIUM (/usr/bin/chromium),
-// POSTGRES_URL, AMQP_BASE, RABBITMQ_API as in scripts/test's servers.
+// POSTGRES_URL, AMQP_BASE, RABBITMQ_API as in scripts/test's servers;
+// SCREENSHOT=file.png keeps a picture of the page at the end.
 
 import { chromium } from 'playwright-core';
 import { spawn, execFileSync } from 'node:child_process';
@@ -218,6 +219,7 @@ async function main() {
     step = 'no reload';
     if (!(await page.evaluate(() => window.__notReloaded === true))) throw new Error('the page was reloaded');
     await page.waitForFunction(() => document.getElementById('balance').textContent === '30.00');
+    if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
     log('PASS');
   } finally {
     await browser.close();

@@ -154,7 +154,7 @@ function upsertOrder(order, eventId) {
     $('orders').prepend(row);
   }
   const cells = row.children;
-  cells[0].textContent = order.id.slice(0, 8);
+  cells[0].textContent = order.id.slice(-8); // ids are UUIDv7: the start is the time
   cells[0].title = order.id;
   cells[1].textContent = money(merged.price);
   cells[2].textContent = merged.status;
@@ -200,7 +200,9 @@ function onOrderEvent(ev) {
   upsertOrder({ id: e.orderId, status: e.status, price: e.price, reason: e.reason, occurredAt: e.occurredAt },
     ev.lastEventId);
   refreshBalance();
-  setTimeout(loadNotifications, 500); // the notification is written asynchronously
+  // The notification is written asynchronously, shortly after the event.
+  setTimeout(loadNotifications, 500);
+  setTimeout(loadNotifications, 2500);
 }
 
 function openStream() {
