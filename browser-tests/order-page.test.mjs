@@ -114,6 +114,8 @@ async function main() {
     SSE_HEARTBEAT_SECS: '2',
     SSE_RETRY_MS: '1000',
     PUSH_DRAIN_SECS: '1',
+    // It checks the page's cookie itself too, against identity (the launcher's gateway port + 1).
+    PUSH_IDENTITY_URL: `http://127.0.0.1:${gatewayPort + 1}`,
   };
   let push = start('push-service', bin('push-service'), pushEnv);
   start('order-system', bin('order-system'), {

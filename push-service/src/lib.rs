@@ -9,6 +9,7 @@
 //! user each belongs to; a resuming connection replays what it missed from
 //! the stream and then joins the live fan-out (see `sse`).
 
+mod auth;
 mod hub;
 mod sse;
 mod stream;
@@ -74,6 +75,13 @@ pub struct Config {
     #[arg(long, env = "PUSH_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
 
+    /// Identity's URL: when set, streams need a valid access token (bearer
+    /// header or `accessToken` cookie) checked here against identity's keys;
+    /// when unset, the gateway's `X-User-Id` is trusted (reachable only from
+    /// the gateway then).
+    #[arg(long, env = "PUSH_IDENTITY_URL")]
+    pub identity_url: Option<String>,
+
     /// Cleartext address: HTTP/1.1 and prior-knowledge HTTP/2 (h2c).
     #[arg(long, env = "PUSH_ADDR", default_value = "127.0.0.1:8085")]
     pub addr: String,
@@ -122,6 +130,7 @@ impl Config {
             drain_secs: 10,
             max_replays: 64,
             recent_events: 10_000,
+            identity_url: None,
             addr: String::new(),
             tls_addr: String::new(),
             tls: TlsConfig::default(),
@@ -136,6 +145,7 @@ pub(crate) struct AppState {
     spec: stream::StreamSpec,
     prefetch: u16,
     replays: Arc<Semaphore>,
+    verifier: Option<Arc<auth::Verifier>>,
     heartbeat: Duration,
     retry: Duration,
     drain: Duration,
@@ -179,12 +189,14 @@ pub async fn run_with_tls(
     // A stream reader needs credit for whole chunks to keep up.
     let prefetch = config.messaging.prefetch.max(256);
     let drain = Duration::from_secs(config.drain_secs);
+    let verifier = config.identity_url.as_deref().map(|url| Arc::new(auth::Verifier::new(url)));
     let state = AppState {
         hub: hub.clone(),
         broker: broker.clone(),
         spec: spec.clone(),
         prefetch,
         replays: Arc::new(Semaphore::new(config.max_replays.max(1))),
+        verifier: verifier.clone(),
         heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
         retry: Duration::from_millis(config.retry_ms),
         drain,
@@ -197,6 +209,9 @@ pub async fn run_with_tls(
     let app = service_router("push", routes, Readiness { broker: Some(broker.clone()), ..Default::default() });
 
     let mut tasks = Tasks::new(shutdown.clone());
+    if let Some(verifier) = verifier {
+        tasks.spawn("token keys", verifier.keep_fresh(Duration::from_secs(2), shutdown.clone()));
+    }
     tasks.spawn("order event stream", stream::read_live(hub, broker.clone(), spec, prefetch, shutdown.clone()));
     if let Some(tls_listener) = tls_listener {
         let tls = runtime::tls::server_config(&config.tls).await?;

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
 
 use crate::AppState;
 use crate::hub::{Entry, Missed, PushEvent};
@@ -78,12 +79,34 @@ fn reset_event(id: u64, asked: Option<u64>) -> Event {
     Event::default().id(id.to_string()).event(RESET).data(data.to_string())
 }
 
+/// The stream's user: from its own check of the token when configured
+/// (`crate::auth`), else from the gateway's `X-User-Id`.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUser, ApiError> {
+    let Some(verifier) = &state.verifier else {
+        let id = headers
+            .get(runtime::auth::USER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Uuid::parse_str(v).ok())
+            .ok_or_else(|| ApiError::unauthorized("authentication required"))?;
+        return Ok(CurrentUser { id, email: String::new() });
+    };
+    let token = crate::auth::token_of(headers).ok_or_else(|| {
+        ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
+    })?;
+    let claims = verifier
+        .verify(token)
+        .await
+        .ok_or_else(|| ApiError::unauthorized("the access token is invalid, expired or revoked"))?;
+    tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));
+    Ok(CurrentUser { id: claims.user_id, email: claims.email })
+}
+
 pub async fn order_events(
     State(state): State<AppState>,
-    user: CurrentUser,
     headers: HeaderMap,
     Query(query): Query<ResumeQuery>,
 ) -> Result<Response, ApiError> {
+    let user = authenticate(&state, &headers).await?;
     let resume = resume_point(&headers, &query);
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));

@@ -151,6 +151,8 @@ async fn main() -> anyhow::Result<()> {
                 addr: push_addr.to_string(),
                 tls_addr: cli.push_tls_addr.clone(),
                 tls: cli.tls.clone(),
+                // Its own HTTPS port faces browsers too: it checks tokens itself.
+                identity_url: Some(url(identity_addr)),
                 ..push_service::Config::local(cli.messaging.clone())
             };
             let listener = TcpListener::bind(push_addr).await?;

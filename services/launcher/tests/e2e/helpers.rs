@@ -110,6 +110,8 @@ pub struct TestApp {
     pub gateway: String,
     /// The gateway's HTTPS address (HTTP/2 by ALPN, self-signed certificate).
     pub gateway_https: String,
+    /// Identity, directly (its keys for services that check tokens themselves).
+    pub identity: String,
     pub http: reqwest::Client,
     pub vhost: Vhost,
     pub prefix: String,
@@ -173,7 +175,7 @@ impl TestApp {
         let (l, gateway) = listener().await;
         let config = gateway::Config {
             addr: String::new(),
-            identity_url,
+            identity_url: identity_url.clone(),
             billing_url,
             ordering_url: ordering_url.clone(),
             notification_url,
@@ -187,8 +189,17 @@ impl TestApp {
         let gateway_https = format!("https://{}", https.local_addr().unwrap());
         tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
 
-        let app =
-            TestApp { gateway, gateway_https, http: reqwest::Client::new(), vhost, prefix, smtp, shutdown, tasks };
+        let app = TestApp {
+            gateway,
+            gateway_https,
+            identity: identity_url,
+            http: reqwest::Client::new(),
+            vhost,
+            prefix,
+            smtp,
+            shutdown,
+            tasks,
+        };
         app.wait_until_ready(&ordering_url).await;
         app
     }

@@ -479,3 +479,43 @@ async fn streams_start_with_a_retry_hint_get_heartbeats_and_close_on_shutdown() 
     assert!(stopped.is_ok(), "{stopped:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_replica_facing_browsers_checks_the_token_itself() {
+    let app = TestApp::spawn().await;
+    let alice = app.user().await;
+    let bob = app.user().await;
+    let replica = Replica::start(&app, |c| c.identity_url = Some(app.identity.clone())).await;
+    let tls = h2_client();
+    let url = format!("{}/api/v1/orders", replica.https);
+    let status = |r: reqwest::Response| r.status();
+
+    // The gateway's header alone is not enough here, nor a token in the URL.
+    let r = tls.get(&url).header("x-user-id", alice.id.to_string()).send().await.unwrap();
+    assert_eq!(status(r), StatusCode::UNAUTHORIZED);
+    let r = tls.get(format!("{url}?accessToken={}", alice.token)).send().await.unwrap();
+    assert_eq!(status(r), StatusCode::UNAUTHORIZED);
+    let r = tls.get(&url).bearer_auth("not.a.token").send().await.unwrap();
+    assert_eq!(status(r), StatusCode::UNAUTHORIZED);
+    let r = tls.get(&url).header("cookie", format!("accessToken={}", bob.token)).send().await.unwrap();
+    assert_eq!((r.version(), status(r)), (Version::HTTP_2, StatusCode::OK));
+
+    // The token decides whose stream it is, whatever X-User-Id says.
+    let resp = tls.get(&url).bearer_auth(&alice.token).header("x-user-id", bob.id.to_string()).send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let mut stream = events(resp);
+    settled_order(&app, &bob, 7).await;
+    let alices = settled_order(&app, &alice, 8).await;
+    assert_eq!(order_of(&next(&mut stream).await), alices);
+
+    // A logged-out token stops opening streams.
+    let r = app.post(&alice, "/identity/logout", json!({})).await;
+    assert!(r.status().is_success());
+    eventually(WAIT, || async {
+        let r = tls.get(&url).bearer_auth(&alice.token).send().await.unwrap();
+        (r.status() == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    replica.stop().await;
+    app.stop().await;
+}
