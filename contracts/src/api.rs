@@ -37,15 +37,8 @@ pub struct Register {
     pub email: String,
     #[schema(min_length = 8, max_length = 128)]
     pub password: String,
-    #[serde(default)]
-    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
-    pub first_name: Option<String>,
-    #[serde(default)]
-    #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
-    pub last_name: Option<String>,
-    #[serde(default)]
-    #[schema(pattern = r"^(\+?[0-9][0-9 ().-]{3,31})?$", example = "+71004242424")]
-    pub phone: Option<String>,
+    #[serde(flatten)]
+    pub profile: Profile,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -62,11 +55,13 @@ pub struct AccessToken {
     pub access_token: String,
 }
 
-/// `PUT /identity/profile`: the seed sends a whole `User`; `id` and `email`
-/// are read-only there and ignored when present.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+/// The editable part of a user, given at registration and by
+/// `PUT /identity/profile` (where the seed sends a whole `User`: `id` and
+/// `email` are read-only there and ignored when present). An empty string
+/// clears a field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct UpdateProfile {
+pub struct Profile {
     #[serde(default)]
     #[schema(max_length = 100, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub first_name: Option<String>,

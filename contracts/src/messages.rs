@@ -137,3 +137,22 @@ message!(OrderFailed, exchange::ORDERING, order_id);
 
 /// The reason billing gives when the balance does not cover a payment.
 pub const NOT_ENOUGH_MONEY: &str = "not enough money";
+
+/// A user as identity announces them, at registration and on every change.
+macro_rules! from_user {
+    ($ty:ident) => {
+        impl From<&crate::api::User> for $ty {
+            fn from(u: &crate::api::User) -> Self {
+                $ty {
+                    id: u.id,
+                    email: u.email.clone(),
+                    first_name: u.first_name.clone(),
+                    last_name: u.last_name.clone(),
+                    phone: u.phone.clone(),
+                }
+            }
+        }
+    };
+}
+from_user!(UserCreated);
+from_user!(UserUpdated);

@@ -6,9 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use contracts::api::{
-    AccessToken, ErrorBody, Login, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, UpdateProfile, User,
-};
+use contracts::api::{AccessToken, ErrorBody, Login, Profile, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, User};
 use contracts::messages::{UserCreated, UserUpdated};
 use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
 use runtime::outbox;
@@ -71,6 +69,15 @@ fn parse_text(field: &str, value: Option<String>, max: usize) -> Result<Option<S
     Ok((!v.is_empty()).then(|| v.to_string()))
 }
 
+/// The profile fields, each checked and cleaned.
+fn parse_profile(p: Profile) -> Result<Profile, ApiError> {
+    Ok(Profile {
+        first_name: parse_text("firstName", p.first_name, 100)?,
+        last_name: parse_text("lastName", p.last_name, 100)?,
+        phone: parse_phone(p.phone)?,
+    })
+}
+
 /// A phone number as the schema's pattern says: an optional `+`, a digit,
 /// then 3 to 31 digits, spaces, dots, dashes or parentheses.
 fn parse_phone(value: Option<String>) -> Result<Option<String>, ApiError> {
@@ -124,9 +131,7 @@ async fn verify_password(password: String, hash: Option<String>) -> Result<bool,
 pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
     let email = parse_email(&form.email)?;
     let password = parse_password(&form.password)?.to_string();
-    let first_name = parse_text("firstName", form.first_name, 100)?;
-    let last_name = parse_text("lastName", form.last_name, 100)?;
-    let phone = parse_phone(form.phone)?;
+    let Profile { first_name, last_name, phone } = parse_profile(form.profile)?;
     let hash = hash_password(password).await?;
     let id = Uuid::now_v7();
 
@@ -148,17 +153,7 @@ pub async fn register(State(state): State<AppState>, Json(form): Json<Register>)
         return Err(ApiError::conflict("a user with this e-mail is already registered"));
     }
     let user = User { id, email, first_name, last_name, phone };
-    outbox::enqueue(
-        &mut tx,
-        &UserCreated {
-            id,
-            email: user.email.clone(),
-            first_name: user.first_name.clone(),
-            last_name: user.last_name.clone(),
-            phone: user.phone.clone(),
-        },
-    )
-    .await?;
+    outbox::enqueue(&mut tx, &UserCreated::from(&user)).await?;
     tx.commit().await?;
     tracing::info!(user_id = %id, "user registered");
     Ok((StatusCode::CREATED, Json(user)).into_response())
@@ -260,7 +255,7 @@ pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result
 }
 
 #[utoipa::path(put, path = "/api/v1/profile", tag = "identity", operation_id = "updateCurrentUser",
-    request_body = UpdateProfile,
+    request_body = Profile,
     responses(
         (status = 200, description = "The updated user", body = User),
         (status = 401, description = "Not authenticated", body = ErrorBody),
@@ -270,11 +265,9 @@ pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result
 pub async fn update_profile(
     State(state): State<AppState>,
     user: CurrentUser,
-    Json(form): Json<UpdateProfile>,
+    Json(form): Json<Profile>,
 ) -> Result<Json<User>, ApiError> {
-    let first_name = parse_text("firstName", form.first_name, 100)?;
-    let last_name = parse_text("lastName", form.last_name, 100)?;
-    let phone = parse_phone(form.phone)?;
+    let Profile { first_name, last_name, phone } = parse_profile(form)?;
     let mut tx = state.db.begin().await?;
     let row: Option<UserRow> = sqlx::query_as(
         "UPDATE users SET first_name = $2, last_name = $3, phone = $4, updated_at = now()
@@ -287,17 +280,7 @@ pub async fn update_profile(
     .fetch_optional(&mut *tx)
     .await?;
     let user = User::from(row.ok_or_else(|| ApiError::not_found("user not found"))?);
-    outbox::enqueue(
-        &mut tx,
-        &UserUpdated {
-            id: user.id,
-            email: user.email.clone(),
-            first_name: user.first_name.clone(),
-            last_name: user.last_name.clone(),
-            phone: user.phone.clone(),
-        },
-    )
-    .await?;
+    outbox::enqueue(&mut tx, &UserUpdated::from(&user)).await?;
     tx.commit().await?;
     Ok(Json(user))
 }
