@@ -7,8 +7,9 @@
 // reaches over EXTERNAL_PUSH_URL, so that the test can stop and start it.
 // Then, in the page: register, deposit, one order that succeeds and one that
 // fails, both seen changing on screen without a reload; the page's requests
-// go over HTTP/2; the push service is stopped, an order is placed, the push
-// service starts again and the page catches up from the event stream.
+// go over HTTP/2; the push service is stopped, an order is placed and its
+// outcome shown by polling, the push service starts again and the page
+// catches up from the event stream.
 //
 // Environment: PROFILE (debug), CHROMIUM (/usr/bin/chromium),
 // POSTGRES_URL, AMQP_BASE, RABBITMQ_API as in scripts/test's servers;
@@ -209,6 +210,14 @@ async function main() {
       const status = await page.evaluate(async (id) => (await (await fetch(`/api/v1/ordering/orders/${id}`)).json()).status, whileDown);
       return status === 'succeeded';
     });
+
+    step = 'polling while the stream is down';
+    // The page polls the pending order and shows its outcome without the stream.
+    await page.waitForSelector(`${row(whileDown)}[data-status=succeeded]`);
+    if (await page.locator(row(whileDown)).getAttribute('data-event-id') !== null) {
+      throw new Error('an event arrived while the push service was down');
+    }
+    log(`order ${whileDown} succeeded on screen by polling`);
 
     step = 'push service started again';
     push = start('push-service', bin('push-service'), pushEnv);

@@ -62,7 +62,7 @@ pub async fn run_with_tls(
 ) -> anyhow::Result<()> {
     let client = proxy::client();
     let auth = Arc::new(auth::Authenticator::new(client.clone(), config.identity_url.clone()));
-    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone()));
+    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone()));
     let keys = auth.clone();
     let app = Router::new()
         .route("/api/{*path}", any(proxy::forward))

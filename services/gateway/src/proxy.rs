@@ -14,6 +14,7 @@ use runtime::http::BODY_LIMIT;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use crate::auth::{AuthError, Authenticator};
@@ -49,7 +50,13 @@ pub struct Gateway {
     client: Client,
     auth: Arc<Authenticator>,
     timeout: Duration,
+    shutdown: CancellationToken,
 }
+
+/// On shutdown, the event streams passing through end at random moments
+/// within this window (so that their browsers reconnect spread out) instead
+/// of holding the shutdown open for as long as the push service keeps them.
+const STREAM_DRAIN: Duration = Duration::from_secs(5);
 
 /// Calls that need no token.
 fn is_public(method: &Method, path: &str) -> bool {
@@ -60,7 +67,7 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
 
 impl Gateway {
-    pub fn new(config: &Config, client: Client, auth: Arc<Authenticator>) -> Self {
+    pub fn new(config: &Config, client: Client, auth: Arc<Authenticator>, shutdown: CancellationToken) -> Self {
         let route = |public, upstream: &String, internal| Route {
             public,
             upstream: upstream.trim_end_matches('/').to_string(),
@@ -77,6 +84,7 @@ impl Gateway {
             client,
             auth,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
+            shutdown,
         }
     }
 
@@ -184,6 +192,17 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         && let Ok(v) = HeaderValue::from_str(&format!("{}{}", route.public, rest))
     {
         parts.headers.insert(header::LOCATION, v);
+    }
+    let is_event_stream =
+        parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_event_stream {
+        let shutdown = gw.shutdown.clone();
+        let end = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(STREAM_DRAIN.mul_f64(rand::random::<f64>())).await;
+        };
+        let body = Body::from_stream(futures::StreamExt::take_until(body.into_data_stream(), end));
+        return Ok(Response::from_parts(parts, body).into_response());
     }
     Ok(Response::from_parts(parts, Body::new(body)).into_response())
 }

@@ -519,3 +519,42 @@ async fn a_replica_facing_browsers_checks_the_token_itself() {
     replica.stop().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let replica = Replica::start(&app, |_| {}).await;
+    // A gateway of its own in front of the replica, which keeps running.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let config = gateway::Config {
+        addr: String::new(),
+        identity_url: app.identity.clone(),
+        billing_url: "http://127.0.0.1:9".into(),
+        ordering_url: "http://127.0.0.1:9".into(),
+        notification_url: "http://127.0.0.1:9".into(),
+        push_url: replica.url.clone(),
+        revocation_refresh_ms: 200,
+        upstream_timeout_secs: 30,
+        https_addr: String::new(),
+        tls: Default::default(),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gateway::run_with_tls(config, listener, None, shutdown.clone()));
+    let url = format!("{gateway}/api/v1/push/orders");
+    let resp = eventually(WAIT, || async {
+        let r = reqwest::Client::new().get(&url).bearer_auth(&user.token).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await;
+    let mut stream = events(resp);
+    shutdown.cancel();
+    assert!(tokio::time::timeout(WAIT, stream.recv()).await.expect("the stream ends").is_none());
+    let stopped = tokio::time::timeout(WAIT, task).await.expect("the gateway stops").unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    // The replica's side of the stream is freed with it.
+    eventually(WAIT, || async { (replica.stats().await["openStreams"] == 0).then_some(()) }).await;
+    replica.stop().await;
+    app.stop().await;
+}
