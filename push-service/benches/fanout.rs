@@ -32,6 +32,10 @@ struct Args {
     /// Events per second.
     #[arg(long, default_value_t = 500)]
     rate: u64,
+    /// Multiplex the streams over HTTP/2 without TLS (h2c), this many per
+    /// connection, instead of one HTTP/1.1 connection per stream.
+    #[arg(long)]
+    h2c_streams_per_connection: Option<usize>,
     /// Streams opened at once while connecting.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
@@ -169,9 +173,16 @@ async fn main() -> anyhow::Result<()> {
     let mut opened = 0usize;
     let mut refused = 0usize;
     let mut handles = Vec::with_capacity(users.len());
-    for user in &users {
+    let clients: Vec<reqwest::Client> = match args.h2c_streams_per_connection {
+        Some(per) => (0..args.connections.div_ceil(per.max(1)))
+            .map(|_| reqwest::Client::builder().http2_prior_knowledge().build())
+            .collect::<Result<_, _>>()?,
+        None => vec![http.clone()],
+    };
+    for (i, user) in users.iter().enumerate() {
         let permit = gate.clone().acquire_owned().await?;
-        let (http, url, sent, lat_tx, user) = (http.clone(), url.clone(), sent.clone(), lat_tx.clone(), *user);
+        let http = clients[i % clients.len()].clone();
+        let (url, sent, lat_tx, user) = (url.clone(), sent.clone(), lat_tx.clone(), *user);
         handles.push(tokio::spawn(subscriber(http, url, user, sent, lat_tx, conn_tx.clone(), permit)));
     }
     while opened + refused < users.len() {
@@ -237,8 +248,12 @@ async fn main() -> anyhow::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();
     println!("push-service fan-out benchmark ({} CPUs)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let transport = match args.h2c_streams_per_connection {
+        Some(per) => format!("h2c, {per} per connection, {} connections", clients.len()),
+        None => "HTTP/1.1, one connection each".to_string(),
+    };
     println!(
-        "  streams open              {opened} of {} ({refused} refused), in {:.1} s",
+        "  streams open              {opened} of {} ({refused} refused), in {:.1} s ({transport})",
         users.len(),
         connect_time.as_secs_f64()
     );
