@@ -12,8 +12,9 @@
 //!   the publisher (the exchange is named after the context that publishes);
 //! - a channel per consuming queue (`bindings.amqp.is = queue`) with the
 //!   messages bound to it, and a `receive` operation per consumer and
-//!   message; the consumer is the queue name's prefix. Each push-service
-//!   replica has its own queue for [`topology::PUSH_ORDER_EVENTS`];
+//!   message; the consumer is the queue name's prefix. Every push-service
+//!   replica reads the stream [`topology::PUSH_STREAM`] of
+//!   [`topology::PUSH_ORDER_EVENTS`] from its own offset;
 //! - per message: the AMQP `type` (message binding `messageType`), the
 //!   `correlationId` (the payload field sent as `correlation_id`), the
 //!   `traceparent` header and the other properties.
@@ -97,23 +98,18 @@ pub struct Consumer {
     pub service: &'static str,
     /// The channel key in the document.
     pub channel: &'static str,
-    /// The queue's name (an address with a `{replica}` parameter for push).
     pub queue: &'static str,
     pub exchange: &'static str,
     pub routing_keys: &'static [&'static str],
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    /// `quorum` or `classic`.
+    /// `quorum` or `stream`.
     pub queue_type: &'static str,
 }
 
-/// The push service's per-replica queue name, with its parameter.
-const PUSH_QUEUE: &str = "push.{replica}";
-
 /// Who consumes what: the durable queues of [`topology::QUEUES`] (the
-/// service is the queue name's prefix) and each push-service replica's own
-/// queue.
+/// service is the queue name's prefix) and the push service's stream.
 pub fn consumers() -> Vec<Consumer> {
     let mut consumers: Vec<Consumer> = topology::QUEUES
         .iter()
@@ -132,13 +128,13 @@ pub fn consumers() -> Vec<Consumer> {
     consumers.push(Consumer {
         service: "push-service",
         channel: "push",
-        queue: PUSH_QUEUE,
+        queue: topology::PUSH_STREAM,
         exchange: OrderCreated::EXCHANGE,
         routing_keys: topology::PUSH_ORDER_EVENTS,
-        durable: false,
-        exclusive: true,
-        auto_delete: true,
-        queue_type: "classic",
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        queue_type: "stream",
     });
     consumers
 }
@@ -195,7 +191,8 @@ pub fn document() -> Value {
                  in `contracts/src/messages.rs` and the topology in `contracts/src/topology.rs`.\n\n\
                  Each publishing context has one durable topic exchange named after it; the routing key is the \
                  message name. Each consuming service has one durable quorum queue per source, bound to the keys \
-                 it handles; each push-service replica has its own exclusive queue. A message is published \
+                 it handles; the push service keeps order events in the stream `push.order-events`, which every \
+                 replica reads from its own offset (the offsets are the server-sent event ids). A message is published \
                  persistent and mandatory with publisher confirms (transactional outbox), consumed with manual \
                  ack after its effect committed (idempotent by `message_id`); a failing message is retried \
                  through `<queue>.retry.<ms>ms` queues, then parked in `<queue>.dead`."
@@ -323,7 +320,7 @@ pub fn document() -> Value {
             messages.insert((*key).into(), json!({ "$ref": format!("#/components/messages/{key}") }));
         }
         let keys = c.routing_keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
-        let (kind, extra) = if c.durable {
+        let (kind, extra) = if c.queue_type == "quorum" {
             (
                 "durable quorum queue",
                 format!(
@@ -332,9 +329,9 @@ pub fn document() -> Value {
                 ),
             )
         } else {
-            ("exclusive, auto-deleted queue of one replica", " Every replica sees every order event.".to_string())
+            ("durable stream", " Every push-service replica reads it from its own offset, so each sees every order event and can resume any id.".to_string())
         };
-        let mut channel = json!({
+        let channel = json!({
             "address": c.queue,
             "title": format!("queue {}", c.queue),
             "description": format!(
@@ -359,12 +356,6 @@ pub fn document() -> Value {
                 "bindingVersion": AMQP_BINDING_VERSION
             } }
         });
-        if c.queue.contains("{replica}") {
-            obj(&mut channel).insert(
-                "parameters".into(),
-                json!({ "replica": { "description": "The random id (a UUID, simple form) each push-service replica picks at start." } }),
-            );
-        }
         channels.insert(c.channel.into(), channel);
         for key in c.routing_keys {
             operations.insert(

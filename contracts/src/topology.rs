@@ -42,10 +42,14 @@ pub const NOTIFICATION_ORDERS: QueueSpec = QueueSpec {
     routing_keys: &[messages::OrderCreated::NAME, messages::OrderFailed::NAME],
 };
 
-/// The durable queues of the system. The push service's per-replica queues
-/// are not here: each replica declares its own, bound to these keys.
+/// The durable quorum queues of the system. The push service's stream is
+/// not among them: it is declared by the push service ([`PUSH_STREAM`]).
 pub const QUEUES: &[QueueSpec] =
     &[BILLING_USERS, BILLING_PAYMENTS, ORDERING_PAYMENTS, NOTIFICATION_USERS, NOTIFICATION_ORDERS];
 
-/// What each push-service replica binds its own queue to.
+/// The RabbitMQ stream of order events that every push-service replica reads
+/// from its own offset (the offsets are the SSE event ids).
+pub const PUSH_STREAM: &str = "push.order-events";
+
+/// What the push stream is bound to.
 pub const PUSH_ORDER_EVENTS: &[&str] = &[messages::OrderCreated::NAME, messages::OrderFailed::NAME];

@@ -191,6 +191,7 @@ impl Hub {
             }
             _ => Missed::Nothing,
         };
+        metrics::gauge!("sse_connections_open").increment(1.0);
         (Subscription { rx: Some(rx), hub: self.clone(), user }, position, missed)
     }
 
@@ -282,6 +283,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.rx.take();
         self.hub.release(self.user);
+        metrics::gauge!("sse_connections_open").decrement(1.0);
     }
 }
 

@@ -124,7 +124,7 @@ impl Config {
             heartbeat_secs: 15,
             retry_ms: 3000,
             retention: "24h".into(),
-            stream: "push.order-events".into(),
+            stream: contracts::topology::PUSH_STREAM.into(),
             segment_bytes: None,
             buffer: 64,
             drain_secs: 10,

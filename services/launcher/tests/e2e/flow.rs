@@ -96,6 +96,7 @@ async fn register_deposit_order_succeed_then_fail() {
         "outbox_backlog_messages{",
         "outbox_oldest_unsent_age_seconds{",
         "emails_sent_total",
+        "sse_connections_open ",
     ] {
         assert!(metrics.contains(series), "missing {series} in\n{metrics}");
     }
