@@ -22,9 +22,10 @@ use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 /// What a page needs to update an order without another call.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderEventData {
+    #[schema(format = Uuid)]
     pub order_id: Uuid,
     pub status: OrderStatus,
     pub price: contracts::Money,

@@ -17,6 +17,7 @@ mod stream;
 use axum::Router;
 use axum::routing::get;
 use runtime::http::{Readiness, serve, service_router};
+use runtime::openapi::InternalAuth;
 use runtime::tls::TlsConfig;
 use runtime::{Broker, MessagingConfig, Tasks};
 use std::sync::Arc;
@@ -27,6 +28,16 @@ use tokio_util::sync::CancellationToken;
 
 pub use hub::{Hub, OrderEventData, PushEvent};
 pub use sse::RESET;
+
+/// The push service's REST API, as served at `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Push service", description = "Order events to browsers as server-sent events."),
+    paths(sse::order_events),
+    modifiers(&InternalAuth),
+    tags((name = "push")),
+)]
+pub struct ApiDoc;
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "push-service", about = "Push service: order events to browsers over HTTP/2 server-sent events")]
@@ -205,7 +216,8 @@ pub async fn run_with_tls(
     let routes = Router::new()
         .route("/api/v1/orders", get(sse::order_events))
         .route("/internal/v1/streams", get(streams))
-        .with_state(state);
+        .with_state(state)
+        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     let app = service_router("push", routes, Readiness { broker: Some(broker.clone()), ..Default::default() });
 
     let mut tasks = Tasks::new(shutdown.clone());

@@ -37,9 +37,13 @@ const REPLAY_IDLE: Duration = Duration::from_secs(10);
 /// How long a connection waits for a replica that is still attaching.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ResumeQuery {
+    /// On a first connection, the id of the last event an earlier page saw
+    /// (a reconnect sends the `Last-Event-ID` header instead, which wins).
     #[serde(rename = "lastEventId")]
+    #[param(rename = "lastEventId")]
     last_event_id: Option<String>,
 }
 
@@ -101,6 +105,19 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
     Ok(CurrentUser { id: claims.user_id, email: claims.email })
 }
 
+#[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
+    description = "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed` with \
+        the order in `data:`, `id:` its position in the order event stream (the same on every replica), \
+        `event: reset` when the history asked for is gone (refetch the orders). Resumes after `Last-Event-ID` \
+        or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL.",
+    params(ResumeQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (sent by EventSource on reconnect)")),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData`",
+            content_type = "text/event-stream", body = crate::hub::OrderEventData),
+        (status = 401, description = "Not authenticated", body = contracts::api::ErrorBody),
+        (status = 503, description = "The stream is not available yet", body = contracts::api::ErrorBody),
+    ))]
 pub async fn order_events(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -1,19 +1,16 @@
 //! The public OpenAPI document: every service's document (generated from its
 //! handlers by utoipa), with paths as the gateway exposes them, the seed's
-//! `JWT` cookie scheme and a bearer scheme, and the event stream.
+//! `JWT` cookie scheme and a bearer scheme.
 //! `order-system openapi` writes these documents to `contracts/openapi/`;
 //! the gateway serves the public one, and a test checks the committed copies
 //! match the code and the seed's contract.
 
 use utoipa::OpenApi as _;
-use utoipa::openapi::content::ContentBuilder;
-use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
-use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{
     ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
 };
 use utoipa::openapi::server::Server;
-use utoipa::openapi::{InfoBuilder, OpenApi, OpenApiBuilder, Ref};
+use utoipa::openapi::{InfoBuilder, OpenApi, OpenApiBuilder};
 
 /// Each service's internal document and the public prefix of its paths.
 pub fn service_documents() -> Vec<(&'static str, &'static str, OpenApi)> {
@@ -22,34 +19,8 @@ pub fn service_documents() -> Vec<(&'static str, &'static str, OpenApi)> {
         ("billing", "/billing", billing::ApiDoc::openapi()),
         ("ordering", "/ordering", ordering::ApiDoc::openapi()),
         ("notification", "", notification::ApiDoc::openapi()),
+        ("push", "/push", push_service::ApiDoc::openapi()),
     ]
-}
-
-fn event_stream() -> PathItem {
-    let op = OperationBuilder::new()
-        .tag("push")
-        .operation_id(Some("getOrderEvents"))
-        .description(Some(
-            "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed`, \
-             `id:` the event id, `data:` `{orderId, status, price, reason?, occurredAt}`. \
-             Authenticated by the `accessToken` cookie or a bearer token, never by the URL.",
-        ))
-        .response(
-            "200",
-            ResponseBuilder::new()
-                .description("An endless `text/event-stream`")
-                .content("text/event-stream", ContentBuilder::new().build())
-                .build(),
-        )
-        .response(
-            "401",
-            ResponseBuilder::new()
-                .description("Not authenticated")
-                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("Error"))).build())
-                .build(),
-        )
-        .build();
-    PathItem::new(HttpMethod::Get, op)
 }
 
 pub fn public_document() -> OpenApi {
@@ -81,8 +52,6 @@ pub fn public_document() -> OpenApi {
             doc.tags.get_or_insert_with(Vec::new).push(tag);
         }
     }
-    doc.paths.paths.insert("/push/orders".into(), event_stream());
-    doc.tags.get_or_insert_with(Vec::new).push(utoipa::openapi::tag::Tag::new("push"));
     components.add_security_scheme("JWT", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("accessToken"))));
     components.add_security_scheme(
         "bearer",

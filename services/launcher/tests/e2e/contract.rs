@@ -136,7 +136,8 @@ fn json_schema(op: &Value, path: &[&str]) -> Option<Value> {
 #[test]
 fn the_public_api_is_a_compatible_superset_of_the_seed() {
     // The seed's contract, as committed beside ours (a copy of shared/seed/public-api.yaml).
-    let seed_text = std::fs::read_to_string(repo().join("contracts/seed/public-api.yaml")).expect("the seed's contract");
+    let seed_text =
+        std::fs::read_to_string(repo().join("contracts/seed/public-api.yaml")).expect("the seed's contract");
     let seed: Value = serde_yaml::from_str(&seed_text).unwrap();
     let ours: Value = serde_json::to_value(order_system::openapi::public_document()).unwrap();
     let mut problems = Vec::new();
