@@ -9,7 +9,6 @@
 //! user each belongs to; a resuming connection replays what it missed from
 //! the stream and then joins the live fan-out (see `sse`).
 
-mod auth;
 mod hub;
 mod sse;
 mod stream;
@@ -19,6 +18,7 @@ use axum::routing::get;
 use runtime::http::{Readiness, serve, service_router};
 use runtime::openapi::InternalAuth;
 use runtime::tls::TlsConfig;
+use runtime::tokens::TokenVerifier;
 use runtime::{Broker, MessagingConfig, Tasks};
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,7 +156,7 @@ pub(crate) struct AppState {
     spec: stream::StreamSpec,
     prefetch: u16,
     replays: Arc<Semaphore>,
-    verifier: Option<Arc<auth::Verifier>>,
+    verifier: Option<Arc<TokenVerifier>>,
     heartbeat: Duration,
     retry: Duration,
     drain: Duration,
@@ -200,7 +200,7 @@ pub async fn run_with_tls(
     // A stream reader needs credit for whole chunks to keep up.
     let prefetch = config.messaging.prefetch.max(256);
     let drain = Duration::from_secs(config.drain_secs);
-    let verifier = config.identity_url.as_deref().map(|url| Arc::new(auth::Verifier::new(url)));
+    let verifier = config.identity_url.as_deref().map(|url| Arc::new(TokenVerifier::new(url)));
     let state = AppState {
         hub: hub.clone(),
         broker: broker.clone(),

@@ -84,7 +84,7 @@ fn reset_event(id: u64, asked: Option<u64>) -> Event {
 }
 
 /// The stream's user: from its own check of the token when configured
-/// (`crate::auth`), else from the gateway's `X-User-Id`.
+/// (`runtime::tokens`), else from the gateway's `X-User-Id`.
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUser, ApiError> {
     let Some(verifier) = &state.verifier else {
         let id = headers
@@ -94,13 +94,13 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
             .ok_or_else(|| ApiError::unauthorized("authentication required"))?;
         return Ok(CurrentUser { id, email: String::new() });
     };
-    let token = crate::auth::token_of(headers).ok_or_else(|| {
+    let token = runtime::tokens::token_of(headers).ok_or_else(|| {
         ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
     })?;
     let claims = verifier
         .verify(token)
         .await
-        .ok_or_else(|| ApiError::unauthorized("the access token is invalid, expired or revoked"))?;
+        .map_err(|_| ApiError::unauthorized("the access token is invalid, expired or revoked"))?;
     tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));
     Ok(CurrentUser { id: claims.user_id, email: claims.email })
 }

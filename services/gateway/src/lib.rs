@@ -4,7 +4,6 @@
 //! service that owns the path with the user's id and e-mail, and streams the
 //! answer back unbuffered (the event stream included).
 
-mod auth;
 pub mod docs;
 mod proxy;
 mod web;
@@ -13,6 +12,7 @@ use axum::Router;
 use axum::routing::any;
 use runtime::Tasks;
 use runtime::http::{Readiness, health_routes, not_found, serve, with_common_layers};
+use runtime::tokens::TokenVerifier;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -61,7 +61,7 @@ pub async fn run_with_tls(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = proxy::client();
-    let auth = Arc::new(auth::Authenticator::new(client.clone(), config.identity_url.clone()));
+    let auth = Arc::new(TokenVerifier::new(&config.identity_url));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone()));
     let keys = auth.clone();
     let app = Router::new()

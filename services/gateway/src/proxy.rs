@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -11,13 +11,12 @@ use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
 use runtime::auth::{INTERNAL_HEADERS, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER, USER_EMAIL_HEADER, USER_ID_HEADER};
 use runtime::http::BODY_LIMIT;
-use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
-use crate::auth::{AuthError, Authenticator};
+use runtime::tokens::{TokenError, TokenVerifier};
 
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
@@ -30,14 +29,6 @@ pub fn client() -> Client {
         .build(connector)
 }
 
-pub async fn get_json<T: DeserializeOwned>(client: &Client, url: &str) -> anyhow::Result<T> {
-    let uri: Uri = url.parse()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await??;
-    anyhow::ensure!(resp.status().is_success(), "{url} answered {}", resp.status());
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
-}
-
 /// A public path prefix and where it goes.
 struct Route {
     public: &'static str,
@@ -48,7 +39,7 @@ struct Route {
 pub struct Gateway {
     routes: Vec<Route>,
     client: Client,
-    auth: Arc<Authenticator>,
+    auth: Arc<TokenVerifier>,
     timeout: Duration,
     shutdown: CancellationToken,
 }
@@ -67,7 +58,7 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
 
 impl Gateway {
-    pub fn new(config: &Config, client: Client, auth: Arc<Authenticator>, shutdown: CancellationToken) -> Self {
+    pub fn new(config: &Config, client: Client, auth: Arc<TokenVerifier>, shutdown: CancellationToken) -> Self {
         let route = |public, upstream: &String, internal| Route {
             public,
             upstream: upstream.trim_end_matches('/').to_string(),
@@ -129,11 +120,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     let mut claims = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(|e| match e {
-            AuthError::Missing => {
+            TokenError::Missing => {
                 ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
             }
-            AuthError::Invalid => ApiError::unauthorized("the access token is invalid, expired or revoked"),
-            AuthError::Unavailable => {
+            TokenError::Invalid => ApiError::unauthorized("the access token is invalid, expired or revoked"),
+            TokenError::Unavailable => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet")
             }
         })?;

@@ -17,6 +17,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;
 
 pub use broker::Broker;
 pub use config::MessagingConfig;

@@ -1,13 +1,10 @@
-//! Token verification by the push service itself, for when its own ports are
-//! reachable by browsers (its HTTPS listener facing clients directly) rather
-//! than only by the gateway. With `--identity-url` set, a stream needs a valid
-//! access token from the `Authorization: Bearer` header or the `accessToken`
-//! cookie (never the URL), checked against identity's published keys and
-//! revocations as the gateway does, and `X-User-Id` is ignored. Without it,
-//! the service trusts the gateway's `X-User-Id` and must be reachable only
-//! from the gateway.
+//! Access-token verification, for the gateway and for any service whose port
+//! faces browsers (the push service's HTTPS listener): identity's public keys
+//! (JWKS), fetched at start and again when a token names an unknown key, and
+//! the list of revoked tokens, refreshed from identity and updated at once by
+//! a logout that passes through this process.
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Uri, header};
 use contracts::api::{TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -24,7 +21,16 @@ use uuid::Uuid;
 
 type Http = Client<HttpConnector, Empty<axum::body::Bytes>>;
 
-pub struct Verifier {
+/// Why a request is not authenticated.
+#[derive(Debug, PartialEq)]
+pub enum TokenError {
+    Missing,
+    Invalid,
+    /// No key to check with yet (identity unreachable since start).
+    Unavailable,
+}
+
+pub struct TokenVerifier {
     http: Http,
     identity_url: String,
     keys: RwLock<HashMap<String, DecodingKey>>,
@@ -52,8 +58,8 @@ struct Revoked {
     expires_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The token a request carries: `Authorization: Bearer`, else the cookie.
-/// Never the query string.
+/// The token a request carries: `Authorization: Bearer`, else the
+/// `accessToken` cookie. Never the query string.
 pub fn token_of(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))
@@ -71,11 +77,11 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-impl Verifier {
+impl TokenVerifier {
     pub fn new(identity_url: &str) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        Verifier {
+        TokenVerifier {
             http: Client::builder(TokioExecutor::new()).build(connector),
             identity_url: identity_url.trim_end_matches('/').to_string(),
             keys: RwLock::new(HashMap::new()),
@@ -85,7 +91,7 @@ impl Verifier {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let uri: axum::http::Uri = format!("{}{path}", self.identity_url).parse()?;
+        let uri: Uri = format!("{}{path}", self.identity_url).parse()?;
         let resp = tokio::time::timeout(Duration::from_secs(5), self.http.get(uri)).await??;
         anyhow::ensure!(resp.status().is_success(), "identity answered {} to {path}", resp.status());
         Ok(serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?)
@@ -113,14 +119,28 @@ impl Verifier {
         Ok(())
     }
 
+    /// Whether tokens can be verified yet (identity's keys are loaded).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.read().expect("keys lock").is_empty()
+    }
+
     /// Keeps the keys and the revocations current until `shutdown`.
     pub async fn keep_fresh(self: Arc<Self>, every: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        loop {
-            if self.keys.read().expect("keys lock").is_empty()
-                && let Err(e) = self.fetch_keys().await
-            {
-                tracing::warn!(error = %e, "identity keys not available yet");
+        let mut pause = Duration::from_millis(100);
+        while !self.has_keys() {
+            match self.fetch_keys().await {
+                Ok(()) => tracing::info!("identity keys loaded"),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?pause, "identity keys not available yet"),
             }
+            if !self.has_keys() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+        loop {
             if let Err(e) = self.fetch_revoked().await {
                 tracing::warn!(error = %e, "could not refresh revoked tokens");
             }
@@ -131,9 +151,15 @@ impl Verifier {
         }
     }
 
-    /// The claims of a valid, unrevoked token.
-    pub async fn verify(&self, token: &str) -> Option<TokenClaims> {
-        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+    /// Applies a logout at once in this process.
+    pub fn revoke(&self, claims: &TokenClaims) {
+        self.revoked.write().expect("revoked lock").insert(claims.jti, claims.exp);
+    }
+
+    /// The claims of a valid, unexpired, unrevoked token.
+    pub async fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        let kid = header.kid.ok_or(TokenError::Invalid)?;
         if !self.keys.read().expect("keys lock").contains_key(&kid) {
             // A new key, or none yet: fetch again, at most every few seconds.
             let mut last = self.last_key_fetch.lock().await;
@@ -145,11 +171,25 @@ impl Verifier {
             }
         }
         let keys = self.keys.read().expect("keys lock");
+        if keys.is_empty() {
+            return Err(TokenError::Unavailable);
+        }
+        let key = keys.get(&kid).ok_or(TokenError::Invalid)?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[TOKEN_ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.leeway = 5;
-        let claims = jsonwebtoken::decode::<TokenClaims>(token, keys.get(&kid)?, &validation).ok()?.claims;
-        (!self.revoked.read().expect("revoked lock").contains_key(&claims.jti)).then_some(claims)
+        let claims =
+            jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| TokenError::Invalid)?.claims;
+        if self.revoked.read().expect("revoked lock").contains_key(&claims.jti) {
+            return Err(TokenError::Invalid);
+        }
+        Ok(claims)
+    }
+
+    /// The claims of the token `headers` carry.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<TokenClaims, TokenError> {
+        let token = token_of(headers).ok_or(TokenError::Missing)?;
+        self.verify(token).await
     }
 }
