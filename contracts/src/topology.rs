@@ -51,5 +51,9 @@ pub const QUEUES: &[QueueSpec] =
 /// from its own offset (the offsets are the SSE event ids).
 pub const PUSH_STREAM: &str = "push.order-events";
 
+/// How long the push stream keeps events unless the push service is
+/// configured otherwise (RabbitMQ `x-max-age`).
+pub const PUSH_STREAM_DEFAULT_MAX_AGE: &str = "24h";
+
 /// What the push stream is bound to.
 pub const PUSH_ORDER_EVENTS: &[&str] = &[messages::OrderCreated::NAME, messages::OrderFailed::NAME];

@@ -134,7 +134,7 @@ impl Config {
             messaging,
             heartbeat_secs: 15,
             retry_ms: 3000,
-            retention: "24h".into(),
+            retention: contracts::topology::PUSH_STREAM_DEFAULT_MAX_AGE.into(),
             stream: contracts::topology::PUSH_STREAM.into(),
             segment_bytes: None,
             buffer: 64,

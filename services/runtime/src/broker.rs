@@ -56,6 +56,7 @@ impl Broker {
         let channel = conn.create_channel().await?;
         declare_topology(&channel).await?;
         let _ = channel.close(200, "topology declared".into()).await;
+        declare_push_stream(&conn).await?;
         tracing::info!("connected to the broker");
         *self.inner.current.write().expect("broker lock") = Some(conn.clone());
         Ok(conn)
@@ -150,6 +151,40 @@ async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
                 .await?;
         }
     }
+    Ok(())
+}
+
+/// The push service's stream of order events, declared by every service so
+/// that it keeps the events published before any push replica ever ran. A
+/// stream declared earlier with another retention (a push service configured
+/// so) is left as it is.
+async fn declare_push_stream(conn: &Connection) -> lapin::Result<()> {
+    let channel = conn.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            topology::PUSH_STREAM.into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            args(&[("x-queue-type", text("stream")), ("x-max-age", text(topology::PUSH_STREAM_DEFAULT_MAX_AGE))]),
+        )
+        .await;
+    if let Err(e) = declared {
+        tracing::debug!(error = %e, "push stream exists with other arguments; left as it is");
+        let _ = channel.close(200, "done".into()).await;
+        return Ok(());
+    }
+    for key in topology::PUSH_ORDER_EVENTS {
+        let (exchange, queue) = (contracts::messages::exchange::ORDERING, topology::PUSH_STREAM);
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let _ = channel.close(200, "push stream declared".into()).await;
     Ok(())
 }
 

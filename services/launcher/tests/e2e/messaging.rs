@@ -365,3 +365,15 @@ async fn a_handler_that_keeps_failing_ends_in_the_dead_letter_queue_and_can_be_r
     shutdown.cancel();
     s.stop().await;
 }
+
+#[tokio::test]
+async fn order_events_are_kept_for_the_push_service_before_any_replica_ever_ran() {
+    // No push service here: any service's first connection declares its stream.
+    let s = Scratch::new().await;
+    publish(&s, &order_created()).await;
+    eventually(Duration::from_secs(10), || async {
+        (s.depth(contracts::topology::PUSH_STREAM).await == 1).then_some(())
+    })
+    .await;
+    s.stop().await;
+}
