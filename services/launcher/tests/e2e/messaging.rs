@@ -377,3 +377,63 @@ async fn order_events_are_kept_for_the_push_service_before_any_replica_ever_ran(
     .await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profile_arrives() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let email = format!("{}@example.com", Uuid::new_v4().simple());
+    let event = OrderCreated {
+        order_id: Uuid::new_v4(),
+        user_id: user,
+        price: "42.50".parse().unwrap(),
+        occurred_at: chrono::Utc::now(),
+    };
+    let body = serde_json::to_vec(&event).unwrap();
+    app.publish_raw(
+        exchange::ORDERING,
+        OrderCreated::NAME,
+        Some(&Uuid::new_v4().to_string()),
+        OrderCreated::NAME,
+        &body,
+    )
+    .await;
+
+    // The notification is stored at once; its e-mail waits for an address.
+    let notification = app.db("notification").await;
+    eventually(Duration::from_secs(10), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&notification)
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL")
+            .bind(user)
+            .fetch_one(&notification)
+            .await
+            .unwrap();
+    assert_eq!(pending, 1);
+    assert!(app.smtp.messages().iter().all(|m| !m.contains("42.50$")));
+
+    let created = contracts::messages::UserCreated {
+        id: user,
+        email: email.clone(),
+        first_name: None,
+        last_name: None,
+        phone: None,
+    };
+    let body = serde_json::to_vec(&created).unwrap();
+    app.publish_raw(exchange::IDENTITY, "UserCreated", Some(&Uuid::new_v4().to_string()), "UserCreated", &body).await;
+    eventually(Duration::from_secs(10), || async {
+        app.smtp
+            .messages()
+            .into_iter()
+            .find(|m| m.contains(&email) && m.contains("Your order for 42.50$ has been successfully processed"))
+    })
+    .await;
+    app.stop().await;
+}
