@@ -306,36 +306,7 @@ impl TestApp {
 
     /// Opens the user's event stream through the gateway; events arrive on the receiver.
     pub async fn subscribe(&self, user: &User) -> mpsc::UnboundedReceiver<SseEvent> {
-        let resp = self.http.get(self.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut body = resp.bytes_stream();
-            let mut buf = String::new();
-            while let Some(Ok(chunk)) = body.next().await {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let block: String = buf.drain(..end + 2).collect();
-                    let mut ev = SseEvent::default();
-                    for line in block.lines() {
-                        if let Some((field, value)) = line.split_once(':') {
-                            let value = value.strip_prefix(' ').unwrap_or(value).to_string();
-                            match field {
-                                "id" => ev.id = value,
-                                "event" => ev.event = value,
-                                "data" => ev.data.push_str(&value),
-                                _ => {}
-                            }
-                        }
-                    }
-                    if !ev.event.is_empty() && tx.send(ev).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        rx
+        sse_events(self.http.get(self.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap())
     }
 
     /// Publishes a raw message into the test's vhost, as a service would.
@@ -382,6 +353,39 @@ pub struct SseEvent {
     pub id: String,
     pub event: String,
     pub data: String,
+}
+
+/// Parses a `text/event-stream` response into events (comments skipped).
+pub fn sse_events(resp: reqwest::Response) -> mpsc::UnboundedReceiver<SseEvent> {
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                for line in block.lines() {
+                    if let Some((field, value)) = line.split_once(':') {
+                        let value = value.strip_prefix(' ').unwrap_or(value).to_string();
+                        match field {
+                            "id" => ev.id = value,
+                            "event" => ev.event = value,
+                            "data" => ev.data.push_str(&value),
+                            _ => {}
+                        }
+                    }
+                }
+                if !ev.event.is_empty() && tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Retries `check` until it yields a value, or fails the test after `limit`.

@@ -2,7 +2,7 @@
 //! on another replica and after a restart, the `reset` event for an expired
 //! id, tokens never from the URL, and HTTP/2 (TLS with ALPN h2, and h2c).
 
-use crate::helpers::{SseEvent, TestApp, User, eventually};
+use crate::helpers::{SseEvent, TestApp, User, eventually, sse_events};
 use futures::StreamExt;
 use reqwest::{StatusCode, Version};
 use runtime::MessagingConfig;
@@ -46,46 +46,13 @@ impl Replica {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
-        events(req.send().await.unwrap())
+        sse_events(req.send().await.unwrap())
     }
 
     async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
-}
-
-/// Parses a `text/event-stream` response into events (comments skipped).
-fn events(resp: reqwest::Response) -> mpsc::UnboundedReceiver<SseEvent> {
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut body = resp.bytes_stream();
-        let mut buf = String::new();
-        while let Some(Ok(chunk)) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut ev = SseEvent::default();
-                for line in block.lines() {
-                    if let Some((field, value)) = line.split_once(':') {
-                        let value = value.strip_prefix(' ').unwrap_or(value).to_string();
-                        match field {
-                            "id" => ev.id = value,
-                            "event" => ev.event = value,
-                            "data" => ev.data.push_str(&value),
-                            _ => {}
-                        }
-                    }
-                }
-                if !ev.event.is_empty() && tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
 }
 
 async fn next(rx: &mut mpsc::UnboundedReceiver<SseEvent>) -> SseEvent {
@@ -111,7 +78,7 @@ async fn gateway_stream(app: &TestApp, user: &User, last_event_id: Option<&str>)
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id);
     }
-    events(req.send().await.unwrap())
+    sse_events(req.send().await.unwrap())
 }
 
 /// Asserts that the next events are exactly those of `orders`, in order,
@@ -164,7 +131,7 @@ async fn a_first_connection_resumes_from_the_last_event_id_query_parameter() {
     let missed = settled_order(&app, &user, 11).await;
 
     let resp = app.http.get(app.url(&format!("/push/orders?lastEventId={}", e.id))).bearer_auth(&user.token);
-    let mut stream = events(resp.send().await.unwrap());
+    let mut stream = sse_events(resp.send().await.unwrap());
     expect_orders(&mut stream, &[&missed], &e.id).await;
     app.stop().await;
 }
@@ -286,7 +253,7 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
     let resp =
         tls.get(format!("{}/api/v1/push/orders", app.gateway_https)).bearer_auth(&user.token).send().await.unwrap();
     assert_eq!(resp.version(), Version::HTTP_2);
-    let mut stream = events(resp);
+    let mut stream = sse_events(resp);
     let order = tls
         .post(format!("{}/api/v1/ordering/orders", app.gateway_https))
         .bearer_auth(&user.token)
@@ -420,7 +387,7 @@ async fn falls_behind_and_resumes(app: &TestApp, recent_events: usize) {
     .await;
 
     // Reading now: some events, then the server closes the stream.
-    let mut stream = events(resp);
+    let mut stream = sse_events(resp);
     let mut seen = Vec::new();
     let mut last_id = String::new();
     while let Some(e) = tokio::time::timeout(WAIT, stream.recv()).await.expect("the stream ends") {
@@ -503,7 +470,7 @@ async fn a_replica_facing_browsers_checks_the_token_itself() {
     // The token decides whose stream it is, whatever X-User-Id says.
     let resp = tls.get(&url).bearer_auth(&alice.token).header("x-user-id", bob.id.to_string()).send().await.unwrap();
     assert_eq!(resp.version(), Version::HTTP_2);
-    let mut stream = events(resp);
+    let mut stream = sse_events(resp);
     settled_order(&app, &bob, 7).await;
     let alices = settled_order(&app, &alice, 8).await;
     assert_eq!(order_of(&next(&mut stream).await), alices);
@@ -548,7 +515,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         (r.status() == StatusCode::OK).then_some(r)
     })
     .await;
-    let mut stream = events(resp);
+    let mut stream = sse_events(resp);
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, stream.recv()).await.expect("the stream ends").is_none());
     let stopped = tokio::time::timeout(WAIT, task).await.expect("the gateway stops").unwrap();
