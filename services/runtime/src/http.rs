@@ -222,12 +222,17 @@ pub fn service_router(service: &'static str, routes: Router, readiness: Readines
     with_common_layers(service, router)
 }
 
-/// Request metrics, panic safety (a JSON 500) and a request span with the user id.
+/// Request metrics, panic safety (a JSON 500), a request span with the user
+/// and request ids, and an `X-Request-Id` on every request and response (kept
+/// when the client or the gateway sent one, so one id follows a call through).
 pub fn with_common_layers(service: &'static str, router: Router) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     router
         .layer(axum::middleware::from_fn(move |req, next| crate::metrics::track_http(service, req, next)))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {

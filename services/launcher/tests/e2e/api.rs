@@ -172,6 +172,19 @@ async fn tokens_forged_headers_cookies_and_logout() {
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["id"], user.id.to_string());
 
+    // Every answer carries a request id: the client's own, or a new one.
+    let r = app
+        .http
+        .get(app.url("/identity/profile"))
+        .bearer_auth(&user.token)
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let r = app.http.get(app.url("/identity/profile")).bearer_auth(&user.token).send().await.unwrap();
+    assert_eq!(r.headers()["x-request-id"].len(), 36, "a UUID");
+
     // The cookie authenticates as well as the header does.
     let r = app
         .http
