@@ -1,7 +1,7 @@
 //! Placing, listing and polling orders, and settling them when billing answers.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use contracts::Money;
@@ -42,20 +42,41 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
+/// The optional `Idempotency-Key` of a request: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(key.into())),
+        _ => Err(ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")),
+    }
+}
+
+fn accepted(order: Order) -> Response {
+    let location = HeaderValue::from_str(&format!("/api/v1/orders/{}", order.id)).expect("ASCII");
+    let mut resp = (StatusCode::ACCEPTED, Json(order)).into_response();
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp
+}
+
 #[utoipa::path(post, path = "/api/v1/orders", tag = "ordering", operation_id = "createOrder",
     request_body = CreateOrder,
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\x21-\x7E]+$",
+        description = "Makes a retry safe: the same key (for this user) gets the order the first request placed")),
     responses(
         (status = 202, description = "Accepted: the order is pending until billing answers; poll its Location or listen on the event stream",
             body = Order, headers(("Location" = String, description = "The order's URL"))),
+        (status = 400, description = "Invalid Idempotency-Key", body = ErrorBody),
         (status = 401, description = "Not authenticated", body = ErrorBody),
-        (status = 422, description = "Invalid price", body = ErrorBody),
+        (status = 422, description = "Invalid price, or an Idempotency-Key used for another price", body = ErrorBody),
         (status = "default", description = "Unexpected error", body = ErrorBody),
     ))]
 pub async fn create(
     State(db): State<PgPool>,
     user: CurrentUser,
+    headers: HeaderMap,
     Json(body): Json<CreateOrder>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let id = Uuid::now_v7();
     let mut tx = db.begin().await?;
     let row: OrderRow =
@@ -65,14 +86,47 @@ pub async fn create(
             .bind(body.price.as_decimal())
             .fetch_one(&mut *tx)
             .await?;
+    if let Some(key) = &key {
+        // A concurrent request with the same key waits here for the first to
+        // commit, then finds its order.
+        let first = sqlx::query(
+            "INSERT INTO order_requests (user_id, idempotency_key, order_id, price) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(user.id)
+        .bind(key)
+        .bind(id)
+        .bind(body.price.as_decimal())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            tx.rollback().await?;
+            return repeated(&db, user.id, key, body.price).await;
+        }
+    }
     outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
+    Ok(accepted(Order::try_from(row)?))
+}
 
-    let location = HeaderValue::from_str(&format!("/api/v1/orders/{id}")).expect("ASCII");
-    let mut resp = (StatusCode::ACCEPTED, Json(Order::try_from(row)?)).into_response();
-    resp.headers_mut().insert(header::LOCATION, location);
-    Ok(resp)
+/// The answer to a request whose Idempotency-Key was seen: the order it placed.
+async fn repeated(db: &PgPool, user: Uuid, key: &str, price: Money) -> Result<Response, ApiError> {
+    let row: OrderRow = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE id =
+             (SELECT order_id FROM order_requests WHERE user_id = $1 AND idempotency_key = $2)"
+    ))
+    .bind(user)
+    .bind(key)
+    .fetch_one(db)
+    .await?;
+    if row.price != price.as_decimal() {
+        return Err(ApiError::unprocessable("this Idempotency-Key was used for an order with another price"));
+    }
+    tracing::info!(order_id = %row.id, user_id = %user, "order request repeated; answering with its order");
+    Ok(accepted(Order::try_from(row)?))
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",

@@ -249,3 +249,42 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
     assert_eq!(app.balance(&alice).await, 70.0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let place = |key: &'static str, price: u32| {
+        app.http
+            .post(app.url("/ordering/orders"))
+            .bearer_auth(&user.token)
+            .header("Idempotency-Key", key)
+            .json(&json!({"price": price}))
+            .send()
+    };
+    let (first, again) = tokio::join!(place("checkout-7f3a", 30), place("checkout-7f3a", 30));
+    let (first, again) = (first.unwrap(), again.unwrap());
+    assert_eq!((first.status(), again.status()), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    let id = first.json::<Value>().await.unwrap()["id"].clone();
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], id, "the same order");
+    app.settled_order(&user, id.as_str().unwrap()).await;
+    let later = place("checkout-7f3a", 30).await.unwrap();
+    assert_eq!(later.json::<Value>().await.unwrap()["status"], "succeeded", "the order as it is now");
+
+    assert_error(place("checkout-7f3a", 31).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "another price").await;
+    let bad = app
+        .http
+        .post(app.url("/ordering/orders"))
+        .bearer_auth(&user.token)
+        .header("Idempotency-Key", "")
+        .json(&json!({"price": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(bad, StatusCode::BAD_REQUEST, "Idempotency-Key").await;
+
+    assert_eq!(app.get::<Vec<Value>>(&user, "/ordering/orders").await.len(), 1);
+    assert_eq!(app.balance(&user).await, 70.0, "charged once");
+    app.stop().await;
+}
