@@ -6,7 +6,7 @@ use contracts::api::{ErrorBody, Notification};
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
-use runtime::{ApiError, Incoming, Json};
+use runtime::{ApiError, Incoming, Json, Page, Query};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -89,16 +89,26 @@ struct Row {
 }
 
 #[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications", operation_id = "getNotifications",
+    params(Page),
     responses(
         (status = 200, description = "The user's notifications, newest first", body = Vec<Notification>),
+        (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
         (status = 401, description = "Not authenticated", body = ErrorBody),
         (status = "default", description = "Unexpected error", body = ErrorBody),
     ))]
-pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Notification>>, ApiError> {
+pub async fn list(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Query(page): Query<Page>,
+) -> Result<Json<Vec<Notification>>, ApiError> {
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, message, created_at FROM notifications WHERE user_id = $1 ORDER BY created_at DESC, id DESC",
+        "SELECT id, message, created_at FROM notifications WHERE user_id = $1
+           AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM notifications WHERE id = $2 AND user_id = $1))
+         ORDER BY created_at DESC, id DESC LIMIT $3",
     )
     .bind(user.id)
+    .bind(page.before)
+    .bind(page.limit()?)
     .fetch_all(&db)
     .await?;
     Ok(Json(

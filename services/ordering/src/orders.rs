@@ -9,7 +9,7 @@ use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
 use runtime::consumer::{HandlerError, HandlerResult};
-use runtime::{ApiError, Incoming, Json, Path, outbox};
+use runtime::{ApiError, Incoming, Json, Page, Path, Query, outbox};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -130,17 +130,28 @@ async fn repeated(db: &PgPool, user: Uuid, key: &str, price: Money) -> Result<Re
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",
+    params(Page),
     responses(
         (status = 200, description = "The user's orders, newest first", body = Vec<Order>),
+        (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
         (status = 401, description = "Not authenticated", body = ErrorBody),
         (status = "default", description = "Unexpected error", body = ErrorBody),
     ))]
-pub async fn list(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<Vec<Order>>, ApiError> {
-    let rows: Vec<OrderRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC"))
-            .bind(user.id)
-            .fetch_all(&db)
-            .await?;
+pub async fn list(
+    State(db): State<PgPool>,
+    user: CurrentUser,
+    Query(page): Query<Page>,
+) -> Result<Json<Vec<Order>>, ApiError> {
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE user_id = $1
+           AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM orders WHERE id = $2 AND user_id = $1))
+         ORDER BY created_at DESC, id DESC LIMIT $3"
+    ))
+    .bind(user.id)
+    .bind(page.before)
+    .bind(page.limit()?)
+    .fetch_all(&db)
+    .await?;
     Ok(Json(rows.into_iter().map(Order::try_from).collect::<Result<_, _>>()?))
 }
 

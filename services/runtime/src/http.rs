@@ -2,7 +2,7 @@
 //! seed's `Error {code, message}` body, JSON and path extractors whose
 //! rejections use that body too, health endpoints, and `serve`.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -111,6 +111,12 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad_request(format!("invalid query: {}", r.body_text()))
+    }
+}
+
 /// A JSON request body (always an object in this API) or response. Its
 /// rejections are [`ApiError`]s that say what is wrong.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,6 +151,33 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
+
+/// `axum::extract::Query` whose rejection is an [`ApiError`].
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+/// A page of a newest-first list: at most `limit` items, older than the item
+/// `before` (the last one of the previous page).
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// How many items, 1 to 500 (100 by default).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// The id of the last item of the previous page.
+    pub before: Option<uuid::Uuid>,
+}
+
+impl Page {
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=500) => Ok(i64::from(n)),
+            Some(_) => Err(ApiError::bad_request("limit must be between 1 and 500")),
+        }
+    }
+}
 
 /// What readiness checks: the database answers, the broker is connected, and
 /// the outbox is being relayed (its oldest unsent message is younger than

@@ -22,6 +22,6 @@ pub mod tokens;
 pub use broker::Broker;
 pub use config::MessagingConfig;
 pub use consumer::{Consumer, HandlerError, Incoming};
-pub use http::{ApiError, Json, Path};
+pub use http::{ApiError, Json, Page, Path, Query};
 pub use service::Service;
 pub use shutdown::Tasks;

@@ -288,3 +288,34 @@ async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order()
     assert_eq!(app.balance(&user).await, 70.0, "charged once");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn order_lists_come_in_pages_newest_first() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let mut placed = Vec::new();
+    for price in [1, 2, 3] {
+        let r = app.post(&user, "/ordering/orders", json!({"price": price})).await;
+        placed.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    let first: Vec<Value> = app.get(&user, "/ordering/orders?limit=2").await;
+    assert_eq!(first.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), [&placed[2], &placed[1]]);
+    let last = first[1]["id"].as_str().unwrap();
+    let rest: Vec<Value> = app.get(&user, &format!("/ordering/orders?limit=2&before={last}")).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["id"], placed[0].as_str());
+
+    assert_error(
+        app.call(Some(&user), Method::GET, "/ordering/orders?limit=0", None).await,
+        StatusCode::BAD_REQUEST,
+        "limit",
+    )
+    .await;
+    assert_error(
+        app.call(Some(&user), Method::GET, "/notifications?limit=many", None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid query",
+    )
+    .await;
+    app.stop().await;
+}
