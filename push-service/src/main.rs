@@ -1,13 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init("push-service");
-    let config = push_service::Config::parse();
-    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    runtime::shutdown::on_signal(shutdown.clone());
-    let result = push_service::run(config, listener, shutdown).await;
-    runtime::telemetry::flush();
-    result
+    runtime::service::main("push-service", |c: &push_service::Config| &c.addr, push_service::run).await
 }

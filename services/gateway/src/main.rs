@@ -1,13 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init("gateway");
-    let config = gateway::Config::parse();
-    let listener = tokio::net::TcpListener::bind(&config.addr).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    runtime::shutdown::on_signal(shutdown.clone());
-    let result = gateway::run(config, listener, shutdown).await;
-    runtime::telemetry::flush();
-    result
+    runtime::service::main("gateway", |c: &gateway::Config| &c.addr, gateway::run).await
 }

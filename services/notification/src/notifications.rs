@@ -101,16 +101,12 @@ pub async fn list(
     user: CurrentUser,
     Query(page): Query<Page>,
 ) -> Result<Json<Vec<Notification>>, ApiError> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, message, created_at FROM notifications WHERE user_id = $1
-           AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM notifications WHERE id = $2 AND user_id = $1))
-         ORDER BY created_at DESC, id DESC LIMIT $3",
-    )
-    .bind(user.id)
-    .bind(page.before)
-    .bind(page.limit()?)
-    .fetch_all(&db)
-    .await?;
+    let rows: Vec<Row> = sqlx::query_as(&Page::sql("notifications", "id, message, created_at"))
+        .bind(user.id)
+        .bind(page.before)
+        .bind(page.limit()?)
+        .fetch_all(&db)
+        .await?;
     Ok(Json(
         rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect(),
     ))

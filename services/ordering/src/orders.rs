@@ -142,16 +142,12 @@ pub async fn list(
     user: CurrentUser,
     Query(page): Query<Page>,
 ) -> Result<Json<Vec<Order>>, ApiError> {
-    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM orders WHERE user_id = $1
-           AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM orders WHERE id = $2 AND user_id = $1))
-         ORDER BY created_at DESC, id DESC LIMIT $3"
-    ))
-    .bind(user.id)
-    .bind(page.before)
-    .bind(page.limit()?)
-    .fetch_all(&db)
-    .await?;
+    let rows: Vec<OrderRow> = sqlx::query_as(&Page::sql("orders", COLUMNS))
+        .bind(user.id)
+        .bind(page.before)
+        .bind(page.limit()?)
+        .fetch_all(&db)
+        .await?;
     Ok(Json(rows.into_iter().map(Order::try_from).collect::<Result<_, _>>()?))
 }
 
