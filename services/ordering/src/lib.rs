@@ -63,5 +63,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<PaymentFailed, _>(|_, tx, msg| Box::pin(orders::on_payment_failed(tx, msg))),
     );
     service.relay_outbox();
+    let pool = db.clone();
+    service.gauges("pending orders gauges", move || {
+        let pool = pool.clone();
+        async move { orders::report_pending(&pool).await }
+    });
     service.serve(listener, routes(db)).await
 }

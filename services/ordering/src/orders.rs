@@ -219,3 +219,21 @@ pub async fn on_payment_failed(tx: &mut PgConnection, msg: Incoming<PaymentFaile
     }
     Ok(())
 }
+
+/// Sets `orders_pending` (orders waiting for billing's answer) and
+/// `orders_pending_oldest_age_seconds` (0 when none waits) from the database:
+/// an order stuck in `pending` shows here whatever the reason (billing down,
+/// a message lost or dead-lettered). The partial index `orders_pending`
+/// keeps this a scan of the orders in flight only.
+pub async fn report_pending(db: &PgPool) -> sqlx::Result<()> {
+    let (count, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+         FROM orders WHERE status = 'pending'",
+    )
+    .fetch_one(db)
+    .await?;
+    let database = runtime::metrics::database_label(db);
+    metrics::gauge!("orders_pending", "database" => database.clone()).set(count as f64);
+    metrics::gauge!("orders_pending_oldest_age_seconds", "database" => database).set(oldest.unwrap_or(0.0).max(0.0));
+    Ok(())
+}

@@ -26,6 +26,12 @@ pub struct MessagingConfig {
     /// this, in seconds (the relay is stuck or the broker refuses it).
     #[arg(long, env = "OUTBOX_READY_MAX_AGE_SECS", default_value_t = 300)]
     pub outbox_ready_max_age_secs: u64,
+
+    /// How often gauges read from the database (outbox backlog, pending
+    /// orders) are refreshed, in milliseconds. They are read on their own
+    /// schedule, so they stay current while the broker is away.
+    #[arg(long, env = "METRICS_REFRESH_MS", default_value_t = 5000)]
+    pub metrics_refresh_ms: u64,
 }
 
 impl MessagingConfig {
@@ -36,11 +42,16 @@ impl MessagingConfig {
             prefetch: 16,
             outbox_poll_ms: 1000,
             outbox_ready_max_age_secs: 300,
+            metrics_refresh_ms: 5000,
         }
     }
 
     pub fn outbox_max_age(&self) -> Duration {
         Duration::from_secs(self.outbox_ready_max_age_secs)
+    }
+
+    pub fn metrics_refresh(&self) -> Duration {
+        Duration::from_millis(self.metrics_refresh_ms.max(1))
     }
 
     pub fn retry_delays(&self) -> Vec<Duration> {

@@ -9,7 +9,8 @@ use axum::response::Response;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -48,4 +49,39 @@ pub async fn track_http(service: &'static str, req: Request, next: Next) -> Resp
         "service" => service, "method" => method, "route" => route, "status" => status)
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The `database` label of gauges read from a database: its name, which is
+/// unique per service (and per test, which runs several systems in one process).
+pub fn database_label(pool: &sqlx::PgPool) -> String {
+    pool.connect_options().get_database().unwrap_or("").to_string()
+}
+
+/// Runs `read` now and then every `every` until `shutdown`. A failed read
+/// (database away) is logged and leaves the gauges at their last values;
+/// the next tick tries again.
+pub async fn refresh_gauges<F, Fut>(
+    what: &'static str,
+    every: Duration,
+    shutdown: CancellationToken,
+    mut read: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<()>>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        // Bounded: a database that hangs must not stall the next refresh forever.
+        match tokio::time::timeout(every.max(Duration::from_secs(2)), read()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(gauges = what, error = %e, "refreshing gauges failed"),
+            Err(_) => tracing::warn!(gauges = what, "refreshing gauges timed out"),
+        }
+    }
 }

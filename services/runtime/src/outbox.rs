@@ -116,13 +116,9 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes batches until nothing is due, then reports the backlog.
+    /// Publishes batches until nothing is due.
     async fn drain(&self, channel: &lapin::Channel) -> anyhow::Result<()> {
         while self.publish_batch(channel).await? == self.batch as usize {}
-        let (count, oldest) = backlog(&self.pool).await?;
-        let database = self.pool.connect_options().get_database().unwrap_or("").to_string();
-        metrics::gauge!("outbox_backlog_messages", "database" => database.clone()).set(count as f64);
-        metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database).set(oldest.unwrap_or(0.0));
         Ok(())
     }
 
@@ -219,6 +215,17 @@ fn headers_table(headers: &serde_json::Value) -> FieldTable {
 }
 
 /// Counts of the outbox, for readiness and metrics.
+/// Sets `outbox_backlog_messages` and `outbox_oldest_unsent_age_seconds`
+/// from the database (refreshed by `Service` on its own schedule, not by the
+/// relay, so the age keeps growing while the broker is away).
+pub async fn report_backlog(pool: &PgPool) -> sqlx::Result<()> {
+    let (count, oldest) = backlog(pool).await?;
+    let database = crate::metrics::database_label(pool);
+    metrics::gauge!("outbox_backlog_messages", "database" => database.clone()).set(count as f64);
+    metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database).set(oldest.unwrap_or(0.0));
+    Ok(())
+}
+
 pub async fn backlog(pool: &PgPool) -> sqlx::Result<(i64, Option<f64>)> {
     let row = sqlx::query(
         "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS oldest

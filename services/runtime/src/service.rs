@@ -59,7 +59,23 @@ impl Service {
         let relay =
             Relay::new(self.db.clone(), self.broker.clone(), Duration::from_millis(self.messaging.outbox_poll_ms));
         self.tasks.spawn("outbox relay", relay.run(self.shutdown()));
+        let db = self.db.clone();
+        self.gauges("outbox backlog gauges", move || {
+            let db = db.clone();
+            async move { crate::outbox::report_backlog(&db).await }
+        });
         self.relays_outbox = true;
+    }
+
+    /// Gauges read from the database every `METRICS_REFRESH_MS` (see
+    /// `metrics::refresh_gauges`).
+    pub fn gauges<F, Fut>(&mut self, task: &'static str, read: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = sqlx::Result<()>> + Send + 'static,
+    {
+        let run = crate::metrics::refresh_gauges(task, self.messaging.metrics_refresh(), self.shutdown(), read);
+        self.tasks.spawn(task, run);
     }
 
     /// Any other long-running task of the service.

@@ -134,7 +134,11 @@ impl TestApp {
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let vhost = create_vhost(&prefix).await;
         let smtp = SmtpSink::start(std::env::temp_dir().join(format!("order-system-{prefix}"))).await;
-        let messaging = MessagingConfig { retry_delays_ms: vec![100, 300], ..MessagingConfig::local(&vhost.amqp_url) };
+        let messaging = MessagingConfig {
+            retry_delays_ms: vec![100, 300],
+            metrics_refresh_ms: 200,
+            ..MessagingConfig::local(&vhost.amqp_url)
+        };
         let db = |service: &str| format!("{}/{prefix}_{service}", postgres_url());
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();

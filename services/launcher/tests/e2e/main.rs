@@ -6,4 +6,5 @@ mod contract;
 mod flow;
 mod helpers;
 mod messaging;
+mod metrics;
 mod push;
