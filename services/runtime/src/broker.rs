@@ -18,6 +18,8 @@ pub struct Broker {
 }
 
 struct Inner {
+    /// The `service` label of the broker metrics.
+    service: &'static str,
     url: String,
     current: RwLock<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
@@ -25,8 +27,14 @@ struct Inner {
 
 impl Broker {
     pub fn new(url: impl Into<String>) -> Self {
+        Self::for_service("", url)
+    }
+
+    /// A broker connection whose metrics carry `service`.
+    pub fn for_service(service: &'static str, url: impl Into<String>) -> Self {
         Broker {
             inner: Arc::new(Inner {
+                service,
                 url: url.into(),
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -34,9 +42,18 @@ impl Broker {
         }
     }
 
+    /// Whether the connection is up; also kept in the `broker_connected` gauge.
     pub fn is_connected(&self) -> bool {
-        let current = self.inner.current.read().expect("broker lock");
-        current.as_ref().is_some_and(|c| c.status().connected())
+        let connected = {
+            let current = self.inner.current.read().expect("broker lock");
+            current.as_ref().is_some_and(|c| c.status().connected())
+        };
+        self.report(connected);
+        connected
+    }
+
+    fn report(&self, connected: bool) {
+        metrics::gauge!("broker_connected", "service" => self.inner.service).set(if connected { 1.0 } else { 0.0 });
     }
 
     fn live_connection(&self) -> Option<Arc<Connection>> {
@@ -58,6 +75,7 @@ impl Broker {
         let _ = channel.close(200, "topology declared".into()).await;
         declare_push_stream(&conn).await?;
         tracing::info!("connected to the broker");
+        self.report(true);
         *self.inner.current.write().expect("broker lock") = Some(conn.clone());
         Ok(conn)
     }
@@ -85,7 +103,10 @@ impl Broker {
             let attempt = if confirm { self.confirm_channel().await } else { self.channel().await };
             match attempt {
                 Ok(c) => return Some(c),
-                Err(e) => tracing::warn!(error = %e, retry_in = ?pause, "broker unavailable"),
+                Err(e) => {
+                    self.report(false);
+                    tracing::warn!(error = %e, retry_in = ?pause, "broker unavailable")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,

@@ -9,6 +9,12 @@
 //! delivery is acked only after its effect committed or after it was safely
 //! re-published to a retry or dead-letter queue, so nothing is lost and a
 //! poison message never blocks the queue.
+//!
+//! A database that cannot be reached is not a failure of the message: the
+//! delivery goes back to the queue as it was (no attempt counted), the
+//! consumer stops taking deliveries, waits until the database answers again,
+//! and resumes. Only the message's own failures (its handler's error, a
+//! panic, an invalid payload) count toward the retries and the dead letter.
 
 use crate::Broker;
 use crate::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue};
@@ -38,17 +44,21 @@ pub struct Incoming<M> {
 /// Why a handler did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Might succeed later (database down, a dependency not ready): retried.
+    /// Might succeed later: retried through the delay queues, then dead-lettered.
     #[error("{0:#}")]
     Retry(anyhow::Error),
     /// Can never succeed: dead-lettered at once.
     #[error("{0}")]
     Reject(String),
+    /// A dependency is away (the database cannot be reached): the message is
+    /// returned to the queue uncounted and the consumer pauses until it is back.
+    #[error("dependency unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
 }
 
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
-        HandlerError::Retry(e.into())
+        if crate::db::is_unavailable(&e) { HandlerError::Unavailable(e.into()) } else { HandlerError::Retry(e.into()) }
     }
 }
 
@@ -70,6 +80,8 @@ enum Outcome {
     Duplicate,
     Retry(String),
     DeadLetter(String),
+    /// Not the message's fault: back to the queue, uncounted.
+    Unavailable(String),
 }
 
 const RETRY_COUNT_HEADER: &str = "x-retry-count";
@@ -108,23 +120,30 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
                 break;
             };
+            // Cancelled by shutdown, or by a handler that found the database away.
+            let pause = shutdown.child_token();
+            let mut republish = None;
             let session = async {
-                let republish = broker.confirm_channel().await?;
-                declare_retry_queues(&republish, &this.queue, &retry_delays).await?;
+                let confirms = republish.insert(broker.confirm_channel().await?).clone();
+                declare_retry_queues(&confirms, &this.queue, &retry_delays).await?;
                 channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
                 let deliveries = channel
                     .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
                     .await?;
                 tracing::info!(queue, "consuming");
                 deliveries
-                    .take_until(shutdown.cancelled())
+                    .take_until(pause.cancelled())
                     .for_each_concurrent(usize::from(prefetch.max(1)), |delivery| {
                         let this = this.clone();
-                        let republish = republish.clone();
-                        let retry_delays = &retry_delays;
+                        let confirms = confirms.clone();
+                        let (retry_delays, pause) = (&retry_delays, &pause);
                         async move {
                             match delivery {
-                                Ok(d) => this.handle(d, &republish, retry_delays).await,
+                                Ok(d) => {
+                                    if this.handle(d, &confirms, retry_delays).await == Away::Database {
+                                        pause.cancel();
+                                    }
+                                }
                                 Err(e) => {
                                     tracing::warn!(queue, error = %e, "consumer stream error")
                                 }
@@ -137,8 +156,24 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             if let Err(e) = session.await {
                 tracing::warn!(queue, error = %e, "consumer session failed");
             }
+            // Closing the channel returns the deliveries it holds to the queue, uncounted.
             let _ = channel.close(200, "consumer stopped".into()).await;
-            if !shutdown.is_cancelled() {
+            if let Some(confirms) = republish {
+                let _ = confirms.close(200, "consumer stopped".into()).await;
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if pause.is_cancelled() {
+                tracing::warn!(queue, "database unavailable; consumer paused until it answers");
+                metrics::gauge!("consumer_paused", "queue" => queue).set(1.0);
+                let back = crate::db::wait_until_available(&this.db, &shutdown).await;
+                metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
+                if !back {
+                    break;
+                }
+                tracing::info!(queue, "database available again; consumer resuming");
+            } else {
                 tracing::warn!(queue, "consumer disconnected; reconnecting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -146,7 +181,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, republish: &lapin::Channel, delays: &[Duration]) {
+    async fn handle(&self, delivery: Delivery, republish: &lapin::Channel, delays: &[Duration]) -> Away {
         let props = &delivery.properties;
         let message_id = props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
         let kind = props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
@@ -165,7 +200,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         }
         async {
             let outcome = self.process(&message_id, &kind, &delivery.data).await;
+            let away = if matches!(outcome, Outcome::Unavailable(_)) { Away::Database } else { Away::Nothing };
             self.settle(&delivery, outcome, republish, delays).await;
+            away
         }
         .instrument(span)
         .await
@@ -199,6 +236,10 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             Ok(Ok(true)) => Outcome::Done,
             Ok(Ok(false)) => Outcome::Duplicate,
             Ok(Err(HandlerError::Reject(reason))) => Outcome::DeadLetter(reason),
+            Ok(Err(HandlerError::Unavailable(e))) => Outcome::Unavailable(format!("{e:#}")),
+            Ok(Err(HandlerError::Retry(e))) if crate::db::is_unavailable_anyhow(&e) => {
+                Outcome::Unavailable(format!("{e:#}"))
+            }
             Ok(Err(HandlerError::Retry(e))) => Outcome::Retry(format!("{e:#}")),
             Err(_) => Outcome::Retry("handler panicked".into()),
         }
@@ -213,6 +254,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             Outcome::Duplicate => "duplicate",
             Outcome::Retry(_) if (attempt as usize) < delays.len() => "retried",
             Outcome::Retry(_) | Outcome::DeadLetter(_) => "dead_lettered",
+            Outcome::Unavailable(_) => "requeued",
         };
         metrics::counter!("messages_consumed_total", "queue" => queue, "type" => kind, "outcome" => label).increment(1);
         let forwarded = match outcome {
@@ -244,6 +286,14 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 dead_letter(republish, delivery, queue, &reason).await
             }
             Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason).await,
+            Outcome::Unavailable(reason) => {
+                tracing::warn!(%reason, "database unavailable; message returned to the queue uncounted");
+                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                if let Err(e) = delivery.nack(requeue).await {
+                    tracing::warn!(error = %e, "could not return the delivery; the broker will redeliver it");
+                }
+                return;
+            }
         };
         let settled = match forwarded {
             Ok(()) => delivery.ack(BasicAckOptions::default()).await,
@@ -258,6 +308,13 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
         }
     }
+}
+
+/// Whether a delivery found a dependency away.
+#[derive(PartialEq, Eq)]
+enum Away {
+    Nothing,
+    Database,
 }
 
 fn text(s: &str) -> AMQPValue {

@@ -39,6 +39,51 @@ async fn create_if_missing(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `e` says the database cannot be reached or is not accepting work
+/// (down, restarting, failing over, out of connections) rather than that the
+/// statement itself failed: such an error is a dependency away, answered with
+/// 503 and never counted against a message.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57P01-57P03: admin/crash shutdown,
+            // cannot connect now; 53300: too many connections; 25006: a
+            // read-only transaction (a standby during failover).
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300" | "25006")
+        }),
+        _ => false,
+    }
+}
+
+/// [`is_unavailable`] for any error in `e`'s chain.
+pub fn is_unavailable_anyhow(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(is_unavailable))
+}
+
+/// Waits until the database answers a query, with a growing pause between
+/// tries; `false` if `shutdown` came first.
+pub async fn wait_until_available(pool: &PgPool, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let ping = tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(pool));
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            r = ping => if matches!(r, Ok(Ok(_))) { return true },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// A URL fit for logs: the password, if any, replaced.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

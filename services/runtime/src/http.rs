@@ -28,11 +28,21 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Sent as `Retry-After` (seconds): when it is worth asking again.
+    pub retry_after: Option<Duration>,
 }
+
+/// What a client is told to wait when the database is away.
+pub const DATABASE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), retry_after: None }
+    }
+    /// 503 with `Retry-After`: the service cannot answer now (a dependency is
+    /// away, or it sheds load) and the client should try again after `retry_after`.
+    pub fn unavailable(message: impl Into<String>, retry_after: Duration) -> Self {
+        ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message) }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -49,9 +59,14 @@ impl ApiError {
     pub fn unprocessable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
     }
-    /// Logs `cause` and answers an opaque 500.
+    /// Logs `cause` and answers an opaque 500, or a 503 with `Retry-After`
+    /// when the cause is the database being unreachable.
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
         let cause = cause.into();
+        if crate::db::is_unavailable_anyhow(&cause) {
+            tracing::warn!(error = %format!("{cause:#}"), "database unavailable");
+            return Self::unavailable("the database is unavailable, try again later", DATABASE_RETRY_AFTER);
+        }
         tracing::error!(error = ?cause, "request failed");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
     }
@@ -59,7 +74,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error_response(self.status, self.message)
+        let mut response = error_response(self.status, self.message);
+        if let Some(after) = self.retry_after {
+            let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -190,13 +210,18 @@ impl Page {
     }
 }
 
-/// What readiness checks: the database answers, the broker is connected, and
-/// the outbox is being relayed (its oldest unsent message is younger than
-/// `outbox_max_age`).
+/// What the health endpoints look at. Readiness means "can answer HTTP":
+/// only the database (and a service's own `check`) decide it. The broker and
+/// the outbox are reported in the readiness body's `checks` and in metrics,
+/// never in the status: a service whose broker is away keeps serving (its
+/// outbox holds what it publishes), so a broker restart does not take every
+/// replica out of rotation.
 #[derive(Clone, Default)]
 pub struct Readiness {
     pub db: Option<PgPool>,
     pub broker: Option<Broker>,
+    /// Reported as `checks.outbox.relayed: false` when the oldest unsent
+    /// message is older than this.
     pub outbox_max_age: Option<Duration>,
     /// A service's own condition: `Some(problem)` while it is not ready.
     pub check: Option<std::sync::Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
@@ -208,31 +233,42 @@ async fn live() -> impl IntoResponse {
 
 async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Response {
     let mut problems = Vec::new();
+    let mut checks = serde_json::Map::new();
     if let Some(db) = &r.db {
         let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(db));
-        if !matches!(ping.await, Ok(Ok(_))) {
+        let up = matches!(ping.await, Ok(Ok(_)));
+        checks.insert("database".into(), if up { "up" } else { "unreachable" }.into());
+        if !up {
             problems.push("database unreachable");
         }
-    }
-    if let (Some(db), Some(max)) = (&r.db, r.outbox_max_age)
-        && let Ok(Ok((_, Some(oldest)))) =
-            tokio::time::timeout(Duration::from_secs(2), crate::outbox::backlog(db)).await
-        && oldest > max.as_secs_f64()
-    {
-        problems.push("outbox not relayed");
+        if let Some(max) = r.outbox_max_age
+            && let Ok(Ok((unsent, oldest))) =
+                tokio::time::timeout(Duration::from_secs(2), crate::outbox::backlog(db)).await
+        {
+            let oldest = oldest.unwrap_or(0.0);
+            checks.insert(
+                "outbox".into(),
+                serde_json::json!({
+                    "unsent": unsent,
+                    "oldestUnsentSeconds": oldest,
+                    "relayed": oldest <= max.as_secs_f64(),
+                }),
+            );
+        }
     }
     if let Some(problem) = r.check.as_ref().and_then(|check| check()) {
         problems.push(problem);
     }
-    if let Some(broker) = &r.broker
-        && !broker.is_connected()
-    {
-        problems.push("broker disconnected");
+    if let Some(broker) = &r.broker {
+        let connected = broker.is_connected();
+        checks.insert("broker".into(), if connected { "connected" } else { "disconnected" }.into());
     }
     if problems.is_empty() {
-        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+        axum::Json(serde_json::json!({"status": "ready", "checks": checks})).into_response()
     } else {
-        error_response(StatusCode::SERVICE_UNAVAILABLE, problems.join(", "))
+        let status = StatusCode::SERVICE_UNAVAILABLE;
+        let body = serde_json::json!({"code": status.as_u16(), "message": problems.join(", "), "checks": checks});
+        (status, axum::Json(body)).into_response()
     }
 }
 

@@ -36,7 +36,7 @@ impl Service {
         Ok(Service {
             name,
             db,
-            broker: Broker::new(&messaging.amqp_url),
+            broker: Broker::for_service(name, &messaging.amqp_url),
             messaging: messaging.clone(),
             tasks: Tasks::new(shutdown),
             relays_outbox: false,

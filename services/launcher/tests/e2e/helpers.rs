@@ -220,7 +220,11 @@ impl TestApp {
                 .await
                 .ok()?;
             let ordering = self.http.get(format!("{ordering_url}/health/ready")).send().await.ok()?;
-            (r.status() == StatusCode::UNAUTHORIZED && ordering.status().is_success()).then_some(())
+            let ready = ordering.status().is_success();
+            // Readiness leaves the broker out; its details say whether it is connected.
+            let checks: Value = ordering.json().await.ok()?;
+            let connected = checks["checks"]["broker"] == "connected";
+            (r.status() == StatusCode::UNAUTHORIZED && ready && connected).then_some(())
         })
         .await;
     }

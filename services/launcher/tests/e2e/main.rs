@@ -7,4 +7,6 @@ mod flow;
 mod helpers;
 mod messaging;
 mod metrics;
+mod outage;
 mod push;
+mod reliability;

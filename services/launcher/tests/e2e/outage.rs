@@ -1,0 +1,181 @@
+//! Tools to make a dependency go away inside a test without touching the
+//! machine's PostgreSQL or RabbitMQ: a TCP proxy that can be cut (connections
+//! reset, new ones refused) or stalled (bytes held, nothing answered), a
+//! listener that accepts and never answers, and a guard that drops a test's
+//! databases and vhost even when the test fails.
+
+use crate::helpers::{create_vhost, drop_database, drop_vhost, postgres_url};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Bytes flow.
+    Open,
+    /// Connections are reset and new ones closed at once (a server that is down).
+    Cut,
+    /// Connections stay open but no byte moves (a server that hangs).
+    #[allow(dead_code)] // the shutdown and relay tests stall links
+    Stalled,
+}
+
+/// A TCP proxy to `upstream` on a random loopback port.
+pub struct TcpProxy {
+    pub port: u16,
+    state: watch::Sender<Link>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: &str) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (state, watch) = watch::channel(Link::Open);
+        let upstream = upstream.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                if *watch.borrow() == Link::Cut {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(pipe(client, upstream.clone(), watch.clone()));
+            }
+        });
+        TcpProxy { port, state, task }
+    }
+
+    pub fn set(&self, link: Link) {
+        self.state.send_replace(link);
+    }
+
+    /// `url` (a postgres:// or amqp:// URL to 127.0.0.1:PORT) pointed at the proxy.
+    pub fn url(&self, url: &str, upstream_port: u16) -> String {
+        url.replace(&format!("127.0.0.1:{upstream_port}"), &format!("127.0.0.1:{}", self.port))
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.state.send_replace(Link::Cut);
+        self.task.abort();
+    }
+}
+
+async fn pipe(mut client: TcpStream, upstream: String, mut watch: watch::Receiver<Link>) {
+    let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let mut a = [0u8; 16384];
+    let mut b = [0u8; 16384];
+    loop {
+        let link = *watch.borrow_and_update();
+        match link {
+            Link::Cut => return,
+            Link::Stalled => {
+                if watch.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Link::Open => {}
+        }
+        tokio::select! {
+            _ = watch.changed() => {}
+            n = cr.read(&mut a) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if *watch.borrow() != Link::Cut && sw.write_all(&a[..n]).await.is_err() { return },
+            },
+            n = sr.read(&mut b) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if *watch.borrow() != Link::Cut && cw.write_all(&b[..n]).await.is_err() { return },
+            },
+        }
+    }
+}
+
+/// Accepts TCP connections and never sends a byte: a hung server.
+#[allow(dead_code)] // the broker connect timeout test
+pub struct SilentListener {
+    pub port: u16,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[allow(dead_code)]
+impl SilentListener {
+    pub async fn start() -> SilentListener {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        SilentListener { port, accepted, task }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test's own databases and vhost, dropped when the guard is, pass or fail.
+pub struct Sandbox {
+    pub prefix: String,
+    pub amqp_url: String,
+    databases: std::sync::Mutex<Vec<String>>,
+}
+
+impl Sandbox {
+    pub async fn new() -> Sandbox {
+        runtime::telemetry::init_for_tests();
+        let prefix = format!("r{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let vhost = create_vhost(&prefix).await;
+        Sandbox { prefix, amqp_url: vhost.amqp_url, databases: Default::default() }
+    }
+
+    /// The URL of the test's database `name` (created by the service that uses it).
+    pub fn database_url(&self, name: &str) -> String {
+        let db = format!("{}_{name}", self.prefix);
+        self.databases.lock().unwrap().push(db.clone());
+        format!("{}/{db}", postgres_url())
+    }
+
+    /// The database URL as seen through `proxy` (to 127.0.0.1:5432).
+    pub fn proxied_database_url(&self, name: &str, proxy: &TcpProxy) -> String {
+        proxy.url(&self.database_url(name), 5432)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let databases = std::mem::take(&mut *self.databases.lock().unwrap());
+        let vhost = self.prefix.clone();
+        // Drop cannot await: clean up on a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                for db in databases {
+                    drop_database(&db).await;
+                }
+                drop_vhost(&vhost).await;
+            });
+        })
+        .join();
+    }
+}
