@@ -192,8 +192,31 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
             shutdown.cancelled().await;
             tokio::time::sleep(STREAM_DRAIN.mul_f64(rand::random::<f64>())).await;
         };
-        let body = Body::from_stream(futures::StreamExt::take_until(body.into_data_stream(), end));
+        let open = OpenStream::new();
+        let stream = futures::StreamExt::take_until(body.into_data_stream(), end);
+        // The guard lives as long as the stream: dropped when the stream
+        // ends, the upstream closes or the client goes away.
+        let body = Body::from_stream(futures::StreamExt::inspect(stream, move |_| {
+            let _ = &open;
+        }));
         return Ok(Response::from_parts(parts, body).into_response());
     }
     Ok(Response::from_parts(parts, Body::new(body)).into_response())
+}
+
+/// `gateway_streams_open`: event streams this replica carries now (its
+/// autoscaler counts them, as the push service's counts `sse_connections_open`).
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        metrics::gauge!("gateway_streams_open").increment(1.0);
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_streams_open").decrement(1.0);
+    }
 }

@@ -182,9 +182,10 @@ async fn settle(
     status: OrderStatus,
     reason: Option<&str>,
 ) -> Result<Option<(Uuid, Money)>, HandlerError> {
-    let row: Option<(Uuid, Decimal)> = sqlx::query_as(
+    let row: Option<(Uuid, Decimal, f64)> = sqlx::query_as(
         "UPDATE orders SET status = $2, reason = $3, updated_at = now()
-         WHERE id = $1 AND status = 'pending' RETURNING user_id, price",
+         WHERE id = $1 AND status = 'pending'
+         RETURNING user_id, price, extract(epoch FROM now() - created_at)::float8",
     )
     .bind(id)
     .bind(status.as_str())
@@ -192,8 +193,12 @@ async fn settle(
     .fetch_optional(&mut *tx)
     .await?;
     match row {
-        Some((user_id, price)) => {
+        Some((user_id, price, waited)) => {
             let price = Money::new(price).map_err(|e| HandlerError::Reject(e.to_string()))?;
+            // From placement to billing's answer. (A commit that fails after
+            // this is retried and counted again: rare, and only inflates the count.)
+            metrics::histogram!("order_settlement_duration_seconds", "status" => status.as_str())
+                .record(waited.max(0.0));
             tracing::info!(order_id = %id, user_id = %user_id, status = status.as_str(), "order settled");
             Ok(Some((user_id, price)))
         }

@@ -18,6 +18,13 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
+            // Placement to settlement includes the consumers' retry delays
+            // (RETRY_DELAYS_MS, up to a minute each) and a broker outage.
+            .set_buckets_for_metric(
+                Matcher::Full("order_settlement_duration_seconds".into()),
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0],
+            )
+            .expect("valid buckets")
             .set_buckets_for_metric(
                 Matcher::Suffix("_seconds".into()),
                 &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],

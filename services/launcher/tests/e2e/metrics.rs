@@ -113,3 +113,55 @@ async fn an_unsent_outbox_message_shows_its_age_while_the_relay_cannot_send_it()
     db.close().await;
     app.stop().await;
 }
+
+/// A gauge without labels.
+fn plain_gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_gateway_counts_the_event_streams_it_carries() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let open = || async { plain_gauge(&scrape(&app).await, "gateway_streams_open").unwrap_or(0.0) };
+    let before = open().await;
+
+    let streams = [
+        app.http.get(app.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap(),
+        app.http.get(app.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap(),
+    ];
+    assert!(streams.iter().all(|s| s.status().is_success()));
+    let during = eventually(Duration::from_secs(10), || async {
+        let now = open().await;
+        (now >= before + 2.0).then_some(now)
+    })
+    .await;
+
+    // The client goes away: the gateway no longer counts those streams.
+    drop(streams);
+    eventually(Duration::from_secs(10), || async { (open().await <= during - 2.0).then_some(()) }).await;
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn settled_orders_record_how_long_they_waited() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let r = app.post(&user, "/ordering/orders", serde_json::json!({"price": 5})).await;
+    let order: serde_json::Value = r.json().await.unwrap();
+    let settled = app.settled_order(&user, order["id"].as_str().unwrap()).await;
+    assert_eq!(settled["status"], "failed"); // no money
+    eventually(Duration::from_secs(10), || async {
+        let text = scrape(&app).await;
+        text.lines()
+            .any(|l| {
+                l.starts_with(r#"order_settlement_duration_seconds_count{status="failed"} "#) && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })
+    .await;
+    // Buckets reach the retry delays, not only request latencies.
+    assert!(scrape(&app).await.contains(r#"order_settlement_duration_seconds_bucket{status="failed",le="300"}"#));
+    app.stop().await;
+}
