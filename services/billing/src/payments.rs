@@ -5,7 +5,7 @@ use runtime::consumer::HandlerResult;
 use runtime::{Incoming, outbox};
 use sqlx::PgConnection;
 
-use crate::accounts::{debit, ensure_account};
+use crate::accounts::{Debit, debit, ensure_account};
 
 pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePayment>) -> HandlerResult {
     let p = msg.payload;
@@ -23,7 +23,8 @@ pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePaymen
         }
         None => {
             ensure_account(tx, p.user_id).await?;
-            let charged = debit(tx, p.user_id, p.amount.as_decimal()).await?;
+            let source = format!("message:{}", msg.message_id);
+            let charged = debit(tx, p.user_id, p.amount.as_decimal(), Debit::Payment(p.id), &source).await?;
             let reason = (!charged).then(|| NOT_ENOUGH_MONEY.to_string());
             sqlx::query("INSERT INTO payments (id, user_id, amount, succeeded, reason) VALUES ($1, $2, $3, $4, $5)")
                 .bind(p.id)

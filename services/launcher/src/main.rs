@@ -79,6 +79,18 @@ enum Command {
     /// Moves the messages of QUEUE's dead-letter queue (QUEUE.dead) back to
     /// QUEUE, once the cause of their failure is fixed.
     ReplayDeadLetters { queue: String },
+    /// Checks the invariants across the services' databases and the broker
+    /// (balances = ledgers, one payment and one notification per final order,
+    /// no order pending too long, empty dead-letter queues) and prints a
+    /// report; exits 1 on any violation.
+    Audit {
+        /// RabbitMQ management API (credentials in the URL).
+        #[arg(long, env = "RABBITMQ_API_URL", default_value = "http://guest:guest@127.0.0.1:15672/api")]
+        rabbitmq_api: String,
+        /// An order pending longer than this is a violation.
+        #[arg(long, env = "AUDIT_PENDING_THRESHOLD_SECS", default_value_t = 300)]
+        pending_threshold_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -100,10 +112,23 @@ async fn main() -> anyhow::Result<()> {
         println!("moved {moved} message(s) from {queue}.dead back to {queue}");
         return Ok(());
     }
+    let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
+    if let Some(Command::Audit { rabbitmq_api, pending_threshold_secs }) = &cli.command {
+        let config = order_system::audit::AuditConfig {
+            billing_db: db("billing"),
+            ordering_db: db("ordering"),
+            notification_db: db("notification"),
+            rabbitmq_api: rabbitmq_api.clone(),
+            vhost: order_system::audit::vhost_of(&cli.messaging.amqp_url),
+            pending_threshold: std::time::Duration::from_secs(*pending_threshold_secs),
+        };
+        let report = order_system::audit::run(&config).await?;
+        print!("{report}");
+        std::process::exit(if report.is_clean() { 0 } else { 1 });
+    }
     let shutdown = CancellationToken::new();
     runtime::shutdown::on_signal(shutdown.clone());
 
-    let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
     let port = |n: u16| SocketAddr::new(cli.internal_host, cli.gateway_addr.port() + n);
     let url = |addr: SocketAddr| format!("http://{addr}");
     let (identity_addr, billing_addr, ordering_addr, notification_addr, push_addr) =

@@ -49,11 +49,12 @@ pub async fn on_user_updated(tx: &mut PgConnection, msg: Incoming<UserUpdated>) 
 }
 
 /// Stores the notification and queues its e-mail, in the consumer's transaction.
-async fn notify(tx: &mut PgConnection, user_id: Uuid, subject: &str, message: String) -> HandlerResult {
+async fn notify(tx: &mut PgConnection, user_id: Uuid, order_id: Uuid, subject: &str, message: String) -> HandlerResult {
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO notifications (id, user_id, message) VALUES ($1, $2, $3)")
+    sqlx::query("INSERT INTO notifications (id, user_id, order_id, message) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(user_id)
+        .bind(order_id)
         .bind(&message)
         .execute(&mut *tx)
         .await?;
@@ -65,20 +66,20 @@ async fn notify(tx: &mut PgConnection, user_id: Uuid, subject: &str, message: St
         .execute(&mut *tx)
         .await?;
     sqlx::query("SELECT pg_notify($1, '')").bind(EMAIL_CHANNEL).execute(&mut *tx).await?;
-    tracing::info!(user_id = %user_id, notification_id = %id, "notification stored");
+    tracing::info!(user_id = %user_id, order_id = %order_id, notification_id = %id, "notification stored");
     Ok(())
 }
 
 pub async fn on_order_created(tx: &mut PgConnection, msg: Incoming<OrderCreated>) -> HandlerResult {
     let o = msg.payload;
     let text = format!("Your order for {}$ has been successfully processed", o.price);
-    notify(tx, o.user_id, "Your order has been processed", text).await
+    notify(tx, o.user_id, o.order_id, "Your order has been processed", text).await
 }
 
 pub async fn on_order_failed(tx: &mut PgConnection, msg: Incoming<OrderFailed>) -> HandlerResult {
     let o = msg.payload;
     let text = format!("Your order for {}$ was not fulfilled due to: {}", o.price, o.reason);
-    notify(tx, o.user_id, "Your order was not fulfilled", text).await
+    notify(tx, o.user_id, o.order_id, "Your order was not fulfilled", text).await
 }
 
 #[derive(sqlx::FromRow)]

@@ -25,7 +25,7 @@ pub fn postgres_url() -> String {
     env_or("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 }
 
-fn rabbitmq_api() -> String {
+pub fn rabbitmq_api() -> String {
     env_or("TEST_RABBITMQ_API", "http://guest:guest@127.0.0.1:15672/api")
 }
 

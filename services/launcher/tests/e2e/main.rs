@@ -2,6 +2,7 @@
 //! PostgreSQL, RabbitMQ and an SMTP server (see `helpers`).
 
 mod api;
+mod audit;
 mod contract;
 mod flow;
 mod helpers;

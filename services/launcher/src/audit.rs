@@ -1,0 +1,379 @@
+//! `order-system audit`: checks the invariants that hold across the services'
+//! databases and the broker, and reports every violation.
+//!
+//! - every account's balance equals the sum of its ledger entries, and each
+//!   entry's `balance_after` is the running sum up to it;
+//! - every successful payment has exactly one ledger entry of its amount, and
+//!   a failed one none;
+//! - every final order has exactly one payment, of the same amount and
+//!   outcome, and exactly one notification;
+//! - no order has been pending longer than a threshold;
+//! - every dead-letter queue (`*.dead`) is empty.
+//!
+//! It reads the databases directly (read-only) and the RabbitMQ management API.
+
+use anyhow::Context;
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Where the audit looks.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub billing_db: String,
+    pub ordering_db: String,
+    pub notification_db: String,
+    /// RabbitMQ management API, e.g. `http://guest:guest@127.0.0.1:15672/api`.
+    pub rabbitmq_api: String,
+    /// The vhost whose dead-letter queues are checked.
+    pub vhost: String,
+    /// Orders pending longer than this are violations.
+    pub pending_threshold: Duration,
+}
+
+/// One broken invariant: which check, about what (an order, a user, a queue), and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub check: &'static str,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}] {}: {}", self.check, self.subject, self.detail)
+    }
+}
+
+/// What was checked (a line per check, with counts) and what was found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub checked: Vec<String>,
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The violations of one check.
+    pub fn of(&self, check: &str) -> Vec<&Violation> {
+        self.violations.iter().filter(|v| v.check == check).collect()
+    }
+
+    fn violation(&mut self, check: &'static str, subject: impl Into<String>, detail: impl Into<String>) {
+        self.violations.push(Violation { check, subject: subject.into(), detail: detail.into() });
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "order-system audit")?;
+        for line in &self.checked {
+            writeln!(f, "  {line}")?;
+        }
+        if self.violations.is_empty() {
+            writeln!(f, "no violations")
+        } else {
+            writeln!(f, "{} violation(s):", self.violations.len())?;
+            for v in &self.violations {
+                writeln!(f, "  {v}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+pub const BALANCE: &str = "balance";
+pub const LEDGER: &str = "ledger";
+pub const PAYMENT: &str = "payment";
+pub const NOTIFICATION: &str = "notification";
+pub const PENDING: &str = "pending";
+pub const DEAD_LETTERS: &str = "dead-letters";
+
+/// The version of the notification migration that added `order_id`: orders
+/// settled before it have notifications that name no order.
+const NOTIFICATION_ORDER_MIGRATION: i64 = 20261130000001;
+
+async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {}", runtime::db::redact(url)))
+}
+
+/// Runs every check. An error means a check could not run (a database or the
+/// management API unreachable), not that it found something.
+pub async fn run(config: &AuditConfig) -> anyhow::Result<Report> {
+    let billing = connect(&config.billing_db).await?;
+    let ordering = connect(&config.ordering_db).await?;
+    let notification = connect(&config.notification_db).await?;
+    let mut report = Report::default();
+    balances(&billing, &mut report).await?;
+    orders(&billing, &ordering, &notification, &mut report).await?;
+    pending(&ordering, config.pending_threshold, &mut report).await?;
+    dead_letters(config, &mut report).await?;
+    billing.close().await;
+    ordering.close().await;
+    notification.close().await;
+    Ok(report)
+}
+
+async fn balances(billing: &PgPool, report: &mut Report) -> anyhow::Result<()> {
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts").fetch_one(billing).await?;
+    let mismatched: Vec<(Uuid, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT a.user_id, a.balance, COALESCE(sum(l.amount), 0)
+         FROM accounts a LEFT JOIN ledger_entries l ON l.user_id = a.user_id
+         GROUP BY a.user_id, a.balance
+         HAVING a.balance <> COALESCE(sum(l.amount), 0)
+         ORDER BY a.user_id",
+    )
+    .fetch_all(billing)
+    .await?;
+    for (user, balance, sum) in mismatched {
+        report.violation(
+            BALANCE,
+            format!("user {user}"),
+            format!("balance {balance} but its ledger entries sum to {sum}"),
+        );
+    }
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(billing).await?;
+    let broken: Vec<(i64, Uuid, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT id, user_id, balance_after, running FROM (
+             SELECT id, user_id, balance_after,
+                    sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running
+             FROM ledger_entries) e
+         WHERE balance_after <> running ORDER BY id",
+    )
+    .fetch_all(billing)
+    .await?;
+    for (id, user, after, running) in broken {
+        report.violation(
+            LEDGER,
+            format!("user {user}"),
+            format!("entry {id} says balance {after} after it, the entries up to it sum to {running}"),
+        );
+    }
+    let payments: Vec<(Uuid, Uuid, Decimal, bool, i64, Option<Decimal>)> = sqlx::query_as(
+        "SELECT p.id, p.user_id, p.amount, p.succeeded, count(l.id), sum(l.amount)
+         FROM payments p LEFT JOIN ledger_entries l ON l.payment_id = p.id
+         GROUP BY p.id
+         HAVING count(l.id) <> (CASE WHEN p.succeeded THEN 1 ELSE 0 END)
+             OR (p.succeeded AND sum(l.amount) <> -p.amount)
+         ORDER BY p.id",
+    )
+    .fetch_all(billing)
+    .await?;
+    for (id, user, amount, succeeded, n, sum) in payments {
+        let detail = match (succeeded, n) {
+            (true, 0) => format!("succeeded for {amount} but no ledger entry charges it"),
+            (false, _) => format!("failed but {n} ledger entr(ies) charge it"),
+            _ => format!("succeeded for {amount} but its ledger entries charge {}", -sum.unwrap_or_default()),
+        };
+        report.violation(LEDGER, format!("payment {id} (user {user})"), detail);
+    }
+    let orphans: Vec<(i64, Uuid)> = sqlx::query_as(
+        "SELECT l.id, l.payment_id FROM ledger_entries l
+         WHERE l.payment_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.id = l.payment_id)",
+    )
+    .fetch_all(billing)
+    .await?;
+    for (id, payment) in orphans {
+        report.violation(
+            LEDGER,
+            format!("payment {payment}"),
+            format!("ledger entry {id} charges a payment that does not exist"),
+        );
+    }
+    report.checked.push(format!("accounts: {accounts}, ledger entries: {entries} (balance = sum of entries, running balances, one entry per successful payment)"));
+    Ok(())
+}
+
+struct Payment {
+    amount: Decimal,
+    succeeded: bool,
+}
+
+async fn orders(billing: &PgPool, ordering: &PgPool, notification: &PgPool, report: &mut Report) -> anyhow::Result<()> {
+    let finals: Vec<(Uuid, Uuid, Decimal, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
+    )
+    .fetch_all(ordering)
+    .await?;
+    let payments: HashMap<Uuid, Payment> =
+        sqlx::query_as::<_, (Uuid, Decimal, bool)>("SELECT id, amount, succeeded FROM payments")
+            .fetch_all(billing)
+            .await?
+            .into_iter()
+            .map(|(id, amount, succeeded)| (id, Payment { amount, succeeded }))
+            .collect();
+    let notifications: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>(
+        "SELECT order_id, count(*) FROM notifications WHERE order_id IS NOT NULL GROUP BY order_id",
+    )
+    .fetch_all(notification)
+    .await?
+    .into_iter()
+    .collect();
+    // Notifications name their order only since this migration.
+    let since: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT installed_on FROM _sqlx_migrations WHERE version = $1")
+            .bind(NOTIFICATION_ORDER_MIGRATION)
+            .fetch_optional(notification)
+            .await?;
+    let mut notified_checked = 0;
+    for (id, user, price, status, settled_at) in &finals {
+        let subject = format!("order {id} (user {user})");
+        let succeeded = status == "succeeded";
+        match payments.get(id) {
+            None => report.violation(PAYMENT, &subject, format!("{status} but billing has no payment for it")),
+            Some(p) if p.amount != *price => {
+                report.violation(PAYMENT, &subject, format!("price {price} but its payment is for {}", p.amount))
+            }
+            Some(p) if p.succeeded != succeeded => report.violation(
+                PAYMENT,
+                &subject,
+                format!("{status} but its payment {}", if p.succeeded { "succeeded" } else { "failed" }),
+            ),
+            Some(_) => {}
+        }
+        if since.is_some_and(|since| *settled_at < since) {
+            continue;
+        }
+        notified_checked += 1;
+        match notifications.get(id).copied().unwrap_or(0) {
+            1 => {}
+            0 => report.violation(NOTIFICATION, &subject, format!("{status} but no notification names it")),
+            n => report.violation(NOTIFICATION, &subject, format!("{status} and {n} notifications name it")),
+        }
+    }
+    report.checked.push(format!(
+        "final orders: {} (one payment of the same amount and outcome each; one notification each: {notified_checked} checked)",
+        finals.len()
+    ));
+    Ok(())
+}
+
+async fn pending(ordering: &PgPool, threshold: Duration, report: &mut Report) -> anyhow::Result<()> {
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'pending'").fetch_one(ordering).await?;
+    let old: Vec<(Uuid, Uuid, f64)> = sqlx::query_as(
+        "SELECT id, user_id, extract(epoch FROM now() - created_at)::float8 FROM orders
+         WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at, id",
+    )
+    .bind(threshold.as_secs_f64())
+    .fetch_all(ordering)
+    .await?;
+    for (id, user, age) in &old {
+        report.violation(
+            PENDING,
+            format!("order {id} (user {user})"),
+            format!("pending for {age:.0} s (threshold {} s)", threshold.as_secs()),
+        );
+    }
+    report.checked.push(format!("pending orders: {pending}, {} older than {} s", old.len(), threshold.as_secs()));
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct Queue {
+    name: String,
+    #[serde(default)]
+    messages: Option<i64>,
+}
+
+/// The management API's credentials travel in the URL (`http://user:pass@host:port/api`).
+fn management_request(http: &reqwest::Client, api: &str, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+    let mut url = reqwest::Url::parse(&format!("{}/{path}", api.trim_end_matches('/')))
+        .with_context(|| format!("management API URL {api}"))?;
+    let (user, pass) = (url.username().to_string(), url.password().map(str::to_string));
+    url.set_username("").ok();
+    url.set_password(None).ok();
+    let user = if user.is_empty() { "guest".to_string() } else { user };
+    Ok(http.get(url).basic_auth(user, Some(pass.unwrap_or_else(|| "guest".into()))))
+}
+
+async fn dead_letters(config: &AuditConfig, report: &mut Report) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let vhost = percent_encode(&config.vhost);
+    let queues: Vec<Queue> = management_request(&http, &config.rabbitmq_api, &format!("queues/{vhost}"))?
+        .send()
+        .await
+        .context("RabbitMQ management API")?
+        .error_for_status()
+        .context("RabbitMQ management API")?
+        .json()
+        .await?;
+    let dead: Vec<&Queue> = queues.iter().filter(|q| q.name.ends_with(".dead")).collect();
+    for q in &dead {
+        let n = q.messages.unwrap_or(0);
+        if n > 0 {
+            report.violation(
+                DEAD_LETTERS,
+                format!("queue {}", q.name),
+                format!(
+                    "{n} dead-lettered message(s) (inspect, fix, then `order-system replay-dead-letters {}`)",
+                    q.name.trim_end_matches(".dead")
+                ),
+            );
+        }
+    }
+    report.checked.push(format!("dead-letter queues: {} in vhost {:?}", dead.len(), config.vhost));
+    Ok(())
+}
+
+/// The vhost as one path segment of the management API (`/` is `%2F`).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The vhost an AMQP URL names (its path, percent-decoded; `/` when absent).
+pub fn vhost_of(amqp_url: &str) -> String {
+    let path = amqp_url.split_once("://").map(|(_, rest)| rest).unwrap_or(amqp_url);
+    let path = path.split_once('/').map(|(_, p)| p).unwrap_or("");
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if path.is_empty() {
+        return "/".into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&path[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vhost_comes_from_the_amqp_url() {
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672"), "/");
+        assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/t1234"), "t1234");
+        assert_eq!(vhost_of("amqp://h:1/a%2Fb?heartbeat=10"), "a/b");
+        assert_eq!(percent_encode("/"), "%2F");
+    }
+}
