@@ -32,6 +32,9 @@ pub struct AuditConfig {
     pub vhost: String,
     /// Orders pending longer than this are violations.
     pub pending_threshold: Duration,
+    /// An order settled less than this ago may still be on its way to
+    /// notification: its notification is not checked yet.
+    pub notification_grace: Duration,
 }
 
 /// One broken invariant: which check, about what (an order, a user, a queue), and how.
@@ -116,7 +119,7 @@ pub async fn run(config: &AuditConfig) -> anyhow::Result<Report> {
     let notification = connect(&config.notification_db).await?;
     let mut report = Report::default();
     balances(&billing, &mut report).await?;
-    orders(&billing, &ordering, &notification, &mut report).await?;
+    orders(&billing, &ordering, &notification, config.notification_grace, &mut report).await?;
     pending(&ordering, config.pending_threshold, &mut report).await?;
     dead_letters(config, &mut report).await?;
     billing.close().await;
@@ -200,12 +203,22 @@ struct Payment {
     succeeded: bool,
 }
 
-async fn orders(billing: &PgPool, ordering: &PgPool, notification: &PgPool, report: &mut Report) -> anyhow::Result<()> {
-    let finals: Vec<(Uuid, Uuid, Decimal, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
-    )
-    .fetch_all(ordering)
-    .await?;
+async fn orders(
+    billing: &PgPool,
+    ordering: &PgPool,
+    notification: &PgPool,
+    grace: Duration,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let (finals, now): (Vec<(Uuid, Uuid, Decimal, String, chrono::DateTime<chrono::Utc>)>, _) = (
+        sqlx::query_as(
+            "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
+        )
+        .fetch_all(ordering)
+        .await?,
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()").fetch_one(ordering).await?,
+    );
+    let recent_since = now - chrono::Duration::from_std(grace).unwrap_or_default();
     let payments: HashMap<Uuid, Payment> =
         sqlx::query_as::<_, (Uuid, Decimal, bool)>("SELECT id, amount, succeeded FROM payments")
             .fetch_all(billing)
@@ -226,7 +239,7 @@ async fn orders(billing: &PgPool, ordering: &PgPool, notification: &PgPool, repo
             .bind(NOTIFICATION_ORDER_MIGRATION)
             .fetch_optional(notification)
             .await?;
-    let mut notified_checked = 0;
+    let (mut notified_checked, mut too_recent) = (0, 0);
     for (id, user, price, status, settled_at) in &finals {
         let subject = format!("order {id} (user {user})");
         let succeeded = status == "succeeded";
@@ -245,6 +258,10 @@ async fn orders(billing: &PgPool, ordering: &PgPool, notification: &PgPool, repo
         if since.is_some_and(|since| *settled_at < since) {
             continue;
         }
+        if *settled_at > recent_since {
+            too_recent += 1;
+            continue;
+        }
         notified_checked += 1;
         match notifications.get(id).copied().unwrap_or(0) {
             1 => {}
@@ -253,8 +270,10 @@ async fn orders(billing: &PgPool, ordering: &PgPool, notification: &PgPool, repo
         }
     }
     report.checked.push(format!(
-        "final orders: {} (one payment of the same amount and outcome each; one notification each: {notified_checked} checked)",
-        finals.len()
+        "final orders: {} (one payment of the same amount and outcome each; one notification each: \
+         {notified_checked} checked, {too_recent} settled within the last {} s not yet)",
+        finals.len(),
+        grace.as_secs()
     ));
     Ok(())
 }

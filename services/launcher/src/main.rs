@@ -90,6 +90,10 @@ enum Command {
         /// An order pending longer than this is a violation.
         #[arg(long, env = "AUDIT_PENDING_THRESHOLD_SECS", default_value_t = 300)]
         pending_threshold_secs: u64,
+        /// Orders settled less than this ago are not yet checked for their
+        /// notification (it may be on its way).
+        #[arg(long, env = "AUDIT_NOTIFICATION_GRACE_SECS", default_value_t = 60)]
+        notification_grace_secs: u64,
     },
 }
 
@@ -113,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
-    if let Some(Command::Audit { rabbitmq_api, pending_threshold_secs }) = &cli.command {
+    if let Some(Command::Audit { rabbitmq_api, pending_threshold_secs, notification_grace_secs }) = &cli.command {
         let config = order_system::audit::AuditConfig {
             billing_db: db("billing"),
             ordering_db: db("ordering"),
@@ -121,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             rabbitmq_api: rabbitmq_api.clone(),
             vhost: order_system::audit::vhost_of(&cli.messaging.amqp_url),
             pending_threshold: std::time::Duration::from_secs(*pending_threshold_secs),
+            notification_grace: std::time::Duration::from_secs(*notification_grace_secs),
         };
         let report = order_system::audit::run(&config).await?;
         print!("{report}");
