@@ -198,6 +198,10 @@ async fn balances(billing: &PgPool, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+type Timestamp = chrono::DateTime<chrono::Utc>;
+/// id, user, price, status, settled at
+type FinalOrder = (Uuid, Uuid, Decimal, String, Timestamp);
+
 struct Payment {
     amount: Decimal,
     succeeded: bool,
@@ -210,14 +214,12 @@ async fn orders(
     grace: Duration,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let (finals, now): (Vec<(Uuid, Uuid, Decimal, String, chrono::DateTime<chrono::Utc>)>, _) = (
-        sqlx::query_as(
-            "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
-        )
-        .fetch_all(ordering)
-        .await?,
-        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()").fetch_one(ordering).await?,
-    );
+    let finals: Vec<FinalOrder> = sqlx::query_as(
+        "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
+    )
+    .fetch_all(ordering)
+    .await?;
+    let now: Timestamp = sqlx::query_scalar("SELECT now()").fetch_one(ordering).await?;
     let recent_since = now - chrono::Duration::from_std(grace).unwrap_or_default();
     let payments: HashMap<Uuid, Payment> =
         sqlx::query_as::<_, (Uuid, Decimal, bool)>("SELECT id, amount, succeeded FROM payments")
@@ -234,11 +236,10 @@ async fn orders(
     .into_iter()
     .collect();
     // Notifications name their order only since this migration.
-    let since: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT installed_on FROM _sqlx_migrations WHERE version = $1")
-            .bind(NOTIFICATION_ORDER_MIGRATION)
-            .fetch_optional(notification)
-            .await?;
+    let since: Option<Timestamp> = sqlx::query_scalar("SELECT installed_on FROM _sqlx_migrations WHERE version = $1")
+        .bind(NOTIFICATION_ORDER_MIGRATION)
+        .fetch_optional(notification)
+        .await?;
     let (mut notified_checked, mut too_recent) = (0, 0);
     for (id, user, price, status, settled_at) in &finals {
         let subject = format!("order {id} (user {user})");
