@@ -115,7 +115,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
     responses(
         (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData`",
             content_type = "text/event-stream", body = crate::hub::OrderEventData),
-        (status = 401, description = "Not authenticated", body = contracts::api::ErrorBody),
+        runtime::http::responses::NotAuthenticated,
         (status = 503, description = "The stream is not available yet", body = contracts::api::ErrorBody),
     ))]
 pub async fn order_events(

@@ -6,6 +6,7 @@ use contracts::api::{BillingAccount, BillingUpdate, ErrorBody};
 use contracts::messages::{NOT_ENOUGH_MONEY, UserCreated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
+use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::{ApiError, Incoming, Json};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
@@ -75,8 +76,8 @@ pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) 
 #[utoipa::path(get, path = "/api/v1/account", tag = "billing", operation_id = "getBillingAccount",
     responses(
         (status = 200, description = "The user's account (opened with 0 on first use)", body = BillingAccount),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        NotAuthenticated,
+        UnexpectedError,
     ))]
 pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<BillingAccount>, ApiError> {
     let mut conn = db.acquire().await?;
@@ -93,9 +94,9 @@ pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<
     request_body = BillingUpdate,
     responses(
         (status = 204, description = "Deposited"),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
         (status = 422, description = "Invalid amount, or the balance would exceed the maximum", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn deposit(
     State(db): State<PgPool>,
@@ -134,9 +135,9 @@ pub async fn deposit(
     request_body = BillingUpdate,
     responses(
         (status = 204, description = "Withdrawn"),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
         (status = 422, description = "Invalid amount, or not enough money", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn withdraw(
     State(db): State<PgPool>,

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use contracts::api::{AccessToken, ErrorBody, Login, Profile, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, User};
 use contracts::messages::{UserCreated, UserUpdated};
 use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
+use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::outbox;
 use runtime::{ApiError, Json};
 use std::sync::LazyLock;
@@ -126,7 +127,7 @@ async fn verify_password(password: String, hash: Option<String>) -> Result<bool,
         (status = 201, description = "Registered", body = User),
         (status = 409, description = "The e-mail is already registered", body = ErrorBody),
         (status = 422, description = "Invalid e-mail, password or profile field", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
     let email = parse_email(&form.email)?;
@@ -171,7 +172,7 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
         (status = 200, description = "The access token (also set as the `accessToken` cookie)", body = AccessToken,
             headers(("Set-Cookie" = String, description = "accessToken=<JWT>; HttpOnly; SameSite=Strict"))),
         (status = 401, description = "Wrong e-mail or password", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Result<Response, ApiError> {
     let row: Option<(Uuid, String, String)> =
@@ -210,7 +211,7 @@ pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Re
 #[utoipa::path(post, path = "/api/v1/logout", tag = "identity", operation_id = "logoutUser",
     responses(
         (status = 204, description = "Logout succeeded; the token is no longer accepted"),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
     ))]
 pub async fn logout(
     State(state): State<AppState>,
@@ -247,8 +248,8 @@ async fn find_user(state: &AppState, id: Uuid) -> Result<User, ApiError> {
 #[utoipa::path(get, path = "/api/v1/profile", tag = "identity", operation_id = "getCurrentUser",
     responses(
         (status = 200, description = "The current user", body = User),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        NotAuthenticated,
+        UnexpectedError,
     ))]
 pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result<Json<User>, ApiError> {
     Ok(Json(find_user(&state, user.id).await?))
@@ -258,9 +259,9 @@ pub async fn profile(State(state): State<AppState>, user: CurrentUser) -> Result
     request_body = Profile,
     responses(
         (status = 200, description = "The updated user", body = User),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
         (status = 422, description = "Invalid profile field", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn update_profile(
     State(state): State<AppState>,

@@ -6,6 +6,7 @@ use contracts::api::{ErrorBody, Notification};
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
+use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::{ApiError, Incoming, Json, Page, Query};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -94,8 +95,8 @@ struct Row {
     responses(
         (status = 200, description = "The user's notifications, newest first", body = Vec<Notification>),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        NotAuthenticated,
+        UnexpectedError,
     ))]
 pub async fn list(
     State(db): State<PgPool>,

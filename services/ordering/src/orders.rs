@@ -9,6 +9,7 @@ use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
 use runtime::consumer::{HandlerError, HandlerResult};
+use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::{ApiError, Incoming, Json, Page, Path, Query, outbox};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
@@ -66,9 +67,9 @@ fn accepted(order: Order) -> Response {
         (status = 202, description = "Accepted: the order is pending until billing answers; poll its Location or listen on the event stream",
             body = Order, headers(("Location" = String, description = "The order's URL"))),
         (status = 400, description = "Invalid Idempotency-Key", body = ErrorBody),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
         (status = 422, description = "Invalid price, or an Idempotency-Key used for another price", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn create(
     State(db): State<PgPool>,
@@ -134,8 +135,8 @@ async fn repeated(db: &PgPool, user: Uuid, key: &str, price: Money) -> Result<Re
     responses(
         (status = 200, description = "The user's orders, newest first", body = Vec<Order>),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        NotAuthenticated,
+        UnexpectedError,
     ))]
 pub async fn list(
     State(db): State<PgPool>,
@@ -157,9 +158,9 @@ pub async fn list(
     responses(
         (status = 200, description = "The order", body = Order),
         (status = 400, description = "Not an order id", body = ErrorBody),
-        (status = 401, description = "Not authenticated", body = ErrorBody),
+        NotAuthenticated,
         (status = 404, description = "No such order of this user", body = ErrorBody),
-        (status = "default", description = "Unexpected error", body = ErrorBody),
+        UnexpectedError,
     ))]
 pub async fn get_one(
     State(db): State<PgPool>,
