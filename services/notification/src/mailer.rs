@@ -63,6 +63,7 @@ impl Mailer {
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut wakeup = Wakeup::new(self.db.clone(), EMAIL_CHANNEL, poll);
         loop {
+            wakeup.listen().await;
             if let Err(e) = self.send_due().await {
                 tracing::warn!(error = %e, "mailer pass failed");
             }

@@ -32,6 +32,16 @@ pub struct MessagingConfig {
     /// schedule, so they stay current while the broker is away.
     #[arg(long, env = "METRICS_REFRESH_MS", default_value_t = 5000)]
     pub metrics_refresh_ms: u64,
+
+    /// How long the outbox relay waits for the broker's publisher confirms
+    /// of a batch, in milliseconds, before it tries them on a new channel.
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
+    pub outbox_confirm_timeout_ms: u64,
+
+    /// Refusals by the broker (returned unroutable or nacked) after which an
+    /// outbox message is parked (kept with its reason, no longer retried).
+    #[arg(long, env = "OUTBOX_PARK_AFTER", default_value_t = 5)]
+    pub outbox_park_after: u32,
 }
 
 impl MessagingConfig {
@@ -43,6 +53,8 @@ impl MessagingConfig {
             outbox_poll_ms: 1000,
             outbox_ready_max_age_secs: 300,
             metrics_refresh_ms: 5000,
+            outbox_confirm_timeout_ms: 10_000,
+            outbox_park_after: 5,
         }
     }
 

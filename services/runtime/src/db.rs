@@ -113,7 +113,9 @@ impl Wakeup {
         Wakeup { pool, channel, listener: None, poll }
     }
 
-    async fn listen(&mut self) {
+    /// Starts listening, if not yet. Call it before looking for work, so
+    /// that a commit made while the work is done still wakes the next wait.
+    pub async fn listen(&mut self) {
         if self.listener.is_some() {
             return;
         }

@@ -5,6 +5,7 @@
 //! graceful shutdown.
 
 pub mod auth;
+pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod consumer;

@@ -5,7 +5,7 @@
 //! consumers absorb.
 
 use crate::Broker;
-use crate::broker::{check_confirm, publish};
+use crate::broker::{PublishError, check_confirm, publish};
 use crate::db::Wakeup;
 use contracts::Message;
 use lapin::BasicProperties;
@@ -66,10 +66,15 @@ pub struct Relay {
     broker: Broker,
     poll: Duration,
     batch: i64,
+    /// How long a batch waits for its publisher confirms.
+    confirm_timeout: Duration,
+    /// Refusals (returned or nacked) after which a row is parked.
+    park_after: u32,
     /// Sent rows are kept this long (for inspection), then deleted; inbox rows too.
     retention: Duration,
 }
 
+#[derive(sqlx::FromRow)]
 struct Row_ {
     id: i64,
     message_id: Uuid,
@@ -80,11 +85,46 @@ struct Row_ {
     payload: serde_json::Value,
     headers: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
+    attempts: i32,
+    refusals: i32,
 }
+
+/// Why one row was not confirmed.
+enum Failure {
+    /// The broker refused it (returned unroutable, or nacked): counts toward parking.
+    Refused(String),
+    /// The broker did not answer in time or the channel failed: not the row's fault.
+    Broker(String),
+}
+
+/// First retry of a refused row after this, doubling up to [`REFUSED_CAP`].
+const REFUSED_BASE: Duration = Duration::from_secs(1);
+const REFUSED_CAP: Duration = Duration::from_secs(300);
 
 impl Relay {
     pub fn new(pool: PgPool, broker: Broker, poll: Duration) -> Self {
-        Relay { pool, broker, poll, batch: 200, retention: Duration::from_secs(7 * 24 * 3600) }
+        Relay {
+            pool,
+            broker,
+            poll,
+            batch: 200,
+            confirm_timeout: Duration::from_secs(10),
+            park_after: 5,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    /// How long a batch waits for its publisher confirms before the channel
+    /// is given up (the rows are tried again on a new one).
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// After how many refusals (returned or nacked) a row is parked.
+    pub fn park_after(mut self, refusals: u32) -> Self {
+        self.park_after = refusals.max(1);
+        self
     }
 
     /// Runs until `shutdown`: wakes on every commit that wrote to the outbox
@@ -97,8 +137,17 @@ impl Relay {
                 break;
             };
             loop {
-                if let Err(e) = self.drain(&channel).await {
-                    tracing::warn!(error = %e, "outbox relay failed; reconnecting");
+                wakeup.listen().await;
+                let drained = tokio::select! {
+                    _ = shutdown.cancelled() => break 'connection,
+                    r = self.drain(&channel) => r,
+                };
+                if let Err(e) = drained {
+                    tracing::warn!(error = %format!("{e:#}"), "outbox relay failed; reconnecting");
+                    // Bounded: a broker that stopped answering never answers the close either.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), channel.close(200, "relay reconnecting".into()))
+                            .await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue 'connection;
                 }
@@ -122,69 +171,124 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes one batch of due rows. Rows are locked (`SKIP LOCKED`) so that
-    /// several replicas can relay the same outbox without sending a row twice.
+    /// Publishes one batch of due rows, holding no transaction while it waits
+    /// for the broker: the rows are first claimed (their `next_attempt_at`
+    /// moved past the confirm timeout, in one short statement with `SKIP
+    /// LOCKED`, so that replicas relaying the same outbox take different
+    /// rows), then published and their confirms awaited (bounded by the
+    /// confirm timeout), then marked sent or failed. A relay that dies
+    /// meanwhile leaves its rows to be claimed again after the lease: at worst
+    /// a message goes out twice, which idempotent consumers absorb.
     pub async fn publish_batch(&self, channel: &lapin::Channel) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<Row_> = sqlx::query(
-            "SELECT id, message_id, exchange, routing_key, message_type, correlation_id, payload, headers, created_at
-             FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= now()
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        let lease = self.confirm_timeout * 2 + Duration::from_secs(5);
+        let mut rows: Vec<Row_> = sqlx::query_as(
+            "UPDATE outbox SET next_attempt_at = now() + make_interval(secs => $2)
+             WHERE id IN (SELECT id FROM outbox
+                          WHERE sent_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()
+                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, payload, headers,
+                       created_at, attempts, refusals",
         )
         .bind(self.batch)
-        .try_map(|r: sqlx::postgres::PgRow| {
-            Ok(Row_ {
-                id: r.try_get("id")?,
-                message_id: r.try_get("message_id")?,
-                exchange: r.try_get("exchange")?,
-                routing_key: r.try_get("routing_key")?,
-                message_type: r.try_get("message_type")?,
-                correlation_id: r.try_get("correlation_id")?,
-                payload: r.try_get("payload")?,
-                headers: r.try_get("headers")?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .fetch_all(&mut *tx)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
+        rows.sort_by_key(|r| r.id);
 
-        // Pipeline: send the whole batch, then collect the confirms.
+        // Pipeline: send the whole batch, then collect the confirms, all
+        // within the confirm timeout.
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let timed_out = || Failure::Broker(format!("no publisher confirm within {:?}", self.confirm_timeout));
         let mut pending = Vec::with_capacity(rows.len());
         for row in &rows {
             let body = serde_json::to_vec(&row.payload)?;
             let props = properties(row.message_id, &row.message_type, row.correlation_id.as_deref(), row.created_at)
                 .with_headers(headers_table(&row.headers));
-            let confirm = publish(channel, &row.exchange, &row.routing_key, &body, props).await?;
-            pending.push(confirm);
+            let published =
+                tokio::time::timeout_at(deadline, publish(channel, &row.exchange, &row.routing_key, &body, props));
+            pending.push(match published.await {
+                Ok(Ok(confirm)) => Ok(confirm),
+                Ok(Err(e)) => Err(Failure::Broker(e.to_string())),
+                Err(_) => Err(timed_out()),
+            });
         }
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for confirm in pending {
+            outcomes.push(match confirm {
+                Err(f) => Err(f),
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Err(_) => Err(timed_out()),
+                    Ok(Err(e)) => Err(Failure::Broker(e.to_string())),
+                    Ok(Ok(c)) => match check_confirm(c) {
+                        Ok(()) => Ok(()),
+                        Err(e @ (PublishError::Returned(_) | PublishError::Nacked)) => {
+                            Err(Failure::Refused(e.to_string()))
+                        }
+                        Err(e) => Err(Failure::Broker(e.to_string())),
+                    },
+                },
+            });
+        }
+
         let mut sent = Vec::new();
-        for (row, confirm) in rows.iter().zip(pending) {
-            match confirm.await.map_err(Into::into).and_then(check_confirm) {
+        let mut broker_failed = None;
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            let labels = [("exchange", row.exchange.clone()), ("type", row.message_type.clone())];
+            match outcome {
                 Ok(()) => {
-                    metrics::counter!("messages_published_total", "exchange" => row.exchange.clone(), "type" => row.message_type.clone()).increment(1);
+                    metrics::counter!("messages_published_total", &labels).increment(1);
                     tracing::debug!(message_id = %row.message_id, r#type = %row.message_type, correlation_id = ?row.correlation_id, "published");
-                    sent.push(row.id)
+                    sent.push(row.id);
                 }
-                Err(e) => {
-                    metrics::counter!("messages_publish_failed_total", "exchange" => row.exchange.clone(), "type" => row.message_type.clone()).increment(1);
-                    tracing::error!(message_id = %row.message_id, r#type = %row.message_type, error = %e, "publish failed; will retry");
+                Err(Failure::Broker(reason)) => {
+                    // Not the row's fault: due again at once, on a new channel.
+                    metrics::counter!("messages_publish_failed_total", &labels).increment(1);
+                    sqlx::query("UPDATE outbox SET last_error = $2, next_attempt_at = now() WHERE id = $1")
+                        .bind(row.id)
+                        .bind(&reason)
+                        .execute(&self.pool)
+                        .await?;
+                    broker_failed.get_or_insert(reason);
+                }
+                Err(Failure::Refused(reason)) => {
+                    metrics::counter!("messages_publish_failed_total", &labels).increment(1);
+                    let refusals = u32::try_from(row.refusals).unwrap_or(0).saturating_add(1);
+                    let park = refusals >= self.park_after;
+                    let delay =
+                        crate::backoff::delay(u32::try_from(row.attempts).unwrap_or(0), REFUSED_BASE, REFUSED_CAP);
+                    if park {
+                        metrics::counter!("outbox_messages_parked_total", &labels).increment(1);
+                        tracing::error!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, "the broker keeps refusing the message; parked");
+                    } else {
+                        tracing::warn!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, retry_in = ?delay, "publish refused; will retry");
+                    }
                     sqlx::query(
-                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
-                            next_attempt_at = now() + least(interval '1 second' * power(2, attempts), interval '5 minutes')
+                        "UPDATE outbox SET attempts = attempts + 1, refusals = $3, last_error = $2,
+                            next_attempt_at = now() + make_interval(secs => $4),
+                            parked_at = CASE WHEN $5 THEN now() END,
+                            parked_reason = CASE WHEN $5 THEN $2 END
                          WHERE id = $1",
                     )
                     .bind(row.id)
-                    .bind(e.to_string())
-                    .execute(&mut *tx)
+                    .bind(&reason)
+                    .bind(i32::try_from(refusals).unwrap_or(i32::MAX))
+                    .bind(delay.as_secs_f64())
+                    .bind(park)
+                    .execute(&self.pool)
                     .await?;
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)").bind(&sent).execute(&mut *tx).await?;
-        tx.commit().await?;
+        sqlx::query("UPDATE outbox SET sent_at = now(), last_error = NULL WHERE id = ANY($1)")
+            .bind(&sent)
+            .execute(&self.pool)
+            .await?;
+        if let Some(reason) = broker_failed {
+            anyhow::bail!("publishing to the broker failed: {reason}");
+        }
         Ok(rows.len())
     }
 
@@ -214,7 +318,6 @@ fn headers_table(headers: &serde_json::Value) -> FieldTable {
     t
 }
 
-/// Counts of the outbox, for readiness and metrics.
 /// Sets `outbox_backlog_messages` and `outbox_oldest_unsent_age_seconds`
 /// from the database (refreshed by `Service` on its own schedule, not by the
 /// relay, so the age keeps growing while the broker is away).
@@ -222,14 +325,19 @@ pub async fn report_backlog(pool: &PgPool) -> sqlx::Result<()> {
     let (count, oldest) = backlog(pool).await?;
     let database = crate::metrics::database_label(pool);
     metrics::gauge!("outbox_backlog_messages", "database" => database.clone()).set(count as f64);
-    metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database).set(oldest.unwrap_or(0.0));
+    metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database.clone()).set(oldest.unwrap_or(0.0));
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL")
+        .fetch_one(pool)
+        .await?;
+    metrics::gauge!("outbox_parked_messages", "database" => database).set(parked as f64);
     Ok(())
 }
 
+/// Unsent, unparked messages and the age of the oldest, for readiness and metrics.
 pub async fn backlog(pool: &PgPool) -> sqlx::Result<(i64, Option<f64>)> {
     let row = sqlx::query(
         "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS oldest
-         FROM outbox WHERE sent_at IS NULL",
+         FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL",
     )
     .fetch_one(pool)
     .await?;

@@ -56,8 +56,10 @@ impl Service {
 
     /// Publishes what the service writes to its outbox.
     pub fn relay_outbox(&mut self) {
-        let relay =
-            Relay::new(self.db.clone(), self.broker.clone(), Duration::from_millis(self.messaging.outbox_poll_ms));
+        let m = &self.messaging;
+        let relay = Relay::new(self.db.clone(), self.broker.clone(), Duration::from_millis(m.outbox_poll_ms))
+            .confirm_timeout(Duration::from_millis(m.outbox_confirm_timeout_ms))
+            .park_after(m.outbox_park_after);
         self.tasks.spawn("outbox relay", relay.run(self.shutdown()));
         let db = self.db.clone();
         self.gauges("outbox backlog gauges", move || {
