@@ -195,7 +195,7 @@ pub fn document() -> Value {
                  replica reads from its own offset (the offsets are the server-sent event ids). A message is published \
                  persistent and mandatory with publisher confirms (transactional outbox), consumed with manual \
                  ack after its effect committed (idempotent by `message_id`); a failing message is retried \
-                 through `<queue>.retry.<ms>ms` queues, then parked in `<queue>.dead`."
+                 through `<queue>.delay.<ms>ms` queues (dead-lettered back at least once), then parked in `<queue>.dead`."
             ),
         );
     }
@@ -324,7 +324,7 @@ pub fn document() -> Value {
             (
                 "durable quorum queue",
                 format!(
-                    " A failing message is retried through `{q}.retry.<ms>ms` queues, then parked in `{q}.dead`.",
+                    " A failing message is retried through `{q}.delay.<ms>ms` queues (dead-lettered back at least once), then parked in `{q}.dead`.",
                     q = c.queue
                 ),
             )

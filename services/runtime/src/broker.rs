@@ -141,7 +141,7 @@ pub fn dead_letter_queue(queue: &str) -> String {
 }
 
 pub fn retry_queue(queue: &str, delay: Duration) -> String {
-    format!("{queue}.retry.{}ms", delay.as_millis())
+    format!("{queue}.delay.{}ms", delay.as_millis())
 }
 
 /// Exchanges, every durable consumer queue with its dead-letter queue, and
@@ -219,7 +219,17 @@ async fn declare_quorum(channel: &Channel, name: &str, extra: &[(&str, AMQPValue
 }
 
 /// The delay queues of `queue`: a message waits there for its TTL, then is
-/// dead-lettered back to `queue` through the default exchange.
+/// dead-lettered back to `queue` through the default exchange, at least once
+/// (quorum queues: `x-dead-letter-strategy: at-least-once`, which needs
+/// `x-overflow: reject-publish`; the default, at most once, drops a message
+/// whose delay expires while the move fails).
+///
+/// They are named `<queue>.delay.<ms>ms`. Deployments from before
+/// at-least-once have `<queue>.retry.<ms>ms` queues with other arguments,
+/// which the broker refuses to redeclare (PRECONDITION_FAILED) and which a
+/// quorum queue cannot replace safely (no `if-empty` delete): the new name
+/// leaves them alone. They still move what they hold back to `queue` when its
+/// delay expires, so they drain by themselves and can then be deleted.
 pub async fn declare_retry_queues(channel: &Channel, queue: &QueueSpec, delays: &[Duration]) -> lapin::Result<()> {
     for delay in delays {
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -230,6 +240,8 @@ pub async fn declare_retry_queues(channel: &Channel, queue: &QueueSpec, delays: 
                 ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
                 ("x-dead-letter-exchange", text("")),
                 ("x-dead-letter-routing-key", text(queue.name)),
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
             ],
         )
         .await?;

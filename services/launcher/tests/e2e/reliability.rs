@@ -336,3 +336,51 @@ async fn a_confirm_that_never_comes_times_out_without_a_transaction_held_and_the
     stop.cancel();
     db.close().await;
 }
+
+#[tokio::test]
+async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration() {
+    let s = Sandbox::new().await;
+    // A delay queue of an existing deployment, declared with the old arguments
+    // (and, like it, still holding a message on its way back).
+    let broker = runtime::Broker::new(&s.amqp_url);
+    let ch = broker.confirm_channel().await.unwrap();
+    let mut old = lapin::types::FieldTable::default();
+    old.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    old.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongLongInt(2000));
+    old.insert("x-dead-letter-exchange".into(), lapin::types::AMQPValue::LongString("".into()));
+    old.insert("x-dead-letter-routing-key".into(), lapin::types::AMQPValue::LongString("billing.payments".into()));
+    let q = "billing.payments.retry.2000ms";
+    ch.queue_declare(q.into(), QueueDeclareOptions { durable: true, ..Default::default() }, old).await.unwrap();
+    let payment = Uuid::new_v4();
+    let body =
+        serde_json::to_vec(&CreatePayment { id: payment, user_id: Uuid::new_v4(), amount: "3".parse().unwrap() })
+            .unwrap();
+    let props = runtime::outbox::properties(Uuid::new_v4(), CreatePayment::NAME, None, chrono::Utc::now());
+    runtime::broker::publish_confirmed(&ch, "", q, &body, props).await.unwrap();
+    broker.close().await;
+
+    let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;
+    let http = reqwest::Client::new();
+    for queue in ["billing.payments.delay.50ms", "billing.payments.delay.150ms", "billing.identity.delay.50ms"] {
+        let url = format!("{}/queues/{}/{queue}", crate::helpers::rabbitmq_api(), s.prefix);
+        eventually(Duration::from_secs(15), || async {
+            let q: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let args = &q["arguments"];
+            (args["x-dead-letter-strategy"] == "at-least-once" && args["x-overflow"] == "reject-publish").then_some(())
+        })
+        .await;
+    }
+    // The old queue drains by itself into the consumer's queue.
+    let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
+    eventually(Duration::from_secs(15), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1")
+            .bind(payment)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    db.close().await;
+    billing.stop().await.unwrap();
+}
