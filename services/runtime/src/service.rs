@@ -20,6 +20,8 @@ pub struct Service {
     messaging: MessagingConfig,
     tasks: Tasks,
     relays_outbox: bool,
+    /// Whether a task of this service uses the broker (readiness then needs it).
+    uses_broker: bool,
 }
 
 impl Service {
@@ -40,6 +42,7 @@ impl Service {
             messaging: messaging.clone(),
             tasks: Tasks::new(shutdown),
             relays_outbox: false,
+            uses_broker: false,
         })
     }
 
@@ -52,6 +55,7 @@ impl Service {
         let m = &self.messaging;
         let run = consumer.run(self.broker.clone(), m.prefetch, m.retry_delays(), self.shutdown());
         self.tasks.spawn(task, run);
+        self.uses_broker = true;
     }
 
     /// Publishes what the service writes to its outbox.
@@ -67,6 +71,12 @@ impl Service {
             async move { crate::outbox::report_backlog(&db).await }
         });
         self.relays_outbox = true;
+        self.uses_broker = true;
+    }
+
+    /// Prunes `jobs` at start and then every `every` (see [`crate::prune`]).
+    pub fn prune(&mut self, jobs: Vec<crate::prune::Prune>, every: Duration) {
+        self.tasks.spawn("pruning", crate::prune::run(self.db.clone(), jobs, every, self.shutdown()));
     }
 
     /// Gauges read from the database every `METRICS_REFRESH_MS` (see
@@ -93,7 +103,7 @@ impl Service {
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
         let readiness = Readiness {
             db: Some(self.db.clone()),
-            broker: Some(self.broker.clone()),
+            broker: self.uses_broker.then(|| self.broker.clone()),
             outbox_max_age: self.relays_outbox.then(|| self.messaging.outbox_max_age()),
             ..Default::default()
         };
