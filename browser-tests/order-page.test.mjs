@@ -8,7 +8,7 @@
 // Then, in the page: register, deposit, one order that succeeds and one that
 // fails, both seen changing on screen without a reload; the page's requests
 // go over HTTP/2; the push service is stopped, an order is placed and its
-// outcome shown by polling, the push service starts again and the page
+// outcome shown by long polling (Prefer: wait), the push service starts again and the page
 // catches up from the event stream.
 //
 // Environment: PROFILE (debug), CHROMIUM (/usr/bin/chromium),
@@ -201,6 +201,8 @@ async function main() {
     log(`${protocols.length} requests, all over h2`);
 
     step = 'push service stopped';
+    const longPolls = [];
+    page.on('request', (r) => { if ((r.headers().prefer || '').startsWith('wait=')) longPolls.push(r.url()); });
     await stop(push);
     await page.waitForFunction(() => document.getElementById('stream-state').dataset.state !== 'live');
     const whileDown = await order(10);
@@ -217,7 +219,10 @@ async function main() {
     if (await page.locator(row(whileDown)).getAttribute('data-event-id') !== null) {
       throw new Error('an event arrived while the push service was down');
     }
-    log(`order ${whileDown} succeeded on screen by polling`);
+    if (!longPolls.some((u) => u.endsWith(`/ordering/orders/${whileDown}`))) {
+      throw new Error(`the page did not long-poll the pending order: ${JSON.stringify(longPolls)}`);
+    }
+    log(`order ${whileDown} succeeded on screen by long polling (Prefer: wait)`);
 
     step = 'push service started again';
     push = start('push-service', bin('push-service'), pushEnv);

@@ -2,14 +2,17 @@
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use contracts::Money;
 use contracts::api::{BillingAccount, BillingUpdate, ErrorBody};
 use contracts::messages::{NOT_ENOUGH_MONEY, UserCreated};
 use runtime::auth::CurrentUser;
 use runtime::consumer::HandlerResult;
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
+use runtime::idempotency::{self, Claim, IdempotencyKeyHeader};
 use runtime::{ApiError, Incoming, Json};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Opens the account if it does not exist yet (balance 0).
@@ -79,7 +82,10 @@ pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) 
         NotAuthenticated,
         UnexpectedError,
     ))]
-pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<Json<BillingAccount>, ApiError> {
+pub async fn get_account(
+    State(App { db, .. }): State<App>,
+    user: CurrentUser,
+) -> Result<Json<BillingAccount>, ApiError> {
     let mut conn = db.acquire().await?;
     ensure_account(&mut conn, user.id).await?;
     let (amount, created_at, updated_at) =
@@ -90,20 +96,56 @@ pub async fn get_account(State(db): State<PgPool>, user: CurrentUser) -> Result<
     Ok(Json(BillingAccount { amount, created_at, updated_at }))
 }
 
+/// What deposits and withdrawals share.
+#[derive(Clone)]
+pub struct App {
+    pub db: PgPool,
+    pub idempotency_ttl: Duration,
+}
+
+/// Claims the request's Idempotency-Key, if it sent one, in `tx`: `true` when
+/// this is a repeat of a movement already applied (answer it as then: 204).
+async fn repeated(
+    app: &App,
+    tx: &mut PgConnection,
+    headers: &HeaderMap,
+    user: Uuid,
+    scope: &'static str,
+    amount: Money,
+) -> Result<bool, ApiError> {
+    let Some(key) = idempotency::Key::from_headers(headers)? else { return Ok(false) };
+    let request = idempotency::Request {
+        scope,
+        user,
+        key: &key,
+        request: format!("amount={}", amount.as_decimal().normalize()),
+        outcome: serde_json::Value::Null,
+        conflict: "this Idempotency-Key was used for a request with another amount",
+    };
+    Ok(matches!(idempotency::claim(tx, request, app.idempotency_ttl).await?, Claim::Repeat(_)))
+}
+
 #[utoipa::path(post, path = "/api/v1/account/deposit", tag = "billing", operation_id = "depositMoney",
     request_body = BillingUpdate,
+    params(IdempotencyKeyHeader),
     responses(
-        (status = 204, description = "Deposited"),
+        (status = 204, description = "Deposited (or deposited before, under this Idempotency-Key)"),
+        (status = 400, description = "Invalid Idempotency-Key", body = ErrorBody),
         NotAuthenticated,
-        (status = 422, description = "Invalid amount, or the balance would exceed the maximum", body = ErrorBody),
+        (status = 422, description = "Invalid amount, the balance would exceed the maximum, or an Idempotency-Key \
+                                      used for another amount", body = ErrorBody),
         UnexpectedError,
     ))]
 pub async fn deposit(
-    State(db): State<PgPool>,
+    State(app): State<App>,
     user: CurrentUser,
     headers: HeaderMap,
     Json(body): Json<BillingUpdate>,
 ) -> Result<StatusCode, ApiError> {
+    let mut tx = app.db.begin().await?;
+    if repeated(&app, &mut tx, &headers, user.id, "deposit", body.amount).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
     // The balance change and its ledger entry in one statement.
     let result = sqlx::query(
         "WITH moved AS (
@@ -116,10 +158,11 @@ pub async fn deposit(
     .bind(user.id)
     .bind(body.amount.as_decimal())
     .bind(request_source(&headers))
-    .execute(&db)
+    .execute(&mut *tx)
     .await;
     match result {
         Ok(_) => {
+            tx.commit().await?;
             tracing::info!(user_id = %user.id, amount = %body.amount, "deposit");
             Ok(StatusCode::NO_CONTENT)
         }
@@ -133,23 +176,32 @@ pub async fn deposit(
 
 #[utoipa::path(post, path = "/api/v1/account/withdraw", tag = "billing", operation_id = "withdrawMoney",
     request_body = BillingUpdate,
+    params(IdempotencyKeyHeader),
     responses(
-        (status = 204, description = "Withdrawn"),
+        (status = 204, description = "Withdrawn (or withdrawn before, under this Idempotency-Key)"),
+        (status = 400, description = "Invalid Idempotency-Key", body = ErrorBody),
         NotAuthenticated,
-        (status = 422, description = "Invalid amount, or not enough money", body = ErrorBody),
+        (status = 422, description = "Invalid amount, not enough money, or an Idempotency-Key used for another amount",
+            body = ErrorBody),
         UnexpectedError,
     ))]
 pub async fn withdraw(
-    State(db): State<PgPool>,
+    State(app): State<App>,
     user: CurrentUser,
     headers: HeaderMap,
     Json(body): Json<BillingUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    let mut conn = db.acquire().await?;
-    ensure_account(&mut conn, user.id).await?;
-    if !debit(&mut conn, user.id, body.amount.as_decimal(), Debit::Withdrawal, &request_source(&headers)).await? {
+    let mut tx = app.db.begin().await?;
+    if repeated(&app, &mut tx, &headers, user.id, "withdrawal", body.amount).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    ensure_account(&mut tx, user.id).await?;
+    // Refused: nothing happened, and the key is not kept (the transaction
+    // rolls back), so a retry after a deposit can succeed.
+    if !debit(&mut tx, user.id, body.amount.as_decimal(), Debit::Withdrawal, &request_source(&headers)).await? {
         return Err(ApiError::unprocessable(NOT_ENOUGH_MONEY));
     }
+    tx.commit().await?;
     tracing::info!(user_id = %user.id, amount = %body.amount, "withdrawal");
     Ok(StatusCode::NO_CONTENT)
 }

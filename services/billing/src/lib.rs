@@ -1,6 +1,7 @@
 //! Billing: one account per user and the payments charged to it.
 //!
-//! Deposits and withdrawals are synchronous REST calls (204); payments arrive
+//! Deposits and withdrawals are synchronous REST calls (204), safe to retry
+//! with an `Idempotency-Key`; payments arrive
 //! as `CreatePayment` commands and are answered with `PaymentCreated` or
 //! `PaymentFailed` through the outbox. An account is created on first touch
 //! (UserCreated, a deposit, a read or a payment), so no ordering between
@@ -13,9 +14,9 @@ use axum::Router;
 use axum::routing::{get, post};
 use contracts::messages::{CreatePayment, UserCreated};
 use contracts::topology;
+use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,16 +39,19 @@ pub struct Config {
     #[command(flatten)]
     pub messaging: MessagingConfig,
 
+    #[command(flatten)]
+    pub idempotency: IdempotencyConfig,
+
     #[arg(long, env = "BILLING_ADDR", default_value = "127.0.0.1:8082")]
     pub addr: String,
 }
 
-fn routes(db: PgPool) -> Router {
+fn routes(app: accounts::App) -> Router {
     Router::new()
         .route("/api/v1/account", get(accounts::get_account))
         .route("/api/v1/account/deposit", post(accounts::deposit))
         .route("/api/v1/account/withdraw", post(accounts::withdraw))
-        .with_state(db)
+        .with_state(app)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
@@ -72,5 +76,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg))),
     );
     service.relay_outbox();
-    service.serve(listener, routes(db)).await
+    service.prune(vec![idempotency::prune(&config.idempotency)], config.idempotency.prune_interval());
+    let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl() };
+    service.serve(listener, routes(app)).await
 }

@@ -38,7 +38,8 @@ pub struct Config {
     #[arg(long, env = "REVOCATION_REFRESH_MS", default_value_t = 2000)]
     pub revocation_refresh_ms: u64,
     /// Longest wait for a service's answer to start (event streams, once
-    /// started, are never cut).
+    /// started, are never cut; a long poll with `Prefer: wait=N` gets N more
+    /// seconds).
     #[arg(long, env = "UPSTREAM_TIMEOUT_SECS", default_value_t = 30)]
     pub upstream_timeout_secs: u64,
     /// HTTPS address (HTTP/2 by ALPN `h2`, and HTTP/1.1); empty turns it off.

@@ -155,8 +155,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         .map_err(|_| ApiError::bad_request("invalid request path"))?;
     // The hop to a service is HTTP/1.1 whatever the client spoke (h2 over TLS, h2c).
     parts.version = axum::http::Version::HTTP_11;
+    // A long poll (`Prefer: wait=N`, N capped at MAX_WAIT) answers only after
+    // its wait: it gets that much more time before its answer must start.
+    let timeout = gw.timeout + runtime::conditional::prefer_wait(&parts.headers).unwrap_or_default();
     let upstream = Request::from_parts(parts, body);
-    let resp = match tokio::time::timeout(gw.timeout, gw.client.request(upstream)).await {
+    let resp = match tokio::time::timeout(timeout, gw.client.request(upstream)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             tracing::warn!(upstream = %route.upstream, error = %e, "upstream unreachable");

@@ -1,7 +1,7 @@
 // The order system's page: plain JavaScript, no build step, no dependencies.
 // Session: the HttpOnly `accessToken` cookie set by login (sent by fetch and
 // EventSource alike). Live order updates: the SSE stream /api/v1/push/orders;
-// while it is unavailable, pending orders are polled.
+// while it is unavailable, pending orders are long-polled (Prefer: wait).
 'use strict';
 
 const API = '/api/v1';
@@ -251,26 +251,48 @@ function stopStream() {
   setStreamState('off');
 }
 
-// While the stream is not live, pending orders are polled.
+// While the stream is not live, each pending order is long-polled: the
+// server holds the request until the order settles (or 30 s pass, then 304),
+// so the outcome shows within milliseconds with one request per order.
+const longPolls = new Set();   // ids of orders with a long poll in flight
+
 function schedulePoll() {
   if (state.pollTimer) return;
   state.pollTimer = setTimeout(poll, 2000);
 }
 
-async function poll() {
+function streamLive() { return $('stream-state').dataset.state === 'live'; }
+
+function poll() {
   state.pollTimer = null;
-  const pending = [...state.orders.values()].filter((o) => o.status === 'pending');
-  if (pending.length === 0 || $('app').hidden) return;
-  if ($('stream-state').dataset.state !== 'live') {
-    for (const o of pending) {
-      try {
-        const fresh = await api('GET', `/ordering/orders/${o.id}`);
-        upsertOrder(fresh);
-        if (fresh.status !== 'pending') refreshBalance();
-      } catch (e) { if (e.status === 401) return showAuth(); }
-    }
+  if ($('app').hidden || streamLive()) return;
+  for (const o of state.orders.values()) {
+    if (o.status === 'pending' && !longPolls.has(o.id)) longPoll(o.id);
   }
-  schedulePoll();
+}
+
+async function longPoll(id) {
+  longPolls.add(id);
+  let tag = null;
+  try {
+    while (!$('app').hidden && !streamLive()) {
+      const headers = { prefer: 'wait=30' };
+      if (tag) headers['if-none-match'] = tag;
+      const resp = await fetch(`${API}/ordering/orders/${id}`, { credentials: 'same-origin', headers });
+      if (resp.status === 401) return showAuth();
+      if (resp.status === 304) continue;
+      if (!resp.ok) { await new Promise((r) => setTimeout(r, 2000)); continue; }
+      tag = resp.headers.get('etag');
+      const fresh = await resp.json();
+      upsertOrder(fresh);
+      if (fresh.status !== 'pending') { refreshBalance(); return; }
+    }
+  } catch (e) {
+    // The network is away: the next poll round tries again.
+  } finally {
+    longPolls.delete(id);
+    schedulePoll();
+  }
 }
 
 function handle(e) {

@@ -34,6 +34,9 @@ struct Cli {
     #[command(flatten)]
     mail: notification::MailConfig,
 
+    #[command(flatten)]
+    idempotency: runtime::idempotency::IdempotencyConfig,
+
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     token_ttl_secs: u64,
 
@@ -153,12 +156,15 @@ async fn main() -> anyhow::Result<()> {
     let billing = billing::Config {
         database_url: db("billing"),
         messaging: cli.messaging.clone(),
+        idempotency: cli.idempotency.clone(),
         addr: billing_addr.to_string(),
     };
     tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
     let ordering = ordering::Config {
         database_url: db("ordering"),
         messaging: cli.messaging.clone(),
+        idempotency: cli.idempotency.clone(),
+        api_only: false,
         addr: ordering_addr.to_string(),
     };
     tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));

@@ -1,13 +1,16 @@
 //! Profiles, notifications, and the list a user reads.
 
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use contracts::api::{ErrorBody, Notification};
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
+use runtime::conditional;
 use runtime::consumer::HandlerResult;
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
-use runtime::{ApiError, Incoming, Json, Page, Query};
+use runtime::{ApiError, Incoming, Page, Query};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -91,9 +94,17 @@ struct Row {
 }
 
 #[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications", operation_id = "getNotifications",
-    params(Page),
+    params(Page,
+        ("If-None-Match" = Option<String>, Header, description = "The ETag of the copy the client has: 304 if it is current"),
+    ),
     responses(
-        (status = 200, description = "The user's notifications, newest first", body = Vec<Notification>),
+        (status = 200, description = "The user's notifications, newest first", body = Vec<Notification>, headers(
+            ("ETag" = String, description = "The tag of this page: changes when a notification is added to it"),
+            ("Cache-Control" = String, description = "`private, no-cache`"),
+        )),
+        (status = 304, description = "Not modified: the client's copy (If-None-Match) is current", headers(
+            ("ETag" = String, description = "The tag of this page"),
+        )),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
         NotAuthenticated,
         UnexpectedError,
@@ -101,15 +112,17 @@ struct Row {
 pub async fn list(
     State(db): State<PgPool>,
     user: CurrentUser,
+    headers: HeaderMap,
     Query(page): Query<Page>,
-) -> Result<Json<Vec<Notification>>, ApiError> {
+) -> Result<Response, ApiError> {
     let rows: Vec<Row> = sqlx::query_as(&Page::sql("notifications", "id, message, created_at"))
         .bind(user.id)
         .bind(page.before)
         .bind(page.limit()?)
         .fetch_all(&db)
         .await?;
-    Ok(Json(
-        rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect(),
-    ))
+    let page: Vec<Notification> =
+        rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect();
+    // The tag of the page as it is (a notification never changes once written).
+    Ok(conditional::json_or_not_modified(&headers, None, &page)?.1)
 }

@@ -1,7 +1,8 @@
 //! Ordering: orders and their life. `POST /orders` stores a pending order and
 //! its `CreatePayment` in one transaction and answers 202 at once; billing's
 //! answer moves the order to `succeeded` or `failed` and announces
-//! `OrderCreated` or `OrderFailed`.
+//! `OrderCreated` or `OrderFailed`. Pollers get tags, 304s and long polls
+//! woken by the settlement (PostgreSQL NOTIFY from the `order_changed` trigger).
 
 mod orders;
 
@@ -9,9 +10,10 @@ use axum::Router;
 use axum::routing::get;
 use contracts::messages::{PaymentCreated, PaymentFailed};
 use contracts::topology;
+use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
+use runtime::watch::Watch;
 use runtime::{Consumer, MessagingConfig, Service};
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -34,15 +36,24 @@ pub struct Config {
     #[command(flatten)]
     pub messaging: MessagingConfig,
 
+    #[command(flatten)]
+    pub idempotency: IdempotencyConfig,
+
+    /// Serve the API only (its long polls included), without consumers or an
+    /// outbox relay: a replica that scales the HTTP side apart from the
+    /// replicas that settle orders and publish.
+    #[arg(long, env = "ORDERING_API_ONLY", default_value_t = false)]
+    pub api_only: bool,
+
     #[arg(long, env = "ORDERING_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
 }
 
-fn routes(db: PgPool) -> Router {
+fn routes(app: orders::App) -> Router {
     Router::new()
         .route("/api/v1/orders", get(orders::list).post(orders::create))
         .route("/api/v1/orders/{id}", get(orders::get_one))
-        .with_state(db)
+        .with_state(app)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
@@ -56,17 +67,25 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     )
     .await?;
     let db = service.db.clone();
-    service.consume(
-        "payments consumer",
-        Consumer::new(topology::ORDERING_PAYMENTS, db.clone(), ())
-            .on::<PaymentCreated, _>(|_, tx, msg| Box::pin(orders::on_payment_created(tx, msg)))
-            .on::<PaymentFailed, _>(|_, tx, msg| Box::pin(orders::on_payment_failed(tx, msg))),
-    );
-    service.relay_outbox();
+    if !config.api_only {
+        service.consume(
+            "payments consumer",
+            Consumer::new(topology::ORDERING_PAYMENTS, db.clone(), ())
+                .on::<PaymentCreated, _>(|_, tx, msg| Box::pin(orders::on_payment_created(tx, msg)))
+                .on::<PaymentFailed, _>(|_, tx, msg| Box::pin(orders::on_payment_failed(tx, msg))),
+        );
+        service.relay_outbox();
+    }
+    // Long polls: one LISTEN connection wakes this replica's waiters when an
+    // order changes, whichever replica changed it.
+    let watch = Watch::new(service.shutdown());
+    service.spawn("order changes listener", watch.clone().listen(db.clone(), orders::ORDER_CHANGED));
+    service.prune(vec![idempotency::prune(&config.idempotency)], config.idempotency.prune_interval());
     let pool = db.clone();
     service.gauges("pending orders gauges", move || {
         let pool = pool.clone();
         async move { orders::report_pending(&pool).await }
     });
-    service.serve(listener, routes(db)).await
+    let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl() };
+    service.serve(listener, routes(app)).await
 }

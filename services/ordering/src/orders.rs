@@ -8,11 +8,15 @@ use contracts::Money;
 use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
+use runtime::conditional::{self, ETag};
 use runtime::consumer::{HandlerError, HandlerResult};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
+use runtime::idempotency::{self, Claim, IdempotencyKeyHeader};
+use runtime::watch::Watch;
 use runtime::{ApiError, Incoming, Json, Page, Path, Query, outbox};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
 use uuid::Uuid;
 
 const COLUMNS: &str = "id, price, status, reason, created_at, updated_at";
@@ -43,43 +47,119 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
-/// The optional `Idempotency-Key` of a request: 1 to 255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    match value.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(key.into())),
-        _ => Err(ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")),
+/// What the handlers share.
+#[derive(Clone)]
+pub struct App {
+    pub db: PgPool,
+    /// Long polls waiting for an order, by order id (see `watch::ORDER_CHANGED`).
+    pub watch: Watch,
+    pub idempotency_ttl: Duration,
+}
+
+/// The channel the `order_changed` trigger notifies with an order's id when
+/// the order is placed or changes.
+pub const ORDER_CHANGED: &str = "order_changed";
+
+/// Where a client follows its orders as they settle: the push service's event
+/// stream (a public path: the gateway serves it).
+pub const ORDER_EVENTS: &str = "</api/v1/push/orders>; rel=\"monitor\"";
+
+/// The `Retry-After` hint, in seconds, for a pending order's poller that
+/// neither streams nor long-polls (settlement usually takes milliseconds).
+const RETRY_AFTER_SECS: &str = "1";
+
+/// A pending order says how to follow it: the event stream, or poll again
+/// after `Retry-After` (or long-poll with `Prefer: wait`).
+fn how_to_follow(resp: &mut Response, order: &Order) {
+    if order.status == OrderStatus::Pending {
+        resp.headers_mut().insert(header::LINK, HeaderValue::from_static(ORDER_EVENTS));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
     }
 }
 
 fn accepted(order: Order) -> Response {
     let location = HeaderValue::from_str(&format!("/api/v1/orders/{}", order.id)).expect("ASCII");
-    let mut resp = (StatusCode::ACCEPTED, Json(order)).into_response();
+    let mut resp = (StatusCode::ACCEPTED, Json(&order)).into_response();
     resp.headers_mut().insert(header::LOCATION, location);
+    how_to_follow(&mut resp, &order);
     resp
+}
+
+/// The tag of a user's order list: its version, bumped by every order placed
+/// or settled (the `order_changed` trigger). Every page of the list is
+/// determined by it.
+fn list_tag(version: i64) -> ETag {
+    ETag::new(format!("orders-{version}"))
 }
 
 #[utoipa::path(post, path = "/api/v1/orders", tag = "ordering", operation_id = "createOrder",
     request_body = CreateOrder,
-    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\x21-\x7E]+$",
-        description = "Makes a retry safe: the same key (for this user) gets the order the first request placed")),
+    params(
+        IdempotencyKeyHeader,
+        ("If-Match" = Option<String>, Header,
+            description = "The order list's ETag (from `GET /orders`): the order is placed only if the list has not \
+                           changed since (a second click on a page that showed that list gets 412)"),
+    ),
     responses(
-        (status = 202, description = "Accepted: the order is pending until billing answers; poll its Location or listen on the event stream",
-            body = Order, headers(("Location" = String, description = "The order's URL"))),
+        (status = 202, description = "Accepted: the order is pending until billing answers; follow it at its Location \
+                                      (long poll with `Prefer: wait`), on the event stream in Link, or poll after Retry-After",
+            body = Order, headers(
+                ("Location" = String, description = "The order's URL"),
+                ("Link" = String, description = "The event stream of the user's orders, `rel=\"monitor\"`"),
+                ("Retry-After" = u32, description = "Seconds before polling the order again is worth it"),
+            )),
         (status = 400, description = "Invalid Idempotency-Key", body = ErrorBody),
         NotAuthenticated,
+        (status = 412, description = "If-Match does not name the order list's current ETag: the list changed", body = ErrorBody),
         (status = 422, description = "Invalid price, or an Idempotency-Key used for another price", body = ErrorBody),
         UnexpectedError,
     ))]
 pub async fn create(
-    State(db): State<PgPool>,
+    State(app): State<App>,
     user: CurrentUser,
     headers: HeaderMap,
     Json(body): Json<CreateOrder>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
+    let key = idempotency::Key::from_headers(&headers)?;
     let id = Uuid::now_v7();
-    let mut tx = db.begin().await?;
+    let mut tx = app.db.begin().await?;
+    if let Some(key) = &key {
+        let request = idempotency::Request {
+            scope: "order",
+            user: user.id,
+            key,
+            request: format!("price={}", body.price.as_decimal().normalize()),
+            outcome: serde_json::json!({ "orderId": id }),
+            conflict: "this Idempotency-Key was used for an order with another price",
+        };
+        if let Claim::Repeat(outcome) = idempotency::claim(&mut tx, request, app.idempotency_ttl).await? {
+            tx.rollback().await?;
+            let first = outcome["orderId"].as_str().and_then(|id| id.parse().ok());
+            let first = first.ok_or_else(|| ApiError::internal(anyhow::anyhow!("order key without an order id")))?;
+            let order = read(&app.db, first, user.id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+            tracing::info!(order_id = %order.id, user_id = %user.id, "order request repeated; answering with its order");
+            return Ok(accepted(order));
+        }
+    }
+    if headers.contains_key(header::IF_MATCH) {
+        // The list's version row, locked: a concurrent placement waits here and
+        // then sees the version this one's order bumps.
+        sqlx::query("INSERT INTO order_list_versions (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(user.id)
+            .execute(&mut *tx)
+            .await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM order_list_versions WHERE user_id = $1 FOR UPDATE")
+            .bind(user.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if list_tag(version).if_match(&headers) == Some(false) {
+            tracing::info!(user_id = %user.id, "order refused: the list changed since the client read it");
+            return Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "the order list changed since it was read (If-Match): read it again before placing this order",
+            ));
+        }
+    }
     let row: OrderRow =
         sqlx::query_as(&format!("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3) RETURNING {COLUMNS}"))
             .bind(id)
@@ -87,92 +167,135 @@ pub async fn create(
             .bind(body.price.as_decimal())
             .fetch_one(&mut *tx)
             .await?;
-    if let Some(key) = &key {
-        // A concurrent request with the same key waits here for the first to
-        // commit, then finds its order.
-        let first = sqlx::query(
-            "INSERT INTO order_requests (user_id, idempotency_key, order_id, price) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(user.id)
-        .bind(key)
-        .bind(id)
-        .bind(body.price.as_decimal())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first {
-            tx.rollback().await?;
-            return repeated(&db, user.id, key, body.price).await;
-        }
-    }
     outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
     Ok(accepted(Order::try_from(row)?))
 }
 
-/// The answer to a request whose Idempotency-Key was seen: the order it placed.
-async fn repeated(db: &PgPool, user: Uuid, key: &str, price: Money) -> Result<Response, ApiError> {
-    let row: OrderRow = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM orders WHERE id =
-             (SELECT order_id FROM order_requests WHERE user_id = $1 AND idempotency_key = $2)"
-    ))
-    .bind(user)
-    .bind(key)
-    .fetch_one(db)
-    .await?;
-    if row.price != price.as_decimal() {
-        return Err(ApiError::unprocessable("this Idempotency-Key was used for an order with another price"));
-    }
-    tracing::info!(order_id = %row.id, user_id = %user, "order request repeated; answering with its order");
-    Ok(accepted(Order::try_from(row)?))
-}
-
 #[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",
-    params(Page),
+    params(Page,
+        ("If-None-Match" = Option<String>, Header, description = "The ETag of the copy the client has: 304 if it is current"),
+    ),
     responses(
-        (status = 200, description = "The user's orders, newest first", body = Vec<Order>),
+        (status = 200, description = "The user's orders, newest first", body = Vec<Order>, headers(
+            ("ETag" = String, description = "The tag of the user's order list: changes when an order is placed or settled; \
+                                             `If-Match` on `POST /orders` takes it"),
+            ("Cache-Control" = String, description = "`private, no-cache`"),
+        )),
+        (status = 304, description = "Not modified: the client's copy (If-None-Match) is current", headers(
+            ("ETag" = String, description = "The tag of the user's order list"),
+        )),
         (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
         NotAuthenticated,
         UnexpectedError,
     ))]
 pub async fn list(
-    State(db): State<PgPool>,
+    State(app): State<App>,
     user: CurrentUser,
+    headers: HeaderMap,
     Query(page): Query<Page>,
-) -> Result<Json<Vec<Order>>, ApiError> {
+) -> Result<Response, ApiError> {
+    let limit = page.limit()?;
+    // The version first: a page read after it is at least as new as it says.
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM order_list_versions WHERE user_id = $1")
+        .bind(user.id)
+        .fetch_optional(&app.db)
+        .await?;
+    let tag = list_tag(version.unwrap_or(0));
+    if tag.none_match_hit(&headers) {
+        return Ok(conditional::not_modified(&tag));
+    }
     let rows: Vec<OrderRow> = sqlx::query_as(&Page::sql("orders", COLUMNS))
         .bind(user.id)
         .bind(page.before)
-        .bind(page.limit()?)
-        .fetch_all(&db)
+        .bind(limit)
+        .fetch_all(&app.db)
         .await?;
-    Ok(Json(rows.into_iter().map(Order::try_from).collect::<Result<_, _>>()?))
+    let orders = rows.into_iter().map(Order::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(conditional::json_or_not_modified(&headers, Some(tag), &orders)?.1)
 }
 
-/// Another user's order is answered exactly like a missing one.
+async fn read(db: &PgPool, id: Uuid, user: Uuid) -> Result<Option<Order>, ApiError> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
+        .bind(id)
+        .bind(user)
+        .fetch_optional(db)
+        .await?;
+    row.map(Order::try_from).transpose()
+}
+
+/// The order with its tag, or 304, and for a pending one how to follow it.
+fn order_response(headers: &HeaderMap, order: &Order) -> Result<(ETag, Response), ApiError> {
+    let (tag, mut resp) = conditional::json_or_not_modified(headers, None, order)?;
+    how_to_follow(&mut resp, order);
+    Ok((tag, resp))
+}
+
+/// Another user's order is answered exactly like a missing one. With
+/// `Prefer: wait=N`, a pending order's answer waits until the order changes
+/// (woken by its settlement, on whichever replica it happens) or N seconds
+/// pass; shutdown ends the wait at once.
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "ordering", operation_id = "getOrder",
-    params(("id" = Uuid, Path, description = "The order id")),
+    params(("id" = Uuid, Path, description = "The order id"),
+        ("If-None-Match" = Option<String>, Header, description = "The ETag of the copy the client has: 304 if it is current \
+                                                                   (after the wait, with `Prefer: wait`)"),
+        ("Prefer" = Option<String>, Header, example = "wait=30",
+            description = "`wait=N` (RFC 7240): for a pending order, answer when it changes or after N seconds \
+                           (at most 30), whichever comes first: a long poll"),
+    ),
     responses(
-        (status = 200, description = "The order", body = Order),
+        (status = 200, description = "The order", body = Order, headers(
+            ("ETag" = String, description = "The tag of the order: changes when its status, reason or update time does"),
+            ("Cache-Control" = String, description = "`private, no-cache`"),
+            ("Preference-Applied" = String, description = "`wait=N` when the long poll was honoured (N capped at 30)"),
+            ("Link" = String, description = "A pending order: the event stream of the user's orders, `rel=\"monitor\"`"),
+            ("Retry-After" = u32, description = "A pending order: seconds before polling again is worth it"),
+        )),
+        (status = 304, description = "Not modified: the client's copy (If-None-Match) is current, also after the wait", headers(
+            ("ETag" = String, description = "The tag of the order"),
+            ("Preference-Applied" = String, description = "`wait=N` when the long poll was honoured"),
+        )),
         (status = 400, description = "Not an order id", body = ErrorBody),
         NotAuthenticated,
         (status = 404, description = "No such order of this user", body = ErrorBody),
         UnexpectedError,
     ))]
 pub async fn get_one(
-    State(db): State<PgPool>,
+    State(app): State<App>,
     user: CurrentUser,
     Path(id): Path<Uuid>,
-) -> Result<Json<Order>, ApiError> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
-        .bind(id)
-        .bind(user.id)
-        .fetch_optional(&db)
-        .await?;
-    Ok(Json(row.ok_or_else(|| ApiError::not_found("order not found"))?.try_into()?))
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let wait = conditional::prefer_wait(&headers);
+    // Registered before the read, so that a settlement committed in between wakes it.
+    let mut watcher = wait.map(|_| app.watch.watch(id.to_string()));
+    let mut order = read(&app.db, id, user.id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+    let (tag, resp) = order_response(&headers, &order)?;
+    let (Some(wait), Some(watcher)) = (wait, watcher.as_mut()) else { return Ok(resp) };
+    // Nothing to wait for: a settled order never changes again, and a client
+    // whose copy is stale needs the current one now.
+    let stale = headers.contains_key(header::IF_NONE_MATCH) && resp.status() != StatusCode::NOT_MODIFIED;
+    if order.status != OrderStatus::Pending || stale {
+        return Ok(resp);
+    }
+    drop(resp);
+    let deadline = tokio::time::Instant::now() + wait;
+    tracing::debug!(order_id = %id, wait_secs = wait.as_secs(), "long poll");
+    loop {
+        tokio::select! {
+            woken = watcher.changed() => if !woken { break },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+        order = read(&app.db, id, user.id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+        if conditional::tag_of(&order)? != tag {
+            break;
+        }
+    }
+    let (_, mut resp) = order_response(&headers, &order)?;
+    let (name, value) = conditional::preference_applied(wait);
+    resp.headers_mut().insert(name, value);
+    Ok(resp)
 }
 
 /// Moves a pending order to its final status; `None` when the payment is not

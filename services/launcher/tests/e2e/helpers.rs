@@ -118,6 +118,8 @@ pub struct TestApp {
     pub smtp: SmtpSink,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    messaging: MessagingConfig,
+    gateway_config: gateway::Config,
 }
 
 async fn listener() -> (TcpListener, String) {
@@ -154,11 +156,21 @@ impl TestApp {
         };
         tasks.push(tokio::spawn(identity::run(config, l, shutdown.clone())));
         let (l, billing_url) = listener().await;
-        let config = billing::Config { database_url: db("billing"), messaging: messaging.clone(), addr: String::new() };
+        let config = billing::Config {
+            database_url: db("billing"),
+            messaging: messaging.clone(),
+            idempotency: Default::default(),
+            addr: String::new(),
+        };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
         let (l, ordering_url) = listener().await;
-        let config =
-            ordering::Config { database_url: db("ordering"), messaging: messaging.clone(), addr: String::new() };
+        let config = ordering::Config {
+            database_url: db("ordering"),
+            messaging: messaging.clone(),
+            idempotency: Default::default(),
+            api_only: false,
+            addr: String::new(),
+        };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
         let (l, notification_url) = listener().await;
         let config = notification::Config {
@@ -189,6 +201,7 @@ impl TestApp {
             https_addr: String::new(),
             tls: Default::default(),
         };
+        let gateway_config = config.clone();
         let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let gateway_https = format!("https://{}", https.local_addr().unwrap());
         tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
@@ -203,9 +216,54 @@ impl TestApp {
             smtp,
             shutdown,
             tasks,
+            messaging,
+            gateway_config,
         };
         app.wait_until_ready(&ordering_url).await;
         app
+    }
+
+    /// Another ordering replica on the same database and vhost; with
+    /// `api_only` it serves the API but settles nothing. Its URL.
+    pub async fn ordering_replica(&mut self, api_only: bool) -> String {
+        let (l, url) = listener().await;
+        let config = ordering::Config {
+            database_url: format!("{}/{}_ordering", postgres_url(), self.prefix),
+            messaging: self.messaging.clone(),
+            idempotency: Default::default(),
+            api_only,
+            addr: String::new(),
+        };
+        self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));
+        eventually(Duration::from_secs(30), || async {
+            let r = self.http.get(format!("{url}/health/ready")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        url
+    }
+
+    /// Another gateway to the same services, except ordering at `ordering_url`,
+    /// with its own upstream timeout. Its URL (`.../api/v1` is added by callers).
+    pub async fn gateway_to(&mut self, ordering_url: &str, upstream_timeout_secs: u64) -> String {
+        let (l, url) = listener().await;
+        let config = gateway::Config {
+            ordering_url: ordering_url.to_string(),
+            upstream_timeout_secs,
+            ..self.gateway_config.clone()
+        };
+        self.tasks.push(tokio::spawn(gateway::run_with_tls(config, l, None, self.shutdown.clone())));
+        eventually(Duration::from_secs(30), || async {
+            let r = self.http.get(format!("{url}/health/ready")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        url
+    }
+
+    /// Starts the shutdown of every service (as SIGTERM would); `stop` still cleans up.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
     }
 
     async fn wait_until_ready(&self, ordering_url: &str) {

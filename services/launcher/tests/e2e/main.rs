@@ -9,5 +9,6 @@ mod helpers;
 mod messaging;
 mod metrics;
 mod outage;
+mod polling;
 mod push;
 mod reliability;

@@ -43,7 +43,12 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let config = billing::Config { database_url, messaging: messaging(amqp_url), addr: String::new() };
+    let config = billing::Config {
+        database_url,
+        messaging: messaging(amqp_url),
+        idempotency: Default::default(),
+        addr: String::new(),
+    };
     let task = tokio::spawn(billing::run(config, listener, shutdown.clone()));
     let running = Running { url, shutdown, task: Some(task) };
     let http = reqwest::Client::new();
