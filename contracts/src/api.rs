@@ -91,6 +91,18 @@ impl OrderStatus {
     }
 }
 
+impl std::str::FromStr for OrderStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(OrderStatus::Pending),
+            "succeeded" => Ok(OrderStatus::Succeeded),
+            "failed" => Ok(OrderStatus::Failed),
+            other => Err(format!("unknown order status {other:?}")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Order {

@@ -5,6 +5,8 @@
 pub mod api;
 #[cfg(feature = "asyncapi")]
 pub mod asyncapi;
+#[cfg(feature = "sqlx")]
+mod db;
 pub mod messages;
 pub mod money;
 pub mod topology;

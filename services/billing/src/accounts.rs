@@ -17,10 +17,7 @@ use uuid::Uuid;
 
 /// Opens the account if it does not exist yet (balance 0).
 pub async fn ensure_account(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(user_id)
-        .execute(conn)
-        .await?;
+    sqlx::query!("INSERT INTO accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id).execute(conn).await?;
     Ok(())
 }
 
@@ -45,18 +42,18 @@ pub async fn debit(
         Debit::Withdrawal => ("withdrawal", None),
         Debit::Payment(id) => ("payment", Some(id)),
     };
-    let entered = sqlx::query(
+    let entered = sqlx::query!(
         "WITH moved AS (
              UPDATE accounts SET balance = balance - $2, updated_at = now()
              WHERE user_id = $1 AND balance >= $2 RETURNING balance)
          INSERT INTO ledger_entries (user_id, kind, source, payment_id, amount, balance_after)
          SELECT $1, $3, $4, $5, -$2, balance FROM moved",
+        user_id,
+        amount,
+        kind,
+        source,
+        payment_id,
     )
-    .bind(user_id)
-    .bind(amount)
-    .bind(kind)
-    .bind(source)
-    .bind(payment_id)
     .execute(conn)
     .await?
     .rows_affected();
@@ -88,12 +85,14 @@ pub async fn get_account(
 ) -> Result<Json<BillingAccount>, ApiError> {
     let mut conn = db.acquire().await?;
     ensure_account(&mut conn, user.id).await?;
-    let (amount, created_at, updated_at) =
-        sqlx::query_as("SELECT balance, created_at, updated_at FROM accounts WHERE user_id = $1")
-            .bind(user.id)
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok(Json(BillingAccount { amount, created_at, updated_at }))
+    let account = sqlx::query_as!(
+        BillingAccount,
+        "SELECT balance AS amount, created_at, updated_at FROM accounts WHERE user_id = $1",
+        user.id,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Json(account))
 }
 
 /// What deposits and withdrawals share.
@@ -147,17 +146,17 @@ pub async fn deposit(
         return Ok(StatusCode::NO_CONTENT);
     }
     // The balance change and its ledger entry in one statement.
-    let result = sqlx::query(
+    let result = sqlx::query!(
         "WITH moved AS (
              INSERT INTO accounts (user_id, balance) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET balance = accounts.balance + EXCLUDED.balance, updated_at = now()
              RETURNING balance)
          INSERT INTO ledger_entries (user_id, kind, source, amount, balance_after)
          SELECT $1, 'deposit', $3, $2, balance FROM moved",
+        user.id,
+        body.amount as Money,
+        request_source(&headers),
     )
-    .bind(user.id)
-    .bind(body.amount.as_decimal())
-    .bind(request_source(&headers))
     .execute(&mut *tx)
     .await;
     match result {

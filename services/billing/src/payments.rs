@@ -1,5 +1,6 @@
 //! `CreatePayment` → charge the account → `PaymentCreated` or `PaymentFailed`.
 
+use contracts::Money;
 use contracts::messages::{CreatePayment, NOT_ENOUGH_MONEY, PaymentCreated, PaymentFailed};
 use runtime::consumer::HandlerResult;
 use runtime::{Incoming, outbox};
@@ -11,11 +12,10 @@ pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePaymen
     let p = msg.payload;
     // The same payment asked again (under another message id) gets the
     // outcome it already had, and is not charged twice.
-    let previous: Option<(bool, Option<String>)> =
-        sqlx::query_as("SELECT succeeded, reason FROM payments WHERE id = $1")
-            .bind(p.id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let previous = sqlx::query!("SELECT succeeded, reason FROM payments WHERE id = $1", p.id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| (r.succeeded, r.reason));
     let (succeeded, reason) = match previous {
         Some(outcome) => {
             tracing::info!(payment_id = %p.id, "payment already handled; repeating its outcome");
@@ -26,14 +26,16 @@ pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePaymen
             let source = format!("message:{}", msg.message_id);
             let charged = debit(tx, p.user_id, p.amount.as_decimal(), Debit::Payment(p.id), &source).await?;
             let reason = (!charged).then(|| NOT_ENOUGH_MONEY.to_string());
-            sqlx::query("INSERT INTO payments (id, user_id, amount, succeeded, reason) VALUES ($1, $2, $3, $4, $5)")
-                .bind(p.id)
-                .bind(p.user_id)
-                .bind(p.amount.as_decimal())
-                .bind(charged)
-                .bind(&reason)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query!(
+                "INSERT INTO payments (id, user_id, amount, succeeded, reason) VALUES ($1, $2, $3, $4, $5)",
+                p.id,
+                p.user_id,
+                p.amount as Money,
+                charged,
+                reason.as_deref(),
+            )
+            .execute(&mut *tx)
+            .await?;
             tracing::info!(payment_id = %p.id, user_id = %p.user_id, amount = %p.amount, charged, "payment");
             (charged, reason)
         }

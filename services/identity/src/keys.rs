@@ -41,20 +41,18 @@ impl SigningKey {
     /// one key.
     pub async fn load_or_create(db: &PgPool) -> anyhow::Result<Self> {
         let mut tx = db.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.signing_keys'))").execute(&mut *tx).await?;
-        let existing: Option<(String, Vec<u8>)> =
-            sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys ORDER BY created_at, kid LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
+        sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('identity.signing_keys'))").fetch_one(&mut *tx).await?;
+        let existing = sqlx::query!("SELECT kid, pkcs8 FROM signing_keys ORDER BY created_at, kid LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|key| (key.kid, key.pkcs8));
         let (kid, der) = match existing {
             Some(key) => key,
             None => {
                 let der = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                     .map_err(|_| anyhow::anyhow!("generating a signing key"))?;
                 let kid = Uuid::new_v4().simple().to_string();
-                sqlx::query("INSERT INTO signing_keys (kid, pkcs8) VALUES ($1, $2)")
-                    .bind(&kid)
-                    .bind(der.as_ref())
+                sqlx::query!("INSERT INTO signing_keys (kid, pkcs8) VALUES ($1, $2)", kid, der.as_ref())
                     .execute(&mut *tx)
                     .await?;
                 tracing::info!("generated a new token signing key");
@@ -87,7 +85,7 @@ pub async fn jwks(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "keys": [state.key.jwk()] }))
 }
 
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RevokedToken {
     jti: Uuid,
@@ -96,7 +94,7 @@ pub struct RevokedToken {
 
 /// Revoked tokens that have not expired yet (an expired one is refused anyway).
 pub async fn revoked_tokens(State(state): State<AppState>) -> Result<Json<Vec<RevokedToken>>, ApiError> {
-    let rows = sqlx::query_as("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()")
+    let rows = sqlx::query_as!(RevokedToken, "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()")
         .fetch_all(&state.db)
         .await?;
     Ok(Json(rows))

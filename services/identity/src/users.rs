@@ -17,7 +17,6 @@ use uuid::Uuid;
 
 use crate::AppState;
 
-#[derive(sqlx::FromRow)]
 struct UserRow {
     id: Uuid,
     email: String,
@@ -137,16 +136,16 @@ pub async fn register(State(state): State<AppState>, Json(form): Json<Register>)
     let id = Uuid::now_v7();
 
     let mut tx = state.db.begin().await?;
-    let inserted = sqlx::query(
+    let inserted = sqlx::query!(
         "INSERT INTO users (id, email, password_hash, first_name, last_name, phone)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        id,
+        &email,
+        &hash,
+        first_name.as_deref(),
+        last_name.as_deref(),
+        phone.as_deref(),
     )
-    .bind(id)
-    .bind(&email)
-    .bind(&hash)
-    .bind(&first_name)
-    .bind(&last_name)
-    .bind(&phone)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -176,10 +175,10 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
     ))]
 pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Result<Response, ApiError> {
     let row: Option<(Uuid, String, String)> =
-        sqlx::query_as("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)")
-            .bind(form.email.trim())
+        sqlx::query!("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)", form.email.trim())
             .fetch_optional(&state.db)
-            .await?;
+            .await?
+            .map(|r| (r.id, r.email, r.password_hash));
     let (hash, user) = match row {
         Some((id, email, hash)) => (Some(hash), Some((id, email))),
         None => (None, None),
@@ -224,11 +223,13 @@ pub async fn logout(
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0));
     if let (Some(jti), Some(expires)) = (jti, expires) {
-        sqlx::query("INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(jti)
-            .bind(expires)
-            .execute(&state.db)
-            .await?;
+        sqlx::query!(
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            jti,
+            expires
+        )
+        .execute(&state.db)
+        .await?;
     }
     tracing::info!(user_id = %user.id, "logged out");
     let mut resp = StatusCode::NO_CONTENT.into_response();
@@ -238,8 +239,7 @@ pub async fn logout(
 
 async fn find_user(state: &AppState, id: Uuid) -> Result<User, ApiError> {
     let row: Option<UserRow> =
-        sqlx::query_as("SELECT id, email, first_name, last_name, phone FROM users WHERE id = $1")
-            .bind(id)
+        sqlx::query_as!(UserRow, "SELECT id, email, first_name, last_name, phone FROM users WHERE id = $1", id)
             .fetch_optional(&state.db)
             .await?;
     row.map(User::from).ok_or_else(|| ApiError::not_found("user not found"))
@@ -270,14 +270,15 @@ pub async fn update_profile(
 ) -> Result<Json<User>, ApiError> {
     let Profile { first_name, last_name, phone } = parse_profile(form)?;
     let mut tx = state.db.begin().await?;
-    let row: Option<UserRow> = sqlx::query_as(
+    let row: Option<UserRow> = sqlx::query_as!(
+        UserRow,
         "UPDATE users SET first_name = $2, last_name = $3, phone = $4, updated_at = now()
          WHERE id = $1 RETURNING id, email, first_name, last_name, phone",
+        user.id,
+        first_name.as_deref(),
+        last_name.as_deref(),
+        phone.as_deref(),
     )
-    .bind(user.id)
-    .bind(&first_name)
-    .bind(&last_name)
-    .bind(&phone)
     .fetch_optional(&mut *tx)
     .await?;
     let user = User::from(row.ok_or_else(|| ApiError::not_found("user not found"))?);

@@ -26,7 +26,6 @@ pub struct Mailer {
     transport: Transport,
 }
 
-#[derive(sqlx::FromRow)]
 struct Due {
     id: i64,
     subject: String,
@@ -77,7 +76,8 @@ impl Mailer {
     async fn send_due(&self) -> anyhow::Result<()> {
         loop {
             let mut tx = self.db.begin().await?;
-            let due: Vec<Due> = sqlx::query_as(
+            let due = sqlx::query_as!(
+                Due,
                 "SELECT d.id, d.subject, d.body, p.email, p.first_name, p.last_name
                  FROM email_deliveries d JOIN profiles p ON p.user_id = d.user_id
                  WHERE d.sent_at IS NULL AND d.next_attempt_at <= now()
@@ -93,22 +93,24 @@ impl Mailer {
                     Ok(()) => {
                         metrics::counter!("emails_sent_total").increment(1);
                         tracing::info!(delivery_id = mail.id, to = %mail.email, "e-mail sent");
-                        sqlx::query("UPDATE email_deliveries SET sent_at = now(), sent_to = $2, attempts = attempts + 1 WHERE id = $1")
-                            .bind(mail.id)
-                            .bind(&mail.email)
-                            .execute(&mut *tx)
+                        sqlx::query!(
+                            "UPDATE email_deliveries SET sent_at = now(), sent_to = $2, attempts = attempts + 1 WHERE id = $1",
+                            mail.id,
+                            mail.email,
+                        )
+                        .execute(&mut *tx)
                             .await?;
                     }
                     Err(e) => {
                         metrics::counter!("emails_failed_total").increment(1);
                         tracing::warn!(delivery_id = mail.id, error = %e, "e-mail not sent; will retry");
-                        sqlx::query(
+                        sqlx::query!(
                             "UPDATE email_deliveries SET attempts = attempts + 1, last_error = $2,
                                 next_attempt_at = now() + least(interval '2 seconds' * power(2, attempts), interval '1 hour')
                              WHERE id = $1",
+                            mail.id,
+                            format!("{e:#}"),
                         )
-                        .bind(mail.id)
-                        .bind(format!("{e:#}"))
                         .execute(&mut *tx)
                         .await?;
                     }

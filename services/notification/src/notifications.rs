@@ -3,7 +3,6 @@
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use chrono::{DateTime, Utc};
 use contracts::api::{ErrorBody, Notification};
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
@@ -24,20 +23,20 @@ async fn upsert_profile(
     last_name: &Option<String>,
     phone: &Option<String>,
 ) -> HandlerResult {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO profiles (user_id, email, first_name, last_name, phone) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, first_name = EXCLUDED.first_name,
              last_name = EXCLUDED.last_name, phone = EXCLUDED.phone, updated_at = now()",
+        id,
+        email,
+        first_name.as_deref(),
+        last_name.as_deref(),
+        phone.as_deref(),
     )
-    .bind(id)
-    .bind(email)
-    .bind(first_name)
-    .bind(last_name)
-    .bind(phone)
     .execute(&mut *tx)
     .await?;
     // E-mails that waited for this address can go now.
-    sqlx::query("SELECT pg_notify($1, '')").bind(EMAIL_CHANNEL).execute(&mut *tx).await?;
+    sqlx::query!("SELECT pg_notify($1, '')", EMAIL_CHANNEL).fetch_one(&mut *tx).await?;
     tracing::info!(user_id = %id, "profile stored");
     Ok(())
 }
@@ -55,21 +54,25 @@ pub async fn on_user_updated(tx: &mut PgConnection, msg: Incoming<UserUpdated>) 
 /// Stores the notification and queues its e-mail, in the consumer's transaction.
 async fn notify(tx: &mut PgConnection, user_id: Uuid, order_id: Uuid, subject: &str, message: String) -> HandlerResult {
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO notifications (id, user_id, order_id, message) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(user_id)
-        .bind(order_id)
-        .bind(&message)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO email_deliveries (notification_id, user_id, subject, body) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(user_id)
-        .bind(subject)
-        .bind(&message)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("SELECT pg_notify($1, '')").bind(EMAIL_CHANNEL).execute(&mut *tx).await?;
+    sqlx::query!(
+        "INSERT INTO notifications (id, user_id, order_id, message) VALUES ($1, $2, $3, $4)",
+        id,
+        user_id,
+        order_id,
+        &message,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "INSERT INTO email_deliveries (notification_id, user_id, subject, body) VALUES ($1, $2, $3, $4)",
+        id,
+        user_id,
+        subject,
+        &message,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify($1, '')", EMAIL_CHANNEL).fetch_one(&mut *tx).await?;
     tracing::info!(user_id = %user_id, order_id = %order_id, notification_id = %id, "notification stored");
     Ok(())
 }
@@ -84,13 +87,6 @@ pub async fn on_order_failed(tx: &mut PgConnection, msg: Incoming<OrderFailed>) 
     let o = msg.payload;
     let text = format!("Your order for {}$ was not fulfilled due to: {}", o.price, o.reason);
     notify(tx, o.user_id, o.order_id, "Your order was not fulfilled", text).await
-}
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: Uuid,
-    message: String,
-    created_at: DateTime<Utc>,
 }
 
 #[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications", operation_id = "getNotifications",
@@ -115,14 +111,18 @@ pub async fn list(
     headers: HeaderMap,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let rows: Vec<Row> = sqlx::query_as(&Page::sql("notifications", "id, message, created_at"))
-        .bind(user.id)
-        .bind(page.before)
-        .bind(page.limit()?)
-        .fetch_all(&db)
-        .await?;
-    let page: Vec<Notification> =
-        rows.into_iter().map(|r| Notification { id: r.id, message: r.message, created_at: r.created_at }).collect();
+    // Newest first, older than the notification `before` (see `Page`).
+    let page = sqlx::query_as!(
+        Notification,
+        "SELECT id, message, created_at FROM notifications WHERE user_id = $1
+           AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM notifications WHERE id = $2 AND user_id = $1))
+         ORDER BY created_at DESC, id DESC LIMIT $3",
+        user.id,
+        page.before,
+        page.limit()?,
+    )
+    .fetch_all(&db)
+    .await?;
     // The tag of the page as it is (a notification never changes once written).
     Ok(conditional::json_or_not_modified(&headers, None, &page)?.1)
 }

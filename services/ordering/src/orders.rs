@@ -14,36 +14,30 @@ use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::idempotency::{self, Claim, IdempotencyKeyHeader};
 use runtime::watch::Watch;
 use runtime::{ApiError, Incoming, Json, Page, Path, Query, outbox};
-use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 use uuid::Uuid;
 
-const COLUMNS: &str = "id, price, status, reason, created_at, updated_at";
-
-#[derive(sqlx::FromRow)]
+/// An order as stored: the query macros check its columns against the table.
 struct OrderRow {
     id: Uuid,
-    price: Decimal,
-    status: String,
+    price: Money,
+    status: OrderStatus,
     reason: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<OrderRow> for Order {
-    type Error = ApiError;
-    fn try_from(r: OrderRow) -> Result<Order, ApiError> {
-        let status = match r.status.as_str() {
-            "pending" => OrderStatus::Pending,
-            "succeeded" => OrderStatus::Succeeded,
-            "failed" => OrderStatus::Failed,
-            other => {
-                return Err(ApiError::internal(anyhow::anyhow!("unknown order status {other}")));
-            }
-        };
-        let price = Money::new(r.price).map_err(ApiError::internal)?;
-        Ok(Order { id: r.id, price, status, reason: r.reason, created_at: r.created_at, updated_at: r.updated_at })
+impl From<OrderRow> for Order {
+    fn from(r: OrderRow) -> Order {
+        Order {
+            id: r.id,
+            price: r.price,
+            status: r.status,
+            reason: r.reason,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
     }
 }
 
@@ -144,14 +138,13 @@ pub async fn create(
     if headers.contains_key(header::IF_MATCH) {
         // The list's version row, locked: a concurrent placement waits here and
         // then sees the version this one's order bumps.
-        sqlx::query("INSERT INTO order_list_versions (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(user.id)
+        sqlx::query!("INSERT INTO order_list_versions (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user.id)
             .execute(&mut *tx)
             .await?;
-        let version: i64 = sqlx::query_scalar("SELECT version FROM order_list_versions WHERE user_id = $1 FOR UPDATE")
-            .bind(user.id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let version =
+            sqlx::query_scalar!("SELECT version FROM order_list_versions WHERE user_id = $1 FOR UPDATE", user.id)
+                .fetch_one(&mut *tx)
+                .await?;
         if list_tag(version).if_match(&headers) == Some(false) {
             tracing::info!(user_id = %user.id, "order refused: the list changed since the client read it");
             return Err(ApiError::new(
@@ -160,17 +153,20 @@ pub async fn create(
             ));
         }
     }
-    let row: OrderRow =
-        sqlx::query_as(&format!("INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3) RETURNING {COLUMNS}"))
-            .bind(id)
-            .bind(user.id)
-            .bind(body.price.as_decimal())
-            .fetch_one(&mut *tx)
-            .await?;
+    let row = sqlx::query_as!(
+        OrderRow,
+        r#"INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3)
+           RETURNING id, price AS "price: Money", status AS "status: OrderStatus", reason, created_at, updated_at"#,
+        id,
+        user.id,
+        body.price as Money,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
-    Ok(accepted(Order::try_from(row)?))
+    Ok(accepted(Order::from(row)))
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",
@@ -198,31 +194,41 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let limit = page.limit()?;
     // The version first: a page read after it is at least as new as it says.
-    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM order_list_versions WHERE user_id = $1")
-        .bind(user.id)
+    let version = sqlx::query_scalar!("SELECT version FROM order_list_versions WHERE user_id = $1", user.id)
         .fetch_optional(&app.db)
         .await?;
     let tag = list_tag(version.unwrap_or(0));
     if tag.none_match_hit(&headers) {
         return Ok(conditional::not_modified(&tag));
     }
-    let rows: Vec<OrderRow> = sqlx::query_as(&Page::sql("orders", COLUMNS))
-        .bind(user.id)
-        .bind(page.before)
-        .bind(limit)
-        .fetch_all(&app.db)
-        .await?;
-    let orders = rows.into_iter().map(Order::try_from).collect::<Result<Vec<_>, _>>()?;
+    // Newest first, older than the order `before` (see `Page`).
+    let rows = sqlx::query_as!(
+        OrderRow,
+        r#"SELECT id, price AS "price: Money", status AS "status: OrderStatus", reason, created_at, updated_at
+           FROM orders WHERE user_id = $1
+             AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM orders WHERE id = $2 AND user_id = $1))
+           ORDER BY created_at DESC, id DESC LIMIT $3"#,
+        user.id,
+        page.before,
+        limit,
+    )
+    .fetch_all(&app.db)
+    .await?;
+    let orders: Vec<Order> = rows.into_iter().map(Order::from).collect();
     Ok(conditional::json_or_not_modified(&headers, Some(tag), &orders)?.1)
 }
 
 async fn read(db: &PgPool, id: Uuid, user: Uuid) -> Result<Option<Order>, ApiError> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
-        .bind(id)
-        .bind(user)
-        .fetch_optional(db)
-        .await?;
-    row.map(Order::try_from).transpose()
+    let row = sqlx::query_as!(
+        OrderRow,
+        r#"SELECT id, price AS "price: Money", status AS "status: OrderStatus", reason, created_at, updated_at
+           FROM orders WHERE id = $1 AND user_id = $2"#,
+        id,
+        user,
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Order::from))
 }
 
 /// The order with its tag, or 304, and for a pending one how to follow it.
@@ -306,16 +312,17 @@ async fn settle(
     status: OrderStatus,
     reason: Option<&str>,
 ) -> Result<Option<(Uuid, Money)>, HandlerError> {
-    let row: Option<(Uuid, Decimal, f64)> = sqlx::query_as(
-        "UPDATE orders SET status = $2, reason = $3, updated_at = now()
+    let row = sqlx::query!(
+        r#"UPDATE orders SET status = $2, reason = $3, updated_at = now()
          WHERE id = $1 AND status = 'pending'
-         RETURNING user_id, price, extract(epoch FROM now() - created_at)::float8",
+         RETURNING user_id, price, extract(epoch FROM now() - created_at)::float8 AS "waited!""#,
+        id,
+        status as OrderStatus,
+        reason,
     )
-    .bind(id)
-    .bind(status.as_str())
-    .bind(reason)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|r| (r.user_id, r.price, r.waited));
     match row {
         Some((user_id, price, waited)) => {
             let price = Money::new(price).map_err(|e| HandlerError::Reject(e.to_string()))?;
@@ -355,12 +362,13 @@ pub async fn on_payment_failed(tx: &mut PgConnection, msg: Incoming<PaymentFaile
 /// a message lost or dead-lettered). The partial index `orders_pending`
 /// keeps this a scan of the orders in flight only.
 pub async fn report_pending(db: &PgPool) -> sqlx::Result<()> {
-    let (count, oldest): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-         FROM orders WHERE status = 'pending'",
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "count!", extract(epoch FROM now() - min(created_at))::float8 AS oldest
+         FROM orders WHERE status = 'pending'"#,
     )
     .fetch_one(db)
     .await?;
+    let (count, oldest) = (row.count, row.oldest);
     let database = runtime::metrics::database_label(db);
     metrics::gauge!("orders_pending", "database" => database.clone()).set(count as f64);
     metrics::gauge!("orders_pending_oldest_age_seconds", "database" => database).set(oldest.unwrap_or(0.0).max(0.0));

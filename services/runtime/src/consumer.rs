@@ -217,12 +217,14 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         };
         let result = AssertUnwindSafe(async {
             let mut tx = self.db.begin().await?;
-            let inserted = sqlx::query("INSERT INTO inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(self.queue.name)
-                .bind(message_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            let inserted = sqlx::query!(
+                "INSERT INTO inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                self.queue.name,
+                message_id,
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
             if inserted == 0 {
                 return Ok(false);
             }

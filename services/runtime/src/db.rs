@@ -71,7 +71,7 @@ pub fn is_unavailable_anyhow(e: &anyhow::Error) -> bool {
 pub async fn wait_until_available(pool: &PgPool, shutdown: &tokio_util::sync::CancellationToken) -> bool {
     let mut pause = Duration::from_millis(100);
     loop {
-        let ping = tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(pool));
+        let ping = tokio::time::timeout(Duration::from_secs(5), sqlx::query!("SELECT 1 AS one").fetch_one(pool));
         tokio::select! {
             _ = shutdown.cancelled() => return false,
             r = ping => if matches!(r, Ok(Ok(_))) { return true },

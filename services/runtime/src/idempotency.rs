@@ -15,12 +15,12 @@
 //!   it is free again (a new effect), and [`prune`] deletes it.
 
 use axum::http::HeaderMap;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 use uuid::Uuid;
 
 use crate::ApiError;
-use crate::prune::Prune;
+use crate::prune::{BoxFuture, Prune};
 
 pub const HEADER: &str = "idempotency-key";
 
@@ -114,32 +114,34 @@ pub enum Claim {
 pub async fn claim(tx: &mut PgConnection, r: Request<'_>, ttl: Duration) -> Result<Claim, ApiError> {
     // A key past its time is taken over as if new. The statement waits for a
     // concurrent transaction that inserted the same key.
-    let claimed: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (scope, user_id, key, request, outcome) VALUES ($1, $2, $3, $4, $5)
+    let claimed = sqlx::query_scalar!(
+        r#"INSERT INTO idempotency_keys (scope, user_id, key, request, outcome) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (scope, user_id, key) DO UPDATE
              SET request = EXCLUDED.request, outcome = EXCLUDED.outcome, created_at = now()
              WHERE idempotency_keys.created_at <= now() - make_interval(secs => $6)
-         RETURNING true",
+         RETURNING true AS "claimed!""#,
+        r.scope,
+        r.user,
+        r.key.as_str(),
+        r.request,
+        r.outcome,
+        ttl.as_secs_f64(),
     )
-    .bind(r.scope)
-    .bind(r.user)
-    .bind(r.key.as_str())
-    .bind(&r.request)
-    .bind(&r.outcome)
-    .bind(ttl.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
     if claimed.is_some() {
         return Ok(Claim::First);
     }
     // A new statement sees what the concurrent transaction committed.
-    let (request, outcome): (String, serde_json::Value) =
-        sqlx::query_as("SELECT request, outcome FROM idempotency_keys WHERE scope = $1 AND user_id = $2 AND key = $3")
-            .bind(r.scope)
-            .bind(r.user)
-            .bind(r.key.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+    let first = sqlx::query!(
+        "SELECT request, outcome FROM idempotency_keys WHERE scope = $1 AND user_id = $2 AND key = $3",
+        r.scope,
+        r.user,
+        r.key.as_str(),
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (request, outcome) = (first.request, first.outcome);
     if request != r.request {
         return Err(ApiError::unprocessable(r.conflict));
     }
@@ -149,10 +151,19 @@ pub async fn claim(tx: &mut PgConnection, r: Request<'_>, ttl: Duration) -> Resu
 
 /// Deletes the keys past their time, for [`crate::prune`].
 pub fn prune(config: &IdempotencyConfig) -> Prune {
-    Prune {
-        what: "idempotency keys",
-        sql: "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-                  SELECT ctid FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2))",
-        max_age: config.ttl(),
-    }
+    Prune { what: "idempotency keys", delete: delete_expired, max_age: config.ttl() }
+}
+
+fn delete_expired(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
+    Box::pin(async move {
+        let deleted = sqlx::query!(
+            "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2))",
+            max_age_secs,
+            limit,
+        )
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
+    })
 }

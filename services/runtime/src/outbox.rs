@@ -10,8 +10,8 @@ use crate::db::Wakeup;
 use contracts::Message;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
-use sqlx::{PgConnection, Row};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,17 +26,17 @@ pub async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::
         Some(tp) => serde_json::json!({ crate::telemetry::TRACEPARENT: tp }),
         None => serde_json::json!({}),
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload, headers)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        id,
+        M::EXCHANGE,
+        M::NAME,
+        M::NAME,
+        message.correlation_id(),
+        payload,
+        headers,
     )
-    .bind(id)
-    .bind(M::EXCHANGE)
-    .bind(M::NAME)
-    .bind(M::NAME)
-    .bind(message.correlation_id())
-    .bind(payload)
-    .bind(headers)
     .execute(conn)
     .await?;
     Ok(id)
@@ -75,7 +75,8 @@ pub struct Relay {
 }
 
 #[derive(sqlx::FromRow)]
-struct Row_ {
+/// An unsent message as the relay claims it.
+struct OutboxMessage {
     id: i64,
     message_id: Uuid,
     exchange: String,
@@ -181,16 +182,17 @@ impl Relay {
     /// a message goes out twice, which idempotent consumers absorb.
     pub async fn publish_batch(&self, channel: &lapin::Channel) -> anyhow::Result<usize> {
         let lease = self.confirm_timeout * 2 + Duration::from_secs(5);
-        let mut rows: Vec<Row_> = sqlx::query_as(
+        let mut rows = sqlx::query_as!(
+            OutboxMessage,
             "UPDATE outbox SET next_attempt_at = now() + make_interval(secs => $2)
              WHERE id IN (SELECT id FROM outbox
                           WHERE sent_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()
                           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, payload, headers,
                        created_at, attempts, refusals",
+            self.batch,
+            lease.as_secs_f64(),
         )
-        .bind(self.batch)
-        .bind(lease.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
@@ -246,11 +248,13 @@ impl Relay {
                 Err(Failure::Broker(reason)) => {
                     // Not the row's fault: due again at once, on a new channel.
                     metrics::counter!("messages_publish_failed_total", &labels).increment(1);
-                    sqlx::query("UPDATE outbox SET last_error = $2, next_attempt_at = now() WHERE id = $1")
-                        .bind(row.id)
-                        .bind(&reason)
-                        .execute(&self.pool)
-                        .await?;
+                    sqlx::query!(
+                        "UPDATE outbox SET last_error = $2, next_attempt_at = now() WHERE id = $1",
+                        row.id,
+                        reason
+                    )
+                    .execute(&self.pool)
+                    .await?;
                     broker_failed.get_or_insert(reason);
                 }
                 Err(Failure::Refused(reason)) => {
@@ -265,25 +269,24 @@ impl Relay {
                     } else {
                         tracing::warn!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, retry_in = ?delay, "publish refused; will retry");
                     }
-                    sqlx::query(
+                    sqlx::query!(
                         "UPDATE outbox SET attempts = attempts + 1, refusals = $3, last_error = $2,
                             next_attempt_at = now() + make_interval(secs => $4),
                             parked_at = CASE WHEN $5 THEN now() END,
                             parked_reason = CASE WHEN $5 THEN $2 END
                          WHERE id = $1",
+                        row.id,
+                        reason,
+                        i32::try_from(refusals).unwrap_or(i32::MAX),
+                        delay.as_secs_f64(),
+                        park,
                     )
-                    .bind(row.id)
-                    .bind(&reason)
-                    .bind(i32::try_from(refusals).unwrap_or(i32::MAX))
-                    .bind(delay.as_secs_f64())
-                    .bind(park)
                     .execute(&self.pool)
                     .await?;
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET sent_at = now(), last_error = NULL WHERE id = ANY($1)")
-            .bind(&sent)
+        sqlx::query!("UPDATE outbox SET sent_at = now(), last_error = NULL WHERE id = ANY($1)", &sent)
             .execute(&self.pool)
             .await?;
         if let Some(reason) = broker_failed {
@@ -294,12 +297,10 @@ impl Relay {
 
     async fn cleanup(&self) -> sqlx::Result<()> {
         let keep = self.retention.as_secs_f64();
-        sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)")
-            .bind(keep)
+        sqlx::query!("DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)", keep)
             .execute(&self.pool)
             .await?;
-        sqlx::query("DELETE FROM inbox WHERE received_at < now() - make_interval(secs => $1)")
-            .bind(keep)
+        sqlx::query!("DELETE FROM inbox WHERE received_at < now() - make_interval(secs => $1)", keep)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -326,20 +327,21 @@ pub async fn report_backlog(pool: &PgPool) -> sqlx::Result<()> {
     let database = crate::metrics::database_label(pool);
     metrics::gauge!("outbox_backlog_messages", "database" => database.clone()).set(count as f64);
     metrics::gauge!("outbox_oldest_unsent_age_seconds", "database" => database.clone()).set(oldest.unwrap_or(0.0));
-    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL")
-        .fetch_one(pool)
-        .await?;
+    let parked =
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL"#)
+            .fetch_one(pool)
+            .await?;
     metrics::gauge!("outbox_parked_messages", "database" => database).set(parked as f64);
     Ok(())
 }
 
 /// Unsent, unparked messages and the age of the oldest, for readiness and metrics.
 pub async fn backlog(pool: &PgPool) -> sqlx::Result<(i64, Option<f64>)> {
-    let row = sqlx::query(
-        "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS oldest
-         FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL",
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "n!", extract(epoch FROM now() - min(created_at))::float8 AS oldest
+         FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL"#,
     )
     .fetch_one(pool)
     .await?;
-    Ok((row.try_get("n")?, row.try_get("oldest")?))
+    Ok((row.n, row.oldest))
 }

@@ -3,6 +3,7 @@
 //! revoked tokens) deleted in small batches, so that a large backlog never
 //! holds long locks or one long transaction.
 
+pub use futures::future::BoxFuture;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -15,8 +16,10 @@ pub const BATCH: i64 = 1000;
 pub struct Prune {
     /// For the logs: what is deleted.
     pub what: &'static str,
-    /// A `DELETE` of at most `$2` rows older than `$1` seconds (a float).
-    pub sql: &'static str,
+    /// Deletes at most `limit` rows older than `max_age_secs`, returning how
+    /// many: a function around one `sqlx::query!` `DELETE`, so that its SQL
+    /// is checked at compile time like every other.
+    pub delete: for<'a> fn(&'a PgPool, f64, i64) -> BoxFuture<'a, sqlx::Result<u64>>,
     pub max_age: Duration,
 }
 
@@ -25,8 +28,7 @@ impl Prune {
     pub async fn once(&self, db: &PgPool) -> sqlx::Result<u64> {
         let mut total = 0;
         loop {
-            let deleted =
-                sqlx::query(self.sql).bind(self.max_age.as_secs_f64()).bind(BATCH).execute(db).await?.rows_affected();
+            let deleted = (self.delete)(db, self.max_age.as_secs_f64(), BATCH).await?;
             total += deleted;
             if deleted < BATCH as u64 {
                 return Ok(total);

@@ -35,7 +35,7 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
     let mut problems = Vec::new();
     let mut checks = serde_json::Map::new();
     if let Some(db) = &r.db {
-        let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(db));
+        let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query!("SELECT 1 AS one").fetch_one(db));
         let up = matches!(ping.await, Ok(Ok(_)));
         checks.insert("database".into(), if up { "up" } else { "unreachable" }.into());
         if !up {

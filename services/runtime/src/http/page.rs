@@ -3,7 +3,11 @@
 use super::ApiError;
 
 /// A page of a newest-first list: at most `limit` items, older than the item
-/// `before` (the last one of the previous page).
+/// `before` (the last one of the previous page). The query of each list says
+/// `WHERE user_id = $1 AND ($2::uuid IS NULL OR (created_at, id) < (SELECT
+/// created_at, id FROM <table> WHERE id = $2 AND user_id = $1)) ORDER BY
+/// created_at DESC, id DESC LIMIT $3`, written out beside its handler so the
+/// compiler checks it.
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
@@ -15,17 +19,6 @@ pub struct Page {
 }
 
 impl Page {
-    /// The query of one page of the user's rows of `table`, newest first:
-    /// bind the user id, [`Page::before`] and [`Page::limit`], in that order.
-    /// `table` needs `user_id`, `created_at` and `id` columns.
-    pub fn sql(table: &str, columns: &str) -> String {
-        format!(
-            "SELECT {columns} FROM {table} WHERE user_id = $1
-               AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM {table} WHERE id = $2 AND user_id = $1))
-             ORDER BY created_at DESC, id DESC LIMIT $3"
-        )
-    }
-
     pub fn limit(&self) -> Result<i64, ApiError> {
         match self.limit {
             None => Ok(100),
