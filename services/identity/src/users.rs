@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use contracts::api::{AccessToken, ErrorBody, Login, Profile, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, User};
 use contracts::messages::{UserCreated, UserUpdated};
 use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
+use runtime::contact::{Email, Phone};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::outbox;
 use runtime::{ApiError, Json};
@@ -33,20 +34,6 @@ impl From<UserRow> for User {
 
 /// An e-mail address as people type it: one `@`, something on both sides,
 /// a dot in the domain, no spaces. Deliverability is proven by the mail itself.
-fn parse_email(raw: &str) -> Result<String, ApiError> {
-    let email = raw.trim();
-    let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
-        && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !domain.contains('@')
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-        });
-    if valid { Ok(email.to_string()) } else { Err(ApiError::unprocessable("email is not a valid e-mail address")) }
-}
-
 fn parse_password(p: &str) -> Result<&str, ApiError> {
     match p.chars().count() {
         n if n < 8 => Err(ApiError::unprocessable("password must have at least 8 characters")),
@@ -74,22 +61,8 @@ fn parse_profile(p: Profile) -> Result<Profile, ApiError> {
     Ok(Profile {
         first_name: parse_text("firstName", p.first_name, 100)?,
         last_name: parse_text("lastName", p.last_name, 100)?,
-        phone: parse_phone(p.phone)?,
+        phone: Phone::parse_optional(p.phone)?.map(String::from),
     })
-}
-
-/// A phone number as the schema's pattern says: an optional `+`, a digit,
-/// then 3 to 31 digits, spaces, dots, dashes or parentheses.
-fn parse_phone(value: Option<String>) -> Result<Option<String>, ApiError> {
-    let Some(p) = value.filter(|p| !p.is_empty()) else { return Ok(None) };
-    let rest = p.strip_prefix('+').unwrap_or(&p);
-    let valid = rest.starts_with(|c: char| c.is_ascii_digit())
-        && (4..=32).contains(&rest.len())
-        && rest.chars().all(|c| c.is_ascii_digit() || " ().-".contains(c));
-    if !valid {
-        return Err(ApiError::unprocessable("phone must be a phone number such as +71004242424"));
-    }
-    Ok(Some(p))
 }
 
 async fn hash_password(password: String) -> Result<String, ApiError> {
@@ -129,7 +102,7 @@ async fn verify_password(password: String, hash: Option<String>) -> Result<bool,
         UnexpectedError,
     ))]
 pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
-    let email = parse_email(&form.email)?;
+    let email = String::from(Email::parse(&form.email)?);
     let password = parse_password(&form.password)?.to_string();
     let Profile { first_name, last_name, phone } = parse_profile(form.profile)?;
     let hash = hash_password(password).await?;

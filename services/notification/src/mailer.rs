@@ -6,6 +6,7 @@
 use anyhow::Context;
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use runtime::contact::Email;
 use runtime::db::Wakeup;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -123,7 +124,10 @@ impl Mailer {
     async fn send(&self, mail: &Due) -> anyhow::Result<()> {
         let name =
             [mail.first_name.as_deref(), mail.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
-        let to = Mailbox::new((!name.is_empty()).then_some(name), mail.email.parse().context("recipient address")?);
+        let to = Mailbox::new(
+            (!name.is_empty()).then_some(name),
+            Email::parse(&mail.email).context("recipient address")?.address().clone(),
+        );
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)

@@ -119,7 +119,7 @@ pub async fn list(
          ORDER BY created_at DESC, id DESC LIMIT $3",
         user.id,
         page.before,
-        page.limit()?,
+        page.limit()?.get(),
     )
     .fetch_all(&db)
     .await?;

@@ -192,7 +192,7 @@ pub async fn list(
     headers: HeaderMap,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let limit = page.limit()?;
+    let limit = page.limit()?.get();
     // The version first: a page read after it is at least as new as it says.
     let version = sqlx::query_scalar!("SELECT version FROM order_list_versions WHERE user_id = $1", user.id)
         .fetch_optional(&app.db)

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod conditional;
 pub mod config;
 pub mod consumer;
+pub mod contact;
 pub mod db;
 pub mod http;
 pub mod idempotency;

@@ -13,5 +13,5 @@ mod server;
 pub use error::{ApiError, DATABASE_RETRY_AFTER, error_response};
 pub use extract::{Json, Path, Query};
 pub use health::{Readiness, health_routes};
-pub use page::Page;
+pub use page::{Page, PageLimit};
 pub use server::{BODY_LIMIT, not_found, serve, service_router, with_common_layers};
