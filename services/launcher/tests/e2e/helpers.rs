@@ -70,6 +70,42 @@ pub async fn drop_database(name: &str) {
     }
 }
 
+/// Drops `databases` and `vhost` (and removes `dir`) from a `Drop`, which
+/// cannot await: on a runtime of its own, in a thread of its own, so that it
+/// also works while a failed test unwinds inside its tokio runtime.
+pub fn clean_up_blocking(databases: Vec<String>, vhost: Option<String>, dir: Option<PathBuf>) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            for db in databases {
+                drop_database(&db).await;
+            }
+            if let Some(vhost) = vhost {
+                drop_vhost(&vhost).await;
+            }
+        });
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    })
+    .join();
+}
+
+/// What a [`TestApp`] leaves on the servers, removed when it is dropped:
+/// after [`TestApp::stop`], or when the test fails before it.
+struct Leftovers {
+    prefix: String,
+    vhost: String,
+    smtp_dir: PathBuf,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let databases = SERVICES_WITH_DB.iter().map(|s| format!("{}_{s}", self.prefix)).collect();
+        clean_up_blocking(databases, Some(self.vhost.clone()), Some(self.smtp_dir.clone()));
+    }
+}
+
 /// A real SMTP server on loopback: Python's aiosmtpd writing a Maildir.
 pub struct SmtpSink {
     pub port: u16,
@@ -120,6 +156,8 @@ pub struct TestApp {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     messaging: MessagingConfig,
     gateway_config: gateway::Config,
+    /// Declared last: dropped after the services' tasks and the SMTP sink.
+    _leftovers: Leftovers,
 }
 
 async fn listener() -> (TcpListener, String) {
@@ -206,7 +244,9 @@ impl TestApp {
         let gateway_https = format!("https://{}", https.local_addr().unwrap());
         tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
 
+        let _leftovers = Leftovers { prefix: prefix.clone(), vhost: vhost.name.clone(), smtp_dir: smtp.dir.clone() };
         let app = TestApp {
+            _leftovers,
             gateway,
             gateway_https,
             identity: identity_url,
@@ -293,11 +333,8 @@ impl TestApp {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        for service in SERVICES_WITH_DB {
-            drop_database(&format!("{}_{service}", self.prefix)).await;
-        }
-        drop_vhost(&self.vhost.name).await;
-        let _ = std::fs::remove_dir_all(&self.smtp.dir);
+        // Dropping the rest removes the databases, the vhost and the mail
+        // directory (`Leftovers`), as it does when a test fails.
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -501,4 +538,28 @@ impl TestApp {
     pub async fn db(&self, service: &str) -> sqlx::PgPool {
         sqlx::PgPool::connect(&format!("{}/{}_{service}", postgres_url(), self.prefix)).await.unwrap()
     }
+}
+
+#[tokio::test]
+async fn a_failing_test_leaves_no_database_vhost_or_mail_directory() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let app = TestApp::spawn().await;
+        tx.send((app.prefix.clone(), app.smtp.dir.clone())).unwrap();
+        panic!("the test fails before it stops the app");
+    });
+    assert!(failing.await.unwrap_err().is_panic());
+    let (prefix, dir) = rx.await.unwrap();
+
+    let pool = sqlx::PgPool::connect(&format!("{}/postgres", postgres_url())).await.unwrap();
+    // A test helper's own lookup: the pattern is the test's prefix.
+    let left: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("{prefix}\\_%"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "databases left behind: {left:?}");
+    let vhost = reqwest::Client::new().get(format!("{}/vhosts/{prefix}", rabbitmq_api())).send().await.unwrap();
+    assert_eq!(vhost.status(), StatusCode::NOT_FOUND, "the vhost {prefix} was left behind");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
 }

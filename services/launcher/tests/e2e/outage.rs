@@ -4,7 +4,7 @@
 //! listener that accepts and never answers, and a guard that drops a test's
 //! databases and vhost even when the test fails.
 
-use crate::helpers::{create_vhost, drop_database, drop_vhost, postgres_url};
+use crate::helpers::{clean_up_blocking, create_vhost, postgres_url};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -164,17 +164,6 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let databases = std::mem::take(&mut *self.databases.lock().unwrap());
-        let vhost = self.prefix.clone();
-        // Drop cannot await: clean up on a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                for db in databases {
-                    drop_database(&db).await;
-                }
-                drop_vhost(&vhost).await;
-            });
-        })
-        .join();
+        clean_up_blocking(databases, Some(self.prefix.clone()), None);
     }
 }
