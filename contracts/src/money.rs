@@ -210,4 +210,50 @@ mod tests {
         assert_eq!(serde_json::to_string(&m("0.07")).unwrap(), "0.07");
         assert_eq!(serde_json::to_string(&m("999999999999.99")).unwrap(), "999999999999.99");
     }
+
+    #[test]
+    fn text_parses_like_json_and_shows_two_decimals() {
+        assert_eq!("7".parse::<Money>().unwrap().to_string(), "7.00");
+        assert_eq!("0.5".parse::<Money>().unwrap().to_string(), "0.50");
+        assert_eq!("abc".parse::<Money>(), Err(MoneyError::TooLarge));
+        assert_eq!("0.00".parse::<Money>(), Err(MoneyError::NotPositive));
+        assert_eq!("1.001".parse::<Money>(), Err(MoneyError::TooManyDecimals));
+    }
+
+    #[test]
+    fn trailing_zeros_are_not_extra_decimals() {
+        assert_eq!("1.500".parse::<Money>().unwrap().to_string(), "1.50");
+    }
+
+    #[test]
+    fn order_statuses_read_back_what_they_write() {
+        use crate::api::OrderStatus;
+        for s in [OrderStatus::Pending, OrderStatus::Succeeded, OrderStatus::Failed] {
+            assert_eq!(s.as_str().parse::<OrderStatus>(), Ok(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!("PENDING".parse::<OrderStatus>().is_err());
+    }
+
+    proptest::proptest! {
+        // Every amount the API accepts survives JSON unchanged.
+        #[test]
+        fn money_round_trips_through_json(cents in 1i64..=99_999_999_999_999) {
+            let m = Money::new(Decimal::new(cents, 2)).unwrap();
+            let json = serde_json::to_string(&m).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
+            proptest::prop_assert_eq!(m.to_string().parse::<Money>().unwrap(), m);
+        }
+
+        // Any JSON number is money or a message, never a panic.
+        #[test]
+        fn any_number_is_money_or_refused(x in proptest::num::f64::ANY) {
+            if let Ok(json) = serde_json::to_string(&x) {
+                match serde_json::from_str::<Money>(&json) {
+                    Ok(m) => proptest::prop_assert!(m.as_decimal() > Decimal::ZERO && m.as_decimal() <= Money::MAX),
+                    Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+    }
 }

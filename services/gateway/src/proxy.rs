@@ -80,15 +80,34 @@ impl Gateway {
     }
 
     fn route(&self, path: &str) -> Option<(&Route, String)> {
-        self.routes.iter().find_map(|r| {
-            let rest = path.strip_prefix(r.public)?;
-            // `/api/v1/notifications` must not match `/api/v1/notificationsX`.
-            if !(r.public.ends_with('/') || rest.is_empty() || rest.starts_with('/')) {
-                return None;
-            }
-            Some((r, format!("{}{}", r.internal, rest)))
-        })
+        route_of(&self.routes, path)
     }
+}
+
+/// The route of a public path and the service's own path for it.
+fn route_of<'a>(routes: &'a [Route], path: &str) -> Option<(&'a Route, String)> {
+    routes.iter().find_map(|r| {
+        let rest = path.strip_prefix(r.public)?;
+        // `/api/v1/notifications` must not match `/api/v1/notificationsX`.
+        if !(r.public.ends_with('/') || rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        Some((r, format!("{}{}", r.internal, rest)))
+    })
+}
+
+/// Removes what a client must not send on: the headers only the gateway sets
+/// (who the user is) and hop-by-hop headers.
+fn strip_client_headers(headers: &mut axum::http::HeaderMap) {
+    for name in INTERNAL_HEADERS.iter().chain(HOP_BY_HOP) {
+        headers.remove(*name);
+    }
+}
+
+/// A service's `Location` (its own path) as the public path, when it is one
+/// of the route's.
+fn public_location(route: &Route, location: &str) -> Option<String> {
+    location.strip_prefix(route.internal).map(|rest| format!("{}{}", route.public, rest))
 }
 
 pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Response, ApiError> {
@@ -111,12 +130,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     }
 
     // Only the gateway speaks for the user.
-    for name in INTERNAL_HEADERS {
-        parts.headers.remove(*name);
-    }
-    for name in HOP_BY_HOP {
-        parts.headers.remove(*name);
-    }
+    strip_client_headers(&mut parts.headers);
     let mut claims = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(|e| match e {
@@ -182,8 +196,8 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     }
     // A service names its resources by its own paths; clients see public ones.
     if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok())
-        && let Some(rest) = loc.strip_prefix(route.internal)
-        && let Ok(v) = HeaderValue::from_str(&format!("{}{}", route.public, rest))
+        && let Some(public) = public_location(route, loc)
+        && let Ok(v) = HeaderValue::from_str(&public)
     {
         parts.headers.insert(header::LOCATION, v);
     }
@@ -221,5 +235,89 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         metrics::gauge!("gateway_streams_open").decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes() -> Vec<Route> {
+        let route = |public, upstream: &str, internal| Route { public, upstream: upstream.into(), internal };
+        vec![
+            route("/api/v1/identity/", "http://identity", "/api/v1/"),
+            route("/api/v1/billing/", "http://billing", "/api/v1/"),
+            route("/api/v1/ordering/", "http://ordering", "/api/v1/"),
+            route("/api/v1/notifications", "http://notification", "/api/v1/notifications"),
+            route("/api/v1/push/", "http://push", "/api/v1/"),
+        ]
+    }
+
+    fn to(path: &str) -> Option<(String, String)> {
+        let routes = routes();
+        route_of(&routes, path).map(|(r, p)| (r.upstream.clone(), p))
+    }
+
+    #[test]
+    fn each_public_prefix_goes_to_its_service_with_the_services_path() {
+        assert_eq!(to("/api/v1/identity/login"), Some(("http://identity".into(), "/api/v1/login".into())));
+        assert_eq!(
+            to("/api/v1/billing/account/deposit"),
+            Some(("http://billing".into(), "/api/v1/account/deposit".into()))
+        );
+        assert_eq!(to("/api/v1/ordering/orders/42"), Some(("http://ordering".into(), "/api/v1/orders/42".into())));
+        assert_eq!(to("/api/v1/push/orders"), Some(("http://push".into(), "/api/v1/orders".into())));
+    }
+
+    #[test]
+    fn notifications_match_the_whole_segment_only() {
+        assert_eq!(to("/api/v1/notifications"), Some(("http://notification".into(), "/api/v1/notifications".into())));
+        assert_eq!(
+            to("/api/v1/notifications/x"),
+            Some(("http://notification".into(), "/api/v1/notifications/x".into()))
+        );
+        assert_eq!(to("/api/v1/notificationsX"), None);
+    }
+
+    #[test]
+    fn unknown_paths_have_no_route() {
+        for path in
+            ["/", "/api/v1", "/api/v1/identity", "/api/v2/identity/login", "/api/v1/billingx/a", "/health/ready"]
+        {
+            assert_eq!(to(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn only_register_and_login_need_no_token() {
+        assert!(is_public(&Method::POST, "/api/v1/identity/register"));
+        assert!(is_public(&Method::POST, "/api/v1/identity/login"));
+        assert!(!is_public(&Method::GET, "/api/v1/identity/login"));
+        assert!(!is_public(&Method::POST, "/api/v1/identity/logout"));
+        assert!(!is_public(&Method::POST, "/api/v1/identity/login/"));
+    }
+
+    #[test]
+    fn a_clients_identity_and_hop_by_hop_headers_are_dropped() {
+        let mut h = axum::http::HeaderMap::new();
+        for name in
+            ["x-user-id", "X-User-Email", "x-token-id", "x-token-expires", "connection", "upgrade", "te", "host"]
+        {
+            h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("forged"));
+        }
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        strip_client_headers(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-request-id"]);
+    }
+
+    #[test]
+    fn a_services_location_becomes_the_public_one() {
+        let routes = routes();
+        let ordering = &routes[2];
+        assert_eq!(public_location(ordering, "/api/v1/orders/7").as_deref(), Some("/api/v1/ordering/orders/7"));
+        assert_eq!(public_location(ordering, "https://elsewhere/x"), None);
     }
 }

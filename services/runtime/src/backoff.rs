@@ -34,4 +34,20 @@ mod tests {
         }
         assert_eq!(delay(3, Duration::from_secs(2), Duration::from_secs(3600)), Duration::from_secs(16));
     }
+
+    proptest::proptest! {
+        // Any attempt count, base and cap: no panic, never above the cap, and
+        // one more failure never waits less.
+        #[test]
+        fn never_overflows_never_exceeds_the_cap_and_never_shrinks(
+            attempts in proptest::prelude::any::<u32>(),
+            base_ms in 0u64..10_000_000,
+            cap_ms in 0u64..u64::MAX / 2,
+        ) {
+            let (base, cap) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms));
+            let now = delay(attempts, base, cap);
+            proptest::prop_assert!(now <= cap);
+            proptest::prop_assert!(delay(attempts.saturating_add(1), base, cap) >= now);
+        }
+    }
 }

@@ -324,7 +324,13 @@ fn text(s: &str) -> AMQPValue {
 }
 
 fn retry_count(delivery: &Delivery) -> u32 {
-    let headers = delivery.properties.headers().as_ref();
+    retry_count_in(&delivery.properties)
+}
+
+/// How many times a message was retried already: its `x-retry-count` header,
+/// 0 when absent or not a count.
+fn retry_count_in(properties: &lapin::BasicProperties) -> u32 {
+    let headers = properties.headers().as_ref();
     match headers.and_then(|h| h.inner().get(RETRY_COUNT_HEADER)) {
         Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
         Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
@@ -404,4 +410,37 @@ pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result
     }
     let _ = channel.close(200, "replayed".into()).await;
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldTable;
+
+    fn with_count(value: Option<AMQPValue>) -> lapin::BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(v) = value {
+            headers.insert(RETRY_COUNT_HEADER.into(), v);
+        }
+        lapin::BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_first_delivery_has_no_retries() {
+        assert_eq!(retry_count_in(&lapin::BasicProperties::default()), 0);
+        assert_eq!(retry_count_in(&with_count(None)), 0);
+    }
+
+    #[test]
+    fn the_count_is_read_from_the_header_in_either_integer_width() {
+        assert_eq!(retry_count_in(&with_count(Some(AMQPValue::LongLongInt(3)))), 3);
+        assert_eq!(retry_count_in(&with_count(Some(AMQPValue::LongInt(2)))), 2);
+    }
+
+    #[test]
+    fn a_count_that_is_not_one_counts_as_none() {
+        assert_eq!(retry_count_in(&with_count(Some(AMQPValue::LongLongInt(-1)))), 0);
+        assert_eq!(retry_count_in(&with_count(Some(AMQPValue::LongLongInt(i64::MAX)))), 0);
+        assert_eq!(retry_count_in(&with_count(Some(text("3")))), 0);
+    }
 }

@@ -150,3 +150,37 @@ impl Wakeup {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_urls_password_is_hidden_in_logs() {
+        assert_eq!(redact("postgres://app:s3cret@db:5432/orders"), "postgres://app:***@db:5432/orders");
+        assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn a_url_without_a_password_is_kept() {
+        for url in ["postgres://postgres@127.0.0.1:5432/x", "postgres://127.0.0.1/x", "not a url", ""] {
+            assert_eq!(redact(url), url);
+        }
+    }
+
+    #[test]
+    fn a_password_with_an_at_sign_is_hidden_whole() {
+        assert_eq!(redact("postgres://u:p@ss@host/db"), "postgres://u:***@host/db");
+    }
+
+    #[test]
+    fn a_database_that_cannot_be_reached_is_unavailable_a_failing_statement_is_not() {
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+        let wrapped = anyhow::Error::from(sqlx::Error::PoolClosed).context("reading the account");
+        assert!(is_unavailable_anyhow(&wrapped));
+        assert!(!is_unavailable_anyhow(&anyhow::anyhow!("something else")));
+    }
+}

@@ -167,3 +167,47 @@ fn delete_expired(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, s
         Ok(deleted.rows_affected())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn key(value: &[u8]) -> Result<Option<Key>, ApiError> {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER, HeaderValue::from_bytes(value).unwrap());
+        Key::from_headers(&h)
+    }
+
+    #[test]
+    fn no_header_is_no_key() {
+        assert!(Key::from_headers(&HeaderMap::new()).unwrap().is_none());
+    }
+
+    #[test]
+    fn visible_ascii_up_to_255_characters_is_a_key() {
+        assert_eq!(key(b"order-2026-11-30#1").unwrap().unwrap().as_str(), "order-2026-11-30#1");
+        assert_eq!(key("k".repeat(255).as_bytes()).unwrap().unwrap().as_str().len(), 255);
+    }
+
+    #[test]
+    fn empty_too_long_spaced_or_non_ascii_keys_are_a_400() {
+        for bad in [&b""[..], &b"a b"[..], "k".repeat(256).as_bytes(), "ключ".as_bytes(), &b"tab\there"[..]] {
+            let e = key(bad).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_header_value_is_a_key_or_a_400(raw in proptest::collection::vec(0x20u8..0x7f, 0..300)) {
+            match key(&raw) {
+                Ok(Some(k)) => proptest::prop_assert!(
+                    (1..=255).contains(&k.as_str().len()) && k.as_str().bytes().all(|b| b.is_ascii_graphic())
+                ),
+                Ok(None) => proptest::prop_assert!(false, "a header was sent"),
+                Err(e) => proptest::prop_assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+}

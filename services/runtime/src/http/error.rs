@@ -121,3 +121,45 @@ impl From<QueryRejection> for ApiError {
         ApiError::bad_request(format!("invalid query: {}", r.body_text()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(r: Response) -> serde_json::Value {
+        serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_error_is_the_seeds_body_with_its_status() {
+        let r = ApiError::unprocessable("price must be positive").into_response();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        assert_eq!(body(r).await, serde_json::json!({"code": 422, "message": "price must be positive"}));
+    }
+
+    #[tokio::test]
+    async fn unavailable_says_when_to_come_back_in_whole_seconds() {
+        let r = ApiError::unavailable("busy", Duration::from_millis(1500)).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "2");
+        let r = ApiError::unavailable("busy", Duration::ZERO).into_response();
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn a_server_side_cause_is_never_shown() {
+        let r = ApiError::internal(anyhow::anyhow!("password=hunter2 in the connection string")).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body(r).await["message"], "internal server error");
+    }
+
+    #[test]
+    fn a_database_away_is_a_503_not_a_500() {
+        let e = ApiError::from(sqlx::Error::PoolTimedOut);
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.retry_after, Some(DATABASE_RETRY_AFTER));
+        assert_eq!(ApiError::from(sqlx::Error::RowNotFound).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
