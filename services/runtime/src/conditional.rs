@@ -12,7 +12,9 @@ use crate::ApiError;
 
 /// The longest `Prefer: wait` honoured. Anything that times requests out
 /// (the gateway's upstream timeout, a service's request timeout) must give a
-/// request that asks to wait at least this much more room.
+/// request that asks to wait this much more room ([`prefer_wait`] says how
+/// much); and a limit on requests in flight must leave room for waiting long
+/// polls, which hold no database connection and cost a few KiB each.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
 pub const PREFER: HeaderName = HeaderName::from_static("prefer");

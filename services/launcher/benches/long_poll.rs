@@ -1,0 +1,303 @@
+//! Benchmark (not a test): N concurrent long polls (`Prefer: wait=30`) held
+//! open through the gateway, the resident memory and CPU they cost while they
+//! wait, and the time from each order's settlement to its long poll's answer.
+//!
+//!     cargo bench -p order-system --bench long_poll -- --waiters 2000
+//!
+//! Starts the `order-system` binary as its own process (every service, on a
+//! block of free ports, with its own databases and RabbitMQ vhost, removed at
+//! the end), registers a user, and holds the user's account row locked in
+//! billing's database so that the user's payments wait. It places N orders
+//! (pending while the lock is held), opens one long poll per order (one
+//! HTTP/1.1 connection each, as a browser would), measures the process's
+//! resident memory and CPU time while they wait, then releases the lock: billing
+//! answers the payments, ordering settles the orders (its `updated_at` is the
+//! settlement time), and each long poll's answer is timed against it.
+
+use clap::Parser;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Concurrent long polls (one pending order each).
+    #[arg(long, default_value_t = 2000)]
+    waiters: usize,
+    /// Seconds of idle waiting over which CPU time is measured.
+    #[arg(long, default_value_t = 5)]
+    idle_secs: u64,
+    /// Seconds given to open the long polls before measuring.
+    #[arg(long, default_value_t = 10)]
+    open_secs: u64,
+    #[arg(long, env = "TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres_url: String,
+    #[arg(long, env = "TEST_AMQP_BASE", default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp_base: String,
+    #[arg(long, env = "TEST_RABBITMQ_API", default_value = "http://127.0.0.1:15672/api")]
+    rabbitmq_api: String,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of the process, in clock ticks (1/100 s here).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// A gateway port with the five after it free (the launcher's internal ports).
+fn free_port_block() -> u16 {
+    for _ in 0..100 {
+        let base = 20000 + (rand_u16() % 30000);
+        if (0..6).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + n)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free block of ports");
+}
+
+fn rand_u16() -> u16 {
+    (Uuid::new_v4().as_u128() & 0xffff) as u16
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+async fn management(api: &str, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) {
+    // A fresh connection per call, tried a few times (the management API
+    // sometimes drops a kept-alive connection).
+    for attempt in 0..5 {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        let mut req = client.request(method.clone(), format!("{api}{path}")).basic_auth("guest", Some("guest"));
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() || r.status() == 404 => return,
+            Ok(r) => eprintln!("management API {method} {path}: {}", r.status()),
+            Err(e) => eprintln!("management API {method} {path}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+    }
+    panic!("RabbitMQ management API: {method} {path} failed");
+}
+
+/// Long-polls one order until it is no longer pending; the answer's arrival
+/// and the order.
+async fn follow(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+) -> anyhow::Result<(chrono::DateTime<chrono::Utc>, serde_json::Value)> {
+    loop {
+        let resp = http.get(&url).bearer_auth(&token).header("Prefer", "wait=30").send().await?;
+        let at = chrono::Utc::now();
+        anyhow::ensure!(resp.status().is_success(), "long poll answered {}", resp.status());
+        let order: serde_json::Value = resp.json().await?;
+        if order["status"] != "pending" {
+            return Ok((at, order));
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let run = format!("lp{}", &Uuid::new_v4().simple().to_string()[..8]);
+    management(&args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{run}"), None).await;
+    let perms = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    management(&args.rabbitmq_api, reqwest::Method::PUT, &format!("/permissions/{run}/guest"), Some(perms)).await;
+    let port = free_port_block();
+    let mail_dir = std::env::temp_dir().join(format!("order-system-{run}"));
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
+        .env("POSTGRES_URL", &args.postgres_url)
+        .env("DATABASE_PREFIX", format!("{run}_"))
+        .env("AMQP_URL", format!("{}/{run}", args.amqp_base))
+        .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_HTTPS_ADDR", "")
+        .env("PUSH_TLS_ADDR", "")
+        .env("MAIL_DIR", &mail_dir)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = server.id().expect("running");
+    let result = measure(&args, &run, port, pid).await;
+
+    let _ = server.kill().await;
+    if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", args.postgres_url)).await {
+        for service in ["identity", "billing", "ordering", "notification"] {
+            let _ =
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{run}_{service}\" WITH (FORCE)")).execute(&pool).await;
+        }
+    }
+    management(&args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{run}"), None).await;
+    let _ = std::fs::remove_dir_all(&mail_dir);
+    result
+}
+
+async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<()> {
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let gateway = http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await;
+        let ordering = http.get(format!("http://127.0.0.1:{}/health/ready", port + 3)).send().await;
+        if gateway.is_ok_and(|r| r.status().is_success()) && ordering.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the order system did not become ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let email = format!("{run}@example.com");
+    let body = serde_json::json!({"email": email, "password": "correct horse", "firstName": "Bench"});
+    let user: serde_json::Value =
+        http.post(format!("{api}/identity/register")).json(&body).send().await?.json().await?;
+    let user_id: Uuid = user["id"].as_str().expect("id").parse()?;
+    let login = serde_json::json!({"email": email, "password": "correct horse"});
+    let token: serde_json::Value = http.post(format!("{api}/identity/login")).json(&login).send().await?.json().await?;
+    let token = token["accessToken"].as_str().expect("token").to_string();
+    let r = http
+        .post(format!("{api}/billing/account/deposit"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"amount": args.waiters}))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "deposit: {}", r.status());
+
+    // The user's payments wait for this lock: the orders stay pending.
+    let billing = sqlx::PgPool::connect(&format!("{}/{run}_billing", args.postgres_url)).await?;
+    let mut lock = billing.begin().await?;
+    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .bind(user_id)
+        .fetch_one(&mut *lock)
+        .await?;
+
+    let gate = Arc::new(Semaphore::new(32));
+    let mut placing = Vec::with_capacity(args.waiters);
+    for _ in 0..args.waiters {
+        let (http, api, token, permit) =
+            (http.clone(), api.clone(), token.clone(), gate.clone().acquire_owned().await?);
+        placing.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{api}/ordering/orders"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"price": 1}))
+                .send()
+                .await?;
+            drop(permit);
+            anyhow::ensure!(r.status().as_u16() == 202, "order: {}", r.status());
+            Ok::<_, anyhow::Error>(r.json::<serde_json::Value>().await?["id"].as_str().unwrap_or_default().to_string())
+        }));
+    }
+    let mut ids = Vec::with_capacity(args.waiters);
+    for p in placing {
+        ids.push(p.await??);
+    }
+    eprintln!("{} orders pending", ids.len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_kib(pid);
+    // The process's own background work (relays, consumers, gauges), for comparison.
+    let cpu_start = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cpu_base = cpu_ticks(pid) - cpu_start;
+
+    let started = Instant::now();
+    let polls: Vec<_> = ids
+        .iter()
+        .map(|id| tokio::spawn(follow(http.clone(), format!("{api}/ordering/orders/{id}"), token.clone())))
+        .collect();
+    // Every long poll reaches ordering and waits (none is answered early).
+    tokio::time::sleep(Duration::from_secs(args.open_secs)).await;
+    let open_time = started.elapsed();
+    let answered_early = polls.iter().filter(|p| p.is_finished()).count();
+    let rss_open = rss_kib(pid);
+    let cpu_start = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cpu_idle = cpu_ticks(pid) - cpu_start;
+    let rss_waiting = rss_kib(pid);
+
+    let released = Instant::now();
+    lock.commit().await?;
+    eprintln!("{} long polls waiting; payments let go", ids.len());
+    let mut latencies = Vec::with_capacity(ids.len());
+    let mut failed = 0;
+    for p in polls {
+        match p.await? {
+            Ok((at, order)) => {
+                let settled: chrono::DateTime<chrono::Utc> = order["updatedAt"].as_str().unwrap_or_default().parse()?;
+                latencies.push((at - settled).to_std().unwrap_or_default());
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("long poll failed: {e}");
+            }
+        }
+    }
+    let all_settled = released.elapsed();
+    latencies.sort();
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mib = |k: u64| k as f64 / 1024.0;
+    let per_waiter = rss_open.saturating_sub(rss_before) as f64 / args.waiters as f64;
+    println!();
+    println!(
+        "long-poll benchmark ({} CPUs, order-system {} build)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    println!(
+        "  long polls held           {} (one HTTP/1.1 connection each, through the gateway), {answered_early} answered early",
+        args.waiters
+    );
+    println!(
+        "  resident memory           {:.1} MiB before, {:.1} MiB with them waiting, {:.1} MiB after {} s more",
+        mib(rss_before),
+        mib(rss_open),
+        mib(rss_waiting),
+        args.idle_secs
+    );
+    println!(
+        "  memory per waiting poll   {per_waiter:.1} KiB (gateway + ordering, one process; opened in {:.1} s)",
+        open_time.as_secs_f64()
+    );
+    println!(
+        "  CPU while they wait       {} ms over {} s ({} ms over {} s before they were opened)",
+        cpu_idle * 10,
+        args.idle_secs,
+        cpu_base * 10,
+        args.idle_secs
+    );
+    println!(
+        "  settlement -> answer      p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} answered, {failed} failed; all {} settled and answered {:.1} s after billing was let go)",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or_default()),
+        latencies.len(),
+        args.waiters,
+        all_settled.as_secs_f64()
+    );
+    anyhow::ensure!(failed == 0, "{failed} long polls failed");
+    Ok(())
+}
