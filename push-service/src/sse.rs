@@ -25,8 +25,9 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::hub::{Entry, Missed, PushEvent};
-use crate::stream::{self, From};
+use crate::hub::{Entry, Missed, PushEvent, Subscription};
+use crate::stream::{self, Start};
+use tokio_util::sync::CancellationToken;
 
 /// The typed event that tells a page its history is gone: refetch.
 pub const RESET: &str = "reset";
@@ -132,134 +133,245 @@ pub async fn order_events(
         Resume::From(n) => Some(n),
         _ => None,
     };
-    let (mut subscription, position, missed) = state.hub.subscribe_after(user.id, after);
+    let (subscription, position, missed) = state.hub.subscribe_after(user.id, after);
     let position = position.expect("the hub is ready");
-    let shutdown = state.shutdown.clone();
+    let (shutdown, drain, heartbeat) = (state.shutdown.clone(), state.drain, state.heartbeat);
     tracing::info!(user_id = %user.id, ?resume, position, "stream opened");
 
     let stream = async_stream::stream! {
         yield Ok::<_, Infallible>(Event::default().retry(state.retry).comment("connected"));
-        // Events up to `covered` have been sent or were never this
-        // connection's to send; live events at or below it are dropped.
-        let mut covered = None;
-        let mut open = true;
-        match resume {
-            Resume::Fresh => {}
-            Resume::Unknown => {
-                yield Ok(reset_event(position, None));
-                covered = Some(position);
+        let mut end = Replayed::Done { covered: None, open: true };
+        for await step in replay(state, user.id, resume, position, missed) {
+            match step {
+                Replayed::Event(event) => yield Ok(event),
+                done => end = done,
             }
-            Resume::From(n) if n >= position => covered = Some(n),
-            Resume::From(n) => {
-                if let Missed::InMemory(events) = missed {
-                    for e in &events {
-                        if let Some(event) = event_of(e) {
-                            yield Ok(event);
-                        }
+        }
+        let Replayed::Done { covered, open: true } = end else { return };
+        for await event in live(subscription, covered, shutdown, drain, user.id) {
+            yield Ok(event);
+        }
+    };
+    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-transform"));
+    Ok(response)
+}
+
+/// What the replay part of a connection gives: events, then where it ended.
+enum Replayed {
+    Event(Event),
+    /// Events up to `covered` were sent or were never this connection's;
+    /// `open: false` ends the connection (the client resumes from its id).
+    Done {
+        covered: Option<u64>,
+        open: bool,
+    },
+}
+
+/// The events a connection owes before it goes live: none (fresh, or an id
+/// at or after the position), a `reset` (an id never issued), from memory,
+/// or from the stream.
+fn replay(
+    state: AppState,
+    user: Uuid,
+    resume: Resume,
+    position: u64,
+    missed: Missed,
+) -> impl futures::Stream<Item = Replayed> {
+    async_stream::stream! {
+        match resume {
+            Resume::Fresh => yield Replayed::Done { covered: None, open: true },
+            Resume::Unknown => {
+                yield Replayed::Event(reset_event(position, None));
+                yield Replayed::Done { covered: Some(position), open: true };
+            }
+            Resume::From(n) if n >= position => yield Replayed::Done { covered: Some(n), open: true },
+            Resume::From(n) => match missed {
+                Missed::InMemory(events) => {
+                    for event in replay_from_memory(&events) {
+                        yield Replayed::Event(event);
                     }
-                    covered = Some(position);
-                } else {
-                    let permit = tokio::select! {
-                        _ = shutdown.cancelled() => None,
-                        p = state.replays.acquire() => p.ok(),
-                    };
-                    let reader = match permit {
-                        Some(_) => stream::open(&state.broker, &state.spec, From::Offset(n + 1), state.prefetch).await.ok(),
-                        None => None,
-                    };
-                    let Some((channel, consumer)) = reader else {
-                        // The client retries from its id.
-                        tracing::warn!(user_id = %user.id, "replay unavailable; closing the stream");
-                        return;
-                    };
-                    let mut consumer = std::pin::pin!(consumer);
-                    let mut first = true;
-                    loop {
-                        let next = tokio::select! {
-                            _ = shutdown.cancelled() => { open = false; break }
-                            next = tokio::time::timeout(REPLAY_IDLE, consumer.next()) => next,
-                        };
-                        let delivery = match next {
-                            Err(_) if first => {
-                                // The stream holds nothing from N+1 on: expired.
-                                yield Ok(reset_event(position, Some(n)));
-                                covered = Some(position);
-                                break;
-                            }
-                            Err(_) => { open = false; break } // stalled: the client resumes
-                            Ok(Some(Ok(d))) => d,
-                            Ok(_) => { open = false; break }
-                        };
-                        let Ok(entry) = stream::entry_of(delivery).await else { open = false; break };
-                        let offset = entry.offset();
-                        if offset <= n {
-                            continue; // the rest of the chunk that holds N+1
-                        }
-                        if first && offset > n + 1 {
-                            tracing::info!(user_id = %user.id, asked = n, oldest = offset, "resume point expired");
-                            yield Ok(reset_event(offset - 1, Some(n)));
-                            covered = Some(offset - 1);
-                        }
-                        first = false;
-                        if offset > position {
-                            // Everything up to the position has been read.
-                            covered = covered.max(Some(position));
-                            break; // live from here on
-                        }
-                        if let Entry::Event(e) = &entry
-                            && e.user_id == user.id
-                            && let Some(event) = event_of(e)
-                        {
-                            yield Ok(event);
-                        }
-                        covered = Some(offset);
-                        if offset >= position {
-                            break;
-                        }
-                    }
-                    let _ = channel.close(200, "replayed".into()).await;
-                    if covered.is_some_and(|c| c < position) {
-                        open = false; // interrupted: the client resumes from its id
+                    yield Replayed::Done { covered: Some(position), open: true };
+                }
+                _ => {
+                    for await step in replay_from_stream(state, user, n, position) {
+                        yield step;
                     }
                 }
+            },
+        }
+    }
+}
+
+/// The user's missed events the hub still holds.
+fn replay_from_memory(events: &[std::sync::Arc<PushEvent>]) -> Vec<Event> {
+    events.iter().filter_map(|e| event_of(e)).collect()
+}
+
+/// Reads the stream from `asked + 1` up to `position`, keeping the user's
+/// events; [`StreamReplay`] decides what each entry means.
+fn replay_from_stream(state: AppState, user: Uuid, asked: u64, position: u64) -> impl futures::Stream<Item = Replayed> {
+    async_stream::stream! {
+        // The permit is held for the whole replay.
+        let Some((_permit, channel, consumer)) = open_reader(&state, asked + 1).await else {
+            // The client retries from its id.
+            tracing::warn!(user_id = %user, "replay unavailable; closing the stream");
+            yield Replayed::Done { covered: None, open: false };
+            return;
+        };
+        let mut consumer = std::pin::pin!(consumer);
+        let mut replay = StreamReplay::new(asked, position);
+        let mut open = true;
+        loop {
+            let next = tokio::select! {
+                _ = state.shutdown.cancelled() => { open = false; break }
+                next = tokio::time::timeout(REPLAY_IDLE, consumer.next()) => next,
+            };
+            let delivery = match next {
+                Err(_) => match replay.on_idle() {
+                    Some(reset) => { yield Replayed::Event(reset); break }
+                    None => { open = false; break } // stalled: the client resumes
+                },
+                Ok(Some(Ok(d))) => d,
+                Ok(_) => { open = false; break }
+            };
+            let Ok(entry) = stream::entry_of(delivery).await else { open = false; break };
+            let step = replay.on_entry(entry.offset());
+            if let Some(reset) = step.reset {
+                tracing::info!(user_id = %user, asked, oldest = entry.offset(), "resume point expired");
+                yield Replayed::Event(reset);
+            }
+            if step.send
+                && let Entry::Event(e) = &entry
+                && e.user_id == user
+                && let Some(event) = event_of(e)
+            {
+                yield Replayed::Event(event);
+            }
+            if step.last {
+                break;
             }
         }
-        if !open {
-            return;
+        let _ = channel.close(200, "replayed".into()).await;
+        // Interrupted before the position: the client resumes from its id.
+        let open = open && !replay.interrupted();
+        yield Replayed::Done { covered: replay.covered, open };
+    }
+}
+
+/// A reader of the stream from `offset` with its replay slot (replays are
+/// bounded: keep the permit until the replay ends); `None` on shutdown or
+/// when the stream cannot be read.
+async fn open_reader(
+    state: &AppState,
+    offset: u64,
+) -> Option<(tokio::sync::SemaphorePermit<'_>, lapin::Channel, lapin::Consumer)> {
+    let permit = tokio::select! {
+        _ = state.shutdown.cancelled() => None,
+        p = state.replays.acquire() => p.ok(),
+    }?;
+    let (channel, consumer) =
+        stream::open(&state.broker, &state.spec, Start::Offset(offset), state.prefetch).await.ok()?;
+    Some((permit, channel, consumer))
+}
+
+/// The decisions of a replay from the stream, entry by entry.
+#[derive(Debug)]
+struct StreamReplay {
+    asked: u64,
+    position: u64,
+    first: bool,
+    covered: Option<u64>,
+}
+
+/// What to do with one stream entry.
+#[derive(Debug)]
+struct Step {
+    /// A `reset` to send first: the entries after `asked` begin later.
+    reset: Option<Event>,
+    /// Send the entry (if it is the user's).
+    send: bool,
+    /// The replay is complete after this entry.
+    last: bool,
+}
+
+impl StreamReplay {
+    fn new(asked: u64, position: u64) -> Self {
+        StreamReplay { asked, position, first: true, covered: None }
+    }
+
+    fn on_entry(&mut self, offset: u64) -> Step {
+        let skip = Step { reset: None, send: false, last: false };
+        if offset <= self.asked {
+            return skip; // the rest of the chunk that holds `asked + 1`
         }
+        let mut reset = None;
+        if self.first && offset > self.asked + 1 {
+            reset = Some(reset_event(offset - 1, Some(self.asked)));
+            self.covered = Some(offset - 1);
+        }
+        self.first = false;
+        if offset > self.position {
+            // Everything up to the position has been read: live from here on.
+            self.covered = self.covered.max(Some(self.position));
+            return Step { reset, send: false, last: true };
+        }
+        self.covered = Some(offset);
+        Step { reset, send: true, last: offset >= self.position }
+    }
+
+    /// The stream said nothing for a while: before any entry, what was asked
+    /// for no longer exists (a `reset`); after one, the replay stalled.
+    fn on_idle(&mut self) -> Option<Event> {
+        if !self.first {
+            return None;
+        }
+        self.covered = Some(self.position);
+        Some(reset_event(self.position, Some(self.asked)))
+    }
+
+    fn interrupted(&self) -> bool {
+        self.covered.is_some_and(|c| c < self.position)
+    }
+}
+
+/// Live events after `covered`, until shutdown (spread over `drain`) or the
+/// connection falls behind (closed: the browser resumes from its last id).
+fn live(
+    mut subscription: Subscription,
+    covered: Option<u64>,
+    shutdown: CancellationToken,
+    drain: Duration,
+    user: Uuid,
+) -> impl futures::Stream<Item = Event> {
+    async_stream::stream! {
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Spread the reconnections of a draining replica.
-                    let delay = rand::thread_rng().gen_range(Duration::ZERO..=state.drain);
+                    let delay = rand::thread_rng().gen_range(Duration::ZERO..=drain);
                     tokio::time::sleep(delay).await;
                     break;
                 }
                 next = subscription.recv() => next,
             };
             match next {
+                Ok(e) if covered.is_some_and(|c| e.offset <= c) => {}
                 Ok(e) => {
-                    if covered.is_some_and(|c| e.offset <= c) {
-                        continue;
-                    }
                     if let Some(event) = event_of(&e) {
-                        yield Ok(event);
+                        yield event;
                     }
                 }
-                // Fell behind: close, so the browser resumes from its last id.
                 Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(user_id = %user.id, missed = n, "stream fell behind; closing it");
+                    tracing::warn!(user_id = %user, missed = n, "stream fell behind; closing it");
                     break;
                 }
                 Err(RecvError::Closed) => break,
             }
         }
-    };
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(state.heartbeat)).into_response();
-    let headers = response.headers_mut();
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-transform"));
-    Ok(response)
+    }
 }
 
 #[cfg(test)]
@@ -276,5 +388,101 @@ mod tests {
         assert_eq!(resume_point(&h, &q(Some("7"))), Resume::From(9));
         h.insert("last-event-id", HeaderValue::from_static("0b9c-not-an-offset"));
         assert_eq!(resume_point(&h, &q(None)), Resume::Unknown);
+    }
+
+    fn shown(e: &Event) -> String {
+        format!("{e:?}")
+    }
+
+    /// Runs a replay over the offsets the stream delivers: (entries sent,
+    /// resets sent as the ids they carry, covered, interrupted).
+    fn run(asked: u64, position: u64, offsets: &[u64]) -> (Vec<u64>, Vec<String>, Option<u64>, bool) {
+        let mut r = StreamReplay::new(asked, position);
+        let (mut sent, mut resets) = (Vec::new(), Vec::new());
+        for &offset in offsets {
+            let step = r.on_entry(offset);
+            resets.extend(step.reset.as_ref().map(shown));
+            if step.send {
+                sent.push(offset);
+            }
+            if step.last {
+                break;
+            }
+        }
+        (sent, resets, r.covered, r.interrupted())
+    }
+
+    #[test]
+    fn a_replay_sends_what_follows_the_id_up_to_the_position() {
+        let (sent, resets, covered, interrupted) = run(4, 7, &[3, 4, 5, 6, 7, 8]);
+        assert_eq!(sent, [5, 6, 7]);
+        assert!(resets.is_empty());
+        assert_eq!((covered, interrupted), (Some(7), false));
+    }
+
+    #[test]
+    fn the_rest_of_the_chunk_before_the_id_is_skipped() {
+        let (sent, _, covered, _) = run(10, 12, &[8, 9, 10, 11, 12]);
+        assert_eq!((sent, covered), (vec![11, 12], Some(12)));
+    }
+
+    #[test]
+    fn an_expired_id_gets_a_reset_then_what_the_stream_still_holds() {
+        let (sent, resets, covered, interrupted) = run(2, 9, &[6, 7, 8, 9]);
+        assert_eq!(sent, [6, 7, 8, 9]);
+        assert_eq!(resets.len(), 1);
+        assert!(resets[0].contains("reset") && resets[0].contains('5'), "{resets:?}");
+        assert_eq!((covered, interrupted), (Some(9), false));
+    }
+
+    #[test]
+    fn an_entry_past_the_position_ends_the_replay_without_being_sent() {
+        let (sent, _, covered, interrupted) = run(4, 6, &[5, 8]);
+        assert_eq!(sent, [5]);
+        assert_eq!((covered, interrupted), (Some(6), false));
+    }
+
+    #[test]
+    fn a_replay_cut_short_is_interrupted() {
+        let (sent, _, covered, interrupted) = run(4, 9, &[5, 6]);
+        assert_eq!(sent, [5, 6]);
+        assert_eq!((covered, interrupted), (Some(6), true));
+    }
+
+    #[test]
+    fn a_silent_stream_before_any_entry_means_the_history_is_gone() {
+        let mut r = StreamReplay::new(3, 8);
+        let reset = r.on_idle().expect("a reset");
+        assert!(shown(&reset).contains("reset"));
+        assert_eq!((r.covered, r.interrupted()), (Some(8), false));
+    }
+
+    #[test]
+    fn a_silent_stream_after_an_entry_is_a_stall() {
+        let mut r = StreamReplay::new(3, 8);
+        r.on_entry(4);
+        assert!(r.on_idle().is_none());
+        assert!(r.interrupted());
+    }
+
+    #[test]
+    fn a_replay_from_memory_sends_every_event_in_order() {
+        let event = |offset| {
+            std::sync::Arc::new(PushEvent {
+                offset,
+                user_id: Uuid::nil(),
+                event: "OrderCreated",
+                data: crate::hub::OrderEventData {
+                    order_id: Uuid::nil(),
+                    status: contracts::api::OrderStatus::Succeeded,
+                    price: "1".parse().unwrap(),
+                    reason: None,
+                    occurred_at: chrono::Utc::now(),
+                },
+            })
+        };
+        let events = replay_from_memory(&[event(3), event(5)]);
+        assert_eq!(events.len(), 2);
+        assert!(shown(&events[0]).contains('3') && shown(&events[1]).contains('5'));
     }
 }

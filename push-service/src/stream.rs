@@ -78,7 +78,7 @@ pub async fn declare(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
 
 /// Where a reader starts.
 #[derive(Clone, Copy, Debug)]
-pub enum From {
+pub enum Start {
     Next,
     Offset(u64),
 }
@@ -87,15 +87,15 @@ pub enum From {
 pub async fn open(
     broker: &Broker,
     spec: &StreamSpec,
-    from: From,
+    from: Start,
     prefetch: u16,
 ) -> lapin::Result<(Channel, lapin::Consumer)> {
     let channel = broker.channel().await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut args = FieldTable::default();
     let offset = match from {
-        From::Next => text("next"),
-        From::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+        Start::Next => text("next"),
+        Start::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
     };
     args.insert("x-stream-offset".into(), offset);
     let consumer =
@@ -159,8 +159,8 @@ pub async fn read_live(
         let session = async {
             declare(&broker, &spec).await?;
             let from = match hub.position() {
-                Some(p) => From::Offset(p + 1),
-                None => From::Next,
+                Some(p) => Start::Offset(p + 1),
+                None => Start::Next,
             };
             let (channel, consumer) = open(&broker, &spec, from, prefetch).await?;
             tracing::info!(stream = %spec.name, ?from, "reading order events live");
@@ -171,13 +171,13 @@ pub async fn read_live(
             let mut first = true;
             while let Some(delivery) = deliveries.next().await {
                 let entry = entry_of(delivery?).await?;
-                if let From::Offset(expected) = from
+                if let Start::Offset(expected) = from
                     && entry.offset() < expected
                 {
                     continue; // the rest of the chunk that holds `expected`
                 }
                 if first
-                    && let From::Offset(expected) = from
+                    && let Start::Offset(expected) = from
                     && entry.offset() > expected
                 {
                     // The broker was away longer than the retention: what
