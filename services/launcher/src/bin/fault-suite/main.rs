@@ -282,7 +282,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sub = tokio::spawn(load.clone().subscribe(user.clone(), tx, streams_stop));
         // Orders only once the stream is open, so every event is due on it.
-        let _ = tokio::time::timeout(Duration::from_secs(60), rx).await;
+        tokio::select! {
+            _ = rx => {}
+            _ = load_stop.cancelled() => return None,
+        }
         let driver = tokio::spawn(load.clone().drive(user, load_stop));
         Some((sub, driver))
     };
