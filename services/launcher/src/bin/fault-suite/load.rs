@@ -28,6 +28,8 @@ pub struct Stats {
     pub orders: AtomicU64,
     pub orders_sent_twice: AtomicU64,
     pub order_retries: AtomicU64,
+    pub money_sent_twice: AtomicU64,
+    pub money_retries: AtomicU64,
     pub stream_connects: AtomicU64,
     pub violations: Mutex<Vec<String>>,
 }
@@ -57,7 +59,8 @@ impl Stats {
 /// ledger says (its source is the request's X-Request-Id).
 #[derive(Clone, Debug)]
 pub struct Uncertain {
-    pub request_id: String,
+    /// The X-Request-Id of every attempt.
+    pub request_ids: Vec<String>,
     /// Signed: + deposit, - withdrawal.
     pub amount: Decimal,
 }
@@ -177,9 +180,9 @@ impl Load {
         while !stop.is_cancelled() {
             let roll = rand::thread_rng().gen_range(0..100);
             if roll < 30 {
-                self.money(&user, true).await;
+                self.money(&user, true, roll < 3, &stop).await;
             } else if roll < 42 {
-                self.money(&user, false).await;
+                self.money(&user, false, roll >= 40, &stop).await;
             } else {
                 self.order(&user, roll >= 90, &stop).await;
             }
@@ -188,32 +191,68 @@ impl Load {
         }
     }
 
-    async fn money(&self, user: &User, deposit: bool) {
+    /// A deposit or withdrawal under an Idempotency-Key (one in ten sent
+    /// twice at once), sent again under the same key until one attempt is
+    /// answered. Applied exactly once whatever the number of attempts.
+    async fn money(&self, user: &User, deposit: bool, twice: bool, stop: &CancellationToken) {
         let units: u32 = rand::thread_rng().gen_range(if deposit { 20..120 } else { 5..40 });
         let amount = Decimal::from(units);
         let path = if deposit { "/billing/account/deposit" } else { "/billing/account/withdraw" };
         let what = format!("POST {path}");
-        let req = self.http.post(self.url(path)).bearer_auth(&user.token).json(&json!({ "amount": units }));
-        let (request_id, r) = self.send(&what, req).await;
+        let key = Uuid::new_v4().to_string();
+        let request_ids = Mutex::new(vec![]);
+        let attempt = || async {
+            let req = self
+                .http
+                .post(self.url(path))
+                .bearer_auth(&user.token)
+                .header("idempotency-key", &key)
+                .json(&json!({ "amount": units }));
+            let (request_id, r) = self.send(&what, req).await;
+            request_ids.lock().await.push(request_id);
+            match r.map(|r| r.status()) {
+                Ok(s) if s.is_success() || s.is_client_error() => Some(s),
+                // 5xx or no answer: not known whether it happened.
+                _ => None,
+            }
+        };
+        let mut answers = vec![];
+        if twice {
+            self.stats.money_sent_twice.fetch_add(1, Ordering::Relaxed);
+            let (a, b) = tokio::join!(attempt(), attempt());
+            answers.extend([a, b].into_iter().flatten());
+        }
+        while answers.is_empty() && !stop.is_cancelled() {
+            match attempt().await {
+                Some(s) => answers.push(s),
+                None => {
+                    self.stats.money_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let request_ids = request_ids.into_inner();
         let mut rec = user.record.lock().await;
-        match r.as_ref().map(|r| r.status()) {
-            Ok(StatusCode::NO_CONTENT) if deposit => {
+        if answers.contains(&StatusCode::NO_CONTENT) {
+            if deposit {
                 rec.deposited += amount;
                 self.stats.deposits.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(StatusCode::NO_CONTENT) => {
+            } else {
                 rec.withdrawn += amount;
                 self.stats.withdrawals.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(StatusCode::UNPROCESSABLE_ENTITY) if !deposit => {
+            return;
+        }
+        match answers.first() {
+            Some(&StatusCode::UNPROCESSABLE_ENTITY) if !deposit => {
                 self.stats.withdrawals_refused.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(s) if s.is_client_error() => {
+            Some(s) => {
                 drop(rec);
                 self.stats.violation(format!("user {}: {what} answered {s}", user.id)).await;
             }
-            // 5xx or no answer: the ledger tells whether it happened.
-            _ => rec.uncertain.push(Uncertain { request_id, amount: if deposit { amount } else { -amount } }),
+            // Never answered before the load stopped: the ledger tells.
+            None => rec.uncertain.push(Uncertain { request_ids, amount: if deposit { amount } else { -amount } }),
         }
     }
 

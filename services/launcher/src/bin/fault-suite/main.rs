@@ -587,8 +587,9 @@ async fn check(
         // Balance = deposits - withdrawals - succeeded orders (unanswered requests resolved by the ledger).
         let mut expected = rec.deposited - rec.withdrawn - succeeded;
         for x in &rec.uncertain {
-            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE source = $1")
-                .bind(format!("request:{}", x.request_id))
+            let sources: Vec<String> = x.request_ids.iter().map(|id| format!("request:{id}")).collect();
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE source = ANY($1)")
+                .bind(&sources)
                 .fetch_one(&billing)
                 .await?;
             if applied > 0 {
@@ -640,11 +641,16 @@ async fn check(
     }
     println!("load:");
     println!(
-        "  users {}, deposits {}, withdrawals {} (+{} refused: not enough money), orders accepted {} ({} sent twice at once, {} re-sent after no answer)",
+        "  users {}, deposits {}, withdrawals {} (+{} refused: not enough money); {} money requests sent twice at once, {} re-sent after no answer",
         s.registrations.load(Ordering::Relaxed),
         s.deposits.load(Ordering::Relaxed),
         s.withdrawals.load(Ordering::Relaxed),
         s.withdrawals_refused.load(Ordering::Relaxed),
+        s.money_sent_twice.load(Ordering::Relaxed),
+        s.money_retries.load(Ordering::Relaxed),
+    );
+    println!(
+        "  orders accepted {} ({} sent twice at once, {} re-sent after no answer); every request under an Idempotency-Key",
         s.orders.load(Ordering::Relaxed),
         s.orders_sent_twice.load(Ordering::Relaxed),
         s.order_retries.load(Ordering::Relaxed)
