@@ -11,6 +11,9 @@
 //! - every dead-letter queue (`*.dead`) is empty.
 //!
 //! It reads the databases directly (read-only) and the RabbitMQ management API.
+//! Its queries are checked at run time, not with `sqlx::query!`: one crate
+//! reading three services' databases has no single schema to prepare against
+//! (the audit's tests run every query against real databases).
 
 use anyhow::Context;
 use rust_decimal::Decimal;

@@ -495,6 +495,8 @@ async fn pending_orders(load: &Load, users: &[Arc<User>]) -> usize {
     pending
 }
 
+/// Its few queries read the billing and notification databases of the run
+/// (one tool, several schemas: checked at run time, not with `sqlx::query!`).
 async fn check(
     load: &Load,
     users: &[Arc<User>],
