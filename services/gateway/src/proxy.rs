@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
-use runtime::tokens::{TokenError, TokenVerifier};
+use runtime::tokens::TokenVerifier;
 
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
@@ -133,15 +133,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     strip_client_headers(&mut parts.headers);
     let mut claims = None;
     if !is_public(&parts.method, &path) {
-        let c = gw.auth.authenticate(&parts.headers).await.map_err(|e| match e {
-            TokenError::Missing => {
-                ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
-            }
-            TokenError::Invalid => ApiError::unauthorized("the access token is invalid, expired or revoked"),
-            TokenError::Unavailable => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet")
-            }
-        })?;
+        let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;
         let set = |h: &mut axum::http::HeaderMap, name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 h.insert(HeaderName::from_static(name), v);

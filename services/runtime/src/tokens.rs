@@ -30,6 +30,21 @@ pub enum TokenError {
     Unavailable,
 }
 
+/// The answers every service gives for these, in one place.
+impl From<TokenError> for crate::ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Missing => {
+                crate::ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
+            }
+            TokenError::Invalid => crate::ApiError::unauthorized("the access token is invalid, expired or revoked"),
+            TokenError::Unavailable => {
+                crate::ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet")
+            }
+        }
+    }
+}
+
 pub struct TokenVerifier {
     http: Http,
     identity_url: String,
