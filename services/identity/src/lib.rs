@@ -75,6 +75,25 @@ fn routes(state: AppState) -> Router {
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
+/// Revoked tokens past their expiry, for `runtime::prune`.
+fn delete_expired_revoked_tokens(
+    db: &sqlx::PgPool,
+    max_age_secs: f64,
+    limit: i64,
+) -> runtime::prune::BoxFuture<'_, sqlx::Result<u64>> {
+    Box::pin(async move {
+        let deleted = sqlx::query!(
+            "DELETE FROM revoked_tokens WHERE jti IN (
+                 SELECT jti FROM revoked_tokens WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
+            max_age_secs,
+            limit,
+        )
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
+    })
+}
+
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut service = Service::start(
         "identity",
@@ -95,5 +114,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         cookie_secure: config.cookie_secure,
     };
     service.relay_outbox();
+    // A revoked token is refused by its expiry anyway once it has expired.
+    let expired = runtime::prune::Prune {
+        what: "revoked_tokens",
+        delete: delete_expired_revoked_tokens,
+        max_age: Duration::ZERO,
+    };
+    service.prune(vec![expired], config.messaging.prune_interval());
     service.serve(listener, routes(state)).await
 }

@@ -1,7 +1,9 @@
 //! Sends the queued e-mails: over SMTP when a server is configured, else as
 //! `.eml` files in a directory. Woken by NOTIFY when an e-mail or a profile
-//! is written, with a poll as safety net; a failed send is retried with
-//! growing delays, and every delivery is recorded with its address and time.
+//! is written, with a poll as safety net; a temporary failure (4xx, server
+//! unreachable) is retried with growing delays, a permanent one (an address
+//! the library refuses, a 5xx answer) ends the delivery as failed with its
+//! reason, and every delivery is recorded with its address and time.
 
 use anyhow::Context;
 use lettre::message::{Mailbox, header::ContentType};
@@ -31,6 +33,7 @@ struct Due {
     id: i64,
     subject: String,
     body: String,
+    attempts: i32,
     email: String,
     first_name: Option<String>,
     last_name: Option<String>,
@@ -73,18 +76,25 @@ impl Mailer {
         }
     }
 
-    /// Sends every due e-mail whose recipient is known, a batch at a time.
+    /// Sends every due e-mail whose recipient is known, a batch at a time,
+    /// holding no transaction across the SMTP exchanges: the batch is claimed
+    /// first (its `next_attempt_at` moved past the time a batch may take, in
+    /// one short statement with `SKIP LOCKED`, so replicas take different
+    /// e-mails and a mailer that dies leaves them to the others), then each
+    /// e-mail is sent and its outcome recorded on its own.
     async fn send_due(&self) -> anyhow::Result<()> {
         loop {
-            let mut tx = self.db.begin().await?;
             let due = sqlx::query_as!(
                 Due,
-                "SELECT d.id, d.subject, d.body, p.email, p.first_name, p.last_name
-                 FROM email_deliveries d JOIN profiles p ON p.user_id = d.user_id
-                 WHERE d.sent_at IS NULL AND d.next_attempt_at <= now()
-                 ORDER BY d.id LIMIT 20 FOR UPDATE OF d SKIP LOCKED",
+                "UPDATE email_deliveries d SET next_attempt_at = now() + interval '10 minutes'
+                 FROM profiles p
+                 WHERE p.user_id = d.user_id AND d.id IN (
+                     SELECT d.id FROM email_deliveries d JOIN profiles p ON p.user_id = d.user_id
+                     WHERE d.sent_at IS NULL AND d.failed_at IS NULL AND d.next_attempt_at <= now()
+                     ORDER BY d.id LIMIT 20 FOR UPDATE OF d SKIP LOCKED)
+                 RETURNING d.id, d.subject, d.body, d.attempts, p.email, p.first_name, p.last_name",
             )
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.db)
             .await?;
             if due.is_empty() {
                 return Ok(());
@@ -99,51 +109,84 @@ impl Mailer {
                             mail.id,
                             mail.email,
                         )
-                        .execute(&mut *tx)
-                            .await?;
+                        .execute(&self.db)
+                        .await?;
                     }
-                    Err(e) => {
-                        metrics::counter!("emails_failed_total").increment(1);
-                        tracing::warn!(delivery_id = mail.id, error = %e, "e-mail not sent; will retry");
+                    Err(SendError::Permanent(reason)) => {
+                        metrics::counter!("emails_failed_total", "kind" => "permanent").increment(1);
+                        tracing::error!(delivery_id = mail.id, to = %mail.email, %reason, "e-mail can never be sent; failed");
                         sqlx::query!(
                             "UPDATE email_deliveries SET attempts = attempts + 1, last_error = $2,
-                                next_attempt_at = now() + least(interval '2 seconds' * power(2, attempts), interval '1 hour')
+                                failed_at = now(), failed_reason = $2
                              WHERE id = $1",
                             mail.id,
-                            format!("{e:#}"),
+                            reason,
                         )
-                        .execute(&mut *tx)
+                        .execute(&self.db)
+                        .await?;
+                    }
+                    Err(SendError::Temporary(reason)) => {
+                        metrics::counter!("emails_failed_total", "kind" => "temporary").increment(1);
+                        let attempts = u32::try_from(mail.attempts).unwrap_or(0);
+                        let delay = runtime::backoff::delay(attempts, RETRY_BASE, RETRY_CAP);
+                        tracing::warn!(delivery_id = mail.id, %reason, retry_in = ?delay, "e-mail not sent; will retry");
+                        sqlx::query!(
+                            "UPDATE email_deliveries SET attempts = attempts + 1, last_error = $2,
+                                next_attempt_at = now() + make_interval(secs => $3)
+                             WHERE id = $1",
+                            mail.id,
+                            reason,
+                            delay.as_secs_f64(),
+                        )
+                        .execute(&self.db)
                         .await?;
                     }
                 }
             }
-            tx.commit().await?;
         }
     }
 
-    async fn send(&self, mail: &Due) -> anyhow::Result<()> {
+    async fn send(&self, mail: &Due) -> Result<(), SendError> {
         let name =
             [mail.first_name.as_deref(), mail.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
-        let to = Mailbox::new(
-            (!name.is_empty()).then_some(name),
-            Email::parse(&mail.email).context("recipient address")?.address().clone(),
-        );
+        // The parser registration uses too: what it accepted can be sent to.
+        let address = Email::parse(&mail.email)
+            .map_err(|e| SendError::Permanent(format!("recipient address {:?} refused: {e}", mail.email)))?
+            .address()
+            .clone();
+        let to = Mailbox::new((!name.is_empty()).then_some(name), address);
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(&mail.subject)
             .header(ContentType::TEXT_PLAIN)
-            .body(mail.body.clone())?;
+            .body(mail.body.clone())
+            .map_err(|e| SendError::Permanent(format!("the message cannot be built: {e}")))?;
         match &self.transport {
-            Transport::Smtp(t) => {
-                t.send(message).await?;
-            }
-            Transport::Files(t) => {
-                t.send(message).await?;
-            }
+            Transport::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| {
+                // A 5xx answer will not change; anything else (4xx, no
+                // connection, a timeout) may.
+                if e.is_permanent() {
+                    SendError::Permanent(format!("refused by the SMTP server: {e}"))
+                } else {
+                    SendError::Temporary(format!("{e}"))
+                }
+            }),
+            Transport::Files(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError::Temporary(format!("{e}"))),
         }
-        Ok(())
     }
+}
+
+/// First retry of a temporary failure after this, doubling up to [`RETRY_CAP`].
+const RETRY_BASE: Duration = Duration::from_secs(2);
+const RETRY_CAP: Duration = Duration::from_secs(3600);
+
+/// Why an e-mail was not sent.
+enum SendError {
+    /// It never will be (an address the library refuses, a 5xx answer).
+    Permanent(String),
+    /// It may be later (a 4xx answer, the server unreachable).
+    Temporary(String),
 }
 
 /// `smtp://host[:port]` (plain SMTP, port 25 by default). TLS relays are

@@ -21,6 +21,8 @@ struct Inner {
     /// The `service` label of the broker metrics.
     service: &'static str,
     url: String,
+    /// Longest wait for the broker to answer a connection or channel opening.
+    timeout: Duration,
     current: RwLock<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
 }
@@ -32,9 +34,16 @@ impl Broker {
 
     /// A broker connection whose metrics carry `service`.
     pub fn for_service(service: &'static str, url: impl Into<String>) -> Self {
+        Self::with_timeout(service, url, DEFAULT_TIMEOUT)
+    }
+
+    /// [`Broker::for_service`] that gives up on a broker that does not answer
+    /// a connection or channel opening within `timeout` (and tries again).
+    pub fn with_timeout(service: &'static str, url: impl Into<String>, timeout: Duration) -> Self {
         Broker {
             inner: Arc::new(Inner {
                 service,
+                timeout,
                 url: url.into(),
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -69,26 +78,56 @@ impl Broker {
         if let Some(c) = self.live_connection() {
             return Ok(c);
         }
-        let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await?);
-        let channel = conn.create_channel().await?;
-        declare_topology(&channel).await?;
-        let _ = channel.close(200, "topology declared".into()).await;
-        declare_push_stream(&conn).await?;
+        // A broker that accepts TCP but never answers must not hang us.
+        let conn = self
+            .bounded("connecting", async {
+                let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await?);
+                let channel = conn.create_channel().await?;
+                declare_topology(&channel).await?;
+                let _ = channel.close(200, "topology declared".into()).await;
+                declare_push_stream(&conn).await?;
+                Ok(conn)
+            })
+            .await?;
         tracing::info!("connected to the broker");
         self.report(true);
         *self.inner.current.write().expect("broker lock") = Some(conn.clone());
         Ok(conn)
     }
 
-    /// A new channel on the shared connection, connecting first if needed.
+    /// `work`, or a timeout error if the broker does not answer within the timeout.
+    async fn bounded<T>(&self, what: &str, work: impl Future<Output = lapin::Result<T>>) -> lapin::Result<T> {
+        match tokio::time::timeout(self.inner.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                let message = format!("{what}: the broker did not answer within {:?}", self.inner.timeout);
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message).into())
+            }
+        }
+    }
+
+    /// A new channel on the shared connection, connecting first if needed. A
+    /// connection that does not answer is dropped, so the next call reconnects.
     pub async fn channel(&self) -> lapin::Result<Channel> {
-        self.connection().await?.create_channel().await
+        let conn = self.connection().await?;
+        let opened = self.bounded("opening a channel", conn.create_channel()).await;
+        if opened.is_err() {
+            let mut current = self.inner.current.write().expect("broker lock");
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                *current = None;
+                // Closed, not leaked: the broker has few file handles.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "not answering".into())).await;
+                });
+            }
+        }
+        opened
     }
 
     /// A new channel in publisher-confirm mode.
     pub async fn confirm_channel(&self) -> lapin::Result<Channel> {
         let channel = self.channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.bounded("selecting confirms", channel.confirm_select(ConfirmSelectOptions::default())).await?;
         Ok(channel)
     }
 
@@ -100,7 +139,11 @@ impl Broker {
     ) -> Option<Channel> {
         let mut pause = Duration::from_millis(100);
         loop {
-            let attempt = if confirm { self.confirm_channel().await } else { self.channel().await };
+            let attempt = async { if confirm { self.confirm_channel().await } else { self.channel().await } };
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                attempt = attempt => attempt,
+            };
             match attempt {
                 Ok(c) => return Some(c),
                 Err(e) => {
@@ -119,10 +162,15 @@ impl Broker {
     pub async fn close(&self) {
         let conn = self.inner.current.write().expect("broker lock").take();
         if let Some(conn) = conn {
-            let _ = conn.close(200, "shutting down".into()).await;
+            // Bounded: a broker that stopped answering never answers the close.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutting down".into())).await;
         }
     }
 }
+
+/// How long a connection or channel opening may wait for the broker.
+/// Generous: declaring the topology on a loaded broker takes seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();

@@ -42,6 +42,16 @@ pub struct MessagingConfig {
     /// outbox message is parked (kept with its reason, no longer retried).
     #[arg(long, env = "OUTBOX_PARK_AFTER", default_value_t = 5)]
     pub outbox_park_after: u32,
+
+    /// How often bounded tables are pruned (processed messages, sent outbox
+    /// rows, expired revoked tokens, ...), in seconds.
+    #[arg(long, env = "PRUNE_INTERVAL_SECS", default_value_t = 600)]
+    pub prune_interval_secs: u64,
+
+    /// How long processed-message records and sent outbox rows are kept, in
+    /// hours (a redelivery older than this would be handled again).
+    #[arg(long, env = "PROCESSED_RETENTION_HOURS", default_value_t = 168)]
+    pub processed_retention_hours: u64,
 }
 
 impl MessagingConfig {
@@ -55,6 +65,8 @@ impl MessagingConfig {
             metrics_refresh_ms: 5000,
             outbox_confirm_timeout_ms: 10_000,
             outbox_park_after: 5,
+            prune_interval_secs: 600,
+            processed_retention_hours: 168,
         }
     }
 
@@ -64,6 +76,14 @@ impl MessagingConfig {
 
     pub fn metrics_refresh(&self) -> Duration {
         Duration::from_millis(self.metrics_refresh_ms.max(1))
+    }
+
+    pub fn prune_interval(&self) -> Duration {
+        Duration::from_secs(self.prune_interval_secs.max(1))
+    }
+
+    pub fn processed_retention(&self) -> Duration {
+        Duration::from_secs(self.processed_retention_hours.saturating_mul(3600))
     }
 
     pub fn retry_delays(&self) -> Vec<Duration> {

@@ -157,9 +157,11 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 tracing::warn!(queue, error = %e, "consumer session failed");
             }
             // Closing the channel returns the deliveries it holds to the queue, uncounted.
-            let _ = channel.close(200, "consumer stopped".into()).await;
+            // Bounded: a broker that stopped answering never answers the close.
+            let close = Duration::from_secs(2);
+            let _ = tokio::time::timeout(close, channel.close(200, "consumer stopped".into())).await;
             if let Some(confirms) = republish {
-                let _ = confirms.close(200, "consumer stopped".into()).await;
+                let _ = tokio::time::timeout(close, confirms.close(200, "consumer stopped".into())).await;
             }
             if shutdown.is_cancelled() {
                 break;

@@ -70,8 +70,6 @@ pub struct Relay {
     confirm_timeout: Duration,
     /// Refusals (returned or nacked) after which a row is parked.
     park_after: u32,
-    /// Sent rows are kept this long (for inspection), then deleted; inbox rows too.
-    retention: Duration,
 }
 
 #[derive(sqlx::FromRow)]
@@ -104,15 +102,7 @@ const REFUSED_CAP: Duration = Duration::from_secs(300);
 
 impl Relay {
     pub fn new(pool: PgPool, broker: Broker, poll: Duration) -> Self {
-        Relay {
-            pool,
-            broker,
-            poll,
-            batch: 200,
-            confirm_timeout: Duration::from_secs(10),
-            park_after: 5,
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }
+        Relay { pool, broker, poll, batch: 200, confirm_timeout: Duration::from_secs(10), park_after: 5 }
     }
 
     /// How long a batch waits for its publisher confirms before the channel
@@ -132,7 +122,6 @@ impl Relay {
     /// (LISTEN/NOTIFY) and on a slow poll as a safety net.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut wakeup = Wakeup::new(self.pool.clone(), "outbox", self.poll);
-        let mut last_cleanup = tokio::time::Instant::now();
         'connection: while !shutdown.is_cancelled() {
             let Some(channel) = self.broker.wait_for_channel(true, &shutdown).await else {
                 break;
@@ -151,12 +140,6 @@ impl Relay {
                             .await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue 'connection;
-                }
-                if last_cleanup.elapsed() > Duration::from_secs(600) {
-                    last_cleanup = tokio::time::Instant::now();
-                    if let Err(e) = self.cleanup().await {
-                        tracing::warn!(error = %e, "outbox cleanup failed");
-                    }
                 }
                 if !wakeup.wait(&shutdown).await {
                     break 'connection;
@@ -293,17 +276,6 @@ impl Relay {
             anyhow::bail!("publishing to the broker failed: {reason}");
         }
         Ok(rows.len())
-    }
-
-    async fn cleanup(&self) -> sqlx::Result<()> {
-        let keep = self.retention.as_secs_f64();
-        sqlx::query!("DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)", keep)
-            .execute(&self.pool)
-            .await?;
-        sqlx::query!("DELETE FROM inbox WHERE received_at < now() - make_interval(secs => $1)", keep)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 }
 

@@ -11,6 +11,45 @@ use tokio_util::sync::CancellationToken;
 /// Rows deleted per statement.
 pub const BATCH: i64 = 1000;
 
+/// Processed-message records of the idempotent consumers (every service)
+/// older than `max_age`.
+pub fn inbox(max_age: Duration) -> Prune {
+    Prune { what: "inbox", delete: delete_inbox, max_age }
+}
+
+fn delete_inbox(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
+    Box::pin(async move {
+        let deleted = sqlx::query!(
+            "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2))",
+            max_age_secs,
+            limit,
+        )
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
+    })
+}
+
+/// Outbox rows sent longer than `max_age` ago (unsent and parked rows stay).
+pub fn sent_outbox(max_age: Duration) -> Prune {
+    Prune { what: "outbox", delete: delete_sent_outbox, max_age }
+}
+
+fn delete_sent_outbox(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
+    Box::pin(async move {
+        let deleted = sqlx::query!(
+            "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM outbox WHERE sent_at < now() - make_interval(secs => $1) LIMIT $2))",
+            max_age_secs,
+            limit,
+        )
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
+    })
+}
+
 /// One kind of row to prune.
 #[derive(Clone, Debug)]
 pub struct Prune {
@@ -31,6 +70,7 @@ impl Prune {
             let deleted = (self.delete)(db, self.max_age.as_secs_f64(), BATCH).await?;
             total += deleted;
             if deleted < BATCH as u64 {
+                metrics::counter!("pruned_rows_total", "table" => self.what).increment(total);
                 return Ok(total);
             }
         }

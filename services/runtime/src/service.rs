@@ -20,7 +20,7 @@ pub struct Service {
     messaging: MessagingConfig,
     tasks: Tasks,
     relays_outbox: bool,
-    /// Whether a task of this service uses the broker (readiness then needs it).
+    /// Whether a task of this service uses the broker (readiness details then show it).
     uses_broker: bool,
 }
 
@@ -35,7 +35,7 @@ impl Service {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let db = crate::db::connect(database_url, migrations).await?;
-        Ok(Service {
+        let mut service = Service {
             name,
             db,
             broker: Broker::for_service(name, &messaging.amqp_url),
@@ -43,7 +43,11 @@ impl Service {
             tasks: Tasks::new(shutdown),
             relays_outbox: false,
             uses_broker: false,
-        })
+        };
+        // Every service's consumers record processed messages.
+        let keep = messaging.processed_retention();
+        service.prune(vec![crate::prune::inbox(keep)], messaging.prune_interval());
+        Ok(service)
     }
 
     pub fn shutdown(&self) -> CancellationToken {
@@ -72,6 +76,8 @@ impl Service {
         });
         self.relays_outbox = true;
         self.uses_broker = true;
+        let sent = crate::prune::sent_outbox(self.messaging.processed_retention());
+        self.prune(vec![sent], self.messaging.prune_interval());
     }
 
     /// Prunes `jobs` at start and then every `every` (see [`crate::prune`]).

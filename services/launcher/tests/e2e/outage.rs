@@ -98,14 +98,12 @@ async fn pipe(mut client: TcpStream, upstream: String, mut watch: watch::Receive
 }
 
 /// Accepts TCP connections and never sends a byte: a hung server.
-#[allow(dead_code)] // the broker connect timeout test
 pub struct SilentListener {
     pub port: u16,
     pub accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-#[allow(dead_code)]
 impl SilentListener {
     pub async fn start() -> SilentListener {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,8 +142,17 @@ impl Sandbox {
     pub async fn new() -> Sandbox {
         runtime::telemetry::init_for_tests();
         let prefix = format!("r{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let vhost = create_vhost(&prefix).await;
-        Sandbox { prefix, amqp_url: vhost.amqp_url, databases: Default::default() }
+        // Guarded before the vhost is asked for: a slow broker may create it after a client timeout.
+        let mut sandbox = Sandbox { prefix: prefix.clone(), amqp_url: String::new(), databases: Default::default() };
+        sandbox.amqp_url = create_vhost(&prefix).await.amqp_url;
+        sandbox
+    }
+
+    /// Databases only; services get a broker URL that refuses connections.
+    pub async fn without_broker() -> Sandbox {
+        runtime::telemetry::init_for_tests();
+        let prefix = format!("r{}", &Uuid::new_v4().simple().to_string()[..12]);
+        Sandbox { prefix, amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(), databases: Default::default() }
     }
 
     /// The URL of the test's database `name` (created by the service that uses it).

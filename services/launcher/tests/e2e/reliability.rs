@@ -389,3 +389,382 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
     db.close().await;
     billing.stop().await.unwrap();
 }
+
+// Shutdown always ends; a broker that never answers is given up on and retried.
+
+#[tokio::test]
+async fn a_broker_that_accepts_and_never_answers_is_given_up_on_and_retried() {
+    let silent = crate::outage::SilentListener::start().await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", silent.port);
+    let broker = runtime::Broker::with_timeout("test", url, Duration::from_millis(300));
+    let shutdown = CancellationToken::new();
+    let waiting = tokio::spawn({
+        let (broker, shutdown) = (broker.clone(), shutdown.clone());
+        async move { broker.wait_for_channel(false, &shutdown).await.is_some() }
+    });
+    eventually(Duration::from_secs(10), || async { (silent.accepted() >= 3).then_some(()) }).await;
+    assert!(!broker.is_connected());
+    shutdown.cancel();
+    let connected = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("gave up on shutdown").unwrap();
+    assert!(!connected);
+}
+
+/// Loopback ports `base..=base+5` free at the time of asking (the launcher's
+/// gateway port and the five after it).
+fn free_port_block() -> u16 {
+    loop {
+        let base = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if base < 60000 && (1..=5).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + n)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_broker_hang() {
+    let s = Sandbox::without_broker().await;
+    for name in crate::helpers::SERVICES_WITH_DB {
+        s.database_url(name); // dropped with the sandbox
+    }
+    let pg = TcpProxy::start("127.0.0.1:5432").await;
+    // A broker that accepts connections and never answers.
+    let broker = crate::outage::SilentListener::start().await;
+    let base = free_port_block();
+    let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
+        .env("POSTGRES_URL", format!("postgres://postgres@127.0.0.1:{}", pg.port))
+        .env("AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port))
+        .env("DATABASE_PREFIX", format!("{}_", s.prefix))
+        .env("GATEWAY_ADDR", format!("127.0.0.1:{base}"))
+        .env("GATEWAY_HTTPS_ADDR", "")
+        .env("PUSH_TLS_ADDR", "")
+        .env("MAIL_DIR", &mail)
+        .env_remove("SMTP_URL")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), || async {
+        let ordering = http.get(format!("http://127.0.0.1:{}/health/ready", base + 3)).send().await.ok()?;
+        let gateway = http.get(format!("http://127.0.0.1:{base}/health/ready")).send().await.ok()?;
+        (ordering.status().is_success() && gateway.status().is_success()).then_some(())
+    })
+    .await;
+    assert!(broker.accepted() > 0, "the services are trying the broker");
+
+    // The database hangs too: connections open, nothing answered.
+    pg.set(Link::Stalled);
+    // A request in flight on the hung database.
+    let stuck = tokio::spawn({
+        let url = format!("http://127.0.0.1:{}/api/v1/account", base + 2);
+        async move { reqwest::Client::new().get(url).header("x-user-id", Uuid::new_v4().to_string()).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let pid = process.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // The grace is 15 s; a few seconds more for the rest.
+    let exit = tokio::time::timeout(Duration::from_secs(25), process.wait()).await;
+    let took = started.elapsed();
+    stuck.abort();
+    let _ = std::fs::remove_dir_all(&mail);
+    assert!(exit.is_ok(), "still running {took:?} after SIGTERM");
+    eprintln!("ended {took:?} after SIGTERM");
+}
+
+// Tables that stay bounded.
+
+#[tokio::test]
+async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_pruned_on_a_schedule() {
+    let s = Sandbox::without_broker().await;
+    let shutdown = CancellationToken::new();
+    let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
+    // Notification runs no outbox relay, and still prunes its inbox.
+    let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
+    let notification = notification::Config {
+        database_url: s.database_url("notification"),
+        messaging: messaging.clone(),
+        mail: notification::MailConfig {
+            smtp_url: None,
+            mail_dir: mail.clone(),
+            mail_from: "Order System <orders@localhost>".into(),
+        },
+        addr: String::new(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let notification_task = tokio::spawn(notification::run(notification, listener, shutdown.clone()));
+    let identity = identity::Config {
+        database_url: s.database_url("identity"),
+        messaging,
+        token_ttl_secs: 3600,
+        jwt_private_key_pem: None,
+        cookie_secure: false,
+        addr: String::new(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let identity_task = tokio::spawn(identity::run(identity, listener, shutdown.clone()));
+
+    let connect = |name: &str| {
+        let url = s.database_url(name);
+        async move {
+            eventually(Duration::from_secs(20), || async {
+                let db = sqlx::PgPool::connect(&url).await.ok()?;
+                // Migrated: the runtime's and the service's tables are there.
+                sqlx::query("SELECT 1 FROM inbox, outbox, revoked_tokens LIMIT 1").execute(&db).await.ok();
+                sqlx::query("SELECT 1 FROM inbox LIMIT 1").execute(&db).await.ok().map(|_| db)
+            })
+            .await
+        }
+    };
+    let notification_db = connect("notification").await;
+    let identity_db = connect("identity").await;
+    for db in [&notification_db, &identity_db] {
+        sqlx::query(
+            "INSERT INTO inbox (queue, message_id, received_at)
+             SELECT 'q', gen_random_uuid(), now() - interval '2 hours' FROM generate_series(1, 2500)",
+        )
+        .execute(db)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO inbox (queue, message_id) VALUES ('q', gen_random_uuid())").execute(db).await.unwrap();
+    }
+    eventually(Duration::from_secs(20), || async {
+        let table = |db: &sqlx::PgPool| {
+            let db = db.clone();
+            async move {
+                sqlx::query_as::<_, (i64, i64)>(
+                    "SELECT count(*) FILTER (WHERE received_at < now() - interval '1 hour'), count(*) FROM inbox",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+        ((table(&notification_db).await, table(&identity_db).await) == ((0, 1), (0, 1))).then_some(())
+    })
+    .await;
+
+    // Identity: sent outbox rows past the retention, and expired revoked tokens.
+    let row = |sent: &str| {
+        format!(
+            "INSERT INTO outbox (message_id, exchange, routing_key, message_type, payload, created_at, sent_at,
+                                 next_attempt_at)
+             VALUES (gen_random_uuid(), 'nowhere', 'x', 'X', '{{}}', now() - interval '3 hours', {sent},
+                     now() + interval '1 day')"
+        )
+    };
+    sqlx::query(&row("now() - interval '2 hours'")).execute(&identity_db).await.unwrap();
+    sqlx::query(&row("now()")).execute(&identity_db).await.unwrap();
+    sqlx::query(&row("NULL")).execute(&identity_db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES
+            (gen_random_uuid(), now() - interval '1 minute'),
+            (gen_random_uuid(), now() + interval '1 hour')",
+    )
+    .execute(&identity_db)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(20), || async {
+        let (sent_old, sent_new, unsent): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE sent_at < now() - interval '1 hour'),
+                    count(*) FILTER (WHERE sent_at >= now() - interval '1 hour'),
+                    count(*) FILTER (WHERE sent_at IS NULL)
+             FROM outbox WHERE exchange = 'nowhere'",
+        )
+        .fetch_one(&identity_db)
+        .await
+        .unwrap();
+        let (expired, live): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE expires_at < now()), count(*) FILTER (WHERE expires_at >= now())
+             FROM revoked_tokens",
+        )
+        .fetch_one(&identity_db)
+        .await
+        .unwrap();
+        ((sent_old, sent_new, unsent, expired, live) == (0, 1, 1, 0, 1)).then_some(())
+    })
+    .await;
+    let indexed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'revoked_tokens' AND indexdef LIKE '%(expires_at)%')",
+    )
+    .fetch_one(&identity_db)
+    .await
+    .unwrap();
+    assert!(indexed, "revoked tokens are indexed by expiry");
+
+    shutdown.cancel();
+    for task in [notification_task, identity_task] {
+        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
+    }
+    notification_db.close().await;
+    identity_db.close().await;
+    let _ = std::fs::remove_dir_all(&mail);
+}
+
+// The mailer: permanent failures end, temporary ones are retried, no
+// transaction is held across SMTP.
+
+/// An SMTP server (aiosmtpd) that answers by the recipient's local part:
+/// `refused…` 550, `later…` 451 twice then accepts, `temp…` always 451,
+/// `slow…` accepts after 3 s; others are accepted. Accepted mail is recorded
+/// as a file named after the recipient.
+const PICKY_SMTP: &str = r#"
+import asyncio, os, sys
+from aiosmtpd.controller import Controller
+port, out = int(sys.argv[1]), sys.argv[2]
+seen = {}
+class Picky:
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        local = address.split("@")[0]
+        if local.startswith("refused"):
+            return "550 5.1.1 no such mailbox"
+        if local.startswith("temp"):
+            return "451 4.3.0 try again later"
+        if local.startswith("later"):
+            seen[address] = seen.get(address, 0) + 1
+            if seen[address] <= 2:
+                return "451 4.3.0 try again later"
+        if local.startswith("slow"):
+            await asyncio.sleep(3)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+    async def handle_DATA(self, server, session, envelope):
+        for rcpt in envelope.rcpt_tos:
+            with open(os.path.join(out, rcpt), "a") as f:
+                f.write("delivered\n")
+        return "250 OK"
+controller = Controller(Picky(), hostname="127.0.0.1", port=port)
+controller.start()
+asyncio.get_event_loop().run_forever()
+"#;
+
+#[tokio::test]
+async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no_transaction_across_smtp() {
+    let s = Sandbox::without_broker().await;
+    let out = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
+    std::fs::create_dir_all(&out).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _smtp = tokio::process::Command::new("python3")
+        .args(["-c", PICKY_SMTP, &port.to_string(), out.to_str().unwrap()])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 with aiosmtpd");
+    eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+    })
+    .await;
+
+    let shutdown = CancellationToken::new();
+    let config = notification::Config {
+        database_url: s.database_url("notification"),
+        messaging: messaging(&s.amqp_url),
+        mail: notification::MailConfig {
+            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+            mail_dir: out.join("unused"),
+            mail_from: "Order System <orders@localhost>".into(),
+        },
+        addr: String::new(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let task = tokio::spawn(notification::run(config, listener, shutdown.clone()));
+    let url = s.database_url("notification");
+    let db = eventually(Duration::from_secs(20), || async {
+        let db = sqlx::PgPool::connect(&url).await.ok()?;
+        sqlx::query("SELECT failed_at FROM email_deliveries LIMIT 1").execute(&db).await.ok().map(|_| db)
+    })
+    .await;
+
+    // One e-mail per address, in one batch; `temp` has failed 50 times already
+    // (a delay computed in SQL as 2 s * 2^50 overflows and rolls the batch back).
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut ids = std::collections::HashMap::new();
+    for (local, attempts) in [("refused", 0), ("a..b", 0), ("later", 0), ("temp", 50), ("slow", 0), ("fine", 0)] {
+        let (user, notification) = (Uuid::new_v4(), Uuid::new_v4());
+        let email = format!("{local}{tag}@example.com");
+        let email = if local == "a..b" { "a..b@example.com".to_string() } else { email };
+        sqlx::query("INSERT INTO profiles (user_id, email) VALUES ($1, $2)")
+            .bind(user)
+            .bind(&email)
+            .execute(&db)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO notifications (id, user_id, message) VALUES ($1, $2, 'hello')")
+            .bind(notification)
+            .bind(user)
+            .execute(&db)
+            .await
+            .unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO email_deliveries (notification_id, user_id, subject, body, attempts)
+             VALUES ($1, $2, 'Hello', 'hello', $3) RETURNING id",
+        )
+        .bind(notification)
+        .bind(user)
+        .bind(attempts)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        ids.insert(local, (id, email));
+    }
+
+    // While the slow server holds a send, no transaction is open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "no transaction held across an SMTP send");
+
+    #[derive(Debug, sqlx::FromRow)]
+    struct Delivery {
+        sent: bool,
+        failed_reason: Option<String>,
+        last_error: Option<String>,
+        attempts: i32,
+        retry_in: f64,
+    }
+    let delivery = |local: &'static str| {
+        let (db, id) = (db.clone(), ids[local].0);
+        async move {
+            sqlx::query_as::<_, Delivery>(
+                "SELECT sent_at IS NOT NULL AS sent, failed_reason, last_error, attempts,
+                        extract(epoch FROM next_attempt_at - now())::float8 AS retry_in
+                 FROM email_deliveries WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(30), || async {
+        let done = delivery("later").await.sent && delivery("fine").await.sent && delivery("slow").await.sent;
+        done.then_some(())
+    })
+    .await;
+    let later = delivery("later").await;
+    assert_eq!(later.attempts, 3, "two 451s, then sent: {later:?}");
+    for local in ["later", "fine", "slow"] {
+        assert!(out.join(&ids[local].1).exists(), "{local} delivered");
+    }
+    let refused = delivery("refused").await;
+    assert!(!refused.sent);
+    assert!(refused.failed_reason.as_deref().unwrap_or_default().contains("550"), "{refused:?}");
+    let invalid = delivery("a..b").await;
+    assert!(invalid.failed_reason.as_deref().unwrap_or_default().contains("address"), "{invalid:?}");
+    let temp = delivery("temp").await;
+    assert!(!temp.sent && temp.failed_reason.is_none(), "{temp:?}");
+    assert!(temp.last_error.as_deref().unwrap_or_default().contains("451"), "{temp:?}");
+    assert!((3000.0..=3601.0).contains(&temp.retry_in), "capped at an hour: {temp:?}");
+    // Permanent failures are not tried again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(delivery("refused").await.attempts, 1);
+    assert_eq!(delivery("a..b").await.attempts, 1);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&out);
+}
