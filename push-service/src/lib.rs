@@ -45,6 +45,9 @@ pub struct Config {
     #[command(flatten)]
     pub messaging: MessagingConfig,
 
+    #[command(flatten)]
+    pub limits: runtime::HttpLimits,
+
     /// Seconds between heartbeat comments on an idle stream.
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
@@ -132,6 +135,7 @@ impl Config {
     pub fn local(messaging: MessagingConfig) -> Self {
         Config {
             messaging,
+            limits: runtime::HttpLimits::default(),
             heartbeat_secs: 15,
             retry_ms: 3000,
             retention: contracts::topology::PUSH_STREAM_DEFAULT_MAX_AGE.into(),
@@ -218,7 +222,11 @@ pub async fn run_with_tls(
         .route("/internal/v1/streams", get(streams))
         .with_state(state)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
-    let app = service_router("push", routes, Readiness { broker: Some(broker.clone()), ..Default::default() });
+    let app = service_router(
+        "push",
+        config.limits.apply(routes),
+        Readiness { broker: Some(broker.clone()), ..Default::default() },
+    );
 
     let mut tasks = Tasks::new(shutdown.clone());
     if let Some(verifier) = verifier {

@@ -42,6 +42,9 @@ pub struct Config {
     #[command(flatten)]
     pub idempotency: IdempotencyConfig,
 
+    #[command(flatten)]
+    pub limits: runtime::HttpLimits,
+
     #[arg(long, env = "BILLING_ADDR", default_value = "127.0.0.1:8082")]
     pub addr: String,
 }
@@ -61,6 +64,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &config.database_url,
         sqlx::migrate!("../../migrations/billing"),
         &config.messaging,
+        &config.limits,
         shutdown,
     )
     .await?;

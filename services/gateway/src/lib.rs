@@ -42,11 +42,19 @@ pub struct Config {
     /// seconds).
     #[arg(long, env = "UPSTREAM_TIMEOUT_SECS", default_value_t = 30)]
     pub upstream_timeout_secs: u64,
+    /// Header that carries the client's address, set by the ingress or load
+    /// balancer in front (e.g. `X-Forwarded-For`, its last entry). Unset: the
+    /// connection's peer. Either way the services behind get the address in
+    /// `X-Forwarded-For` (one entry, set here; a client's own is dropped).
+    #[arg(long, env = "GATEWAY_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
     /// HTTPS address (HTTP/2 by ALPN `h2`, and HTTP/1.1); empty turns it off.
     #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
     pub https_addr: String,
     #[command(flatten)]
     pub tls: runtime::tls::TlsConfig,
+    #[command(flatten)]
+    pub limits: runtime::HttpLimits,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -75,7 +83,7 @@ pub async fn run_with_tls(
         .merge(web::routes())
         .merge(docs::routes())
         .fallback(not_found);
-    let app = with_common_layers("gateway", app.merge(runtime::metrics::routes()));
+    let app = with_common_layers("gateway", config.limits.apply(app).merge(runtime::metrics::routes()));
 
     let mut tasks = Tasks::new(shutdown.clone());
     let refresh = Duration::from_millis(config.revocation_refresh_ms);
@@ -83,7 +91,8 @@ pub async fn run_with_tls(
     if let Some(https) = https {
         let tls = runtime::tls::server_config(&config.tls).await?;
         let grace = Duration::from_secs(30);
-        tasks.spawn("https", runtime::tls::serve_tls(https, app.clone(), tls, shutdown.clone(), grace));
+        let app = app.clone().layer(axum::middleware::map_response(web::secure_token_cookie));
+        tasks.spawn("https", runtime::tls::serve_tls(https, app, tls, shutdown.clone(), grace));
     }
     tasks.spawn("http", serve(listener, app, shutdown.clone()));
     tasks.join().await

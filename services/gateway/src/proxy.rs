@@ -41,6 +41,7 @@ pub struct Gateway {
     client: Client,
     auth: Arc<TokenVerifier>,
     timeout: Duration,
+    client_ip_header: Option<HeaderName>,
     shutdown: CancellationToken,
 }
 
@@ -48,6 +49,9 @@ pub struct Gateway {
 /// within this window (so that their browsers reconnect spread out) instead
 /// of holding the shutdown open for as long as the push service keeps them.
 const STREAM_DRAIN: Duration = Duration::from_secs(5);
+
+/// Where the services behind read the client's address.
+pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Calls that need no token.
 fn is_public(method: &Method, path: &str) -> bool {
@@ -75,6 +79,13 @@ impl Gateway {
             client,
             auth,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
+            client_ip_header: config
+                .client_ip_header
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .map(HeaderName::try_from)
+                .transpose()
+                .expect("GATEWAY_CLIENT_IP_HEADER is a header name"),
             shutdown,
         }
     }
@@ -130,7 +141,14 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     }
 
     // Only the gateway speaks for the user.
+    // The services behind learn the client's address from this header only.
+    let client =
+        runtime::limits::client_ip(&parts.headers, runtime::limits::peer(&parts), gw.client_ip_header.as_ref());
     strip_client_headers(&mut parts.headers);
+    parts.headers.remove(FORWARDED_FOR);
+    if let Some(ip) = client {
+        parts.headers.insert(FORWARDED_FOR, ip.to_string().parse::<HeaderValue>().expect("an IP is ASCII"));
+    }
     let mut claims = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;

@@ -2,9 +2,10 @@
 //! `services/gateway/web/`, compiled into the binary (no build step).
 
 use axum::Router;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use contracts::api::TOKEN_COOKIE;
 
 const INDEX: &str = include_str!("../web/index.html");
 const SCRIPT: &str = include_str!("../web/app.js");
@@ -23,6 +24,28 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
         ],
         body,
     )
+}
+
+/// On the HTTPS listener: the `accessToken` cookie is `Secure`, so a browser
+/// never sends it over cleartext HTTP (identity sets it without knowing how
+/// the page was served).
+pub async fn secure_token_cookie(mut resp: Response) -> Response {
+    let prefix = format!("{TOKEN_COOKIE}=");
+    let cookies: Vec<HeaderValue> = resp.headers().get_all(header::SET_COOKIE).iter().cloned().collect();
+    if cookies.is_empty() {
+        return resp;
+    }
+    resp.headers_mut().remove(header::SET_COOKIE);
+    for cookie in cookies {
+        let text = cookie.to_str().unwrap_or_default();
+        let secure = text.starts_with(&prefix) && !text.split(';').any(|a| a.trim().eq_ignore_ascii_case("secure"));
+        let cookie = match secure {
+            true => HeaderValue::from_str(&format!("{text}; Secure")).unwrap_or(cookie),
+            false => cookie,
+        };
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    resp
 }
 
 pub fn routes() -> Router {

@@ -4,6 +4,8 @@
 //! reads from `/.well-known/jwks.json`; logout revokes the token.
 
 mod keys;
+mod passwords;
+mod throttle;
 mod users;
 
 use anyhow::Context;
@@ -18,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::SigningKey;
+pub use throttle::AbuseLimits;
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -38,6 +41,9 @@ pub struct Config {
     #[command(flatten)]
     pub messaging: MessagingConfig,
 
+    #[command(flatten)]
+    pub limits: runtime::HttpLimits,
+
     /// How long an access token is valid, in seconds.
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     pub token_ttl_secs: u64,
@@ -46,6 +52,9 @@ pub struct Config {
     /// is generated once and kept in the identity database.
     #[arg(long, env = "JWT_PRIVATE_KEY_PEM", hide_env_values = true)]
     pub jwt_private_key_pem: Option<String>,
+
+    #[command(flatten)]
+    pub abuse: AbuseLimits,
 
     /// Mark the `accessToken` cookie `Secure` (set it behind HTTPS).
     #[arg(long, env = "COOKIE_SECURE", default_value_t = false)]
@@ -61,6 +70,9 @@ pub(crate) struct AppState {
     key: Arc<SigningKey>,
     token_ttl: Duration,
     cookie_secure: bool,
+    passwords: Arc<passwords::Passwords>,
+    throttle: Arc<throttle::Throttle>,
+    client_ip_header: Option<axum::http::HeaderName>,
 }
 
 fn routes(state: AppState) -> Router {
@@ -100,6 +112,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &config.database_url,
         sqlx::migrate!("../../migrations/identity"),
         &config.messaging,
+        &config.limits,
         shutdown,
     )
     .await?;
@@ -112,7 +125,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         key: Arc::new(key),
         token_ttl: Duration::from_secs(config.token_ttl_secs),
         cookie_secure: config.cookie_secure,
+        passwords: Arc::new(passwords::Passwords::new(
+            config.abuse.password_hash_concurrency,
+            Duration::from_millis(config.abuse.password_hash_wait_ms),
+        )),
+        throttle: Arc::new(throttle::Throttle::new(&config.abuse)),
+        client_ip_header: throttle::header_name(config.abuse.client_ip_header.as_deref())?,
     };
+    service.spawn("throttle pruning", state.throttle.clone().prune(service.shutdown()));
     service.relay_outbox();
     // A revoked token is refused by its expiry anyway once it has expired.
     let expired = runtime::prune::Prune {

@@ -1,7 +1,5 @@
 //! Registration, login, logout and the user's profile.
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,10 +11,10 @@ use runtime::contact::{Email, Phone};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::outbox;
 use runtime::{ApiError, Json};
-use std::sync::LazyLock;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::throttle::ClientIp;
 
 struct UserRow {
     id: Uuid,
@@ -65,47 +63,28 @@ fn parse_profile(p: Profile) -> Result<Profile, ApiError> {
     })
 }
 
-async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing: {e}")))
-}
-
-/// A hash to verify against when the e-mail is unknown, so that the answer
-/// takes as long as for a wrong password.
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
-    Argon2::default().hash_password(b"not a password", &SaltString::generate(&mut OsRng)).expect("hash").to_string()
-});
-
-async fn verify_password(password: String, hash: Option<String>) -> Result<bool, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let known = hash.is_some();
-        let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
-        let ok =
-            PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok());
-        known && ok
-    })
-    .await
-    .map_err(ApiError::internal)
-}
-
 #[utoipa::path(post, path = "/api/v1/register", tag = "identity", operation_id = "registerUser", security(()),
     request_body = Register,
     responses(
         (status = 201, description = "Registered", body = User),
         (status = 409, description = "The e-mail is already registered", body = ErrorBody),
         (status = 422, description = "Invalid e-mail, password or profile field", body = ErrorBody),
+        (status = 429, description = "Too many registrations from this address", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Too busy checking passwords", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         UnexpectedError,
     ))]
-pub async fn register(State(state): State<AppState>, Json(form): Json<Register>) -> Result<Response, ApiError> {
+pub async fn register(
+    State(state): State<AppState>,
+    ClientIp(client): ClientIp,
+    Json(form): Json<Register>,
+) -> Result<Response, ApiError> {
+    state.throttle.register(client)?;
     let email = String::from(Email::parse(&form.email)?);
     let password = parse_password(&form.password)?.to_string();
     let Profile { first_name, last_name, phone } = parse_profile(form.profile)?;
-    let hash = hash_password(password).await?;
+    let hash = state.passwords.hash(password).await?;
     let id = Uuid::now_v7();
 
     let mut tx = state.db.begin().await?;
@@ -144,9 +123,18 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
         (status = 200, description = "The access token (also set as the `accessToken` cookie)", body = AccessToken,
             headers(("Set-Cookie" = String, description = "accessToken=<JWT>; HttpOnly; SameSite=Strict"))),
         (status = 401, description = "Wrong e-mail or password", body = ErrorBody),
+        (status = 429, description = "Too many login attempts from this address or for this account", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Too busy checking passwords", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         UnexpectedError,
     ))]
-pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Result<Response, ApiError> {
+pub async fn login(
+    State(state): State<AppState>,
+    ClientIp(client): ClientIp,
+    Json(form): Json<Login>,
+) -> Result<Response, ApiError> {
+    state.throttle.login(client, &form.email)?;
     let row: Option<(Uuid, String, String)> =
         sqlx::query!("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)", form.email.trim())
             .fetch_optional(&state.db)
@@ -156,7 +144,7 @@ pub async fn login(State(state): State<AppState>, Json(form): Json<Login>) -> Re
         Some((id, email, hash)) => (Some(hash), Some((id, email))),
         None => (None, None),
     };
-    let valid = verify_password(form.password, hash).await?;
+    let valid = state.passwords.verify(form.password, hash).await?;
     let (Some((id, email)), true) = (user, valid) else {
         return Err(ApiError::unauthorized("wrong e-mail or password"));
     };

@@ -67,6 +67,17 @@ struct Cli {
 
     #[command(flatten)]
     tls: runtime::tls::TlsConfig,
+
+    #[command(flatten)]
+    limits: runtime::HttpLimits,
+
+    #[command(flatten)]
+    abuse: identity::AbuseLimits,
+
+    /// Header that carries the client's address, set by the proxy in front of
+    /// the gateway (unset: the connection's peer).
+    #[arg(long, env = "GATEWAY_CLIENT_IP_HEADER")]
+    gateway_client_ip_header: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -147,8 +158,11 @@ async fn main() -> anyhow::Result<()> {
     let identity = identity::Config {
         database_url: db("identity"),
         messaging: cli.messaging.clone(),
+        limits: cli.limits.clone(),
         token_ttl_secs: cli.token_ttl_secs,
         jwt_private_key_pem: std::env::var("JWT_PRIVATE_KEY_PEM").ok(),
+        // Identity is reached through the gateway, which sets this header.
+        abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..cli.abuse.clone() },
         cookie_secure: false,
         addr: identity_addr.to_string(),
     };
@@ -157,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: db("billing"),
         messaging: cli.messaging.clone(),
         idempotency: cli.idempotency.clone(),
+        limits: cli.limits.clone(),
         addr: billing_addr.to_string(),
     };
     tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
@@ -165,12 +180,14 @@ async fn main() -> anyhow::Result<()> {
         messaging: cli.messaging.clone(),
         idempotency: cli.idempotency.clone(),
         api_only: false,
+        limits: cli.limits.clone(),
         addr: ordering_addr.to_string(),
     };
     tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));
     let notification = notification::Config {
         database_url: db("notification"),
         messaging: cli.messaging.clone(),
+        limits: cli.limits.clone(),
         mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
         addr: notification_addr.to_string(),
     };
@@ -187,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: push_addr.to_string(),
                 tls_addr: cli.push_tls_addr.clone(),
                 tls: cli.tls.clone(),
+                limits: cli.limits.clone(),
                 // Its own HTTPS port faces browsers too: it checks tokens itself.
                 identity_url: Some(url(identity_addr)),
                 ..push_service::Config::local(cli.messaging.clone())
@@ -205,8 +223,10 @@ async fn main() -> anyhow::Result<()> {
         push_url,
         revocation_refresh_ms: 2000,
         upstream_timeout_secs: 30,
+        client_ip_header: cli.gateway_client_ip_header.clone(),
         https_addr: cli.gateway_https_addr.clone(),
         tls: cli.tls.clone(),
+        limits: cli.limits.clone(),
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
     tracing::info!(gateway = %cli.gateway_addr, "order system running; Ctrl-C stops it");

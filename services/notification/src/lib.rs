@@ -43,6 +43,9 @@ pub struct Config {
     pub messaging: MessagingConfig,
 
     #[command(flatten)]
+    pub limits: runtime::HttpLimits,
+
+    #[command(flatten)]
     pub mail: MailConfig,
 
     #[arg(long, env = "NOTIFICATION_ADDR", default_value = "127.0.0.1:8084")]
@@ -70,6 +73,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &config.database_url,
         sqlx::migrate!("../../migrations/notification"),
         &config.messaging,
+        &config.limits,
         shutdown,
     )
     .await?;

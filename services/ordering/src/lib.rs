@@ -45,6 +45,9 @@ pub struct Config {
     #[arg(long, env = "ORDERING_API_ONLY", default_value_t = false)]
     pub api_only: bool,
 
+    #[command(flatten)]
+    pub limits: runtime::HttpLimits,
+
     #[arg(long, env = "ORDERING_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
 }
@@ -63,6 +66,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &config.database_url,
         sqlx::migrate!("../../migrations/ordering"),
         &config.messaging,
+        &config.limits,
         shutdown,
     )
     .await?;

@@ -10,10 +10,16 @@ use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::time::Duration;
 
-pub async fn connect(url: &str, mut service_migrations: Migrator) -> anyhow::Result<PgPool> {
+/// [`connect_with`] the default pool size.
+pub async fn connect(url: &str, service_migrations: Migrator) -> anyhow::Result<PgPool> {
+    connect_with(url, crate::HttpLimits::default().database_pool_size, service_migrations).await
+}
+
+/// Connects with a pool of `pool_size` connections (see `HttpLimits`).
+pub async fn connect_with(url: &str, pool_size: u32, mut service_migrations: Migrator) -> anyhow::Result<PgPool> {
     create_if_missing(url).await?;
     let pool = PgPoolOptions::new()
-        .max_connections(16)
+        .max_connections(pool_size.max(1))
         .acquire_timeout(Duration::from_secs(5))
         .connect(url)
         .await

@@ -5,7 +5,7 @@
 
 use crate::http::{Readiness, serve, service_router};
 use crate::outbox::Relay;
-use crate::{Broker, Consumer, MessagingConfig, Tasks};
+use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
 use axum::Router;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -18,6 +18,7 @@ pub struct Service {
     pub db: PgPool,
     pub broker: Broker,
     messaging: MessagingConfig,
+    limits: HttpLimits,
     tasks: Tasks,
     relays_outbox: bool,
     /// Whether a task of this service uses the broker (readiness details then show it).
@@ -32,14 +33,16 @@ impl Service {
         database_url: &str,
         migrations: Migrator,
         messaging: &MessagingConfig,
+        limits: &HttpLimits,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let db = crate::db::connect(database_url, migrations).await?;
+        let db = crate::db::connect_with(database_url, limits.database_pool_size, migrations).await?;
         let mut service = Service {
             name,
             db,
             broker: Broker::for_service(name, &messaging.amqp_url),
             messaging: messaging.clone(),
+            limits: limits.clone(),
             tasks: Tasks::new(shutdown),
             relays_outbox: false,
             uses_broker: false,
@@ -104,7 +107,8 @@ impl Service {
         self.tasks.spawn(task, future);
     }
 
-    /// Serves `routes` (with health, metrics and the common layers) and runs
+    /// Serves `routes` (within the service's limits, with health, metrics and
+    /// the common layers) and runs
     /// every task until shutdown or the first failure.
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
         let readiness = Readiness {
@@ -113,7 +117,7 @@ impl Service {
             outbox_max_age: self.relays_outbox.then(|| self.messaging.outbox_max_age()),
             ..Default::default()
         };
-        let app = service_router(self.name, routes, readiness);
+        let app = service_router(self.name, self.limits.apply(routes), readiness);
         let shutdown = self.shutdown();
         self.tasks.spawn("http", serve(listener, app, shutdown));
         let result = self.tasks.join().await;

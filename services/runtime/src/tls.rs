@@ -72,7 +72,10 @@ pub async fn serve_tls(
         stopper.graceful_shutdown(Some(grace));
     });
     tracing::info!(%addr, "listening (HTTPS, h2 and http/1.1)");
-    axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(router.into_make_service()).await?;
+    axum_server::from_tcp_rustls(listener, tls)?
+        .handle(handle)
+        .serve(router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .await?;
     Ok(())
 }
 

@@ -166,10 +166,38 @@ async fn listener() -> (TcpListener, String) {
     (l, url)
 }
 
+/// Limits a test sets differently from the defaults.
+pub struct Tuning {
+    pub abuse: identity::AbuseLimits,
+    pub identity_limits: runtime::HttpLimits,
+    /// The header the gateway reads the client's address from (as behind an ingress).
+    pub gateway_client_ip_header: Option<String>,
+}
+
+impl Default for Tuning {
+    /// Production's limits, but many users register and log in from one
+    /// address in a test.
+    fn default() -> Self {
+        Tuning {
+            abuse: identity::AbuseLimits {
+                login_per_address_per_minute: 10_000,
+                register_per_address_per_minute: 10_000,
+                ..Default::default()
+            },
+            identity_limits: Default::default(),
+            gateway_client_ip_header: None,
+        }
+    }
+}
+
 pub const SERVICES_WITH_DB: [&str; 4] = ["identity", "billing", "ordering", "notification"];
 
 impl TestApp {
     pub async fn spawn() -> TestApp {
+        Self::spawn_with(Tuning::default()).await
+    }
+
+    pub async fn spawn_with(tuning: Tuning) -> TestApp {
         runtime::telemetry::init_for_tests();
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let vhost = create_vhost(&prefix).await;
@@ -187,8 +215,11 @@ impl TestApp {
         let config = identity::Config {
             database_url: db("identity"),
             messaging: messaging.clone(),
+            limits: tuning.identity_limits,
             token_ttl_secs: 3600,
             jwt_private_key_pem: None,
+            // The gateway sets it.
+            abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..tuning.abuse },
             cookie_secure: false,
             addr: String::new(),
         };
@@ -198,6 +229,7 @@ impl TestApp {
             database_url: db("billing"),
             messaging: messaging.clone(),
             idempotency: Default::default(),
+            limits: Default::default(),
             addr: String::new(),
         };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
@@ -207,6 +239,7 @@ impl TestApp {
             messaging: messaging.clone(),
             idempotency: Default::default(),
             api_only: false,
+            limits: Default::default(),
             addr: String::new(),
         };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
@@ -214,6 +247,7 @@ impl TestApp {
         let config = notification::Config {
             database_url: db("notification"),
             messaging: messaging.clone(),
+            limits: Default::default(),
             mail: notification::MailConfig {
                 smtp_url: Some(format!("smtp://127.0.0.1:{}", smtp.port)),
                 mail_dir: smtp.dir.join("unused"),
@@ -236,8 +270,10 @@ impl TestApp {
             push_url,
             revocation_refresh_ms: 200,
             upstream_timeout_secs: 30,
+            client_ip_header: tuning.gateway_client_ip_header,
             https_addr: String::new(),
             tls: Default::default(),
+            limits: Default::default(),
         };
         let gateway_config = config.clone();
         let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -272,6 +308,7 @@ impl TestApp {
             messaging: self.messaging.clone(),
             idempotency: Default::default(),
             api_only,
+            limits: Default::default(),
             addr: String::new(),
         };
         self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));

@@ -1,6 +1,7 @@
 //! End-to-end tests of the order system through its gateway, on the real
 //! PostgreSQL, RabbitMQ and an SMTP server (see `helpers`).
 
+mod abuse;
 mod api;
 mod audit;
 mod contract;
@@ -9,6 +10,7 @@ mod helpers;
 mod messaging;
 mod metrics;
 mod outage;
+mod page;
 mod polling;
 mod push;
 mod reliability;

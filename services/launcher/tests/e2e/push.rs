@@ -504,8 +504,10 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         push_url: replica.url.clone(),
         revocation_refresh_ms: 200,
         upstream_timeout_secs: 30,
+        client_ip_header: None,
         https_addr: String::new(),
         tls: Default::default(),
+        limits: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway::run_with_tls(config, listener, None, shutdown.clone()));

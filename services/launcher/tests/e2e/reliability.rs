@@ -47,6 +47,7 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
         database_url,
         messaging: messaging(amqp_url),
         idempotency: Default::default(),
+        limits: Default::default(),
         addr: String::new(),
     };
     let task = tokio::spawn(billing::run(config, listener, shutdown.clone()));
@@ -489,6 +490,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
             mail_dir: mail.clone(),
             mail_from: "Order System <orders@localhost>".into(),
         },
+        limits: Default::default(),
         addr: String::new(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -498,6 +500,8 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
         messaging,
         token_ttl_secs: 3600,
         jwt_private_key_pem: None,
+        abuse: Default::default(),
+        limits: Default::default(),
         cookie_secure: false,
         addr: String::new(),
     };
@@ -663,6 +667,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
             mail_dir: out.join("unused"),
             mail_from: "Order System <orders@localhost>".into(),
         },
+        limits: Default::default(),
         addr: String::new(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

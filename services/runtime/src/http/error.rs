@@ -29,6 +29,10 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>, retry_after: Duration) -> Self {
         ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message) }
     }
+    /// 429 with `Retry-After`: this caller asked too often.
+    pub fn too_many_requests(message: impl Into<String>, retry_after: Duration) -> Self {
+        ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::TOO_MANY_REQUESTS, message) }
+    }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
