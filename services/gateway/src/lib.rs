@@ -71,7 +71,7 @@ pub async fn run_with_tls(
 ) -> anyhow::Result<()> {
     let client = proxy::client();
     let auth = Arc::new(TokenVerifier::new(&config.identity_url));
-    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone()));
+    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone())?);
     let keys = auth.clone();
     let app = Router::new()
         .route("/api/{*path}", any(proxy::forward))

@@ -62,13 +62,32 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host"];
 
 impl Gateway {
-    pub fn new(config: &Config, client: Client, auth: Arc<TokenVerifier>, shutdown: CancellationToken) -> Self {
+    /// Fails, rather than panics, on a configuration it cannot use (a
+    /// `GATEWAY_CLIENT_IP_HEADER` that is not a header name).
+    pub fn new(
+        config: &Config,
+        client: Client,
+        auth: Arc<TokenVerifier>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let route = |public, upstream: &String, internal| Route {
             public,
             upstream: upstream.trim_end_matches('/').to_string(),
             internal,
         };
-        Gateway {
+        let client_ip_header = config
+            .client_ip_header
+            .as_deref()
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                HeaderName::try_from(h).map_err(|e| {
+                    anyhow::anyhow!(
+                        "GATEWAY_CLIENT_IP_HEADER {h:?} is not an HTTP header name ({e}); e.g. X-Forwarded-For"
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(Gateway {
             routes: vec![
                 route("/api/v1/identity/", &config.identity_url, "/api/v1/"),
                 route("/api/v1/billing/", &config.billing_url, "/api/v1/"),
@@ -79,15 +98,9 @@ impl Gateway {
             client,
             auth,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
-            client_ip_header: config
-                .client_ip_header
-                .as_deref()
-                .filter(|h| !h.is_empty())
-                .map(HeaderName::try_from)
-                .transpose()
-                .expect("GATEWAY_CLIENT_IP_HEADER is a header name"),
+            client_ip_header,
             shutdown,
-        }
+        })
     }
 
     fn route(&self, path: &str) -> Option<(&Route, String)> {
@@ -266,6 +279,19 @@ mod tests {
     fn to(path: &str) -> Option<(String, String)> {
         let routes = routes();
         route_of(&routes, path).map(|(r, p)| (r.upstream.clone(), p))
+    }
+
+    #[tokio::test]
+    async fn a_client_address_header_that_is_not_a_header_name_is_a_configuration_error() {
+        use clap::Parser;
+        let config = Config::try_parse_from(["gateway", "--client-ip-header", "X Forwarded:For"]).unwrap();
+        let verifier = Arc::new(TokenVerifier::new(&config.identity_url));
+        let err = Gateway::new(&config, client(), verifier, CancellationToken::new()).err().expect("refused");
+        assert!(err.to_string().contains("GATEWAY_CLIENT_IP_HEADER"), "{err}");
+
+        let config = Config::try_parse_from(["gateway", "--client-ip-header", "X-Forwarded-For"]).unwrap();
+        let verifier = Arc::new(TokenVerifier::new(&config.identity_url));
+        assert!(Gateway::new(&config, client(), verifier, CancellationToken::new()).is_ok());
     }
 
     #[test]

@@ -5,14 +5,14 @@
 //! trusted forwarding header only when one is configured.
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{HeaderMap, HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceBuilder;
+use tokio::sync::Semaphore;
 
 use crate::ApiError;
 
@@ -31,9 +31,16 @@ pub struct HttpLimits {
     pub request_timeout_ms: u64,
 
     /// Requests handled at once; more are answered 503 with `Retry-After` at
-    /// once instead of waiting in a queue.
+    /// once instead of waiting in a queue. Long polls waiting for a change
+    /// and event streams, once answered, do not count.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
+
+    /// Long polls (a GET with `Prefer: wait=N`) waiting at once, beside
+    /// MAX_CONCURRENT_REQUESTS; one more is answered at once, like a plain
+    /// GET (the preference is only a hint).
+    #[arg(long, env = "MAX_LONG_POLLS", default_value_t = 1024)]
+    pub max_long_polls: usize,
 
     /// Connections of the service's database pool. Size it to what shares
     /// it: each consumer handles up to CONSUMER_PREFETCH messages at once,
@@ -44,42 +51,55 @@ pub struct HttpLimits {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { request_timeout_ms: 10_000, max_concurrent_requests: 256, database_pool_size: 40 }
+        HttpLimits {
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 256,
+            max_long_polls: 1024,
+            database_pool_size: 40,
+        }
     }
 }
 
 impl HttpLimits {
-    /// `routes` with the concurrency limit and the request timeout.
+    /// `routes` with the concurrency limits and the request timeout.
     pub fn apply(&self, routes: Router) -> Router {
         let timeout = Duration::from_millis(self.request_timeout_ms);
+        // One semaphore for the whole router, taken without waiting: no
+        // permit now is a 503 at once. A permit is held until the response
+        // head, so an event stream stops counting once it is answered; a
+        // long poll, which spends its time waiting before the head, counts
+        // against its own bound instead.
+        let requests = Arc::new(Semaphore::new(self.max_concurrent_requests));
+        let long_polls = Arc::new(Semaphore::new(self.max_long_polls));
         routes
             .layer(axum::middleware::from_fn(move |req, next| time_limit(timeout, req, next)))
-            // One semaphore for the whole router (a plain ConcurrencyLimitLayer
-            // would give each route its own); LoadShed turns "no permit now"
-            // into an error answered at once.
-            .layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                        tracing::warn!("too many requests at once; shedding");
-                        ApiError::unavailable("the service is busy, try again", RETRY_AFTER)
-                    }))
-                    .layer(tower::load_shed::LoadShedLayer::new())
-                    .layer(tower::limit::GlobalConcurrencyLimitLayer::new(self.max_concurrent_requests)),
-            )
+            .layer(axum::middleware::from_fn(move |req, next| admit(requests.clone(), long_polls.clone(), req, next)))
     }
 }
 
-/// The wait a long poll asked for with `Prefer: wait=N` (RFC 7240), capped.
+/// Lets `req` in if it gets a permit now: a long poll from the long polls'
+/// bound (or, when that is used up, as a plain request without its wait),
+/// anything else from the requests' bound; else answers 503 + `Retry-After`.
+async fn admit(requests: Arc<Semaphore>, long_polls: Arc<Semaphore>, mut req: Request, next: Next) -> Response {
+    let is_long_poll = matches!(*req.method(), Method::GET | Method::HEAD) && !long_poll_wait(req.headers()).is_zero();
+    if is_long_poll {
+        if let Ok(_permit) = long_polls.try_acquire_owned() {
+            return next.run(req).await;
+        }
+        tracing::warn!("too many long polls at once; answering this one without waiting");
+        req.headers_mut().remove(crate::conditional::PREFER);
+    }
+    let Ok(_permit) = requests.try_acquire_owned() else {
+        tracing::warn!("too many requests at once; shedding");
+        return ApiError::unavailable("the service is busy, try again", RETRY_AFTER).into_response();
+    };
+    next.run(req).await
+}
+
+/// The wait a long poll asked for with `Prefer: wait=N` (RFC 7240), capped;
+/// read as the handlers read it ([`crate::conditional::prefer_wait`]).
 pub fn long_poll_wait(headers: &HeaderMap) -> Duration {
-    let secs = headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([',', ';']))
-        .filter_map(|p| p.trim().strip_prefix("wait=")?.trim().parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
-    Duration::from_secs(secs.min(MAX_LONG_POLL_SECS))
+    crate::conditional::prefer_wait(headers).unwrap_or_default().min(Duration::from_secs(MAX_LONG_POLL_SECS))
 }
 
 /// Bounds the time to the response head: a stream's body, once started, is
@@ -161,6 +181,85 @@ mod tests {
         assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
         let again = app.oneshot(Request::get("/fast").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(again.status(), StatusCode::OK, "the permit is back once the slow request ended");
+    }
+
+    /// A route that waits until released, telling when it has been entered,
+    /// and answers whether it saw a `Prefer` header; `/slow` always waits.
+    fn held(entered: Arc<Notify>, release: Arc<Notify>) -> Router {
+        let (entered2, release2) = (entered.clone(), release.clone());
+        Router::new()
+            .route(
+                "/held",
+                get(move |headers: HeaderMap| async move {
+                    entered.notify_one();
+                    if headers.contains_key("prefer") {
+                        release.notified().await;
+                        "waited"
+                    } else {
+                        "answered at once"
+                    }
+                })
+                .post(|| async { "posted" }),
+            )
+            .route(
+                "/slow",
+                get(move || async move {
+                    entered2.notify_one();
+                    release2.notified().await;
+                    "slow"
+                }),
+            )
+    }
+
+    #[tokio::test]
+    async fn a_waiting_long_poll_holds_no_slot_of_the_concurrency_limit() {
+        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let app =
+            limits(60_000, 1).apply(held(entered.clone(), release.clone()).route("/fast", get(|| async { "fast" })));
+        let poll = Request::get("/held").header("prefer", "wait=20").body(Body::empty()).unwrap();
+        let first = tokio::spawn(app.clone().oneshot(poll));
+        entered.notified().await;
+
+        let fast = app.clone().oneshot(Request::get("/fast").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(fast.status(), StatusCode::OK, "the one slot is free while the long poll waits");
+
+        release.notify_one();
+        let resp = first.await.unwrap().unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 10).await.unwrap();
+        assert_eq!(&body[..], b"waited");
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_beyond_its_own_bound_is_answered_at_once_and_a_post_is_never_a_long_poll() {
+        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let bounds = HttpLimits { max_long_polls: 1, ..limits(60_000, 1) };
+        let app = bounds.apply(held(entered.clone(), release.clone()));
+        let poll = || Request::get("/held").header("prefer", "wait=20").body(Body::empty()).unwrap();
+        let first = tokio::spawn(app.clone().oneshot(poll()));
+        entered.notified().await;
+
+        let second = app.clone().oneshot(poll()).await.unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(second.into_body(), 1 << 10).await.unwrap();
+        assert_eq!(&body[..], b"answered at once", "without its wait, as a plain GET");
+
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_prefer_wait_on_anything_but_a_get_does_not_escape_the_limit() {
+        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let app = limits(60_000, 1).apply(held(entered.clone(), release.clone()));
+        // A plain request holds the one slot.
+        let first = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
+        entered.notified().await;
+        let post = Request::post("/held").header("prefer", "wait=5").body(Body::empty()).unwrap();
+        let (status, retry, _) = error_of(app.clone().oneshot(post).await.unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry.as_deref(), Some("1"));
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 
     #[tokio::test]
