@@ -12,13 +12,16 @@ mod payments;
 
 use axum::Router;
 use axum::routing::{get, post};
-use contracts::messages::{CreatePayment, UserCreated};
+use contracts::messages::{CreatePayment, PaymentCreated, PaymentFailed, UserCreated};
 use contracts::topology;
 use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+// What billing publishes; its outbox refuses any other message.
+runtime::publishes!(pub OUTBOX: Billing = "billing" => PaymentCreated, PaymentFailed);
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]

@@ -2,10 +2,11 @@
 
 use contracts::Money;
 use contracts::messages::{CreatePayment, NOT_ENOUGH_MONEY, PaymentCreated, PaymentFailed};
+use runtime::Incoming;
 use runtime::consumer::HandlerResult;
-use runtime::{Incoming, outbox};
 use sqlx::PgConnection;
 
+use crate::OUTBOX;
 use crate::accounts::{Debit, debit, ensure_account};
 
 pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePayment>) -> HandlerResult {
@@ -41,10 +42,10 @@ pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePaymen
         }
     };
     if succeeded {
-        outbox::enqueue(tx, &PaymentCreated { id: p.id }).await?;
+        OUTBOX.enqueue(tx, &PaymentCreated { id: p.id }).await?;
     } else {
         let reason = reason.unwrap_or_else(|| NOT_ENOUGH_MONEY.to_string());
-        outbox::enqueue(tx, &PaymentFailed { id: p.id, reason }).await?;
+        OUTBOX.enqueue(tx, &PaymentFailed { id: p.id, reason }).await?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ mod users;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
+use contracts::messages::{UserCreated, UserUpdated};
 use runtime::openapi::InternalAuth;
 use runtime::{MessagingConfig, Service};
 use sqlx::PgPool;
@@ -20,6 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::SigningKey;
+
+// What identity publishes; its outbox refuses any other message.
+runtime::publishes!(pub OUTBOX: Identity = "identity" => UserCreated, UserUpdated);
 pub use throttle::AbuseLimits;
 
 /// The service's REST API, as served at `/openapi.json`.

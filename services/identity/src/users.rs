@@ -9,12 +9,11 @@ use contracts::messages::{UserCreated, UserUpdated};
 use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
 use runtime::contact::{Email, Phone};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
-use runtime::outbox;
 use runtime::{ApiError, Json};
 use uuid::Uuid;
 
-use crate::AppState;
 use crate::throttle::ClientIp;
+use crate::{AppState, OUTBOX};
 
 struct UserRow {
     id: Uuid,
@@ -105,7 +104,7 @@ pub async fn register(
         return Err(ApiError::conflict("a user with this e-mail is already registered"));
     }
     let user = User { id, email, first_name, last_name, phone };
-    outbox::enqueue(&mut tx, &UserCreated::from(&user)).await?;
+    OUTBOX.enqueue(&mut tx, &UserCreated::from(&user)).await?;
     tx.commit().await?;
     tracing::info!(user_id = %id, "user registered");
     Ok((StatusCode::CREATED, Json(user)).into_response())
@@ -243,7 +242,7 @@ pub async fn update_profile(
     .fetch_optional(&mut *tx)
     .await?;
     let user = User::from(row.ok_or_else(|| ApiError::not_found("user not found"))?);
-    outbox::enqueue(&mut tx, &UserUpdated::from(&user)).await?;
+    OUTBOX.enqueue(&mut tx, &UserUpdated::from(&user)).await?;
     tx.commit().await?;
     Ok(Json(user))
 }

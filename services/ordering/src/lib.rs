@@ -8,7 +8,7 @@ mod orders;
 
 use axum::Router;
 use axum::routing::get;
-use contracts::messages::{PaymentCreated, PaymentFailed};
+use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use contracts::topology;
 use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
@@ -16,6 +16,9 @@ use runtime::watch::Watch;
 use runtime::{Consumer, MessagingConfig, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+// What ordering publishes; its outbox refuses any other message.
+runtime::publishes!(pub OUTBOX: Ordering = "ordering" => CreatePayment, OrderCreated, OrderFailed);
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]

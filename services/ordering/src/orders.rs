@@ -13,7 +13,9 @@ use runtime::consumer::{HandlerError, HandlerResult};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::idempotency::{self, Claim, IdempotencyKeyHeader};
 use runtime::watch::Watch;
-use runtime::{ApiError, Incoming, Json, Page, Path, Query, outbox};
+use runtime::{ApiError, Incoming, Json, Page, Path, Query};
+
+use crate::OUTBOX;
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 use uuid::Uuid;
@@ -163,7 +165,7 @@ pub async fn create(
     )
     .fetch_one(&mut *tx)
     .await?;
-    outbox::enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
+    OUTBOX.enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
     Ok(accepted(Order::from(row)))
@@ -343,7 +345,7 @@ async fn settle(
 pub async fn on_payment_created(tx: &mut PgConnection, msg: Incoming<PaymentCreated>) -> HandlerResult {
     let order_id = msg.payload.id;
     if let Some((user_id, price)) = settle(tx, order_id, OrderStatus::Succeeded, None).await? {
-        outbox::enqueue(tx, &OrderCreated { order_id, user_id, price, occurred_at: Utc::now() }).await?;
+        OUTBOX.enqueue(tx, &OrderCreated { order_id, user_id, price, occurred_at: Utc::now() }).await?;
     }
     Ok(())
 }
@@ -351,7 +353,7 @@ pub async fn on_payment_created(tx: &mut PgConnection, msg: Incoming<PaymentCrea
 pub async fn on_payment_failed(tx: &mut PgConnection, msg: Incoming<PaymentFailed>) -> HandlerResult {
     let PaymentFailed { id: order_id, reason } = msg.payload;
     if let Some((user_id, price)) = settle(tx, order_id, OrderStatus::Failed, Some(&reason)).await? {
-        outbox::enqueue(tx, &OrderFailed { order_id, user_id, price, reason, occurred_at: Utc::now() }).await?;
+        OUTBOX.enqueue(tx, &OrderFailed { order_id, user_id, price, reason, occurred_at: Utc::now() }).await?;
     }
     Ok(())
 }

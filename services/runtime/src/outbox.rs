@@ -12,13 +12,100 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
+use std::marker::PhantomData;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// A service that publishes: what it may write to its outbox, declared once
+/// in its wiring with [`publishes!`](crate::publishes).
+pub trait Publisher: Send + Sync + 'static {
+    /// The publishing service; its exchange is named after it.
+    const SERVICE: &'static str;
+    /// The names of the messages it publishes.
+    const MESSAGES: &'static [&'static str];
+}
+
+/// `Self` declared that it publishes `M`: the only way to enqueue an `M`.
+pub trait Publishes<M: Message>: Publisher {}
+
+/// A service's outbox: it takes only the messages its publisher declared (a
+/// message not declared does not compile).
+pub struct Outbox<P>(PhantomData<fn() -> P>);
+
+impl<P: Publisher> Outbox<P> {
+    #[allow(clippy::new_without_default)] // used in `const` items
+    pub const fn new() -> Self {
+        Outbox(PhantomData)
+    }
+
+    /// Writes `message` to the outbox inside the caller's transaction and
+    /// returns its message id.
+    pub async fn enqueue<M: Message>(&self, conn: &mut PgConnection, message: &M) -> sqlx::Result<Uuid>
+    where
+        P: Publishes<M>,
+    {
+        enqueue(conn, message).await
+    }
+}
+
+/// Whether two strings are equal, in `const` context (the check of
+/// [`publishes!`](crate::publishes) that a service publishes to its own exchange).
+#[doc(hidden)]
+pub const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[doc(hidden)]
+pub use contracts::Message as __Message;
+
+/// Declares what a service publishes, in its wiring:
+///
+/// ```ignore
+/// runtime::publishes!(pub OUTBOX: Identity = "identity" => UserCreated, UserUpdated);
+/// // ...
+/// OUTBOX.enqueue(&mut tx, &UserCreated::from(&user)).await?;
+/// ```
+///
+/// defines the publisher type `Identity`, its [`Outbox`] `OUTBOX`, and checks
+/// at compile time that each message goes to the service's own exchange. The
+/// AsyncAPI test compares every service's declaration with the document.
+#[macro_export]
+macro_rules! publishes {
+    ($vis:vis $outbox:ident : $publisher:ident = $service:literal => $($message:ty),+ $(,)?) => {
+        /// The messages this service publishes (through its outbox only).
+        #[derive(Clone, Copy, Debug)]
+        $vis struct $publisher;
+        impl $crate::outbox::Publisher for $publisher {
+            const SERVICE: &'static str = $service;
+            const MESSAGES: &'static [&'static str] = &[$(<$message as $crate::outbox::__Message>::NAME),+];
+        }
+        $(impl $crate::outbox::Publishes<$message> for $publisher {})+
+        const _: () = {
+            $(assert!(
+                $crate::outbox::same(<$message as $crate::outbox::__Message>::EXCHANGE, $service),
+                concat!(stringify!($message), " is not published to the exchange of ", $service)
+            );)+
+        };
+        /// This service's outbox: it takes the messages declared here, no others.
+        $vis const $outbox: $crate::outbox::Outbox<$publisher> = $crate::outbox::Outbox::new();
+    };
+}
+
 /// Writes `message` to the outbox inside the caller's transaction and
-/// returns its message id.
-pub async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::Result<Uuid> {
+/// returns its message id (reached through a declared [`Outbox`] only).
+async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::Result<Uuid> {
     let id = Uuid::now_v7();
     let payload = serde_json::to_value(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     // The trace goes on with the message: its consumer's span is our child.
@@ -316,4 +403,18 @@ pub async fn backlog(pool: &PgPool) -> sqlx::Result<(i64, Option<f64>)> {
     .fetch_one(pool)
     .await?;
     Ok((row.n, row.oldest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn same_compares_whole_strings_in_const_context() {
+        const { assert!(same("ordering", "ordering")) };
+        assert!(!same("ordering", "orderinG"));
+        assert!(!same("ordering", "order"));
+        assert!(!same("", "a"));
+        assert!(same("", ""));
+    }
 }

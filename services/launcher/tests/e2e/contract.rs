@@ -203,3 +203,30 @@ async fn services_and_the_gateway_serve_their_documents() {
     assert!(r.text().await.unwrap().contains("swagger"), "Swagger UI");
     app.stop().await;
 }
+
+/// The `(service, message)` pairs a publisher declares in its wiring.
+fn declared<P: runtime::outbox::Publisher>() -> impl Iterator<Item = (String, String)> {
+    P::MESSAGES.iter().map(|m| (P::SERVICE.to_string(), m.to_string()))
+}
+
+#[test]
+fn what_each_service_declares_it_publishes_is_what_the_asyncapi_document_says() {
+    let declared: BTreeSet<(String, String)> = declared::<identity::Identity>()
+        .chain(declared::<billing::Billing>())
+        .chain(declared::<ordering::Ordering>())
+        .collect();
+    let path = repo().join("contracts/asyncapi.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let documented: BTreeSet<(String, String)> = doc["operations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, op)| op["action"] == "send")
+        .map(|(key, _)| {
+            let (service, message) = key.split_once(".send.").unwrap_or_else(|| panic!("operation {key}"));
+            (service.to_string(), message.to_string())
+        })
+        .collect();
+    assert!(!declared.is_empty());
+    assert_eq!(declared, documented, "publishers declared in the wiring (left) vs {} (right)", path.display());
+}

@@ -242,7 +242,7 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
     s.queue("test.orders", exchange::ORDERING, OrderCreated::NAME).await;
     let event = order_created();
     let mut tx = s.pool.begin().await.unwrap();
-    let message_id = outbox::enqueue(&mut tx, &event).await.unwrap();
+    let message_id = ordering::OUTBOX.enqueue(&mut tx, &event).await.unwrap();
     tx.commit().await.unwrap();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -270,7 +270,7 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
 
     // Once running, it wakes on the commit itself (the poll is a minute).
     let mut tx = s.pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &order_created()).await.unwrap();
+    ordering::OUTBOX.enqueue(&mut tx, &order_created()).await.unwrap();
     tx.commit().await.unwrap();
     eventually(Duration::from_secs(5), || async {
         ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap()
