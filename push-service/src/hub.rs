@@ -39,6 +39,9 @@ pub struct OrderEventData {
 #[derive(Clone, Debug)]
 pub struct PushEvent {
     pub offset: u64,
+    /// The AMQP `message_id` it was published with: the same when the outbox
+    /// publishes it again (at-least-once), under a new offset.
+    pub message_id: Option<Uuid>,
     pub event: &'static str,
     pub user_id: Uuid,
     pub data: OrderEventData,
@@ -49,20 +52,27 @@ pub struct PushEvent {
 #[derive(Debug)]
 pub enum Entry {
     Event(PushEvent),
-    Other { offset: u64 },
+    Other { offset: u64, message_id: Option<Uuid> },
 }
 
 impl Entry {
     pub fn offset(&self) -> u64 {
         match self {
             Entry::Event(e) => e.offset,
-            Entry::Other { offset } => *offset,
+            Entry::Other { offset, .. } => *offset,
+        }
+    }
+
+    pub fn message_id(&self) -> Option<Uuid> {
+        match self {
+            Entry::Event(e) => e.message_id,
+            Entry::Other { message_id, .. } => *message_id,
         }
     }
 }
 
-/// Decodes a stream entry from its AMQP type and body.
-pub fn decode(offset: u64, kind: &str, body: &[u8]) -> Result<Entry, String> {
+/// Decodes a stream entry from its AMQP type, message id and body.
+pub fn decode(offset: u64, kind: &str, message_id: Option<Uuid>, body: &[u8]) -> Result<Entry, String> {
     let bad = |e: serde_json::Error| format!("invalid {kind} body: {e}");
     let (event, user_id, data) = match kind {
         OrderCreated::NAME => {
@@ -87,9 +97,50 @@ pub fn decode(offset: u64, kind: &str, body: &[u8]) -> Result<Entry, String> {
             };
             (OrderFailed::NAME, m.user_id, data)
         }
-        _ => return Ok(Entry::Other { offset }),
+        _ => return Ok(Entry::Other { offset, message_id }),
     };
-    Ok(Entry::Event(PushEvent { offset, event, user_id, data }))
+    Ok(Entry::Event(PushEvent { offset, message_id, event, user_id, data }))
+}
+
+/// The message ids of the last events read, each with the offset it was first
+/// read at, bounded in number (the oldest forgotten first). An event whose id
+/// is here under an earlier offset is a re-publication of one already
+/// delivered: it is neither stored nor sent again, live or on replay.
+struct Seen {
+    first: HashMap<Uuid, u64>,
+    order: VecDeque<Uuid>,
+    capacity: usize,
+}
+
+impl Seen {
+    fn new(capacity: usize) -> Self {
+        Seen { first: HashMap::new(), order: VecDeque::new(), capacity }
+    }
+
+    /// Records `id` read at `offset`; the earlier offset it was first read
+    /// at when this is a duplicate.
+    fn record(&mut self, id: Uuid, offset: u64) -> Option<u64> {
+        if self.capacity == 0 {
+            return None;
+        }
+        match self.first.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()).filter(|&first| first < offset),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(offset);
+                self.order.push_back(id);
+                if self.order.len() > self.capacity
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.first.remove(&old);
+                }
+                None
+            }
+        }
+    }
+
+    fn duplicate(&self, id: Uuid, offset: u64) -> bool {
+        self.first.get(&id).is_some_and(|&first| first < offset)
+    }
 }
 
 struct State {
@@ -99,6 +150,7 @@ struct State {
     recent: VecDeque<(Instant, Arc<PushEvent>)>,
     /// Every event at or after this offset (up to the position) is in `recent`.
     recent_from: Option<u64>,
+    seen: Seen,
 }
 
 impl State {
@@ -143,13 +195,15 @@ pub enum Missed {
 impl Hub {
     /// `buffer`: events a connection may fall behind by before it is closed
     /// (the browser then resumes from its last id; nothing is skipped).
-    pub fn new(buffer: usize, recent: Recent) -> Self {
+    /// `dedup`: message ids remembered to recognise a re-published event.
+    pub fn new(buffer: usize, recent: Recent, dedup: usize) -> Self {
         Hub {
             state: Mutex::new(State {
                 streams: HashMap::new(),
                 position: None,
                 recent: VecDeque::new(),
                 recent_from: None,
+                seen: Seen::new(dedup),
             }),
             buffer: buffer.max(1),
             recent,
@@ -215,8 +269,25 @@ impl Hub {
         self.state.lock().expect("hub lock").streams.len()
     }
 
+    /// Takes an entry read before the position existed (the history a
+    /// starting replica reads up to its marker): only its message id is
+    /// remembered, so that a later re-publication of it is recognised.
+    pub fn remember(&self, entry: &Entry) {
+        if let Entry::Event(PushEvent { message_id: Some(id), offset, .. }) = entry {
+            self.state.lock().expect("hub lock").seen.record(*id, *offset);
+        }
+    }
+
+    /// Whether `event` re-publishes one read at an earlier offset (for a
+    /// replay from the stream, whose entries the live reader has all read).
+    pub fn is_duplicate(&self, event: &PushEvent) -> bool {
+        let Some(id) = event.message_id else { return false };
+        self.state.lock().expect("hub lock").seen.duplicate(id, event.offset)
+    }
+
     /// Takes an entry from the live reader: moves the position and hands an
-    /// event to its user's connections.
+    /// event to its user's connections, unless it re-publishes one already
+    /// read (then it only moves the position).
     pub fn publish(&self, entry: Entry) {
         let offset = entry.offset();
         {
@@ -227,6 +298,17 @@ impl Hub {
             state.position = Some(offset);
             if self.recent.events > 0 && state.recent_from.is_none() {
                 state.recent_from = Some(offset);
+            }
+            if let Entry::Event(event) = &entry
+                && let Some(id) = event.message_id
+                && let Some(first) = state.seen.record(id, offset)
+            {
+                tracing::info!(message_id = %id, order_id = %event.data.order_id, offset, first,
+                    "order event published again; not sent twice");
+                metrics::counter!("push_duplicate_events_total").increment(1);
+                drop(state);
+                self.moved(offset);
+                return;
             }
             if let Entry::Event(event) = entry {
                 let event = Arc::new(event);
@@ -243,6 +325,10 @@ impl Hub {
                 }
             }
         }
+        self.moved(offset);
+    }
+
+    fn moved(&self, offset: u64) {
         self.ready.send_if_modified(|p| {
             let first = p.is_none();
             *p = Some(offset);
@@ -293,8 +379,14 @@ mod tests {
     use super::*;
 
     fn event(offset: u64, user: Uuid) -> Entry {
+        published(offset, user, Uuid::new_v4())
+    }
+
+    /// An event published with the message id `id`.
+    fn published(offset: u64, user: Uuid, id: Uuid) -> Entry {
         Entry::Event(PushEvent {
             offset,
+            message_id: Some(id),
             event: "OrderCreated",
             user_id: user,
             data: OrderEventData {
@@ -316,9 +408,9 @@ mod tests {
 
     #[test]
     fn resumes_from_memory_within_the_window_and_from_the_stream_beyond_it() {
-        let hub = Arc::new(Hub::new(4, Recent { events: 3, max_age: Duration::from_secs(60) }));
+        let hub = Arc::new(Hub::new(4, Recent { events: 3, max_age: Duration::from_secs(60) }, 100));
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        hub.publish(Entry::Other { offset: 10 }); // the marker
+        hub.publish(Entry::Other { offset: 10, message_id: None }); // the marker
         for (offset, user) in [(11, alice), (12, bob), (13, alice), (14, alice)] {
             hub.publish(event(offset, user));
         }
@@ -336,7 +428,7 @@ mod tests {
 
     #[test]
     fn a_users_channel_is_freed_with_its_last_subscription() {
-        let hub = Arc::new(Hub::new(4, Recent { events: 0, max_age: Duration::ZERO }));
+        let hub = Arc::new(Hub::new(4, Recent { events: 0, max_age: Duration::ZERO }, 100));
         let user = Uuid::new_v4();
         let (a, _) = hub.subscribe(user);
         let (b, _) = hub.subscribe(user);
@@ -349,12 +441,67 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_learns_it() {
-        let hub = Arc::new(Hub::new(2, Recent { events: 0, max_age: Duration::ZERO }));
+        let hub = Arc::new(Hub::new(2, Recent { events: 0, max_age: Duration::ZERO }, 100));
         let user = Uuid::new_v4();
         let (mut sub, _) = hub.subscribe(user);
         for offset in 1..=3 {
             hub.publish(event(offset, user));
         }
         assert!(matches!(sub.recv().await, Err(broadcast::error::RecvError::Lagged(1))));
+    }
+
+    #[tokio::test]
+    async fn an_event_published_again_is_neither_sent_nor_kept_twice() {
+        let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
+        let (alice, id) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.publish(Entry::Other { offset: 1, message_id: None });
+        let (mut live, _) = hub.subscribe(alice);
+        hub.publish(published(2, alice, id));
+        hub.publish(event(3, alice));
+        hub.publish(published(4, alice, id)); // the outbox's second publish
+        hub.publish(event(5, alice));
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(live.recv().await.unwrap().offset);
+        }
+        assert_eq!(got, [2, 3, 5]);
+        assert!(live.rx.as_mut().unwrap().try_recv().is_err(), "nothing more");
+        assert_eq!(hub.position(), Some(5), "the duplicate still moves the position");
+        // A resume from memory does not see it either.
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(1));
+        assert_eq!(offsets(missed), Some(vec![2, 3, 5]));
+        // A replay from the stream asks the hub.
+        let entry = |e: Entry| match e {
+            Entry::Event(e) => e,
+            Entry::Other { .. } => unreachable!(),
+        };
+        assert!(hub.is_duplicate(&entry(published(4, alice, id))));
+        assert!(!hub.is_duplicate(&entry(published(2, alice, id))), "the first is not");
+    }
+
+    #[test]
+    fn history_read_before_the_marker_is_remembered_but_not_delivered() {
+        let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
+        let (alice, id) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.remember(&published(7, alice, id));
+        assert_eq!(hub.position(), None);
+        hub.publish(Entry::Other { offset: 9, message_id: None }); // the marker
+        let (_s, _, _) = hub.subscribe_after(alice, None);
+        hub.publish(published(10, alice, id));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(9));
+        assert_eq!(offsets(missed), Some(vec![]), "offset 10 re-publishes offset 7");
+    }
+
+    #[test]
+    fn the_ids_remembered_are_bounded() {
+        let mut seen = Seen::new(2);
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(seen.record(a, 1), None);
+        assert_eq!(seen.record(b, 2), None);
+        assert_eq!(seen.record(a, 3), Some(1));
+        assert_eq!(seen.record(c, 4), None); // forgets a
+        assert!(!seen.duplicate(a, 5));
+        assert!(seen.duplicate(b, 5));
+        assert_eq!(seen.record(b, 2), None, "the same offset read again is not a duplicate");
     }
 }

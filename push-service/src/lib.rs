@@ -85,6 +85,16 @@ pub struct Config {
     #[arg(long, env = "PUSH_RECENT_EVENTS", default_value_t = 10_000)]
     pub recent_events: usize,
 
+    /// Message ids of the last events remembered, so that an event the
+    /// outbox publishes again (at-least-once) is not delivered twice.
+    #[arg(long, env = "PUSH_DEDUP_EVENTS", default_value_t = 200_000)]
+    pub dedup_events: usize,
+
+    /// How far back a starting replica reads the stream to learn the message
+    /// ids of events delivered before it started (same units as the retention).
+    #[arg(long, env = "PUSH_DEDUP_LOOKBACK", default_value = "1h", value_parser = parse_max_age)]
+    pub dedup_lookback: String,
+
     /// Replays (resumes from an older id) read from the stream at once.
     #[arg(long, env = "PUSH_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
@@ -145,6 +155,8 @@ impl Config {
             drain_secs: 10,
             max_replays: 64,
             recent_events: 10_000,
+            dedup_events: 200_000,
+            dedup_lookback: "1h".into(),
             identity_url: None,
             addr: String::new(),
             tls_addr: String::new(),
@@ -195,7 +207,8 @@ pub async fn run_with_tls(
     let broker = Broker::new(&config.messaging.amqp_url);
     let recent =
         hub::Recent { events: config.recent_events, max_age: max_age(&config.retention).map_err(anyhow::Error::msg)? };
-    let hub = Arc::new(Hub::new(config.buffer, recent));
+    let hub = Arc::new(Hub::new(config.buffer, recent, config.dedup_events));
+    let lookback = max_age(&config.dedup_lookback).map_err(anyhow::Error::msg)?;
     let spec = stream::StreamSpec {
         name: config.stream.clone(),
         max_age: config.retention.clone(),
@@ -232,7 +245,10 @@ pub async fn run_with_tls(
     if let Some(verifier) = verifier {
         tasks.spawn("token keys", verifier.keep_fresh(Duration::from_secs(2), shutdown.clone()));
     }
-    tasks.spawn("order event stream", stream::read_live(hub, broker.clone(), spec, prefetch, shutdown.clone()));
+    tasks.spawn(
+        "order event stream",
+        stream::read_live(hub, broker.clone(), spec, prefetch, lookback, shutdown.clone()),
+    );
     if let Some(tls_listener) = tls_listener {
         let tls = runtime::tls::server_config(&config.tls).await?;
         let grace = drain + Duration::from_secs(5);

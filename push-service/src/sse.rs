@@ -238,6 +238,7 @@ fn replay_from_stream(state: AppState, user: Uuid, asked: u64, position: u64) ->
             if step.send
                 && let Entry::Event(e) = &entry
                 && e.user_id == user
+                && !state.hub.is_duplicate(e)
                 && let Some(event) = event_of(e)
             {
                 yield Replayed::Event(event);
@@ -462,6 +463,7 @@ mod tests {
         let event = |offset| {
             std::sync::Arc::new(PushEvent {
                 offset,
+                message_id: None,
                 user_id: Uuid::nil(),
                 event: "OrderCreated",
                 data: crate::hub::OrderEventData {

@@ -79,8 +79,9 @@ pub async fn declare(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
 /// Where a reader starts.
 #[derive(Clone, Copy, Debug)]
 pub enum Start {
-    Next,
     Offset(u64),
+    /// The first chunk written at or after this instant (seconds since the epoch).
+    Timestamp(u64),
 }
 
 /// Opens a reader of the stream on a new channel.
@@ -94,7 +95,7 @@ pub async fn open(
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut args = FieldTable::default();
     let offset = match from {
-        Start::Next => text("next"),
+        Start::Timestamp(t) => AMQPValue::Timestamp(t),
         Start::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
     };
     args.insert("x-stream-offset".into(), offset);
@@ -124,9 +125,10 @@ pub fn offset_of(properties: &BasicProperties) -> Option<u64> {
 pub async fn entry_of(delivery: lapin::message::Delivery) -> anyhow::Result<Entry> {
     let offset = offset_of(&delivery.properties).ok_or_else(|| anyhow::anyhow!("delivery without x-stream-offset"))?;
     let kind = delivery.properties.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
-    let entry = decode(offset, &kind, &delivery.data).unwrap_or_else(|reason| {
+    let message_id = delivery.properties.message_id().as_ref().and_then(|id| id.as_str().parse::<Uuid>().ok());
+    let entry = decode(offset, &kind, message_id, &delivery.data).unwrap_or_else(|reason| {
         tracing::error!(offset, %reason, "unusable order event skipped");
-        Entry::Other { offset }
+        Entry::Other { offset, message_id }
     });
     delivery.ack(BasicAckOptions::default()).await?;
     Ok(entry)
@@ -134,10 +136,10 @@ pub async fn entry_of(delivery: lapin::message::Delivery) -> anyhow::Result<Entr
 
 /// Appends a marker to the stream (so that a replica with no traffic learns
 /// its position at once).
-async fn append_marker(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
+async fn append_marker(broker: &Broker, spec: &StreamSpec, id: Uuid) -> anyhow::Result<()> {
     let channel = broker.confirm_channel().await?;
     let props = BasicProperties::default()
-        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_message_id(id.to_string().into())
         .with_type(MARKER.into())
         .with_content_type("application/json".into());
     runtime::broker::publish_confirmed(&channel, "", &spec.name, b"{}", props).await?;
@@ -147,11 +149,17 @@ async fn append_marker(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()>
 
 /// Reads the stream live into `hub` until `shutdown`, reconnecting after
 /// failures from the offset after the last one delivered.
+///
+/// At start the reader begins `lookback` before now and appends a marker:
+/// what comes before the marker is history, whose message ids the hub only
+/// remembers (so that an event re-published later is not delivered twice);
+/// the marker is the hub's first position.
 pub async fn read_live(
     hub: Arc<Hub>,
     broker: Broker,
     spec: StreamSpec,
     prefetch: u16,
+    lookback: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pause = Duration::from_millis(100);
@@ -160,17 +168,25 @@ pub async fn read_live(
             declare(&broker, &spec).await?;
             let from = match hub.position() {
                 Some(p) => Start::Offset(p + 1),
-                None => Start::Next,
+                None => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    Start::Timestamp(now.saturating_sub(lookback).as_secs())
+                }
             };
             let (channel, consumer) = open(&broker, &spec, from, prefetch).await?;
             tracing::info!(stream = %spec.name, ?from, "reading order events live");
+            let marker = Uuid::new_v4();
             if hub.position().is_none() {
-                append_marker(&broker, &spec).await?;
+                append_marker(&broker, &spec, marker).await?;
             }
             let mut deliveries = std::pin::pin!(consumer.take_until(shutdown.cancelled()));
             let mut first = true;
             while let Some(delivery) = deliveries.next().await {
                 let entry = entry_of(delivery?).await?;
+                if hub.position().is_none() && entry.message_id() != Some(marker) {
+                    hub.remember(&entry); // history before the marker
+                    continue;
+                }
                 if let Start::Offset(expected) = from
                     && entry.offset() < expected
                 {

@@ -527,3 +527,60 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
     replica.stop().await;
     app.stop().await;
 }
+
+/// Publishes an `OrderCreated` for `user` under the message id `message_id`,
+/// as ordering's outbox relay does (again, when its "sent" mark was lost).
+async fn publish_order_event(app: &TestApp, user: uuid::Uuid, order: uuid::Uuid, message_id: uuid::Uuid) {
+    let body = json!({"orderId": order, "userId": user, "price": 5, "occurredAt": chrono::Utc::now()});
+    let body = serde_json::to_vec(&body).unwrap();
+    app.publish_raw("ordering", "OrderCreated", Some(&message_id.to_string()), "OrderCreated", &body).await;
+}
+
+/// The outbox publishes at least once: an order event published again (the
+/// same message id under a new stream offset) reaches the user's stream once
+/// — live, on a resume from memory, on a resume from the stream, and on a
+/// replica started after both copies were written.
+#[tokio::test]
+async fn an_order_event_published_twice_reaches_the_stream_once() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let replica = Replica::start(&app, |_| {}).await;
+    let mut live = replica.subscribe(&user, None).await;
+    let (order, again) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let message = uuid::Uuid::new_v4();
+    publish_order_event(&app, user.id, order, message).await;
+    publish_order_event(&app, user.id, order, message).await; // the re-publication
+    publish_order_event(&app, user.id, again, uuid::Uuid::new_v4()).await;
+    let (order, again) = (order.to_string(), again.to_string());
+    let first = next(&mut live).await;
+    assert_eq!(order_of(&first), order);
+    let before: u64 = first.id.parse::<u64>().unwrap() - 1;
+    expect_orders(&mut live, &[&again], &first.id).await;
+
+    // A later order is the next event everywhere: nothing in between.
+    let mut later = publish_orders(&app, user.id, 1).await;
+    expect_orders(&mut live, &[&later[0]], &first.id).await;
+    drop(live);
+
+    // Resumes on the same replica (from memory), on one that keeps nothing
+    // in memory (from the stream), and on one started afterwards.
+    let from_stream = Replica::start(&app, |c| c.recent_events = 0).await;
+    for (name, r) in [("memory", &replica), ("stream", &from_stream)] {
+        let mut resumed = r.subscribe(&user, Some(&before.to_string())).await;
+        let expected: Vec<&str> = [&order, &again].into_iter().chain(&later).map(String::as_str).collect();
+        let last = expect_orders(&mut resumed, &expected, &before.to_string()).await;
+        let after = publish_orders(&app, user.id, 1).await;
+        expect_orders(&mut resumed, &[&after[0]], &last).await;
+        later.extend(after);
+        let e = tokio::time::timeout(Duration::from_millis(500), resumed.recv()).await;
+        assert!(e.is_err(), "resume from {name}: nothing more, got {e:?}");
+        // Resuming just after the first copy: the second is not sent either.
+        let mut resumed = r.subscribe(&user, Some(&first.id)).await;
+        expect_orders(&mut resumed, &[&again], &first.id).await;
+    }
+    assert_eq!(replica.stats().await["replaysFromMemory"], 2);
+    assert_eq!(from_stream.stats().await["replaysFromStream"], 2);
+    replica.stop().await;
+    from_stream.stop().await;
+    app.stop().await;
+}
