@@ -106,6 +106,10 @@ pub struct Config {
     #[arg(long, env = "PUSH_IDENTITY_URL")]
     pub identity_url: Option<String>,
 
+    /// How the token checks (with `PUSH_IDENTITY_URL`) keep current.
+    #[command(flatten)]
+    pub verifier: runtime::tokens::VerifierConfig,
+
     /// Cleartext address: HTTP/1.1 and prior-knowledge HTTP/2 (h2c).
     #[arg(long, env = "PUSH_ADDR", default_value = "127.0.0.1:8085")]
     pub addr: String,
@@ -158,6 +162,7 @@ impl Config {
             dedup_events: 200_000,
             dedup_lookback: "1h".into(),
             identity_url: None,
+            verifier: Default::default(),
             addr: String::new(),
             tls_addr: String::new(),
             tls: TlsConfig::default(),
@@ -217,7 +222,7 @@ pub async fn run_with_tls(
     // A stream reader needs credit for whole chunks to keep up.
     let prefetch = config.messaging.prefetch.max(256);
     let drain = Duration::from_secs(config.drain_secs);
-    let verifier = config.identity_url.as_deref().map(|url| Arc::new(TokenVerifier::new(url)));
+    let verifier = config.identity_url.as_deref().map(|url| Arc::new(TokenVerifier::new(url, config.verifier.clone())));
     let state = AppState {
         hub: hub.clone(),
         broker: broker.clone(),
@@ -238,12 +243,20 @@ pub async fn run_with_tls(
     let app = service_router(
         "push",
         config.limits.apply(routes),
-        Readiness { broker: Some(broker.clone()), ..Default::default() },
+        Readiness {
+            broker: Some(broker.clone()),
+            // Facing browsers, it is ready only while it can judge tokens.
+            check: verifier.clone().map(|v| {
+                let check: Arc<dyn Fn() -> Option<&'static str> + Send + Sync> = Arc::new(move || v.not_ready());
+                check
+            }),
+            ..Default::default()
+        },
     );
 
     let mut tasks = Tasks::new(shutdown.clone());
     if let Some(verifier) = verifier {
-        tasks.spawn("token keys", verifier.keep_fresh(Duration::from_secs(2), shutdown.clone()));
+        tasks.spawn("token keys", verifier.keep_fresh(shutdown.clone()));
     }
     tasks.spawn(
         "order event stream",

@@ -92,8 +92,12 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
         return Ok(CurrentUser { id: runtime::auth::user_id_of(headers)?, email: String::new() });
     };
     let token = runtime::tokens::token_of(headers).ok_or(TokenError::Missing)?;
-    // Any failure to verify is a 401 here (a replica facing browsers).
-    let claims = verifier.verify(token).await.map_err(|_| TokenError::Invalid)?;
+    // A token that cannot be judged now is a 503 (fail closed); any other
+    // failure a 401.
+    let claims = verifier.verify(token).await.map_err(|e| match e {
+        TokenError::RevocationsStale | TokenError::Unavailable => e,
+        _ => TokenError::Invalid,
+    })?;
     tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));
     Ok(CurrentUser { id: claims.user_id, email: claims.email })
 }
@@ -109,7 +113,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
         (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData`",
             content_type = "text/event-stream", body = crate::hub::OrderEventData),
         runtime::http::responses::NotAuthenticated,
-        (status = 503, description = "The stream is not available yet", body = contracts::api::ErrorBody),
+        (status = 503, description = "The stream is not available yet, or the token cannot be checked now \
+            (the list of revoked tokens is out of date)", body = contracts::api::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ))]
 pub async fn order_events(
     State(state): State<AppState>,

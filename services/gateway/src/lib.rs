@@ -33,10 +33,8 @@ pub struct Config {
     pub notification_url: String,
     #[arg(long, env = "PUSH_URL", default_value = "http://127.0.0.1:8085")]
     pub push_url: String,
-    /// How often the list of revoked tokens is refreshed from identity, in
-    /// milliseconds (a logout through this replica applies at once).
-    #[arg(long, env = "REVOCATION_REFRESH_MS", default_value_t = 2000)]
-    pub revocation_refresh_ms: u64,
+    #[command(flatten)]
+    pub verifier: runtime::tokens::VerifierConfig,
     /// Longest wait for a service's answer to start (event streams, once
     /// started, are never cut; a long poll with `Prefer: wait=N` gets N more
     /// seconds).
@@ -70,24 +68,20 @@ pub async fn run_with_tls(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = proxy::client();
-    let auth = Arc::new(TokenVerifier::new(&config.identity_url));
+    let auth = Arc::new(TokenVerifier::new(&config.identity_url, config.verifier.clone()));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone())?);
     let keys = auth.clone();
     let app = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
-        .merge(health_routes(Readiness {
-            check: Some(Arc::new(move || (!keys.has_keys()).then_some("identity's token keys not loaded yet"))),
-            ..Default::default()
-        }))
+        .merge(health_routes(Readiness { check: Some(Arc::new(move || keys.not_ready())), ..Default::default() }))
         .merge(web::routes())
         .merge(docs::routes())
         .fallback(not_found);
     let app = with_common_layers("gateway", config.limits.apply(app).merge(runtime::metrics::routes()));
 
     let mut tasks = Tasks::new(shutdown.clone());
-    let refresh = Duration::from_millis(config.revocation_refresh_ms);
-    tasks.spawn("token keys", auth.clone().keep_fresh(refresh, shutdown.clone()));
+    tasks.spawn("token keys", auth.clone().keep_fresh(shutdown.clone()));
     if let Some(https) = https {
         let tls = runtime::tls::server_config(&config.tls).await?;
         let grace = Duration::from_secs(30);

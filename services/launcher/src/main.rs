@@ -221,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
         ordering_url: url(ordering_addr),
         notification_url: url(notification_addr),
         push_url,
-        revocation_refresh_ms: 2000,
+        verifier: Default::default(),
         upstream_timeout_secs: 30,
         client_ip_header: cli.gateway_client_ip_header.clone(),
         https_addr: cli.gateway_https_addr.clone(),

@@ -66,5 +66,8 @@ mod tests {
         assert_eq!(ApiError::from(TokenError::Missing).status, StatusCode::UNAUTHORIZED);
         assert!(ApiError::from(TokenError::Invalid).message.contains("invalid, expired or revoked"));
         assert_eq!(ApiError::from(TokenError::Unavailable).status, StatusCode::SERVICE_UNAVAILABLE);
+        let stale = ApiError::from(TokenError::RevocationsStale);
+        assert_eq!((stale.status, stale.retry_after.is_some()), (StatusCode::SERVICE_UNAVAILABLE, true));
+        assert!(stale.message.contains("revoked tokens"));
     }
 }

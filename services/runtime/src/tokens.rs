@@ -3,6 +3,12 @@
 //! (JWKS), fetched at start and again when a token names an unknown key, and
 //! the list of revoked tokens, refreshed from identity and updated at once by
 //! a logout that passes through this process.
+//!
+//! Revocation fails closed: when the list could not be loaded for longer than
+//! `REVOCATION_MAX_AGE_SECS`, a token that is otherwise valid cannot be judged
+//! and is answered 503 with `Retry-After` (and the process is not ready),
+//! never accepted. A stream opened with a token ends with it
+//! ([`TokenVerifier::until_ended`]).
 
 use axum::http::{HeaderMap, Uri, header};
 use contracts::api::{TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims};
@@ -28,6 +34,35 @@ pub enum TokenError {
     Invalid,
     /// No key to check with yet (identity unreachable since start).
     Unavailable,
+    /// The token is well signed, but the list of revoked tokens is older
+    /// than allowed: whether it was logged out cannot be told.
+    RevocationsStale,
+}
+
+/// What a client is told to wait when tokens cannot be judged.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How a verifier keeps its keys and revocations current.
+#[derive(clap::Args, Clone, Debug)]
+pub struct VerifierConfig {
+    /// How often the list of revoked tokens is refreshed from identity, in
+    /// milliseconds (a logout through this replica applies at once).
+    #[arg(long, env = "REVOCATION_REFRESH_MS", default_value_t = 2000)]
+    pub revocation_refresh_ms: u64,
+    /// Longest time without a successful load of the revoked-token list;
+    /// past it, tokens are refused with 503 and the process is not ready.
+    #[arg(long, env = "REVOCATION_MAX_AGE_SECS", default_value_t = 30)]
+    pub revocation_max_age_secs: u64,
+    /// How often identity's public keys (JWKS) are fetched again, in seconds
+    /// (a token naming an unknown key fetches them at once, at most every 5 s).
+    #[arg(long, env = "KEY_REFRESH_SECS", default_value_t = 300)]
+    pub key_refresh_secs: u64,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        VerifierConfig { revocation_refresh_ms: 2000, revocation_max_age_secs: 30, key_refresh_secs: 300 }
+    }
 }
 
 /// The answers every service gives for these, in one place.
@@ -38,9 +73,11 @@ impl From<TokenError> for crate::ApiError {
                 crate::ApiError::unauthorized("authentication required: send a bearer token or the accessToken cookie")
             }
             TokenError::Invalid => crate::ApiError::unauthorized("the access token is invalid, expired or revoked"),
-            TokenError::Unavailable => {
-                crate::ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "authentication is not available yet")
-            }
+            TokenError::Unavailable => crate::ApiError::unavailable("authentication is not available yet", RETRY_AFTER),
+            TokenError::RevocationsStale => crate::ApiError::unavailable(
+                "the token cannot be checked now (the list of revoked tokens is out of date); try again later",
+                RETRY_AFTER,
+            ),
         }
     }
 }
@@ -50,7 +87,12 @@ pub struct TokenVerifier {
     identity_url: String,
     keys: RwLock<HashMap<String, DecodingKey>>,
     revoked: RwLock<HashMap<Uuid, i64>>,
+    /// When the revoked-token list was last loaded in full.
+    revoked_loaded: RwLock<Option<tokio::time::Instant>>,
+    /// Bumped whenever a token is revoked here or the list is reloaded.
+    revocations: tokio::sync::watch::Sender<u64>,
     last_key_fetch: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    config: VerifierConfig,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +135,7 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl TokenVerifier {
-    pub fn new(identity_url: &str) -> Self {
+    pub fn new(identity_url: &str, config: VerifierConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         TokenVerifier {
@@ -101,7 +143,10 @@ impl TokenVerifier {
             identity_url: identity_url.trim_end_matches('/').to_string(),
             keys: RwLock::new(HashMap::new()),
             revoked: RwLock::new(HashMap::new()),
+            revoked_loaded: RwLock::new(None),
+            revocations: tokio::sync::watch::channel(0).0,
             last_key_fetch: tokio::sync::Mutex::new(None),
+            config,
         }
     }
 
@@ -128,10 +173,31 @@ impl TokenVerifier {
     async fn fetch_revoked(&self) -> anyhow::Result<()> {
         let list: Vec<Revoked> = self.get_json("/internal/v1/revoked-tokens").await?;
         let now = chrono::Utc::now().timestamp();
-        let mut revoked = self.revoked.write().expect("revoked lock");
-        revoked.retain(|_, exp| *exp > now);
-        revoked.extend(list.into_iter().map(|r| (r.jti, r.expires_at.timestamp())));
+        {
+            let mut revoked = self.revoked.write().expect("revoked lock");
+            revoked.retain(|_, exp| *exp > now);
+            revoked.extend(list.into_iter().map(|r| (r.jti, r.expires_at.timestamp())));
+        }
+        *self.revoked_loaded.write().expect("loaded lock") = Some(tokio::time::Instant::now());
+        self.revocations.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Whether the revoked-token list is too old to judge tokens by.
+    pub fn revocations_stale(&self) -> bool {
+        let max_age = Duration::from_secs(self.config.revocation_max_age_secs);
+        self.revoked_loaded.read().expect("loaded lock").is_none_or(|at| at.elapsed() > max_age)
+    }
+
+    /// Why this process cannot verify tokens now (readiness), if it cannot.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.has_keys() {
+            Some("identity's token keys not loaded yet")
+        } else if self.revocations_stale() {
+            Some("the list of revoked tokens could not be loaded recently")
+        } else {
+            None
+        }
     }
 
     /// Whether tokens can be verified yet (identity's keys are loaded).
@@ -140,7 +206,9 @@ impl TokenVerifier {
     }
 
     /// Keeps the keys and the revocations current until `shutdown`.
-    pub async fn keep_fresh(self: Arc<Self>, every: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn keep_fresh(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let every = Duration::from_millis(self.config.revocation_refresh_ms.max(1));
+        let key_every = Duration::from_secs(self.config.key_refresh_secs.max(1));
         let mut pause = Duration::from_millis(100);
         while !self.has_keys() {
             match self.fetch_keys().await {
@@ -155,9 +223,16 @@ impl TokenVerifier {
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
+        let mut keys_fetched = tokio::time::Instant::now();
         loop {
             if let Err(e) = self.fetch_revoked().await {
-                tracing::warn!(error = %e, "could not refresh revoked tokens");
+                tracing::warn!(error = %e, stale = self.revocations_stale(), "could not refresh revoked tokens");
+            }
+            if keys_fetched.elapsed() >= key_every {
+                keys_fetched = tokio::time::Instant::now();
+                if let Err(e) = self.fetch_keys().await {
+                    tracing::warn!(error = %e, "could not refresh identity's keys");
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -169,6 +244,34 @@ impl TokenVerifier {
     /// Applies a logout at once in this process.
     pub fn revoke(&self, claims: &TokenClaims) {
         self.revoked.write().expect("revoked lock").insert(claims.jti, claims.exp);
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    fn is_revoked(&self, jti: &Uuid) -> bool {
+        self.revoked.read().expect("revoked lock").contains_key(jti)
+    }
+
+    /// Resolves when the authority of `claims` ends: the token expires, is
+    /// revoked, or can no longer be judged (revocations stale). A stream
+    /// opened with the token ends then; the client reconnects with a fresh one.
+    pub async fn until_ended(&self, claims: &TokenClaims) {
+        let mut changes = self.revocations.subscribe();
+        let expires = chrono::DateTime::from_timestamp(claims.exp, 0).unwrap_or_default();
+        loop {
+            if self.is_revoked(&claims.jti) || self.revocations_stale() {
+                return;
+            }
+            let left = (expires - chrono::Utc::now()).to_std().unwrap_or_default();
+            if left.is_zero() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left) => return,
+                _ = changes.changed() => {}
+                // Staleness comes without a change.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
     }
 
     /// The claims of a valid, unexpired, unrevoked token.
@@ -196,8 +299,12 @@ impl TokenVerifier {
         validation.leeway = 5;
         let claims =
             jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| TokenError::Invalid)?.claims;
-        if self.revoked.read().expect("revoked lock").contains_key(&claims.jti) {
+        drop(keys);
+        if self.is_revoked(&claims.jti) {
             return Err(TokenError::Invalid);
+        }
+        if self.revocations_stale() {
+            return Err(TokenError::RevocationsStale);
         }
         Ok(claims)
     }

@@ -172,6 +172,8 @@ pub struct Tuning {
     pub identity_limits: runtime::HttpLimits,
     /// The header the gateway reads the client's address from (as behind an ingress).
     pub gateway_client_ip_header: Option<String>,
+    /// How long identity's access tokens are valid.
+    pub token_ttl_secs: u64,
 }
 
 impl Default for Tuning {
@@ -186,6 +188,7 @@ impl Default for Tuning {
             },
             identity_limits: Default::default(),
             gateway_client_ip_header: None,
+            token_ttl_secs: 3600,
         }
     }
 }
@@ -216,7 +219,7 @@ impl TestApp {
             database_url: db("identity"),
             messaging: messaging.clone(),
             limits: tuning.identity_limits,
-            token_ttl_secs: 3600,
+            token_ttl_secs: tuning.token_ttl_secs,
             jwt_private_key_pem: None,
             // The gateway sets it.
             abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..tuning.abuse },
@@ -268,7 +271,7 @@ impl TestApp {
             ordering_url: ordering_url.clone(),
             notification_url,
             push_url,
-            revocation_refresh_ms: 200,
+            verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
             upstream_timeout_secs: 30,
             client_ip_header: tuning.gateway_client_ip_header,
             https_addr: String::new(),
@@ -323,12 +326,19 @@ impl TestApp {
     /// Another gateway to the same services, except ordering at `ordering_url`,
     /// with its own upstream timeout. Its URL (`.../api/v1` is added by callers).
     pub async fn gateway_to(&mut self, ordering_url: &str, upstream_timeout_secs: u64) -> String {
+        self.gateway_with(|c| {
+            c.ordering_url = ordering_url.to_string();
+            c.upstream_timeout_secs = upstream_timeout_secs;
+        })
+        .await
+    }
+
+    /// Another gateway, configured as the first one and then by `tweak`,
+    /// once it is ready. Its URL.
+    pub async fn gateway_with(&mut self, tweak: impl FnOnce(&mut gateway::Config)) -> String {
         let (l, url) = listener().await;
-        let config = gateway::Config {
-            ordering_url: ordering_url.to_string(),
-            upstream_timeout_secs,
-            ..self.gateway_config.clone()
-        };
+        let mut config = self.gateway_config.clone();
+        tweak(&mut config);
         self.tasks.push(tokio::spawn(gateway::run_with_tls(config, l, None, self.shutdown.clone())));
         eventually(Duration::from_secs(30), || async {
             let r = self.http.get(format!("{url}/health/ready")).send().await.ok()?;
@@ -599,4 +609,61 @@ async fn a_failing_test_leaves_no_database_vhost_or_mail_directory() {
     let vhost = reqwest::Client::new().get(format!("{}/vhosts/{prefix}", rabbitmq_api())).send().await.unwrap();
     assert_eq!(vhost.status(), StatusCode::NOT_FOUND, "the vhost {prefix} was left behind");
     assert!(!dir.exists(), "{} was left behind", dir.display());
+}
+
+/// A TCP proxy in front of a service that a test can cut (refusing new
+/// connections and closing open ones) and restore: the service becomes
+/// unreachable for whoever talks to it through here.
+pub struct CuttableProxy {
+    pub url: String,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: &str) -> CuttableProxy {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").to_string();
+        let (l, url) = listener().await;
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let (on2, cut2) = (on.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                if !on2.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let closed = cut2.lock().unwrap().clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = closed.cancelled() => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { url, on, cut, task }
+    }
+
+    /// The service is unreachable through the proxy from now on.
+    pub fn cut(&self) {
+        self.on.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut cut = self.cut.lock().unwrap();
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
 }

@@ -14,3 +14,4 @@ mod page;
 mod polling;
 mod push;
 mod reliability;
+mod tokens;

@@ -15,15 +15,15 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A push-service replica of its own (beside the one behind the gateway).
-struct Replica {
-    url: String,
-    https: String,
-    shutdown: CancellationToken,
+pub(crate) struct Replica {
+    pub url: String,
+    pub https: String,
+    pub shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Replica {
-    async fn start(app: &TestApp, tweak: impl FnOnce(&mut push_service::Config)) -> Replica {
+    pub async fn start(app: &TestApp, tweak: impl FnOnce(&mut push_service::Config)) -> Replica {
         let mut config = push_service::Config {
             heartbeat_secs: 1,
             drain_secs: 0,
@@ -40,7 +40,7 @@ impl Replica {
     }
 
     /// The user's stream on this replica, as the gateway would ask for it.
-    async fn subscribe(&self, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
+    pub async fn subscribe(&self, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
         let mut req =
             reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header("x-user-id", user.id.to_string());
         if let Some(id) = last_event_id {
@@ -49,23 +49,23 @@ impl Replica {
         sse_events(req.send().await.unwrap())
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<SseEvent>) -> SseEvent {
+pub(crate) async fn next(rx: &mut mpsc::UnboundedReceiver<SseEvent>) -> SseEvent {
     tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time").expect("stream open")
 }
 
-fn order_of(e: &SseEvent) -> String {
+pub(crate) fn order_of(e: &SseEvent) -> String {
     let data: Value = serde_json::from_str(&e.data).unwrap();
     data["orderId"].as_str().unwrap().to_string()
 }
 
 /// Places an order and waits until it is settled; returns its id.
-async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
+pub(crate) async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
     let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
@@ -73,7 +73,11 @@ async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
     id
 }
 
-async fn gateway_stream(app: &TestApp, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
+pub(crate) async fn gateway_stream(
+    app: &TestApp,
+    user: &User,
+    last_event_id: Option<&str>,
+) -> mpsc::UnboundedReceiver<SseEvent> {
     let mut req = app.http.get(app.url("/push/orders")).bearer_auth(&user.token);
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id);
@@ -83,7 +87,7 @@ async fn gateway_stream(app: &TestApp, user: &User, last_event_id: Option<&str>)
 
 /// Asserts that the next events are exactly those of `orders`, in order,
 /// with increasing ids; returns the last id.
-async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, orders: &[&str], after: &str) -> String {
+pub(crate) async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, orders: &[&str], after: &str) -> String {
     let mut last: u64 = after.parse().unwrap();
     for order in orders {
         let e = next(rx).await;
@@ -283,7 +287,7 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
 }
 
 impl Replica {
-    async fn stats(&self) -> Value {
+    pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/internal/v1/streams", self.url)).await.unwrap().json().await.unwrap()
     }
 }
@@ -502,7 +506,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         ordering_url: "http://127.0.0.1:9".into(),
         notification_url: "http://127.0.0.1:9".into(),
         push_url: replica.url.clone(),
-        revocation_refresh_ms: 200,
+        verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
         upstream_timeout_secs: 30,
         client_ip_header: None,
         https_addr: String::new(),
