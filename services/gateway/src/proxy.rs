@@ -285,12 +285,12 @@ mod tests {
     async fn a_client_address_header_that_is_not_a_header_name_is_a_configuration_error() {
         use clap::Parser;
         let config = Config::try_parse_from(["gateway", "--client-ip-header", "X Forwarded:For"]).unwrap();
-        let verifier = Arc::new(TokenVerifier::new(&config.identity_url));
+        let verifier = Arc::new(TokenVerifier::new(&config.identity_url, Default::default()));
         let err = Gateway::new(&config, client(), verifier, CancellationToken::new()).err().expect("refused");
         assert!(err.to_string().contains("GATEWAY_CLIENT_IP_HEADER"), "{err}");
 
         let config = Config::try_parse_from(["gateway", "--client-ip-header", "X-Forwarded-For"]).unwrap();
-        let verifier = Arc::new(TokenVerifier::new(&config.identity_url));
+        let verifier = Arc::new(TokenVerifier::new(&config.identity_url, Default::default()));
         assert!(Gateway::new(&config, client(), verifier, CancellationToken::new()).is_ok());
     }
 
