@@ -14,6 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use contracts::api::TokenClaims;
 use futures::StreamExt;
 use rand::Rng;
 use runtime::ApiError;
@@ -87,9 +88,9 @@ fn reset_event(id: u64, asked: Option<u64>) -> Event {
 
 /// The stream's user: from its own check of the token when configured
 /// (`runtime::tokens`), else from the gateway's `X-User-Id`.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUser, ApiError> {
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
     let Some(verifier) = &state.verifier else {
-        return Ok(CurrentUser { id: runtime::auth::user_id_of(headers)?, email: String::new() });
+        return Ok((CurrentUser { id: runtime::auth::user_id_of(headers)?, email: String::new() }, None));
     };
     let token = runtime::tokens::token_of(headers).ok_or(TokenError::Missing)?;
     // A token that cannot be judged now is a 503 (fail closed); any other
@@ -99,14 +100,16 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentUs
         _ => TokenError::Invalid,
     })?;
     tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));
-    Ok(CurrentUser { id: claims.user_id, email: claims.email })
+    Ok((CurrentUser { id: claims.user_id, email: claims.email.clone() }, Some(claims)))
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
     description = "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed` with \
         the order in `data:`, `id:` its position in the order event stream (the same on every replica), \
         `event: reset` when the history asked for is gone (refetch the orders). Resumes after `Last-Event-ID` \
-        or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL.",
+        or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL. \
+        The stream ends when that token expires or is logged out: reconnect with a fresh token and the \
+        `Last-Event-ID` to miss nothing.",
     params(ResumeQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (sent by EventSource on reconnect)")),
     responses(
@@ -122,7 +125,16 @@ pub async fn order_events(
     headers: HeaderMap,
     Query(query): Query<ResumeQuery>,
 ) -> Result<Response, ApiError> {
-    let user = authenticate(&state, &headers).await?;
+    let (user, claims) = authenticate(&state, &headers).await?;
+    // Checked here, the stream ends with its token (expiry or logout); behind
+    // the gateway, the gateway ends it.
+    let verifier = state.verifier.clone();
+    let token_ended = async move {
+        match (verifier, claims) {
+            (Some(v), Some(c)) => v.until_ended(&c).await,
+            _ => std::future::pending().await,
+        }
+    };
     let resume = resume_point(&headers, &query);
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));
@@ -150,6 +162,7 @@ pub async fn order_events(
             yield Ok(event);
         }
     };
+    let stream = stream.take_until(token_ended);
     let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));

@@ -228,9 +228,25 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if is_event_stream {
         let shutdown = gw.shutdown.clone();
+        let (auth, authority) = (gw.auth.clone(), claims.clone());
         let end = async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(STREAM_DRAIN.mul_f64(rand::random::<f64>())).await;
+            let drained = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(STREAM_DRAIN.mul_f64(rand::random::<f64>())).await;
+            };
+            // A stream never outlives the token it was opened with: it ends
+            // when the token expires or is revoked, and the client reconnects
+            // with a fresh one from its last event id.
+            let ended = async {
+                match &authority {
+                    Some(claims) => auth.until_ended(claims).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = drained => {}
+                _ = ended => tracing::info!("event stream ended with its token"),
+            }
         };
         let open = OpenStream::new();
         let stream = futures::StreamExt::take_until(body.into_data_stream(), end);

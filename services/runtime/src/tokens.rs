@@ -39,6 +39,9 @@ pub enum TokenError {
     RevocationsStale,
 }
 
+/// Clock skew allowed on `exp`.
+const LEEWAY_SECS: u64 = 5;
+
 /// What a client is told to wait when tokens cannot be judged.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -256,7 +259,10 @@ impl TokenVerifier {
     /// opened with the token ends then; the client reconnects with a fresh one.
     pub async fn until_ended(&self, claims: &TokenClaims) {
         let mut changes = self.revocations.subscribe();
-        let expires = chrono::DateTime::from_timestamp(claims.exp, 0).unwrap_or_default();
+        // Accepted through the second `exp` + the leeway, so held until then
+        // too (a reconnect before it would be accepted and end at once).
+        let expires =
+            chrono::DateTime::from_timestamp(claims.exp.saturating_add(LEEWAY_SECS as i64 + 1), 0).unwrap_or_default();
         loop {
             if self.is_revoked(&claims.jti) || self.revocations_stale() {
                 return;
@@ -296,7 +302,7 @@ impl TokenVerifier {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[TOKEN_ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         let claims =
             jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| TokenError::Invalid)?.claims;
         drop(keys);

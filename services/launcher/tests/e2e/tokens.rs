@@ -1,9 +1,10 @@
 //! Tokens and the authority they carry: revocation fails closed (a replica
 //! that cannot load the revoked-token list refuses what it cannot judge and
-//! is not ready).
+//! is not ready); a stream ends with the token it was opened with (expiry,
+//! logout) and resumes with a fresh one.
 
 use crate::helpers::*;
-use crate::push::Replica;
+use crate::push::{Replica, expect_orders, gateway_stream, next, order_of, settled_order};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -103,6 +104,85 @@ async fn a_push_replica_that_cannot_load_revocations_refuses_streams_and_is_not_
     let r = http.get(&orders).bearer_auth(&alice.token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     drop(r);
+    replica.stop().await;
+    app.stop().await;
+}
+
+/// Waits until the stream ends (the server closed it).
+async fn ended(stream: &mut tokio::sync::mpsc::UnboundedReceiver<SseEvent>, within: Duration) {
+    tokio::time::timeout(within, async { while stream.recv().await.is_some() {} })
+        .await
+        .expect("the stream ended in time");
+}
+
+async fn login_again(app: &TestApp, user: &User) -> User {
+    let r = app.login(&user.email, "correct horse").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
+    User { id: user.id, email: user.email.clone(), token }
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
+    const TTL: u64 = 4;
+    let app = TestApp::spawn_with(Tuning { token_ttl_secs: TTL, ..Default::default() }).await;
+    let logged_in = tokio::time::Instant::now();
+    let user = app.user().await;
+    let mut stream = gateway_stream(&app, &user, None).await;
+    let first = settled_order(&app, &user, 10).await; // fails: no money
+    let seen = next(&mut stream).await;
+    assert_eq!(order_of(&seen), first);
+
+    // It ends by itself once the token has expired (5 s of leeway after exp).
+    ended(&mut stream, Duration::from_secs(TTL + 15)).await;
+    assert!(logged_in.elapsed() >= Duration::from_secs(TTL), "ended after {:?}", logged_in.elapsed());
+    let r = app.call(Some(&user), reqwest::Method::GET, "/billing/account", None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "the old token is no longer accepted");
+
+    // A fresh token resumes from the last id: nothing missed.
+    let user = login_again(&app, &user).await;
+    let missed = settled_order(&app, &user, 11).await;
+    let mut stream = gateway_stream(&app, &user, Some(&seen.id)).await;
+    expect_orders(&mut stream, &[&missed], &seen.id).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push_replica() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    // A replica facing browsers, which checks tokens itself.
+    let replica = Replica::start(&app, |c| {
+        c.identity_url = Some(app.identity.clone());
+        c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
+    })
+    .await;
+    let direct = |token: &str| {
+        reqwest::Client::new().get(format!("{}/api/v1/orders", replica.url)).bearer_auth(token.to_string()).send()
+    };
+    let mut through_gateway = gateway_stream(&app, &user, None).await;
+    let resp = eventually(WAIT, || async {
+        let r = direct(&user.token).await.ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await;
+    let mut at_replica = sse_events(resp);
+    let first = settled_order(&app, &user, 10).await;
+    let seen = next(&mut through_gateway).await;
+    assert_eq!(order_of(&seen), first);
+    assert_eq!(order_of(&next(&mut at_replica).await), first);
+
+    let r = app.post(&user, "/identity/logout", json!({})).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    ended(&mut through_gateway, Duration::from_secs(5)).await;
+    ended(&mut at_replica, Duration::from_secs(5)).await;
+
+    let user = login_again(&app, &user).await;
+    let missed = settled_order(&app, &user, 11).await;
+    let mut stream = gateway_stream(&app, &user, Some(&seen.id)).await;
+    expect_orders(&mut stream, &[&missed], &seen.id).await;
+    // The replica opens a stream for the fresh token too (sse_events checks the 200).
+    drop(sse_events(direct(&user.token).await.unwrap()));
     replica.stop().await;
     app.stop().await;
 }
