@@ -68,6 +68,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sqlx::migrate!("../../migrations/billing"),
         &config.messaging,
         &config.limits,
+        &listener,
         shutdown,
     )
     .await?;

@@ -117,6 +117,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sqlx::migrate!("../../migrations/identity"),
         &config.messaging,
         &config.limits,
+        &listener,
         shutdown,
     )
     .await?;

@@ -74,6 +74,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sqlx::migrate!("../../migrations/notification"),
         &config.messaging,
         &config.limits,
+        &listener,
         shutdown,
     )
     .await?;

@@ -70,6 +70,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sqlx::migrate!("../../migrations/ordering"),
         &config.messaging,
         &config.limits,
+        &listener,
         shutdown,
     )
     .await?;

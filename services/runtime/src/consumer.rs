@@ -29,7 +29,7 @@ use sqlx::{PgConnection, PgPool};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -86,6 +86,13 @@ enum Outcome {
 
 const RETRY_COUNT_HEADER: &str = "x-retry-count";
 
+/// The pause before a consumer's first reconnection, and the longest.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
+pub const RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// A session that consumed this long was not a refusal: the next
+/// reconnection starts again from [`RECONNECT_BASE`].
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
 impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     pub fn new(queue: QueueSpec, db: PgPool, state: S) -> Self {
         Consumer { queue, db, state, handlers: HashMap::new() }
@@ -116,6 +123,8 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     ) -> anyhow::Result<()> {
         let this = Arc::new(self);
         let queue = this.queue.name;
+        // Sessions in a row that ended without consuming for long.
+        let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
             let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
                 break;
@@ -123,6 +132,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             // Cancelled by shutdown, or by a handler that found the database away.
             let pause = shutdown.child_token();
             let mut republish = None;
+            let mut consuming_since = None;
             let session = async {
                 let confirms = republish.insert(broker.confirm_channel().await?).clone();
                 declare_retry_queues(&confirms, &this.queue, &retry_delays).await?;
@@ -131,6 +141,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                     .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
                     .await?;
                 tracing::info!(queue, "consuming");
+                consuming_since = Some(Instant::now());
                 deliveries
                     .take_until(pause.cancelled())
                     .for_each_concurrent(usize::from(prefetch.max(1)), |delivery| {
@@ -176,8 +187,21 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 }
                 tracing::info!(queue, "database available again; consumer resuming");
             } else {
-                tracing::warn!(queue, "consumer disconnected; reconnecting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A broker that refuses (a queue missing, access refused, a
+                // channel closed at once) is asked again after a capped
+                // backoff, not twice a second for ever; a session that
+                // consumed for a while starts the backoff afresh.
+                if consuming_since.is_some_and(|t: Instant| t.elapsed() >= HEALTHY_SESSION) {
+                    failures = 0;
+                }
+                let retry_in = crate::backoff::delay(failures, RECONNECT_BASE, RECONNECT_CAP);
+                failures = failures.saturating_add(1);
+                metrics::counter!("consumer_reconnects_total", "queue" => queue).increment(1);
+                tracing::warn!(queue, failures, ?retry_in, "consumer disconnected; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(retry_in) => {}
+                }
             }
         }
         Ok(())

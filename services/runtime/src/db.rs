@@ -17,6 +17,53 @@ pub async fn connect(url: &str, service_migrations: Migrator) -> anyhow::Result<
 
 /// Connects with a pool of `pool_size` connections (see `HttpLimits`).
 pub async fn connect_with(url: &str, pool_size: u32, mut service_migrations: Migrator) -> anyhow::Result<PgPool> {
+    connect_once(url, pool_size, &mut service_migrations).await
+}
+
+/// The first delay between connection attempts at start, and the longest.
+pub const CONNECT_RETRY_BASE: Duration = Duration::from_millis(250);
+pub const CONNECT_RETRY_CAP: Duration = Duration::from_secs(10);
+
+/// [`connect_with`], waiting for a database that is away (down, restarting,
+/// still starting up, refusing connections): each failed attempt is logged
+/// and the next comes after a capped backoff ([`crate::backoff`]), until it
+/// answers or `shutdown` (then `None`). Any other error (a wrong password, a
+/// failing migration) ends it at once.
+pub async fn connect_when_available(
+    url: &str,
+    pool_size: u32,
+    mut service_migrations: Migrator,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<PgPool>> {
+    let mut failures: u32 = 0;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = connect_once(url, pool_size, &mut service_migrations) => r,
+        };
+        match attempt {
+            Ok(pool) => {
+                if failures > 0 {
+                    tracing::info!(database = %redact(url), failures, "database reachable; starting");
+                }
+                return Ok(Some(pool));
+            }
+            Err(e) if is_unavailable_anyhow(&e) => {
+                let retry_in = crate::backoff::delay(failures, CONNECT_RETRY_BASE, CONNECT_RETRY_CAP);
+                failures = failures.saturating_add(1);
+                tracing::warn!(database = %redact(url), error = format!("{e:#}"), failures, ?retry_in,
+                    "database not available at start; not ready, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(retry_in) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn connect_once(url: &str, pool_size: u32, service_migrations: &mut Migrator) -> anyhow::Result<PgPool> {
     create_if_missing(url).await?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size.max(1))

@@ -28,15 +28,25 @@ pub struct Service {
 impl Service {
     /// Connects to (and migrates) the service's database; the broker is
     /// connected lazily by the tasks that need it.
+    ///
+    /// A database that is away at start is waited for (see
+    /// [`crate::db::connect_when_available`]); meanwhile `listener` answers
+    /// as a service that is alive but not ready: `/health/live` 200,
+    /// `/health/ready` and every other route 503 with `Retry-After`.
     pub async fn start(
         name: &'static str,
         database_url: &str,
         migrations: Migrator,
         messaging: &MessagingConfig,
         limits: &HttpLimits,
+        listener: &TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let db = crate::db::connect_with(database_url, limits.database_pool_size, migrations).await?;
+        let starting = Starting::serve(name, listener, &shutdown)?;
+        let connected =
+            crate::db::connect_when_available(database_url, limits.database_pool_size, migrations, &shutdown).await;
+        starting.stop().await;
+        let db = connected?.ok_or_else(|| anyhow::anyhow!("shut down while waiting for the database"))?;
         let mut service = Service {
             name,
             db,
@@ -142,4 +152,62 @@ where
     let result = run(config, listener, shutdown).await;
     crate::telemetry::flush();
     result
+}
+
+/// What a service answers while it waits for its database at start, on a
+/// second handle of its listening socket (the service's own server takes the
+/// socket over when this one stops: no connection attempt is refused).
+struct Starting {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Starting {
+    fn serve(name: &'static str, listener: &TcpListener, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        use axum::response::IntoResponse;
+        use std::os::fd::AsFd;
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let unavailable = || async {
+            crate::ApiError::unavailable(
+                "the service is starting: its database is not reachable yet",
+                crate::http::DATABASE_RETRY_AFTER,
+            )
+            .into_response()
+        };
+        let ready = || async {
+            let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            let body = serde_json::json!({
+                "code": status.as_u16(),
+                "message": "starting: database unreachable",
+                "checks": {"database": "unreachable"},
+            });
+            (status, axum::Json(body)).into_response()
+        };
+        let router = Router::new()
+            .route("/health/live", axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+            .route("/health/ready", axum::routing::get(ready))
+            .merge(crate::metrics::routes())
+            .fallback(unavailable);
+        let router = crate::http::with_common_layers(name, router);
+        let stop = shutdown.child_token();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+                    tracing::warn!(error = %e, "the server of a starting service failed");
+                }
+            }
+        });
+        Ok(Starting { stop, task })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), self.task).await.is_err() {
+            tracing::warn!("the server of a starting service did not stop in 5 s; abandoned");
+        }
+    }
 }

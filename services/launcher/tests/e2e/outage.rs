@@ -29,7 +29,30 @@ pub struct TcpProxy {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The `host:port` a postgres:// or amqp:// URL points at (the scheme's
+/// default port when it names none).
+pub fn authority(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host_port = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, a)| a);
+    if host_port.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+        return host_port.to_string();
+    }
+    let port = match scheme {
+        "amqp" => 5672,
+        "amqps" => 5671,
+        _ => 5432,
+    };
+    format!("{host_port}:{port}")
+}
+
 impl TcpProxy {
+    /// A proxy to the server `url` points at (the tests' PostgreSQL or
+    /// RabbitMQ, as `TEST_POSTGRES_URL` / `TEST_AMQP_BASE` say).
+    pub async fn before(url: &str) -> TcpProxy {
+        TcpProxy::start(&authority(url)).await
+    }
+
     pub async fn start(upstream: &str) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -52,9 +75,13 @@ impl TcpProxy {
         self.state.send_replace(link);
     }
 
-    /// `url` (a postgres:// or amqp:// URL to 127.0.0.1:PORT) pointed at the proxy.
-    pub fn url(&self, url: &str, upstream_port: u16) -> String {
-        url.replace(&format!("127.0.0.1:{upstream_port}"), &format!("127.0.0.1:{}", self.port))
+    /// `url` (a postgres:// or amqp:// URL) pointed at the proxy instead of
+    /// its server.
+    pub fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+        let (head, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let credentials = head.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+        format!("{scheme}://{credentials}127.0.0.1:{}{tail}", self.port)
     }
 }
 
@@ -162,9 +189,9 @@ impl Sandbox {
         format!("{}/{db}", postgres_url())
     }
 
-    /// The database URL as seen through `proxy` (to 127.0.0.1:5432).
+    /// The database URL as seen through `proxy` (see [`TcpProxy::before`]).
     pub fn proxied_database_url(&self, name: &str, proxy: &TcpProxy) -> String {
-        proxy.url(&self.database_url(name), 5432)
+        proxy.url(&self.database_url(name))
     }
 }
 
@@ -173,4 +200,16 @@ impl Drop for Sandbox {
         let databases = std::mem::take(&mut *self.databases.lock().unwrap());
         clean_up_blocking(databases, Some(self.prefix.clone()), None);
     }
+}
+
+#[tokio::test]
+async fn a_proxy_url_keeps_everything_but_the_server() {
+    assert_eq!(authority("amqp://guest:guest@10.0.0.7:5673/%2f"), "10.0.0.7:5673");
+    assert_eq!(authority("amqp://guest:guest@rabbit/v"), "rabbit:5672");
+    assert_eq!(authority("postgres://postgres@127.0.0.1:5432"), "127.0.0.1:5432");
+    let proxy = TcpProxy::before("amqp://guest:guest@10.0.0.7:5673/r1").await;
+    let p = proxy.port;
+    assert_eq!(proxy.url("amqp://guest:guest@10.0.0.7:5673/r1"), format!("amqp://guest:guest@127.0.0.1:{p}/r1"));
+    assert_eq!(proxy.url("postgres://postgres@db:5432/x_y"), format!("postgres://postgres@127.0.0.1:{p}/x_y"));
+    assert_eq!(proxy.url("postgres://db"), format!("postgres://127.0.0.1:{p}"));
 }

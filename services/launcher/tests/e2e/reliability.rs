@@ -68,7 +68,7 @@ async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::
 #[tokio::test]
 async fn while_the_database_is_away_requests_get_503_with_retry_after_and_service_resumes() {
     let s = Sandbox::new().await;
-    let pg = TcpProxy::start("127.0.0.1:5432").await;
+    let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
     let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
     let http = reqwest::Client::new();
     let user = Uuid::new_v4();
@@ -127,7 +127,7 @@ pub async fn publish(amqp_url: &str, exchange: &str, kind: &str, body: &[u8]) {
 #[tokio::test]
 async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_being_dead_lettered() {
     let s = Sandbox::new().await;
-    let pg = TcpProxy::start("127.0.0.1:5432").await;
+    let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
     let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
 
     pg.set(Link::Cut);
@@ -161,8 +161,8 @@ async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_bei
 #[tokio::test]
 async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details() {
     let s = Sandbox::new().await;
-    let amqp = TcpProxy::start("127.0.0.1:5672").await;
-    let amqp_url = amqp.url(&s.amqp_url, 5672);
+    let amqp = TcpProxy::before(&s.amqp_url).await;
+    let amqp_url = amqp.url(&s.amqp_url);
     let billing = start_billing(s.database_url("billing"), &amqp_url).await;
     let http = reqwest::Client::new();
     let details = || async {
@@ -312,8 +312,8 @@ async fn a_message_nacked_by_a_full_queue_is_parked_even_after_many_attempts_and
 async fn a_confirm_that_never_comes_times_out_without_a_transaction_held_and_the_message_goes_out_later() {
     let s = Sandbox::new().await;
     let db = outbox_db(&s).await;
-    let amqp = TcpProxy::start("127.0.0.1:5672").await;
-    let stop = start_relay(&db, &amqp.url(&s.amqp_url, 5672), 3);
+    let amqp = TcpProxy::before(&s.amqp_url).await;
+    let stop = start_relay(&db, &amqp.url(&s.amqp_url), 3);
     // Connected and idle.
     let first = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
     eventually(Duration::from_secs(10), || async { outbox_state(&db, first).await.sent.then_some(()) }).await;
@@ -427,7 +427,7 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
     for name in crate::helpers::SERVICES_WITH_DB {
         s.database_url(name); // dropped with the sandbox
     }
-    let pg = TcpProxy::start("127.0.0.1:5432").await;
+    let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
     // A broker that accepts connections and never answers.
     let broker = crate::outage::SilentListener::start().await;
     let base = free_port_block();
@@ -772,4 +772,118 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
     db.close().await;
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A service whose database is away when it starts does not exit: it waits
+/// for it (capped backoff), alive and not ready, answering 503 with
+/// `Retry-After`; when the database comes, it serves. Stopped while waiting,
+/// it ends at once.
+#[tokio::test]
+async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not_ready() {
+    let s = Sandbox::new().await;
+    let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
+    pg.set(Link::Cut);
+    let start = || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let config = billing::Config {
+            database_url: s.proxied_database_url("billing", &pg),
+            messaging: messaging(&s.amqp_url),
+            idempotency: Default::default(),
+            limits: Default::default(),
+            addr: String::new(),
+        };
+        (url, shutdown.clone(), tokio::spawn(billing::run(config, listener, shutdown)))
+    };
+    let http = reqwest::Client::new();
+    let (url, shutdown, task) = start().await;
+    // Several attempts' worth (0.25 + 0.5 + 1 + 2 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!task.is_finished(), "the service exited: {:?}", task.await);
+    let live = http.get(format!("{url}/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready = http.get(format!("{url}/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let user = Uuid::new_v4();
+    let r = account(&http, &url, user).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], 503, "the error body: {body}");
+
+    pg.set(Link::Open);
+    eventually(Duration::from_secs(30), || async {
+        let r = http.get(format!("{url}/health/ready")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    assert_eq!(account(&http, &url, user).await.status(), StatusCode::OK);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task).await.expect("stopped in time").unwrap().unwrap();
+
+    // Stopped while it still waits: it ends at once.
+    pg.set(Link::Cut);
+    let (_, shutdown, task) = start().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished());
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended at once").unwrap();
+    assert!(ended.is_err_and(|e| e.to_string().contains("waiting for the database")));
+}
+
+/// `consumer_reconnects_total{queue}` in a service's `/metrics`.
+async fn reconnects(http: &reqwest::Client, service: &str, queue: &str) -> f64 {
+    let text = http.get(format!("{service}/metrics")).send().await.unwrap().text().await.unwrap();
+    let label = format!("queue=\"{queue}\"");
+    text.lines()
+        .filter(|l| l.starts_with("consumer_reconnects_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A consumer the broker refuses (here its queue is gone: every consume
+/// fails with NOT_FOUND) asks again after a capped, growing pause, not twice
+/// a second for ever; once the queue is back it consumes again.
+#[tokio::test]
+async fn a_consumer_the_broker_refuses_reconnects_with_backoff() {
+    let s = Sandbox::new().await;
+    let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;
+    let http = reqwest::Client::new();
+    let queue = "billing.payments";
+    // Deleted once billing's consumer has declared it and consumes.
+    eventually(Duration::from_secs(20), || async {
+        let url = format!("{}/queues/{}/{queue}", crate::helpers::rabbitmq_api(), s.prefix);
+        let q: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+        (q["consumers"].as_u64()? >= 1).then_some(())?;
+        http.delete(&url).send().await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        (reconnects(&http, &billing.url, queue).await >= 1.0).then_some(())
+    })
+    .await;
+    let before = reconnects(&http, &billing.url, queue).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let tries = reconnects(&http, &billing.url, queue).await - before;
+    // Backoff from 0.5 s doubling: at most 0.5 + 1 + 2 + 4 s fit into 8 s;
+    // a fixed 0.5 s pause would make about 15.
+    assert!(tries >= 1.0, "it kept trying: {tries}");
+    assert!(tries <= 5.0, "{tries} reconnections in 8 s: no backoff");
+
+    // The queue declared again (any new connection declares the topology),
+    // a payment request published: billing consumes it.
+    let id = Uuid::new_v4();
+    let body =
+        serde_json::to_vec(&CreatePayment { id, user_id: Uuid::new_v4(), amount: "3".parse().unwrap() }).unwrap();
+    publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
+    let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
+    eventually(Duration::from_secs(45), || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    db.close().await;
+    billing.stop().await.unwrap();
 }
