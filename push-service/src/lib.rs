@@ -17,6 +17,7 @@ use axum::Router;
 use axum::routing::get;
 use runtime::http::{Readiness, serve, service_router};
 use runtime::openapi::InternalAuth;
+use runtime::push_stream::{max_age, parse_max_age};
 use runtime::tls::TlsConfig;
 use runtime::tokens::TokenVerifier;
 use runtime::{Broker, MessagingConfig, Tasks};
@@ -55,19 +56,6 @@ pub struct Config {
     /// The `retry:` hint: milliseconds a browser waits before reconnecting.
     #[arg(long, env = "SSE_RETRY_MS", default_value_t = 3000)]
     pub retry_ms: u64,
-
-    /// How long events can be resumed (RabbitMQ `x-max-age`: 24h, 7D, 90m, ...).
-    #[arg(long, env = "PUSH_RETENTION", default_value = "24h", value_parser = parse_max_age)]
-    pub retention: String,
-
-    /// Largest segment file of the stream, in bytes (RabbitMQ's default when
-    /// unset); retention drops whole segments.
-    #[arg(long, env = "PUSH_STREAM_SEGMENT_BYTES")]
-    pub segment_bytes: Option<u64>,
-
-    /// The RabbitMQ stream of order events.
-    #[arg(long, env = "PUSH_STREAM", default_value = "push.order-events")]
-    pub stream: String,
 
     /// Events a connection may fall behind by before it is closed (the
     /// browser then resumes from its last id).
@@ -122,28 +110,6 @@ pub struct Config {
     pub tls: TlsConfig,
 }
 
-fn parse_max_age(s: &str) -> Result<String, String> {
-    max_age(s).map(|_| s.to_string())
-}
-
-/// The duration of an `x-max-age` value.
-fn max_age(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let secs = match unit {
-        "Y" => 365 * 86_400,
-        "M" => 30 * 86_400,
-        "D" => 86_400,
-        "h" => 3_600,
-        "m" => 60,
-        "s" => 1,
-        _ => 0,
-    };
-    match n.parse::<u64>() {
-        Ok(n) if n > 0 && secs > 0 => Ok(Duration::from_secs(n.saturating_mul(secs))),
-        _ => Err("expected a number and a unit of Y, M, D, h, m or s (e.g. 24h)".into()),
-    }
-}
-
 impl Config {
     /// The defaults, on `messaging`, with HTTPS off.
     pub fn local(messaging: MessagingConfig) -> Self {
@@ -152,9 +118,6 @@ impl Config {
             limits: runtime::HttpLimits::default(),
             heartbeat_secs: 15,
             retry_ms: 3000,
-            retention: contracts::topology::PUSH_STREAM_DEFAULT_MAX_AGE.into(),
-            stream: contracts::topology::PUSH_STREAM.into(),
-            segment_bytes: None,
             buffer: 64,
             drain_secs: 10,
             max_replays: 64,
@@ -209,16 +172,12 @@ pub async fn run_with_tls(
     tls_listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let broker = Broker::new(&config.messaging.amqp_url);
-    let recent =
-        hub::Recent { events: config.recent_events, max_age: max_age(&config.retention).map_err(anyhow::Error::msg)? };
+    // The stream (name, retention) is the one every service declares.
+    let broker = Broker::from_config("push", &config.messaging);
+    let spec = config.messaging.push_stream.clone();
+    let recent = hub::Recent { events: config.recent_events, max_age: spec.retention().map_err(anyhow::Error::msg)? };
     let hub = Arc::new(Hub::new(config.buffer, recent, config.dedup_events));
     let lookback = max_age(&config.dedup_lookback).map_err(anyhow::Error::msg)?;
-    let spec = stream::StreamSpec {
-        name: config.stream.clone(),
-        max_age: config.retention.clone(),
-        segment_bytes: config.segment_bytes,
-    };
     // A stream reader needs credit for whole chunks to keep up.
     let prefetch = config.messaging.prefetch.max(256);
     let drain = Duration::from_secs(config.drain_secs);

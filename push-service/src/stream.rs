@@ -8,11 +8,9 @@
 //! offset + 1 after a broker reconnect) into its hub; a resuming connection
 //! opens a short-lived reader from the id it last saw.
 
-use contracts::messages::exchange;
-use contracts::topology::PUSH_ORDER_EVENTS;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use runtime::Broker;
 use std::sync::Arc;
@@ -22,57 +20,17 @@ use uuid::Uuid;
 
 use crate::hub::{Entry, Hub, decode};
 
-/// The stream's name and retention.
-#[derive(Clone, Debug)]
-pub struct StreamSpec {
-    pub name: String,
-    /// `x-max-age`, e.g. `24h`, `7D`, `30m`.
-    pub max_age: String,
-    /// `x-stream-max-segment-size-bytes`.
-    pub segment_bytes: Option<u64>,
-}
+/// The stream's name and retention: the messaging configuration every
+/// service shares (one declaration, in the runtime).
+pub use runtime::push_stream::PushStream as StreamSpec;
 
 /// The type of the marker a replica appends to learn its position at start.
 const MARKER: &str = "PushMarker";
 
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
-
-/// Declares the stream and its bindings (idempotent). A stream declared
-/// earlier with another retention is used as it is (change it with a policy).
-pub async fn declare(broker: &Broker, spec: &StreamSpec) -> anyhow::Result<()> {
-    let channel = broker.channel().await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("stream"));
-    args.insert("x-max-age".into(), text(&spec.max_age));
-    if let Some(bytes) = spec.segment_bytes {
-        args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(i64::try_from(bytes)?));
-    }
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    let channel = match channel.queue_declare(spec.name.as_str().into(), durable, args).await {
-        Ok(_) => channel,
-        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
-            tracing::warn!(stream = %spec.name, error = %e, "stream exists with other arguments; using it as it is");
-            let channel = broker.channel().await?;
-            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-            channel.queue_declare(spec.name.as_str().into(), passive, FieldTable::default()).await?;
-            channel
-        }
-        Err(e) => return Err(e.into()),
-    };
-    for key in PUSH_ORDER_EVENTS {
-        channel
-            .queue_bind(
-                spec.name.as_str().into(),
-                exchange::ORDERING.into(),
-                (*key).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    let _ = channel.close(200, "declared".into()).await;
+/// Declares the stream and its bindings (idempotent; the declaration every
+/// service makes on connecting, made again before reading).
+pub async fn declare(broker: &Broker) -> anyhow::Result<()> {
+    broker.declare_push_stream().await?;
     Ok(())
 }
 
@@ -165,7 +123,7 @@ pub async fn read_live(
     let mut pause = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let session = async {
-            declare(&broker, &spec).await?;
+            declare(&broker).await?;
             let from = match hub.position() {
                 Some(p) => Start::Offset(p + 1),
                 None => {

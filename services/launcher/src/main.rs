@@ -43,10 +43,6 @@ struct Cli {
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
 
-    /// How long order events can be resumed (RabbitMQ `x-max-age`).
-    #[arg(long, env = "PUSH_RETENTION", default_value = "24h")]
-    push_retention: String,
-
     /// HTTPS address of the gateway (HTTP/2 and HTTP/1.1); empty turns it off.
     #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
     gateway_https_addr: String,
@@ -200,7 +196,6 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let push = push_service::Config {
                 heartbeat_secs: cli.heartbeat_secs,
-                retention: cli.push_retention.clone(),
                 addr: push_addr.to_string(),
                 tls_addr: cli.push_tls_addr.clone(),
                 tls: cli.tls.clone(),

@@ -2,6 +2,7 @@
 //! re-opened on demand after a failure, and the topology declared on every
 //! new connection (declarations are idempotent).
 
+use crate::push_stream::PushStream;
 use contracts::topology::{self, QueueSpec};
 use lapin::Confirmation;
 use lapin::options::{
@@ -25,11 +26,19 @@ struct Inner {
     timeout: Duration,
     current: RwLock<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
+    /// The push service's stream, declared on every new connection.
+    push_stream: PushStream,
 }
 
 impl Broker {
     pub fn new(url: impl Into<String>) -> Self {
         Self::for_service("", url)
+    }
+
+    /// The broker of `messaging` (its URL and push stream), with metrics
+    /// labelled `service`.
+    pub fn from_config(service: &'static str, messaging: &crate::MessagingConfig) -> Self {
+        Self::build(service, &messaging.amqp_url, DEFAULT_TIMEOUT, messaging.push_stream.clone())
     }
 
     /// A broker connection whose metrics carry `service`.
@@ -40,6 +49,10 @@ impl Broker {
     /// [`Broker::for_service`] that gives up on a broker that does not answer
     /// a connection or channel opening within `timeout` (and tries again).
     pub fn with_timeout(service: &'static str, url: impl Into<String>, timeout: Duration) -> Self {
+        Self::build(service, url, timeout, PushStream::default())
+    }
+
+    fn build(service: &'static str, url: impl Into<String>, timeout: Duration, push_stream: PushStream) -> Self {
         Broker {
             inner: Arc::new(Inner {
                 service,
@@ -47,6 +60,7 @@ impl Broker {
                 url: url.into(),
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                push_stream,
             }),
         }
     }
@@ -85,7 +99,7 @@ impl Broker {
                 let channel = conn.create_channel().await?;
                 declare_topology(&channel).await?;
                 let _ = channel.close(200, "topology declared".into()).await;
-                declare_push_stream(&conn).await?;
+                crate::push_stream::declare(&conn, &self.inner.push_stream).await?;
                 Ok(conn)
             })
             .await?;
@@ -93,6 +107,18 @@ impl Broker {
         self.report(true);
         *self.inner.current.write().expect("broker lock") = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The push stream this broker declares on connecting.
+    pub fn push_stream(&self) -> &PushStream {
+        &self.inner.push_stream
+    }
+
+    /// Declares the push stream again (as every new connection does), e.g.
+    /// before reading it.
+    pub async fn declare_push_stream(&self) -> lapin::Result<()> {
+        let conn = self.connection().await?;
+        self.bounded("declaring the push stream", crate::push_stream::declare(&conn, &self.inner.push_stream)).await
     }
 
     /// `work`, or a timeout error if the broker does not answer within the timeout.
@@ -220,40 +246,6 @@ async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
                 .await?;
         }
     }
-    Ok(())
-}
-
-/// The push service's stream of order events, declared by every service so
-/// that it keeps the events published before any push replica ever ran. A
-/// stream declared earlier with another retention (a push service configured
-/// so) is left as it is.
-async fn declare_push_stream(conn: &Connection) -> lapin::Result<()> {
-    let channel = conn.create_channel().await?;
-    let declared = channel
-        .queue_declare(
-            topology::PUSH_STREAM.into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            args(&[("x-queue-type", text("stream")), ("x-max-age", text(topology::PUSH_STREAM_DEFAULT_MAX_AGE))]),
-        )
-        .await;
-    if let Err(e) = declared {
-        tracing::debug!(error = %e, "push stream exists with other arguments; left as it is");
-        let _ = channel.close(200, "done".into()).await;
-        return Ok(());
-    }
-    for key in topology::PUSH_ORDER_EVENTS {
-        let (exchange, queue) = (contracts::messages::exchange::ORDERING, topology::PUSH_STREAM);
-        channel
-            .queue_bind(
-                queue.into(),
-                exchange.into(),
-                (*key).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    let _ = channel.close(200, "push stream declared".into()).await;
     Ok(())
 }
 

@@ -52,6 +52,11 @@ pub struct MessagingConfig {
     /// hours (a redelivery older than this would be handled again).
     #[arg(long, env = "PROCESSED_RETENTION_HOURS", default_value_t = 168)]
     pub processed_retention_hours: u64,
+
+    /// The push service's stream of order events, which every service
+    /// declares: one setting for all of them.
+    #[command(flatten)]
+    pub push_stream: crate::push_stream::PushStream,
 }
 
 impl MessagingConfig {
@@ -67,6 +72,7 @@ impl MessagingConfig {
             outbox_park_after: 5,
             prune_interval_secs: 600,
             processed_retention_hours: 168,
+            push_stream: Default::default(),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod outbox;
 pub mod prune;
+pub mod push_stream;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

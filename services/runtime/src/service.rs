@@ -50,7 +50,7 @@ impl Service {
         let mut service = Service {
             name,
             db,
-            broker: Broker::for_service(name, &messaging.amqp_url),
+            broker: Broker::from_config(name, messaging),
             messaging: messaging.clone(),
             limits: limits.clone(),
             tasks: Tasks::new(shutdown),

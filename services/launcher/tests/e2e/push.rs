@@ -186,9 +186,11 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
     // A replica on its own stream that keeps one second, in tiny segments
     // (retention drops whole segments).
     let replica = Replica::start(&app, |c| {
-        c.stream = "push.short".into();
-        c.retention = "1s".into();
-        c.segment_bytes = Some(2000);
+        c.messaging.push_stream = runtime::push_stream::PushStream {
+            name: "push.short".into(),
+            max_age: "1s".into(),
+            segment_bytes: Some(2000),
+        };
     })
     .await;
     let mut stream = replica.subscribe(&user, None).await;
