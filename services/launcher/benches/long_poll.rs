@@ -14,7 +14,10 @@
 //! answers the payments, ordering settles the orders (its `updated_at` is the
 //! settlement time), and each long poll's answer is timed against it.
 
+#[path = "../../../tools/bench/proc.rs"]
+mod proc;
 use clap::Parser;
+use proc::{cpu_ticks, rss_kib};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -40,25 +43,6 @@ struct Args {
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of the process, in clock ticks (1/100 s here).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
 }
 
 /// A gateway port with the five after it free (the launcher's internal ports).
@@ -147,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.kill().await;
     if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", args.postgres_url)).await {
         for service in ["identity", "billing", "ordering", "notification"] {
+            // DDL names its database: it cannot be a bound parameter nor a checked query.
             let _ =
                 sqlx::query(&format!("DROP DATABASE IF EXISTS \"{run}_{service}\" WITH (FORCE)")).execute(&pool).await;
         }
@@ -186,7 +171,9 @@ async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<
         .await?;
     anyhow::ensure!(r.status().is_success(), "deposit: {}", r.status());
 
-    // The user's payments wait for this lock: the orders stay pending.
+    // The user's payments wait for this lock: the orders stay pending. (Checked
+    // at run time: it reaches into billing's database, whose queries are
+    // prepared in billing's crate, not this one.)
     let billing = sqlx::PgPool::connect(&format!("{}/{run}_billing", args.postgres_url)).await?;
     let mut lock = billing.begin().await?;
     sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
