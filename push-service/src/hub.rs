@@ -182,6 +182,10 @@ pub struct Hub {
     pub replays_from_stream: AtomicU64,
 }
 
+/// The user already has as many streams open as allowed.
+#[derive(Debug)]
+pub struct TooManyStreams;
+
 /// Where a resuming connection finds what it missed.
 pub enum Missed {
     /// Nothing to replay (a fresh connection, or an id at or after the position).
@@ -217,15 +221,24 @@ impl Hub {
     /// every event after it arrives on the subscription. `None` until the
     /// live reader has delivered its first entry.
     pub fn subscribe(self: &Arc<Self>, user: Uuid) -> (Subscription, Option<u64>) {
-        let (subscription, position, _) = self.subscribe_after(user, None);
+        let (subscription, position, _) = self.subscribe_after(user, None, usize::MAX).expect("no cap");
         (subscription, position)
     }
 
     /// [`subscribe`](Self::subscribe), and where to find the user's events
-    /// after `after` up to the position, taken in the same instant.
-    pub fn subscribe_after(self: &Arc<Self>, user: Uuid, after: Option<u64>) -> (Subscription, Option<u64>, Missed) {
+    /// after `after` up to the position, taken in the same instant; refused
+    /// when the user already has `max_streams` open here.
+    pub fn subscribe_after(
+        self: &Arc<Self>,
+        user: Uuid,
+        after: Option<u64>,
+        max_streams: usize,
+    ) -> Result<(Subscription, Option<u64>, Missed), TooManyStreams> {
         let mut state = self.state.lock().expect("hub lock");
         let position = state.position;
+        if state.streams.get(&user).is_some_and(|s| s.receiver_count() >= max_streams) {
+            return Err(TooManyStreams);
+        }
         let rx = state.streams.entry(user).or_insert_with(|| broadcast::channel(self.buffer).0).subscribe();
         state.forget_older_than(self.recent.max_age);
         let missed = match (after, position) {
@@ -247,7 +260,7 @@ impl Hub {
             _ => Missed::Nothing,
         };
         metrics::gauge!("sse_connections_open").increment(1.0);
-        (Subscription { rx: Some(rx), hub: self.clone(), user }, position, missed)
+        Ok((Subscription { rx: Some(rx), hub: self.clone(), user }, position, missed))
     }
 
     /// Waits until the hub has a position (the live reader is attached).
@@ -415,12 +428,12 @@ mod tests {
             hub.publish(event(offset, user));
         }
         // Three events kept: 12, 13, 14; offset 11 was forgotten.
-        let (_s, position, missed) = hub.subscribe_after(alice, Some(11));
+        let (_s, position, missed) = hub.subscribe_after(alice, Some(11), 9).unwrap();
         assert_eq!(position, Some(14));
         assert_eq!(offsets(missed), Some(vec![13, 14]));
-        let (_s, _, missed) = hub.subscribe_after(alice, Some(10));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(10), 9).unwrap();
         assert!(matches!(missed, Missed::InStream), "11 is no longer in memory");
-        let (_s, _, missed) = hub.subscribe_after(alice, Some(14));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(14), 9).unwrap();
         assert!(matches!(missed, Missed::Nothing));
         assert_eq!(hub.replays_from_memory.load(Ordering::Relaxed), 1);
         assert_eq!(hub.replays_from_stream.load(Ordering::Relaxed), 1);
@@ -437,6 +450,18 @@ mod tests {
         assert_eq!((hub.users(), hub.open_streams()), (1, 1));
         drop(b);
         assert_eq!((hub.users(), hub.open_streams()), (0, 0));
+    }
+
+    #[test]
+    fn a_user_opens_at_most_max_streams() {
+        let hub = Arc::new(Hub::new(4, Recent { events: 0, max_age: Duration::ZERO }, 100));
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = hub.subscribe_after(alice, None, 2).unwrap();
+        let _b = hub.subscribe_after(alice, None, 2).unwrap();
+        assert!(hub.subscribe_after(alice, None, 2).is_err());
+        assert!(hub.subscribe_after(bob, None, 2).is_ok());
+        drop(a);
+        assert!(hub.subscribe_after(alice, None, 2).is_ok());
     }
 
     #[tokio::test]
@@ -468,7 +493,7 @@ mod tests {
         assert!(live.rx.as_mut().unwrap().try_recv().is_err(), "nothing more");
         assert_eq!(hub.position(), Some(5), "the duplicate still moves the position");
         // A resume from memory does not see it either.
-        let (_s, _, missed) = hub.subscribe_after(alice, Some(1));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(1), 9).unwrap();
         assert_eq!(offsets(missed), Some(vec![2, 3, 5]));
         // A replay from the stream asks the hub.
         let entry = |e: Entry| match e {
@@ -486,9 +511,9 @@ mod tests {
         hub.remember(&published(7, alice, id));
         assert_eq!(hub.position(), None);
         hub.publish(Entry::Other { offset: 9, message_id: None }); // the marker
-        let (_s, _, _) = hub.subscribe_after(alice, None);
+        let (_s, _, _) = hub.subscribe_after(alice, None, 9).unwrap();
         hub.publish(published(10, alice, id));
-        let (_s, _, missed) = hub.subscribe_after(alice, Some(9));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(9), 9).unwrap();
         assert_eq!(offsets(missed), Some(vec![]), "offset 10 re-publishes offset 7");
     }
 

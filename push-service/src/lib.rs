@@ -10,6 +10,7 @@
 //! the stream and then joins the live fan-out (see `sse`).
 
 mod hub;
+mod replays;
 mod sse;
 mod stream;
 
@@ -24,7 +25,6 @@ use runtime::{Broker, MessagingConfig, Tasks};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use hub::{Hub, OrderEventData, PushEvent};
@@ -87,6 +87,23 @@ pub struct Config {
     #[arg(long, env = "PUSH_MAX_REPLAYS", default_value_t = 64)]
     pub max_replays: usize,
 
+    /// Replays from the stream one user may run at once.
+    #[arg(long, env = "PUSH_MAX_REPLAYS_PER_USER", default_value_t = 2)]
+    pub max_replays_per_user: usize,
+
+    /// How long a resume waits for a replay slot before it is answered 503.
+    #[arg(long, env = "PUSH_REPLAY_WAIT_MS", default_value_t = 2000)]
+    pub replay_wait_ms: u64,
+
+    /// Most stream entries a resume may replay; one from further back gets
+    /// a `reset` event (refetch) and continues live.
+    #[arg(long, env = "PUSH_MAX_REPLAY_ENTRIES", default_value_t = 100_000)]
+    pub max_replay_entries: u64,
+
+    /// Streams one user may hold open on a replica at once; past it, 429.
+    #[arg(long, env = "PUSH_MAX_STREAMS_PER_USER", default_value_t = 8)]
+    pub max_streams_per_user: usize,
+
     /// Identity's URL: when set, streams need a valid access token (bearer
     /// header or `accessToken` cookie) checked here against identity's keys;
     /// when unset, the gateway's `X-User-Id` is trusted (reachable only from
@@ -121,6 +138,10 @@ impl Config {
             buffer: 64,
             drain_secs: 10,
             max_replays: 64,
+            max_replays_per_user: 2,
+            replay_wait_ms: 2000,
+            max_replay_entries: 100_000,
+            max_streams_per_user: 8,
             recent_events: 10_000,
             dedup_events: 200_000,
             dedup_lookback: "1h".into(),
@@ -139,7 +160,9 @@ pub(crate) struct AppState {
     broker: Broker,
     spec: stream::StreamSpec,
     prefetch: u16,
-    replays: Arc<Semaphore>,
+    replays: Arc<replays::ReplaySlots>,
+    max_replay_entries: u64,
+    max_streams_per_user: usize,
     verifier: Option<Arc<TokenVerifier>>,
     heartbeat: Duration,
     retry: Duration,
@@ -187,7 +210,13 @@ pub async fn run_with_tls(
         broker: broker.clone(),
         spec: spec.clone(),
         prefetch,
-        replays: Arc::new(Semaphore::new(config.max_replays.max(1))),
+        replays: replays::ReplaySlots::new(
+            config.max_replays,
+            config.max_replays_per_user,
+            Duration::from_millis(config.replay_wait_ms),
+        ),
+        max_replay_entries: config.max_replay_entries,
+        max_streams_per_user: config.max_streams_per_user.max(1),
         verifier: verifier.clone(),
         heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
         retry: Duration::from_millis(config.retry_ms),

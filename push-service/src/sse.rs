@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::hub::{Entry, Missed, PushEvent, Subscription};
+use crate::replays::ReplaySlot;
 use crate::stream::{self, Start};
 use tokio_util::sync::CancellationToken;
 
@@ -77,10 +78,18 @@ fn event_of(e: &PushEvent) -> Option<Event> {
     }
 }
 
+/// Why a `reset`: the history is gone, or too long to replay.
+const GONE: &str = "the events after the requested id are no longer retained; refetch your orders";
+const TOO_FAR: &str = "the requested id is too far back to replay; refetch your orders";
+
 /// `reset` with the id to resume from afterwards.
 fn reset_event(id: u64, asked: Option<u64>) -> Event {
+    reset_event_because(id, asked, GONE)
+}
+
+fn reset_event_because(id: u64, asked: Option<u64>, reason: &str) -> Event {
     let data = serde_json::json!({
-        "reason": "the events after the requested id are no longer retained; refetch your orders",
+        "reason": reason,
         "lastEventId": asked,
     });
     Event::default().id(id.to_string()).event(RESET).data(data.to_string())
@@ -106,7 +115,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentU
 #[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
     description = "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed` with \
         the order in `data:`, `id:` its position in the order event stream (the same on every replica), \
-        `event: reset` when the history asked for is gone (refetch the orders). Resumes after `Last-Event-ID` \
+        `event: reset` when the history asked for is gone or too far back to replay (refetch the orders). Resumes after `Last-Event-ID` \
         or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL. \
         The stream ends when that token expires or is logged out: reconnect with a fresh token and the \
         `Last-Event-ID` to miss nothing.",
@@ -116,8 +125,12 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentU
         (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData`",
             content_type = "text/event-stream", body = crate::hub::OrderEventData),
         runtime::http::responses::NotAuthenticated,
-        (status = 503, description = "The stream is not available yet, or the token cannot be checked now \
-            (the list of revoked tokens is out of date)", body = contracts::api::ErrorBody,
+        (status = 429, description = "The user already holds as many open streams as allowed \
+            (`PUSH_MAX_STREAMS_PER_USER`)", body = contracts::api::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "The stream is not available yet, the token cannot be checked now \
+            (the list of revoked tokens is out of date), or no replay slot for a resume was free in time",
+            body = contracts::api::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ))]
 pub async fn order_events(
@@ -143,15 +156,36 @@ pub async fn order_events(
         Resume::From(n) => Some(n),
         _ => None,
     };
-    let (subscription, position, missed) = state.hub.subscribe_after(user.id, after);
+    let Ok((subscription, position, missed)) = state.hub.subscribe_after(user.id, after, state.max_streams_per_user)
+    else {
+        tracing::info!(user_id = %user.id, "too many open streams");
+        let message = format!("too many open event streams for this user (at most {})", state.max_streams_per_user);
+        return Err(ApiError::too_many_requests(message, state.retry.max(Duration::from_secs(1))));
+    };
     let position = position.expect("the hub is ready");
+    // A resume from further back than allowed starts over (`reset`); one that
+    // reads the stream needs a replay slot, got before answering.
+    let too_far = after.is_some_and(|n| position.saturating_sub(n) > state.max_replay_entries);
+    let slot = match (&missed, after) {
+        (Missed::InStream, Some(n)) if n < position && !too_far => match state.replays.acquire(user.id).await {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::warn!(user_id = %user.id, "no replay slot in time");
+                return Err(ApiError::unavailable(
+                    "too many resumes at once; try again shortly",
+                    state.retry.max(Duration::from_secs(1)),
+                ));
+            }
+        },
+        _ => None,
+    };
     let (shutdown, drain, heartbeat) = (state.shutdown.clone(), state.drain, state.heartbeat);
     tracing::info!(user_id = %user.id, ?resume, position, "stream opened");
 
     let stream = async_stream::stream! {
         yield Ok::<_, Infallible>(Event::default().retry(state.retry).comment("connected"));
         let mut end = Replayed::Done { covered: None, open: true };
-        for await step in replay(state, user.id, resume, position, missed) {
+        for await step in replay(state, user.id, resume, position, missed, too_far, slot) {
             match step {
                 Replayed::Event(event) => yield Ok(event),
                 done => end = done,
@@ -190,10 +224,17 @@ fn replay(
     resume: Resume,
     position: u64,
     missed: Missed,
+    too_far: bool,
+    slot: Option<ReplaySlot>,
 ) -> impl futures::Stream<Item = Replayed> {
     async_stream::stream! {
         match resume {
             Resume::Fresh => yield Replayed::Done { covered: None, open: true },
+            Resume::From(n) if too_far => {
+                tracing::info!(user_id = %user, asked = n, position, "resume from too far back; reset");
+                yield Replayed::Event(reset_event_because(position, Some(n), TOO_FAR));
+                yield Replayed::Done { covered: Some(position), open: true };
+            }
             Resume::Unknown => {
                 yield Replayed::Event(reset_event(position, None));
                 yield Replayed::Done { covered: Some(position), open: true };
@@ -207,7 +248,7 @@ fn replay(
                     yield Replayed::Done { covered: Some(position), open: true };
                 }
                 _ => {
-                    for await step in replay_from_stream(state, user, n, position) {
+                    for await step in replay_from_stream(state, user, n, position, slot) {
                         yield step;
                     }
                 }
@@ -223,10 +264,17 @@ fn replay_from_memory(events: &[std::sync::Arc<PushEvent>]) -> Vec<Event> {
 
 /// Reads the stream from `asked + 1` up to `position`, keeping the user's
 /// events; [`StreamReplay`] decides what each entry means.
-fn replay_from_stream(state: AppState, user: Uuid, asked: u64, position: u64) -> impl futures::Stream<Item = Replayed> {
+fn replay_from_stream(
+    state: AppState,
+    user: Uuid,
+    asked: u64,
+    position: u64,
+    slot: Option<ReplaySlot>,
+) -> impl futures::Stream<Item = Replayed> {
     async_stream::stream! {
-        // The permit is held for the whole replay.
-        let Some((_permit, channel, consumer)) = open_reader(&state, asked + 1).await else {
+        // The slot is held for the whole replay.
+        let _slot = slot;
+        let Some((channel, consumer)) = open_reader(&state, asked + 1).await else {
             // The client retries from its id.
             tracing::warn!(user_id = %user, "replay unavailable; closing the stream");
             yield Replayed::Done { covered: None, open: false };
@@ -273,20 +321,13 @@ fn replay_from_stream(state: AppState, user: Uuid, asked: u64, position: u64) ->
     }
 }
 
-/// A reader of the stream from `offset` with its replay slot (replays are
-/// bounded: keep the permit until the replay ends); `None` on shutdown or
-/// when the stream cannot be read.
-async fn open_reader(
-    state: &AppState,
-    offset: u64,
-) -> Option<(tokio::sync::SemaphorePermit<'_>, lapin::Channel, lapin::Consumer)> {
-    let permit = tokio::select! {
-        _ = state.shutdown.cancelled() => None,
-        p = state.replays.acquire() => p.ok(),
-    }?;
-    let (channel, consumer) =
-        stream::open(&state.broker, &state.spec, Start::Offset(offset), state.prefetch).await.ok()?;
-    Some((permit, channel, consumer))
+/// A reader of the stream from `offset` (the caller holds a replay slot);
+/// `None` on shutdown or when the stream cannot be read.
+async fn open_reader(state: &AppState, offset: u64) -> Option<(lapin::Channel, lapin::Consumer)> {
+    if state.shutdown.is_cancelled() {
+        return None;
+    }
+    stream::open(&state.broker, &state.spec, Start::Offset(offset), state.prefetch).await.ok()
 }
 
 /// The decisions of a replay from the stream, entry by entry.

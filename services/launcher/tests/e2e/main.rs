@@ -14,4 +14,5 @@ mod page;
 mod polling;
 mod push;
 mod reliability;
+mod stream_limits;
 mod tokens;

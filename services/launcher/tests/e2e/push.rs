@@ -296,7 +296,7 @@ impl Replica {
 
 /// Publishes `count` `OrderCreated` for `user` as ordering's relay does
 /// (pipelined, confirmed); returns the order ids in order.
-async fn publish_orders(app: &TestApp, user: uuid::Uuid, count: usize) -> Vec<String> {
+pub(crate) async fn publish_orders(app: &TestApp, user: uuid::Uuid, count: usize) -> Vec<String> {
     let conn = lapin::Connection::connect(&app.vhost.amqp_url, Default::default()).await.unwrap();
     let channel = conn.create_channel().await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
