@@ -59,6 +59,12 @@ pub struct UserCreated {
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub phone: Option<String>,
+    /// The profile's version: 1 at registration, one more at every change. A
+    /// copy of the profile applies an event only when it is not older than
+    /// the one it holds, so an older event delivered or retried after a newer
+    /// one changes nothing. (0 in events from before versions existed.)
+    #[serde(default)]
+    pub version: i64,
 }
 message!(UserCreated, exchange::IDENTITY, id);
 
@@ -72,6 +78,12 @@ pub struct UserUpdated {
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub phone: Option<String>,
+    /// The profile's version: 1 at registration, one more at every change. A
+    /// copy of the profile applies an event only when it is not older than
+    /// the one it holds, so an older event delivered or retried after a newer
+    /// one changes nothing. (0 in events from before versions existed.)
+    #[serde(default)]
+    pub version: i64,
 }
 message!(UserUpdated, exchange::IDENTITY, id);
 
@@ -138,17 +150,19 @@ message!(OrderFailed, exchange::ORDERING, order_id);
 /// The reason billing gives when the balance does not cover a payment.
 pub const NOT_ENOUGH_MONEY: &str = "not enough money";
 
-/// A user as identity announces them, at registration and on every change.
+/// A user as identity announces them, at registration and on every change,
+/// with the version of the profile the event carries.
 macro_rules! from_user {
     ($ty:ident) => {
-        impl From<&crate::api::User> for $ty {
-            fn from(u: &crate::api::User) -> Self {
+        impl $ty {
+            pub fn new(u: &crate::api::User, version: i64) -> Self {
                 $ty {
                     id: u.id,
                     email: u.email.clone(),
                     first_name: u.first_name.clone(),
                     last_name: u.last_name.clone(),
                     phone: u.phone.clone(),
+                    version,
                 }
             }
         }

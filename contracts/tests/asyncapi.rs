@@ -153,7 +153,10 @@ fn validate(doc: &Value, schema: &Value, value: &Value, path: &str, errors: &mut
         Value::Array(ts) => ts.iter().map(|t| t.as_str().unwrap()).collect(),
         _ => vec![],
     };
-    if !types.is_empty() && !types.contains(&type_of(value)) {
+    // An integer is a number whose value is whole (JSON Schema).
+    let integer = value.is_i64() || value.is_u64();
+    let typed = types.is_empty() || types.contains(&type_of(value)) || (integer && types.contains(&"integer"));
+    if !typed {
         errors.push(format!("{path}: {value} is not of type {types:?}"));
         return;
     }
@@ -217,6 +220,7 @@ fn payload_schemas_describe_the_json_serde_writes() {
         first_name: Some("Ann".into()),
         last_name: Some("Lee".into()),
         phone: Some("+1 555".into()),
+        version: 1,
     };
     let bare = UserCreated { first_name: None, last_name: None, phone: None, ..full.clone() };
     let mut errors = BTreeMap::new();
@@ -227,7 +231,14 @@ fn payload_schemas_describe_the_json_serde_writes() {
     };
     record("UserCreated (full)", payload_errors(&doc, &full));
     record("UserCreated (bare)", payload_errors(&doc, &bare));
-    let updated = UserUpdated { id, email: "a@b.c".into(), first_name: None, last_name: Some("L".into()), phone: None };
+    let updated = UserUpdated {
+        id,
+        email: "a@b.c".into(),
+        first_name: None,
+        last_name: Some("L".into()),
+        phone: None,
+        version: 2,
+    };
     record("UserUpdated", payload_errors(&doc, &updated));
     record("CreatePayment", payload_errors(&doc, &CreatePayment { id, user_id: id, amount: "600".parse().unwrap() }));
     record("PaymentCreated", payload_errors(&doc, &PaymentCreated { id }));

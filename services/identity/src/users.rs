@@ -21,6 +21,8 @@ struct UserRow {
     first_name: Option<String>,
     last_name: Option<String>,
     phone: Option<String>,
+    /// The profile's version (see `UserUpdated::version`).
+    version: i64,
 }
 
 impl From<UserRow> for User {
@@ -104,7 +106,7 @@ pub async fn register(
         return Err(ApiError::conflict("a user with this e-mail is already registered"));
     }
     let user = User { id, email, first_name, last_name, phone };
-    OUTBOX.enqueue(&mut tx, &UserCreated::from(&user)).await?;
+    OUTBOX.enqueue(&mut tx, &UserCreated::new(&user, 1)).await?; // the column's default
     tx.commit().await?;
     tracing::info!(user_id = %id, "user registered");
     Ok((StatusCode::CREATED, Json(user)).into_response())
@@ -198,10 +200,13 @@ pub async fn logout(
 }
 
 async fn find_user(state: &AppState, id: Uuid) -> Result<User, ApiError> {
-    let row: Option<UserRow> =
-        sqlx::query_as!(UserRow, "SELECT id, email, first_name, last_name, phone FROM users WHERE id = $1", id)
-            .fetch_optional(&state.db)
-            .await?;
+    let row: Option<UserRow> = sqlx::query_as!(
+        UserRow,
+        "SELECT id, email, first_name, last_name, phone, version FROM users WHERE id = $1",
+        id
+    )
+    .fetch_optional(&state.db)
+    .await?;
     row.map(User::from).ok_or_else(|| ApiError::not_found("user not found"))
 }
 
@@ -232,8 +237,8 @@ pub async fn update_profile(
     let mut tx = state.db.begin().await?;
     let row: Option<UserRow> = sqlx::query_as!(
         UserRow,
-        "UPDATE users SET first_name = $2, last_name = $3, phone = $4, updated_at = now()
-         WHERE id = $1 RETURNING id, email, first_name, last_name, phone",
+        "UPDATE users SET first_name = $2, last_name = $3, phone = $4, updated_at = now(), version = version + 1
+         WHERE id = $1 RETURNING id, email, first_name, last_name, phone, version",
         user.id,
         first_name.as_deref(),
         last_name.as_deref(),
@@ -241,8 +246,10 @@ pub async fn update_profile(
     )
     .fetch_optional(&mut *tx)
     .await?;
-    let user = User::from(row.ok_or_else(|| ApiError::not_found("user not found"))?);
-    OUTBOX.enqueue(&mut tx, &UserUpdated::from(&user)).await?;
+    let row = row.ok_or_else(|| ApiError::not_found("user not found"))?;
+    let version = row.version;
+    let user = User::from(row);
+    OUTBOX.enqueue(&mut tx, &UserUpdated::new(&user, version)).await?;
     tx.commit().await?;
     Ok(Json(user))
 }

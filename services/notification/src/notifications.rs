@@ -15,6 +15,8 @@ use uuid::Uuid;
 
 use crate::mailer::EMAIL_CHANNEL;
 
+/// Stores the profile copy unless the one held is newer (a higher version):
+/// events of one user may be delivered, or retried, out of order.
 async fn upsert_profile(
     tx: &mut PgConnection,
     id: Uuid,
@@ -22,33 +24,41 @@ async fn upsert_profile(
     first_name: &Option<String>,
     last_name: &Option<String>,
     phone: &Option<String>,
+    version: i64,
 ) -> HandlerResult {
-    sqlx::query!(
-        "INSERT INTO profiles (user_id, email, first_name, last_name, phone) VALUES ($1, $2, $3, $4, $5)
+    let stored = sqlx::query!(
+        "INSERT INTO profiles (user_id, email, first_name, last_name, phone, version) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, first_name = EXCLUDED.first_name,
-             last_name = EXCLUDED.last_name, phone = EXCLUDED.phone, updated_at = now()",
+             last_name = EXCLUDED.last_name, phone = EXCLUDED.phone, version = EXCLUDED.version, updated_at = now()
+         WHERE profiles.version <= EXCLUDED.version",
         id,
         email,
         first_name.as_deref(),
         last_name.as_deref(),
         phone.as_deref(),
+        version,
     )
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if stored == 0 {
+        tracing::info!(user_id = %id, version, "profile event older than the copy held; ignored");
+        return Ok(());
+    }
     // E-mails that waited for this address can go now.
     sqlx::query!("SELECT pg_notify($1, '')", EMAIL_CHANNEL).fetch_one(&mut *tx).await?;
-    tracing::info!(user_id = %id, "profile stored");
+    tracing::info!(user_id = %id, version, "profile stored");
     Ok(())
 }
 
 pub async fn on_user_created(tx: &mut PgConnection, msg: Incoming<UserCreated>) -> HandlerResult {
     let u = msg.payload;
-    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone).await
+    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone, u.version).await
 }
 
 pub async fn on_user_updated(tx: &mut PgConnection, msg: Incoming<UserUpdated>) -> HandlerResult {
     let u = msg.payload;
-    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone).await
+    upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone, u.version).await
 }
 
 /// Stores the notification and queues its e-mail, in the consumer's transaction.

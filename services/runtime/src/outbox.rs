@@ -75,7 +75,7 @@ pub use contracts::Message as __Message;
 /// ```ignore
 /// runtime::publishes!(pub OUTBOX: Identity = "identity" => UserCreated, UserUpdated);
 /// // ...
-/// OUTBOX.enqueue(&mut tx, &UserCreated::from(&user)).await?;
+/// OUTBOX.enqueue(&mut tx, &UserCreated::new(&user, 1)).await?;
 /// ```
 ///
 /// defines the publisher type `Identity`, its [`Outbox`] `OUTBOX`, and checks

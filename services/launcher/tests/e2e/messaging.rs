@@ -425,6 +425,7 @@ async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profil
         first_name: None,
         last_name: None,
         phone: None,
+        version: 1,
     };
     let body = serde_json::to_vec(&created).unwrap();
     app.publish_raw(exchange::IDENTITY, "UserCreated", Some(&Uuid::new_v4().to_string()), "UserCreated", &body).await;
@@ -435,5 +436,62 @@ async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profil
             .find(|m| m.contains(&email) && m.contains("Your order for 42.50$ has been successfully processed"))
     })
     .await;
+    app.stop().await;
+}
+
+/// A user's profile events delivered out of order (a retry, a redelivery, a
+/// relay that published late): notification's copy keeps the newest version,
+/// and an older event arriving after a newer one changes nothing.
+#[tokio::test]
+async fn an_older_profile_event_delivered_late_does_not_overwrite_a_newer_copy() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let notification = app.db("notification").await;
+    let copy = || async {
+        sqlx::query_as::<_, (i64, Option<String>)>("SELECT version, first_name FROM profiles WHERE user_id = $1")
+            .bind(user.id)
+            .fetch_optional(&notification)
+            .await
+            .unwrap()
+    };
+    // Identity numbers the versions: registration 1, then one per change.
+    for name in ["Ann", "Bea"] {
+        let r =
+            app.call(Some(&user), reqwest::Method::PUT, "/identity/profile", Some(json!({"firstName": name}))).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    eventually(Duration::from_secs(20), || async { (copy().await? == (3, Some("Bea".into()))).then_some(()) }).await;
+
+    // Version 2 delivered again, late, then a UserCreated (version 1): both
+    // are consumed, and the copy stays at version 3.
+    let late = |version: i64, first_name: &str| contracts::messages::UserUpdated {
+        id: user.id,
+        email: user.email.clone(),
+        first_name: Some(first_name.into()),
+        last_name: None,
+        phone: None,
+        version,
+    };
+    let (updated, created) = (Uuid::new_v4(), Uuid::new_v4());
+    let body = serde_json::to_vec(&late(2, "Ann")).unwrap();
+    app.publish_raw(exchange::IDENTITY, "UserUpdated", Some(&updated.to_string()), "UserUpdated", &body).await;
+    let body = serde_json::to_vec(&late(1, "")).unwrap(); // the same fields as UserCreated
+    app.publish_raw(exchange::IDENTITY, "UserCreated", Some(&created.to_string()), "UserCreated", &body).await;
+    eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = ANY($1)")
+            .bind([updated, created])
+            .fetch_one(&notification)
+            .await
+            .unwrap();
+        (n == 2).then_some(())
+    })
+    .await;
+    assert_eq!(copy().await, Some((3, Some("Bea".into()))), "the newer copy was overwritten");
+
+    // A newer one applies.
+    let body = serde_json::to_vec(&late(4, "Cy")).unwrap();
+    app.publish_raw(exchange::IDENTITY, "UserUpdated", Some(&Uuid::new_v4().to_string()), "UserUpdated", &body).await;
+    eventually(Duration::from_secs(20), || async { (copy().await? == (4, Some("Cy".into()))).then_some(()) }).await;
+    notification.close().await;
     app.stop().await;
 }
