@@ -15,12 +15,12 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub const PG_PORT: u16 = 55432;
+pub const PG_PORT: u16 = 24432;
 /// AMQP ports of the broker nodes (distribution on +100); the first also has
 /// the management API on `MGMT_PORT`.
-pub const RMQ_PORTS: [u16; 3] = [55672, 55674, 55676];
-pub const MGMT_PORT: u16 = 55673;
-pub const AMQP_BALANCER: u16 = 55479;
+pub const RMQ_PORTS: [u16; 3] = [24672, 24674, 24676];
+pub const MGMT_PORT: u16 = 24673;
+pub const AMQP_BALANCER: u16 = 24479;
 
 /// The private servers; removed (stopped, data deleted) on drop.
 pub struct Servers {

@@ -1,7 +1,8 @@
 //! The fault-injection suite (`scripts/fault-suite [--short|--long]`).
 //!
 //! Starts private PostgreSQL and RabbitMQ servers (own data directories and
-//! 55xxx ports; in the long form RabbitMQ is a three-node cluster), every
+//! 24xxx ports, below the ephemeral range so that no client connection holds
+//! one; in the long form RabbitMQ is a three-node cluster), every
 //! service as its own process, two replicas each behind a TCP balancer, and
 //! drives a steady load through the gateway while it SIGKILLs random
 //! replicas, stops PostgreSQL for longer than the whole retry schedule and
@@ -101,22 +102,22 @@ impl Plan {
 }
 
 const SERVICES: [(&str, &str, u16); 6] = [
-    ("identity", "identity", 55510),
-    ("billing", "billing", 55520),
-    ("ordering", "ordering", 55530),
-    ("notification", "notification", 55540),
-    ("push", "push-service", 55550),
-    ("gateway", "gateway", 55500),
+    ("identity", "identity", 24510),
+    ("billing", "billing", 24520),
+    ("ordering", "ordering", 24530),
+    ("notification", "notification", 24540),
+    ("push", "push-service", 24550),
+    ("gateway", "gateway", 24500),
 ];
 
 fn balancer_port(service: &str) -> u16 {
     match service {
-        "gateway" => 55480,
-        "identity" => 55481,
-        "billing" => 55482,
-        "ordering" => 55483,
-        "notification" => 55484,
-        _ => 55485,
+        "gateway" => 24480,
+        "identity" => 24481,
+        "billing" => 24482,
+        "ordering" => 24483,
+        "notification" => 24484,
+        _ => 24485,
     }
 }
 
