@@ -196,7 +196,7 @@ pub async fn run_with_tls(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // The stream (name, retention) is the one every service declares.
-    let broker = Broker::from_config("push", &config.messaging);
+    let broker = Broker::from_config("push", &config.messaging).with_ca(config.messaging.amqp_ca()?);
     let spec = config.messaging.push_stream.clone();
     let recent = hub::Recent { events: config.recent_events, max_age: spec.retention().map_err(anyhow::Error::msg)? };
     let hub = Arc::new(Hub::new(config.buffer, recent, config.dedup_events));

@@ -120,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(Command::ReplayDeadLetters { queue }) = &cli.command {
-        let broker = runtime::Broker::new(&cli.messaging.amqp_url);
+        let broker = runtime::Broker::new(&cli.messaging.amqp_url).with_ca(cli.messaging.amqp_ca()?);
         let moved = runtime::consumer::replay_dead_letters(&broker, queue).await?;
         broker.close().await;
         println!("moved {moved} message(s) from {queue}.dead back to {queue}");

@@ -54,10 +54,27 @@ pub struct Config {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct MailConfig {
-    /// SMTP server, e.g. `smtp://127.0.0.1:1025`. Without it, e-mails are
-    /// written as files to `--mail-dir`.
+    /// SMTP server: `smtp://host[:port]` plain SMTP (port 25),
+    /// `smtp://host[:port]?tls=required` STARTTLS required (587),
+    /// `?tls=opportunistic` STARTTLS when offered, `smtps://host[:port]`
+    /// implicit TLS (465). Credentials as userinfo (`smtps://user:password@host`,
+    /// percent-encoded) or SMTP_USERNAME/SMTP_PASSWORD. Without it, e-mails
+    /// are written as files to `--mail-dir`.
     #[arg(long, env = "SMTP_URL")]
     pub smtp_url: Option<String>,
+
+    /// User the mailer logs in to the SMTP server as (with SMTP_PASSWORD).
+    #[arg(long, env = "SMTP_USERNAME")]
+    pub smtp_username: Option<String>,
+
+    /// Password of SMTP_USERNAME.
+    #[arg(long, env = "SMTP_PASSWORD", hide_env_values = true)]
+    pub smtp_password: Option<String>,
+
+    /// PEM file of CA certificates the SMTP server's certificate may chain
+    /// to, besides the public web roots (a private CA).
+    #[arg(long, env = "SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<PathBuf>,
 
     /// Where e-mails go when no SMTP server is configured.
     #[arg(long, env = "MAIL_DIR", default_value = "var/mail")]

@@ -1,5 +1,6 @@
-//! Sends the queued e-mails: over SMTP when a server is configured, else as
-//! `.eml` files in a directory. Woken by NOTIFY when an e-mail or a profile
+//! Sends the queued e-mails: over SMTP when a server is configured (plain,
+//! STARTTLS or implicit TLS as its URL says), else as `.eml` files in a
+//! directory. Woken by NOTIFY when an e-mail or a profile
 //! is written, with a poll as safety net; a temporary failure (4xx, server
 //! unreachable) is retried with growing delays, a permanent one (an address
 //! the library refuses, a 5xx answer) ends the delivery as failed with its
@@ -7,6 +8,8 @@
 
 use anyhow::Context;
 use lettre::message::{Mailbox, header::ContentType};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use runtime::contact::Email;
 use runtime::db::Wakeup;
@@ -43,15 +46,7 @@ impl Mailer {
     pub fn new(config: &MailConfig, db: PgPool) -> anyhow::Result<Self> {
         let from: Mailbox = config.mail_from.parse().context("MAIL_FROM")?;
         let transport = match &config.smtp_url {
-            Some(url) => {
-                let (host, port) = parse_smtp_url(url)?;
-                let t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-                    .port(port)
-                    .timeout(Some(Duration::from_secs(10)))
-                    .build();
-                tracing::info!(smtp = %url, "e-mails go to the SMTP server");
-                Transport::Smtp(t)
-            }
+            Some(url) => Transport::Smtp(smtp_transport(config, url)?),
             None => {
                 std::fs::create_dir_all(&config.mail_dir)
                     .with_context(|| format!("creating {}", config.mail_dir.display()))?;
@@ -189,13 +184,229 @@ enum SendError {
     Temporary(String),
 }
 
-/// `smtp://host[:port]` (plain SMTP, port 25 by default). TLS relays are
-/// reached through a local relay or a later transport option.
-fn parse_smtp_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url.strip_prefix("smtp://").context("SMTP_URL must look like smtp://host:port")?;
-    let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((host, port)) => Ok((host.to_string(), port.parse().context("SMTP_URL port")?)),
-        None => Ok((rest.to_string(), 25)),
+/// How the connection to the SMTP server is secured, from `SMTP_URL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Security {
+    /// `smtp://`: plain SMTP (a relay on the same host or network).
+    Plain,
+    /// `smtp://…?tls=opportunistic`: STARTTLS when the server offers it.
+    Opportunistic,
+    /// `smtp://…?tls=required`: STARTTLS, and no mail when the server does not offer it.
+    StartTls,
+    /// `smtps://`: TLS from the first byte (implicit TLS, port 465).
+    Implicit,
+}
+
+/// The SMTP transport for `url` (see [`MailConfig::smtp_url`]): TLS (rustls,
+/// the public web roots plus `SMTP_CA_FILE`) as the URL says, credentials
+/// from the URL's userinfo or `SMTP_USERNAME`/`SMTP_PASSWORD`.
+fn smtp_transport(config: &MailConfig, url: &str) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
+    let shown = runtime::db::redact(url);
+    let parsed = url::Url::parse(url).with_context(|| format!("SMTP_URL {shown}"))?;
+    let host = parsed.host_str().filter(|h| !h.is_empty()).with_context(|| format!("SMTP_URL {shown} has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let tls = parsed.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
+    let security = match (parsed.scheme(), tls.as_deref()) {
+        ("smtp", None) => Security::Plain,
+        ("smtp", Some("required")) => Security::StartTls,
+        ("smtp", Some("opportunistic")) => Security::Opportunistic,
+        ("smtps", None) => Security::Implicit,
+        _ => anyhow::bail!(
+            "SMTP_URL {shown}: use smtp://host[:port] (plain), smtp://host[:port]?tls=required (STARTTLS), \
+             smtp://host[:port]?tls=opportunistic or smtps://host[:port] (implicit TLS)"
+        ),
+    };
+    // Scheme, port (25, 587 or 465 by default), userinfo and HELO name as lettre reads them.
+    let mut builder =
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map_err(|e| anyhow::anyhow!("SMTP_URL {shown}: {e}"))?;
+    if security != Security::Plain {
+        let mut params = TlsParameters::builder(host);
+        if let Some(file) = &config.smtp_ca_file {
+            let pem = std::fs::read(file).with_context(|| format!("SMTP_CA_FILE {}", file.display()))?;
+            let ca = Certificate::from_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("SMTP_CA_FILE {}: not PEM certificates: {e}", file.display()))?;
+            params = params.add_root_certificate(ca);
+        }
+        let params = params.build().map_err(|e| anyhow::anyhow!("SMTP TLS: {e}"))?;
+        builder = builder.tls(match security {
+            Security::Opportunistic => Tls::Opportunistic(params),
+            Security::StartTls => Tls::Required(params),
+            _ => Tls::Wrapper(params),
+        });
+    }
+    match (&config.smtp_username, &config.smtp_password) {
+        (Some(user), Some(password)) => builder = builder.credentials(Credentials::new(user.clone(), password.clone())),
+        (None, None) => {}
+        _ => anyhow::bail!("set both SMTP_USERNAME and SMTP_PASSWORD, or neither"),
+    }
+    let logs_in = parsed.password().is_some() || config.smtp_username.is_some();
+    if logs_in && matches!(security, Security::Plain | Security::Opportunistic) {
+        tracing::warn!(smtp = %shown, "SMTP credentials may travel unencrypted: use smtps:// or ?tls=required");
+    }
+    tracing::info!(smtp = %shown, ?security, "e-mails go to the SMTP server");
+    Ok(builder.timeout(Some(Duration::from_secs(10))).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::tls::TestAuthority;
+    use std::path::PathBuf;
+
+    /// `tools/smtp-sink.py` (aiosmtpd) on a free loopback port, writing a
+    /// Maildir in its own directory, removed with it.
+    struct Sink {
+        port: u16,
+        dir: PathBuf,
+        _process: tokio::process::Child,
+    }
+
+    impl Drop for Sink {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl Sink {
+        /// `mode`: `[]` plain, `["--starttls"]` or `["--smtps"]` (with the
+        /// authority's server certificate); `login`: `USER:PASSWORD` it demands.
+        async fn start(mode: Option<&str>, login: Option<&str>, authority: &TestAuthority) -> Sink {
+            let dir = std::env::temp_dir().join(format!("smtp-sink-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, &authority.cert_pem).unwrap();
+            std::fs::write(&key, &authority.key_pem).unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/smtp-sink.py");
+            let mut command = tokio::process::Command::new("python3");
+            command
+                .arg(script)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--maildir")
+                .arg(dir.join("maildir"));
+            if let Some(mode) = mode {
+                command.arg(mode).arg(&cert).arg(&key);
+            }
+            if let Some(login) = login {
+                command.arg("--login").arg(login);
+            }
+            let process = command.kill_on_drop(true).spawn().expect("python3 with aiosmtpd (pip install aiosmtpd)");
+            let sink = Sink { port, dir, _process: process };
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return sink;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the SMTP sink did not start on port {port}");
+        }
+
+        fn messages(&self) -> Vec<String> {
+            let Ok(entries) = std::fs::read_dir(self.dir.join("maildir").join("new")) else { return vec![] };
+            entries.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok()).collect()
+        }
+
+        /// The authority's CA certificate as a file, for `SMTP_CA_FILE`.
+        fn ca_file(&self, authority: &TestAuthority) -> PathBuf {
+            let path = self.dir.join("ca.pem");
+            std::fs::write(&path, &authority.ca_pem).unwrap();
+            path
+        }
+    }
+
+    fn config(ca_file: Option<PathBuf>, login: Option<(&str, &str)>) -> MailConfig {
+        MailConfig {
+            smtp_url: None,
+            mail_dir: PathBuf::from("unused"),
+            mail_from: "Order System <orders@localhost>".into(),
+            smtp_username: login.map(|l| l.0.to_string()),
+            smtp_password: login.map(|l| l.1.to_string()),
+            smtp_ca_file: ca_file,
+        }
+    }
+
+    fn message(subject: &str) -> Message {
+        Message::builder()
+            .from("Order System <orders@localhost>".parse().unwrap())
+            .to("someone@example.com".parse().unwrap())
+            .subject(subject)
+            .header(ContentType::TEXT_PLAIN)
+            .body("hello".to_string())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn mail_arrives_over_implicit_tls_with_the_credentials_of_the_url() {
+        let authority = runtime::tls::test_authority().unwrap();
+        let sink = Sink::start(Some("--smtps"), Some("mailer:s3cret/pw"), &authority).await;
+        let config = config(Some(sink.ca_file(&authority)), None);
+        // `/` in the password is percent-encoded in the URL.
+        let url = format!("smtps://mailer:s3cret%2Fpw@localhost:{}", sink.port);
+        let transport = smtp_transport(&config, &url).unwrap();
+        transport.send(message("over smtps")).await.expect("sent over implicit TLS");
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 1);
+        assert!(messages[0].contains("Subject: over smtps"), "{}", messages[0]);
+    }
+
+    #[tokio::test]
+    async fn mail_arrives_over_starttls_with_the_configured_credentials() {
+        let authority = runtime::tls::test_authority().unwrap();
+        // The sink refuses MAIL before STARTTLS and AUTH without TLS.
+        let sink = Sink::start(Some("--starttls"), Some("mailer:pw"), &authority).await;
+        let config = config(Some(sink.ca_file(&authority)), Some(("mailer", "pw")));
+        let url = format!("smtp://127.0.0.1:{}?tls=required", sink.port);
+        let transport = smtp_transport(&config, &url).unwrap();
+        transport.send(message("over starttls")).await.expect("sent after STARTTLS");
+        assert_eq!(sink.messages().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_server_without_starttls_gets_no_mail_when_tls_is_required() {
+        let authority = runtime::tls::test_authority().unwrap();
+        let sink = Sink::start(None, None, &authority).await;
+        let config = config(Some(sink.ca_file(&authority)), None);
+        let plain = smtp_transport(&config, &format!("smtp://127.0.0.1:{}", sink.port)).unwrap();
+        plain.send(message("plain")).await.expect("plain SMTP where the URL asks for nothing more");
+        assert_eq!(sink.messages().len(), 1);
+
+        let required = smtp_transport(&config, &format!("smtp://127.0.0.1:{}?tls=required", sink.port)).unwrap();
+        let err = required.send(message("must not arrive in clear")).await.expect_err("refused");
+        assert!(!err.is_permanent(), "a temporary failure, retried later: {err}");
+        assert!(err.to_string().to_lowercase().contains("starttls"), "{err}");
+        assert_eq!(sink.messages().len(), 1, "nothing more was sent in clear");
+    }
+
+    #[tokio::test]
+    async fn a_server_whose_certificate_is_not_trusted_gets_no_mail() {
+        let authority = runtime::tls::test_authority().unwrap();
+        let sink = Sink::start(Some("--smtps"), None, &authority).await;
+        // Another authority's CA: the server's certificate does not chain to it.
+        let other = runtime::tls::test_authority().unwrap();
+        let config = config(Some(sink.ca_file(&other)), None);
+        let transport = smtp_transport(&config, &format!("smtps://localhost:{}", sink.port)).unwrap();
+        let err = transport.send(message("untrusted")).await.expect_err("refused");
+        assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+        assert!(sink.messages().is_empty());
+    }
+
+    #[test]
+    fn the_url_chooses_the_security_and_a_bad_one_is_a_configuration_error() {
+        let config = config(None, None);
+        for good in
+            ["smtp://relay", "smtp://relay:2525?tls=required", "smtp://relay?tls=opportunistic", "smtps://u:p@relay"]
+        {
+            assert!(smtp_transport(&config, good).is_ok(), "{good}");
+        }
+        for bad in ["http://relay", "smtps://relay?tls=required", "smtp://relay?tls=always", "smtp://", "relay:25"] {
+            let err = smtp_transport(&config, bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(err.to_string().contains("SMTP_URL"), "{bad}: {err}");
+        }
+        let half = MailConfig { smtp_password: None, ..super::tests::config(None, Some(("user", "pw"))) };
+        assert!(smtp_transport(&half, "smtps://relay").is_err(), "a user without a password");
+        let missing = super::tests::config(Some(PathBuf::from("/nonexistent/ca.pem")), None);
+        let err = smtp_transport(&missing, "smtps://relay").err().unwrap();
+        assert!(err.to_string().contains("SMTP_CA_FILE"), "{err}");
     }
 }

@@ -8,6 +8,7 @@ use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::{Arc, RwLock};
@@ -22,6 +23,9 @@ struct Inner {
     /// The `service` label of the broker metrics.
     service: &'static str,
     url: String,
+    /// PEM CA certificates trusted for an `amqps://` broker besides the
+    /// public web roots.
+    ca_pem: Option<String>,
     /// Longest wait for the broker to answer a connection or channel opening.
     timeout: Duration,
     current: RwLock<Option<Arc<Connection>>>,
@@ -58,11 +62,19 @@ impl Broker {
                 service,
                 timeout,
                 url: url.into(),
+                ca_pem: None,
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 push_stream,
             }),
         }
+    }
+
+    /// Trusts the CA certificates of `pem` (PEM) for an `amqps://` broker,
+    /// besides the public web roots. Call before the first connection.
+    pub fn with_ca(mut self, pem: Option<String>) -> Self {
+        Arc::get_mut(&mut self.inner).expect("with_ca on a broker not yet shared").ca_pem = pem;
+        self
     }
 
     /// Whether the connection is up; also kept in the `broker_connected` gauge.
@@ -95,7 +107,12 @@ impl Broker {
         // A broker that accepts TCP but never answers must not hang us.
         let conn = self
             .bounded("connecting", async {
-                let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await?);
+                // `amqps://` is TLS (rustls); `amqp://` ignores the TLS settings.
+                let tls = OwnedTLSConfig { identity: None, cert_chain: self.inner.ca_pem.clone() };
+                let runtime = lapin::runtime::default_runtime()?;
+                let conn =
+                    Connection::connect_with_config(&self.inner.url, ConnectionProperties::default(), tls, runtime);
+                let conn = Arc::new(conn.await?);
                 let channel = conn.create_channel().await?;
                 declare_topology(&channel).await?;
                 let _ = channel.close(200, "topology declared".into()).await;

@@ -1,13 +1,22 @@
 //! Configuration shared by every service that talks to the broker.
 
+use anyhow::Context;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How a service reaches RabbitMQ and how its consumers retry.
 #[derive(clap::Args, Clone, Debug)]
 pub struct MessagingConfig {
-    /// AMQP URL of the broker (the vhost is part of it).
+    /// AMQP URL of the broker (the vhost is part of it): `amqp://` plain,
+    /// `amqps://` TLS (port 5671 by default; the broker's certificate is
+    /// checked against the public web roots and AMQP_CA_FILE).
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+
+    /// PEM file of CA certificates the broker's certificate may chain to
+    /// (a private CA), for `amqps://`.
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
 
     /// Delays before each retry of a failed message, in milliseconds; after
     /// the last one the message goes to the queue's dead-letter queue.
@@ -63,6 +72,7 @@ impl MessagingConfig {
     pub fn local(amqp_url: impl Into<String>) -> Self {
         MessagingConfig {
             amqp_url: amqp_url.into(),
+            amqp_ca_file: None,
             retry_delays_ms: vec![1000, 10_000, 60_000],
             prefetch: 16,
             outbox_poll_ms: 1000,
@@ -74,6 +84,18 @@ impl MessagingConfig {
             processed_retention_hours: 168,
             push_stream: Default::default(),
         }
+    }
+
+    /// The CA certificates of AMQP_CA_FILE (PEM), for [`crate::Broker::with_ca`].
+    pub fn amqp_ca(&self) -> anyhow::Result<Option<String>> {
+        let Some(file) = &self.amqp_ca_file else { return Ok(None) };
+        let pem = std::fs::read_to_string(file).with_context(|| format!("AMQP_CA_FILE {}", file.display()))?;
+        anyhow::ensure!(
+            pem.contains("-----BEGIN CERTIFICATE-----"),
+            "AMQP_CA_FILE {}: no PEM certificate",
+            file.display()
+        );
+        Ok(Some(pem))
     }
 
     pub fn outbox_max_age(&self) -> Duration {

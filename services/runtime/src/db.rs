@@ -80,7 +80,11 @@ async fn connect_once(url: &str, pool_size: u32, service_migrations: &mut Migrat
 }
 
 async fn create_if_missing(url: &str) -> anyhow::Result<()> {
-    if sqlx::Postgres::database_exists(url).await? {
+    // The first connection: where a wrong address, password or `sslmode`
+    // (a server without TLS) shows, with the URL it concerns.
+    let exists =
+        sqlx::Postgres::database_exists(url).await.with_context(|| format!("connecting to {}", redact(url)))?;
+    if exists {
         return Ok(());
     }
     if let Err(e) = sqlx::Postgres::create_database(url).await {

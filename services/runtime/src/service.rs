@@ -42,6 +42,8 @@ impl Service {
         listener: &TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        // A configuration error shows at once, before any wait.
+        let amqp_ca = messaging.amqp_ca()?;
         let starting = Starting::serve(name, listener, &shutdown)?;
         let connected =
             crate::db::connect_when_available(database_url, limits.database_pool_size, migrations, &shutdown).await;
@@ -50,7 +52,7 @@ impl Service {
         let mut service = Service {
             name,
             db,
-            broker: Broker::from_config(name, messaging),
+            broker: Broker::from_config(name, messaging).with_ca(amqp_ca),
             messaging: messaging.clone(),
             limits: limits.clone(),
             tasks: Tasks::new(shutdown),

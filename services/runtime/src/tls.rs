@@ -32,6 +32,31 @@ pub fn development_certificate() -> anyhow::Result<(String, String)> {
     Ok((cert.pem(), signing_key.serialize_pem()))
 }
 
+/// A certificate authority and a server certificate it issued, all PEM: for
+/// tests of the TLS clients (SMTP, AMQP, PostgreSQL) against a server on
+/// loopback that trusts only this authority.
+pub struct TestAuthority {
+    /// The authority's own certificate: what a client is told to trust.
+    pub ca_pem: String,
+    /// The server's certificate, for `localhost`, `127.0.0.1` and `::1`.
+    pub cert_pem: String,
+    /// The server certificate's private key.
+    pub key_pem: String,
+}
+
+/// A fresh [`TestAuthority`].
+pub fn test_authority() -> anyhow::Result<TestAuthority> {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "order-system test authority");
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate()?)?;
+    let key = rcgen::KeyPair::generate()?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let cert = rcgen::CertificateParams::new(names)?.signed_by(&key, &ca)?;
+    Ok(TestAuthority { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
 /// The rustls server configuration (ring provider, ALPN `h2` then `http/1.1`).
 pub async fn server_config(config: &TlsConfig) -> anyhow::Result<RustlsConfig> {
     let (cert_pem, key_pem) = match (&config.cert_file, &config.key_file) {

@@ -1,6 +1,6 @@
 //! The seed's own scenario, through the gateway over HTTP.
 
-use crate::helpers::{TestApp, eventually};
+use crate::helpers::{TestApp, Tuning, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -102,6 +102,24 @@ async fn register_deposit_order_succeed_then_fail() {
     }
 
     app.stop().await;
+}
+
+#[tokio::test]
+async fn an_orders_e_mail_goes_over_implicit_tls_when_the_smtp_url_is_smtps() {
+    let app = TestApp::spawn_with(Tuning { smtps: true, ..Default::default() }).await;
+    let user = app.user().await;
+    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app.post(&user, "/ordering/orders", json!({"price": 42})).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // The sink speaks only TLS: a message in its Maildir came over TLS.
+    eventually(Duration::from_secs(15), || async {
+        app.smtp
+            .messages()
+            .into_iter()
+            .find(|m| m.contains(&user.email) && m.contains("42.00$") && m.contains("successfully processed"))
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -110,22 +110,34 @@ impl Drop for Leftovers {
 pub struct SmtpSink {
     pub port: u16,
     pub dir: PathBuf,
+    /// With implicit TLS: the CA file its certificate chains to.
+    pub ca_file: Option<PathBuf>,
     _process: tokio::process::Child,
 }
 
 impl SmtpSink {
-    pub async fn start(dir: PathBuf) -> SmtpSink {
+    /// `smtps`: implicit TLS with a certificate from a test authority.
+    pub async fn start(dir: PathBuf, smtps: bool) -> SmtpSink {
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let process = tokio::process::Command::new("python3")
+        let mut command = tokio::process::Command::new("python3");
+        command
             .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(dir.join("maildir"))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+            .arg(dir.join("maildir"));
+        let mut ca_file = None;
+        if smtps {
+            let authority = runtime::tls::test_authority().unwrap();
+            let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&ca, authority.ca_pem).unwrap();
+            std::fs::write(&cert, authority.cert_pem).unwrap();
+            std::fs::write(&key, authority.key_pem).unwrap();
+            command.arg("--smtpscert").arg(cert).arg("--smtpskey").arg(key);
+            ca_file = Some(ca);
+        }
+        let process = command.kill_on_drop(true).spawn().expect("python3 with aiosmtpd (pip install aiosmtpd)");
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return SmtpSink { port, dir, _process: process };
+                return SmtpSink { port, dir, ca_file, _process: process };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -174,6 +186,8 @@ pub struct Tuning {
     pub gateway_client_ip_header: Option<String>,
     /// How long identity's access tokens are valid.
     pub token_ttl_secs: u64,
+    /// E-mail over implicit TLS (`smtps://`, the sink's CA in `SMTP_CA_FILE`).
+    pub smtps: bool,
 }
 
 impl Default for Tuning {
@@ -189,6 +203,7 @@ impl Default for Tuning {
             identity_limits: Default::default(),
             gateway_client_ip_header: None,
             token_ttl_secs: 3600,
+            smtps: false,
         }
     }
 }
@@ -204,7 +219,7 @@ impl TestApp {
         runtime::telemetry::init_for_tests();
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let vhost = create_vhost(&prefix).await;
-        let smtp = SmtpSink::start(std::env::temp_dir().join(format!("order-system-{prefix}"))).await;
+        let smtp = SmtpSink::start(std::env::temp_dir().join(format!("order-system-{prefix}")), tuning.smtps).await;
         let messaging = MessagingConfig {
             retry_delays_ms: vec![100, 300],
             metrics_refresh_ms: 200,
@@ -252,9 +267,15 @@ impl TestApp {
             messaging: messaging.clone(),
             limits: Default::default(),
             mail: notification::MailConfig {
-                smtp_url: Some(format!("smtp://127.0.0.1:{}", smtp.port)),
+                smtp_url: Some(match smtp.ca_file {
+                    Some(_) => format!("smtps://localhost:{}", smtp.port),
+                    None => format!("smtp://127.0.0.1:{}", smtp.port),
+                }),
                 mail_dir: smtp.dir.join("unused"),
                 mail_from: "Order System <orders@localhost>".into(),
+                smtp_username: None,
+                smtp_password: None,
+                smtp_ca_file: smtp.ca_file.clone(),
             },
             addr: String::new(),
         };

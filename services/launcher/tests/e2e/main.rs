@@ -16,3 +16,4 @@ mod push;
 mod reliability;
 mod stream_limits;
 mod tokens;
+mod transport;
