@@ -105,7 +105,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentU
     // A token that cannot be judged now is a 503 (fail closed); any other
     // failure a 401.
     let claims = verifier.verify(token).await.map_err(|e| match e {
-        TokenError::RevocationsStale | TokenError::Unavailable => e,
+        TokenError::RevocationsStale | TokenError::Unavailable | TokenError::UnknownKeyYet => e,
         _ => TokenError::Invalid,
     })?;
     tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));

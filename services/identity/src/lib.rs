@@ -60,6 +60,11 @@ pub struct Config {
     #[command(flatten)]
     pub abuse: AbuseLimits,
 
+    /// How often the signing keys kept in the database are reloaded, in
+    /// seconds: a rotation (`order-system rotate-key`) takes effect within it.
+    #[arg(long, env = "SIGNING_KEY_RELOAD_SECS", default_value_t = 10)]
+    pub signing_key_reload_secs: u64,
+
     /// Mark the `accessToken` cookie `Secure` (set it behind HTTPS).
     #[arg(long, env = "COOKIE_SECURE", default_value_t = false)]
     pub cookie_secure: bool,
@@ -71,12 +76,55 @@ pub struct Config {
 #[derive(Clone)]
 pub(crate) struct AppState {
     db: PgPool,
-    key: Arc<SigningKey>,
+    keys: Arc<std::sync::RwLock<Arc<keys::KeyRing>>>,
     token_ttl: Duration,
     cookie_secure: bool,
     passwords: Arc<passwords::Passwords>,
     throttle: Arc<throttle::Throttle>,
     client_ip_header: Option<axum::http::HeaderName>,
+}
+
+impl AppState {
+    /// The signing keys as loaded last.
+    pub(crate) fn keys(&self) -> Arc<keys::KeyRing> {
+        self.keys.read().expect("keys lock").clone()
+    }
+}
+
+/// Rotates the token signing key kept in the identity database at
+/// `database_url` (`order-system rotate-key`); returns the new key's id.
+pub async fn rotate_signing_key(database_url: &str) -> anyhow::Result<String> {
+    let db = PgPool::connect(database_url).await.context("identity database")?;
+    let kid = keys::rotate(&db).await;
+    db.close().await;
+    kid
+}
+
+/// Reloads the keys from the database every `every` (a rotation by another
+/// process or replica is picked up) until `shutdown`.
+async fn reload_keys(
+    db: PgPool,
+    keys: Arc<std::sync::RwLock<Arc<keys::KeyRing>>>,
+    token_ttl: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+        match keys::KeyRing::load_or_create(&db, token_ttl).await {
+            Ok(ring) => {
+                let mut current = keys.write().expect("keys lock");
+                if current.kid() != ring.kid() {
+                    tracing::info!(kid = ring.kid(), "signing with a new key");
+                }
+                *current = Arc::new(ring);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not reload the signing keys"),
+        }
+    }
 }
 
 fn routes(state: AppState) -> Router {
@@ -121,13 +169,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         shutdown,
     )
     .await?;
-    let key = match &config.jwt_private_key_pem {
-        Some(pem) => SigningKey::from_pem(pem).context("JWT_PRIVATE_KEY_PEM")?,
-        None => SigningKey::load_or_create(&service.db).await?,
+    let token_ttl = Duration::from_secs(config.token_ttl_secs);
+    let ring = match &config.jwt_private_key_pem {
+        Some(pem) => keys::KeyRing::single(SigningKey::from_pem(pem).context("JWT_PRIVATE_KEY_PEM")?),
+        None => keys::KeyRing::load_or_create(&service.db, token_ttl).await?,
     };
+    let keys = Arc::new(std::sync::RwLock::new(Arc::new(ring)));
+    if config.jwt_private_key_pem.is_none() {
+        let every = Duration::from_secs(config.signing_key_reload_secs.max(1));
+        service.spawn(
+            "signing key reload",
+            reload_keys(service.db.clone(), keys.clone(), token_ttl, every, service.shutdown()),
+        );
+    }
     let state = AppState {
         db: service.db.clone(),
-        key: Arc::new(key),
+        keys,
         token_ttl: Duration::from_secs(config.token_ttl_secs),
         cookie_secure: config.cookie_secure,
         passwords: Arc::new(passwords::Passwords::new(

@@ -160,7 +160,7 @@ pub async fn login(
         exp: now + ttl as i64,
         jti: Uuid::new_v4(),
     };
-    let token = state.key.sign(&claims)?;
+    let token = state.keys().current.sign(&claims)?;
     tracing::info!(user_id = %id, "logged in");
     let mut resp = Json(AccessToken { access_token: token.clone() }).into_response();
     resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, &token, ttl));

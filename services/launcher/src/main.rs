@@ -40,6 +40,10 @@ struct Cli {
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     token_ttl_secs: u64,
 
+    /// How often identity reloads its signing keys (a rotation takes effect within it).
+    #[arg(long, env = "SIGNING_KEY_RELOAD_SECS", default_value_t = 10)]
+    signing_key_reload_secs: u64,
+
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
 
@@ -86,6 +90,10 @@ enum Command {
         #[arg(default_value = "contracts/openapi")]
         dir: std::path::PathBuf,
     },
+    /// Rotates the token signing key kept in the identity database: identity
+    /// signs with the new key within SIGNING_KEY_RELOAD_SECS and keeps
+    /// publishing the previous one until the tokens it signed have expired.
+    RotateKey,
     /// Moves the messages of QUEUE's dead-letter queue (QUEUE.dead) back to
     /// QUEUE, once the cause of their failure is fixed.
     ReplayDeadLetters { queue: String },
@@ -127,6 +135,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
+    if let Some(Command::RotateKey) = &cli.command {
+        let kid = identity::rotate_signing_key(&db("identity")).await?;
+        println!("new token signing key {kid}; identity replicas sign with it within SIGNING_KEY_RELOAD_SECS");
+        return Ok(());
+    }
     if let Some(Command::Audit { rabbitmq_api, pending_threshold_secs, notification_grace_secs }) = &cli.command {
         let config = order_system::audit::AuditConfig {
             billing_db: db("billing"),
@@ -160,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         // Identity is reached through the gateway, which sets this header.
         abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..cli.abuse.clone() },
         cookie_secure: false,
+        signing_key_reload_secs: cli.signing_key_reload_secs,
         addr: identity_addr.to_string(),
     };
     tasks.spawn("identity", identity::run(identity, TcpListener::bind(identity_addr).await?, shutdown.clone()));

@@ -69,5 +69,7 @@ mod tests {
         let stale = ApiError::from(TokenError::RevocationsStale);
         assert_eq!((stale.status, stale.retry_after.is_some()), (StatusCode::SERVICE_UNAVAILABLE, true));
         assert!(stale.message.contains("revoked tokens"));
+        let unknown = ApiError::from(TokenError::UnknownKeyYet);
+        assert_eq!((unknown.status, unknown.retry_after.is_some()), (StatusCode::SERVICE_UNAVAILABLE, true));
     }
 }

@@ -37,7 +37,14 @@ pub enum TokenError {
     /// The token is well signed, but the list of revoked tokens is older
     /// than allowed: whether it was logged out cannot be told.
     RevocationsStale,
+    /// The token names a key not known here, and identity's keys were
+    /// fetched too recently to look again yet.
+    UnknownKeyYet,
 }
+
+/// Fetches of identity's keys prompted by tokens naming an unknown key are
+/// at most this often.
+const KEY_FETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Clock skew allowed on `exp`.
 const LEEWAY_SECS: u64 = 5;
@@ -77,6 +84,10 @@ impl From<TokenError> for crate::ApiError {
             }
             TokenError::Invalid => crate::ApiError::unauthorized("the access token is invalid, expired or revoked"),
             TokenError::Unavailable => crate::ApiError::unavailable("authentication is not available yet", RETRY_AFTER),
+            TokenError::UnknownKeyYet => crate::ApiError::unavailable(
+                "the token's signing key is not known here yet; try again shortly",
+                KEY_FETCH_INTERVAL,
+            ),
             TokenError::RevocationsStale => crate::ApiError::unavailable(
                 "the token cannot be checked now (the list of revoked tokens is out of date); try again later",
                 RETRY_AFTER,
@@ -285,13 +296,17 @@ impl TokenVerifier {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         let kid = header.kid.ok_or(TokenError::Invalid)?;
         if !self.keys.read().expect("keys lock").contains_key(&kid) {
-            // A new key, or none yet: fetch again, at most every few seconds.
+            // A new key (a rotation), or none yet: fetch again, at most
+            // once per KEY_FETCH_INTERVAL whatever the tokens name.
             let mut last = self.last_key_fetch.lock().await;
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            if last.is_none_or(|t| t.elapsed() >= KEY_FETCH_INTERVAL) {
                 *last = Some(tokio::time::Instant::now());
                 if let Err(e) = self.fetch_keys().await {
                     tracing::warn!(error = %e, "could not fetch identity's keys");
                 }
+            } else if !self.keys.read().expect("keys lock").contains_key(&kid) {
+                // Not looked up now: it may be a key published a moment ago.
+                return Err(TokenError::UnknownKeyYet);
             }
         }
         let keys = self.keys.read().expect("keys lock");

@@ -239,6 +239,7 @@ impl TestApp {
             // The gateway sets it.
             abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..tuning.abuse },
             cookie_secure: false,
+            signing_key_reload_secs: 1,
             addr: String::new(),
         };
         tasks.push(tokio::spawn(identity::run(config, l, shutdown.clone())));

@@ -506,6 +506,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
         abuse: Default::default(),
         limits: Default::default(),
         cookie_secure: false,
+        signing_key_reload_secs: 10,
         addr: String::new(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -186,3 +186,68 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
     replica.stop().await;
     app.stop().await;
 }
+
+/// The `kid` a token's header names.
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap();
+    serde_json::from_slice::<Value>(&header).unwrap()["kid"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_key() {
+    let app = TestApp::spawn().await;
+    let alice = app.user().await;
+    let old_kid = kid_of(&alice.token);
+    // A push replica facing browsers, which verifies tokens itself.
+    let replica = Replica::start(&app, |c| {
+        c.identity_url = Some(app.identity.clone());
+        c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
+    })
+    .await;
+    let orders = format!("{}/api/v1/orders", replica.url);
+    let stream_status = |token: String| {
+        let orders = orders.clone();
+        async move {
+            let r = reqwest::Client::new().get(orders).bearer_auth(token).send().await.unwrap();
+            r.status()
+        }
+    };
+    eventually(WAIT, || async { (stream_status(alice.token.clone()).await == StatusCode::OK).then_some(()) }).await;
+
+    // `order-system rotate-key` does this.
+    let new_kid = identity::rotate_signing_key(&format!("{}/{}_identity", postgres_url(), app.prefix)).await.unwrap();
+    assert_ne!(new_kid, old_kid);
+    // Identity picks it up (SIGNING_KEY_RELOAD_SECS, 1 s here): a new login gets the new key.
+    let bob = app.user().await;
+    let bob = eventually(WAIT, || async {
+        let fresh = login_again(&app, &bob).await;
+        (kid_of(&fresh.token) == new_kid).then_some(fresh)
+    })
+    .await;
+    let jwks: Value =
+        app.http.get(format!("{}/.well-known/jwks.json", app.identity)).send().await.unwrap().json().await.unwrap();
+    let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+    assert_eq!(kids, [new_kid.as_str(), old_kid.as_str()], "current first, then the previous one");
+
+    // Both tokens verify at the gateway and at the push replica, which learn
+    // the new key on its first token (or, when they looked less than a
+    // second ago, answer 503 + Retry-After until they may look again).
+    for user in [&bob, &alice] {
+        let at_gateway = eventually(WAIT, || async {
+            let r = app.call(Some(user), reqwest::Method::GET, "/billing/account", None).await;
+            (r.status() != StatusCode::SERVICE_UNAVAILABLE).then_some(r.status())
+        })
+        .await;
+        assert_eq!(at_gateway, StatusCode::OK, "at the gateway, kid {}", kid_of(&user.token));
+        let at_push = eventually(WAIT, || async {
+            let status = stream_status(user.token.clone()).await;
+            (status != StatusCode::SERVICE_UNAVAILABLE).then_some(status)
+        })
+        .await;
+        assert_eq!(at_push, StatusCode::OK, "at push, kid {}", kid_of(&user.token));
+    }
+    replica.stop().await;
+    app.stop().await;
+}
