@@ -16,12 +16,12 @@ mod stream;
 
 use axum::Router;
 use axum::routing::get;
-use runtime::http::{Readiness, serve, service_router};
+
 use runtime::openapi::InternalAuth;
 use runtime::push_stream::{max_age, parse_max_age};
 use runtime::tls::TlsConfig;
 use runtime::tokens::TokenVerifier;
-use runtime::{Broker, MessagingConfig, Tasks};
+use runtime::{Broker, MessagingConfig, Service};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -195,8 +195,9 @@ pub async fn run_with_tls(
     tls_listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut service = Service::without_database("push", &config.limits, shutdown.clone());
     // The stream (name, retention) is the one every service declares.
-    let broker = Broker::from_config("push", &config.messaging).with_ca(config.messaging.amqp_ca()?);
+    let broker = service.with_broker(&config.messaging)?;
     let spec = config.messaging.push_stream.clone();
     let recent = hub::Recent { events: config.recent_events, max_age: spec.retention().map_err(anyhow::Error::msg)? };
     let hub = Arc::new(Hub::new(config.buffer, recent, config.dedup_events));
@@ -228,35 +229,15 @@ pub async fn run_with_tls(
         .route("/internal/v1/streams", get(streams))
         .with_state(state)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
-    let app = service_router(
-        "push",
-        config.limits.apply(routes),
-        Readiness {
-            broker: Some(broker.clone()),
-            // Facing browsers, it is ready only while it can judge tokens.
-            check: verifier.clone().map(|v| {
-                let check: Arc<dyn Fn() -> Option<&'static str> + Send + Sync> = Arc::new(move || v.not_ready());
-                check
-            }),
-            ..Default::default()
-        },
-    );
-
-    let mut tasks = Tasks::new(shutdown.clone());
     if let Some(verifier) = verifier {
-        tasks.spawn("token keys", verifier.keep_fresh(shutdown.clone()));
+        // Facing browsers, it is ready only while it can judge tokens.
+        let judge = verifier.clone();
+        service.ready_when(move || judge.not_ready());
+        service.spawn("token keys", verifier.keep_fresh(service.shutdown()));
     }
-    tasks.spawn(
-        "order event stream",
-        stream::read_live(hub, broker.clone(), spec, prefetch, lookback, shutdown.clone()),
-    );
+    service.spawn("order event stream", stream::read_live(hub, broker, spec, prefetch, lookback, service.shutdown()));
     if let Some(tls_listener) = tls_listener {
-        let tls = runtime::tls::server_config(&config.tls).await?;
-        let grace = drain + Duration::from_secs(5);
-        tasks.spawn("https", runtime::tls::serve_tls(tls_listener, app.clone(), tls, shutdown.clone(), grace));
+        service.https(tls_listener, &config.tls, drain + Duration::from_secs(5), |app| app).await?;
     }
-    tasks.spawn("http", serve(listener, app, shutdown.clone()));
-    let result = tasks.join().await;
-    broker.close().await;
-    result
+    service.serve(listener, routes).await
 }

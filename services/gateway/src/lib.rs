@@ -10,8 +10,8 @@ mod web;
 
 use axum::Router;
 use axum::routing::any;
-use runtime::Tasks;
-use runtime::http::{Readiness, health_routes, not_found, serve, with_common_layers};
+use runtime::Service;
+
 use runtime::tokens::TokenVerifier;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,24 +70,19 @@ pub async fn run_with_tls(
     let client = proxy::client();
     let auth = Arc::new(TokenVerifier::new(&config.identity_url, config.verifier.clone()));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone())?);
-    let keys = auth.clone();
-    let app = Router::new()
+    let routes = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
-        .merge(health_routes(Readiness { check: Some(Arc::new(move || keys.not_ready())), ..Default::default() }))
         .merge(web::routes())
-        .merge(docs::routes())
-        .fallback(not_found);
-    let app = with_common_layers("gateway", config.limits.apply(app).merge(runtime::metrics::routes()));
+        .merge(docs::routes());
 
-    let mut tasks = Tasks::new(shutdown.clone());
-    tasks.spawn("token keys", auth.clone().keep_fresh(shutdown.clone()));
+    let mut service = Service::without_database("gateway", &config.limits, shutdown);
+    let keys = auth.clone();
+    service.ready_when(move || keys.not_ready());
+    service.spawn("token keys", auth.keep_fresh(service.shutdown()));
     if let Some(https) = https {
-        let tls = runtime::tls::server_config(&config.tls).await?;
-        let grace = Duration::from_secs(30);
-        let app = app.clone().layer(axum::middleware::map_response(web::secure_token_cookie));
-        tasks.spawn("https", runtime::tls::serve_tls(https, app, tls, shutdown.clone(), grace));
+        let secure_cookie = |app: Router| app.layer(axum::middleware::map_response(web::secure_token_cookie));
+        service.https(https, &config.tls, Duration::from_secs(30), secure_cookie).await?;
     }
-    tasks.spawn("http", serve(listener, app, shutdown.clone()));
-    tasks.join().await
+    service.serve(listener, routes).await
 }

@@ -39,10 +39,12 @@ impl Broker {
         Self::for_service("", url)
     }
 
-    /// The broker of `messaging` (its URL and push stream), with metrics
+    /// The broker of `messaging` (its URL, CA and push stream), with metrics
     /// labelled `service`.
-    pub fn from_config(service: &'static str, messaging: &crate::MessagingConfig) -> Self {
-        Self::build(service, &messaging.amqp_url, DEFAULT_TIMEOUT, messaging.push_stream.clone())
+    /// An `amqps://` URL is checked against `AMQP_CA_FILE` where it is set.
+    pub fn from_config(service: &'static str, messaging: &crate::MessagingConfig) -> anyhow::Result<Self> {
+        let broker = Self::build(service, &messaging.amqp_url, DEFAULT_TIMEOUT, messaging.push_stream.clone());
+        Ok(broker.with_ca(messaging.amqp_ca()?))
     }
 
     /// A broker connection whose metrics carry `service`.

@@ -1,7 +1,10 @@
-//! The skeleton every service with a database shares: its database (created
-//! and migrated) and broker connection, its consumers and outbox relay, and
-//! its HTTP routes with health and metrics, started together and stopped
-//! together. A service's `run` then reads as its wiring.
+//! The skeleton every service shares: its HTTP routes with health, metrics
+//! and the common layers (and, where configured, an HTTPS port), its tasks,
+//! started together and stopped together. Its optional parts: a database
+//! (created and migrated; `Service<PgPool>`, the default) with consumers,
+//! outbox relay, pruning and gauges; a broker connection; a readiness
+//! condition of its own. A service's `run` then reads as its wiring; the
+//! gateway and the push service are `Service<()>`, without a database.
 
 use crate::http::{Readiness, serve, service_router};
 use crate::outbox::Relay;
@@ -9,23 +12,79 @@ use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
 use axum::Router;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub struct Service {
+/// What a service keeps its state in: its PostgreSQL pool, or nothing (`()`).
+pub trait Storage: Send + Sync + 'static {
+    /// The pool readiness pings, if any.
+    fn pool(&self) -> Option<PgPool>;
+}
+
+impl Storage for PgPool {
+    fn pool(&self) -> Option<PgPool> {
+        Some(self.clone())
+    }
+}
+
+impl Storage for () {
+    fn pool(&self) -> Option<PgPool> {
+        None
+    }
+}
+
+/// The HTTPS port of a service: its listener, certificate and how long its
+/// connections get to finish at shutdown.
+struct Https {
+    listener: std::net::TcpListener,
+    tls: axum_server::tls_rustls::RustlsConfig,
+    grace: Duration,
+    layer: fn(Router) -> Router,
+}
+
+pub struct Service<Db: Storage = PgPool> {
     name: &'static str,
-    pub db: PgPool,
-    pub broker: Broker,
-    messaging: MessagingConfig,
+    pub db: Db,
     limits: HttpLimits,
     tasks: Tasks,
+    /// The messaging settings and broker of a service that uses one.
+    messaging: Option<(MessagingConfig, Broker)>,
     relays_outbox: bool,
     /// Whether a task of this service uses the broker (readiness details then show it).
     uses_broker: bool,
+    check: Option<Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
+    https: Option<Https>,
 }
 
-impl Service {
+impl Service<()> {
+    /// A service without a database (the gateway, the push service).
+    pub fn without_database(name: &'static str, limits: &HttpLimits, shutdown: CancellationToken) -> Self {
+        Service {
+            name,
+            db: (),
+            limits: limits.clone(),
+            tasks: Tasks::new(shutdown),
+            messaging: None,
+            relays_outbox: false,
+            uses_broker: false,
+            check: None,
+            https: None,
+        }
+    }
+
+    /// Uses the broker of `messaging` (its state shows in the readiness
+    /// details; it is closed at the end) and returns it.
+    pub fn with_broker(&mut self, messaging: &MessagingConfig) -> anyhow::Result<Broker> {
+        let broker = Broker::from_config(self.name, messaging)?;
+        self.messaging = Some((messaging.clone(), broker.clone()));
+        self.uses_broker = true;
+        Ok(broker)
+    }
+}
+
+impl Service<PgPool> {
     /// Connects to (and migrates) the service's database; the broker is
     /// connected lazily by the tasks that need it.
     ///
@@ -43,7 +102,7 @@ impl Service {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         // A configuration error shows at once, before any wait.
-        let amqp_ca = messaging.amqp_ca()?;
+        let broker = Broker::from_config(name, messaging)?;
         let starting = Starting::serve(name, listener, &shutdown)?;
         let connected =
             crate::db::connect_when_available(database_url, limits.database_pool_size, migrations, &shutdown).await;
@@ -52,12 +111,13 @@ impl Service {
         let mut service = Service {
             name,
             db,
-            broker: Broker::from_config(name, messaging).with_ca(amqp_ca),
-            messaging: messaging.clone(),
             limits: limits.clone(),
             tasks: Tasks::new(shutdown),
+            messaging: Some((messaging.clone(), broker)),
             relays_outbox: false,
             uses_broker: false,
+            check: None,
+            https: None,
         };
         // Every service's consumers record processed messages.
         let keep = messaging.processed_retention();
@@ -65,24 +125,27 @@ impl Service {
         Ok(service)
     }
 
-    pub fn shutdown(&self) -> CancellationToken {
-        self.tasks.shutdown()
+    /// The messaging settings and broker (every service with a database has them).
+    fn messaging(&self) -> (&MessagingConfig, &Broker) {
+        let (m, b) = self.messaging.as_ref().expect("Service::start sets the messaging");
+        (m, b)
     }
 
     /// Runs `consumer` on its queue.
     pub fn consume<S: Clone + Send + Sync + 'static>(&mut self, task: &'static str, consumer: Consumer<S>) {
-        let m = &self.messaging;
-        let run = consumer.run(self.broker.clone(), m.prefetch, m.retry_delays(), self.shutdown());
+        let (m, broker) = self.messaging();
+        let run = consumer.run(broker.clone(), m.prefetch, m.retry_delays(), self.shutdown());
         self.tasks.spawn(task, run);
         self.uses_broker = true;
     }
 
     /// Publishes what the service writes to its outbox.
     pub fn relay_outbox(&mut self) {
-        let m = &self.messaging;
-        let relay = Relay::new(self.db.clone(), self.broker.clone(), Duration::from_millis(m.outbox_poll_ms))
+        let (m, broker) = self.messaging();
+        let relay = Relay::new(self.db.clone(), broker.clone(), Duration::from_millis(m.outbox_poll_ms))
             .confirm_timeout(Duration::from_millis(m.outbox_confirm_timeout_ms))
             .park_after(m.outbox_park_after);
+        let (keep, every) = (m.processed_retention(), m.prune_interval());
         self.tasks.spawn("outbox relay", relay.run(self.shutdown()));
         let db = self.db.clone();
         self.gauges("outbox backlog gauges", move || {
@@ -91,8 +154,7 @@ impl Service {
         });
         self.relays_outbox = true;
         self.uses_broker = true;
-        let sent = crate::prune::sent_outbox(self.messaging.processed_retention());
-        self.prune(vec![sent], self.messaging.prune_interval());
+        self.prune(vec![crate::prune::sent_outbox(keep)], every);
     }
 
     /// Prunes `jobs` at start and then every `every` (see [`crate::prune`]).
@@ -107,8 +169,15 @@ impl Service {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = sqlx::Result<()>> + Send + 'static,
     {
-        let run = crate::metrics::refresh_gauges(task, self.messaging.metrics_refresh(), self.shutdown(), read);
+        let refresh = self.messaging().0.metrics_refresh();
+        let run = crate::metrics::refresh_gauges(task, refresh, self.shutdown(), read);
         self.tasks.spawn(task, run);
+    }
+}
+
+impl<Db: Storage> Service<Db> {
+    pub fn shutdown(&self) -> CancellationToken {
+        self.tasks.shutdown()
     }
 
     /// Any other long-running task of the service.
@@ -119,21 +188,50 @@ impl Service {
         self.tasks.spawn(task, future);
     }
 
+    /// A condition of the service's own for readiness: `Some(problem)` while
+    /// it is not ready.
+    pub fn ready_when(&mut self, problem: impl Fn() -> Option<&'static str> + Send + Sync + 'static) {
+        self.check = Some(Arc::new(problem));
+    }
+
+    /// Serves the routes on `listener` over TLS too (HTTP/2 by ALPN and
+    /// HTTP/1.1), with `layer` applied to that port's router only; its
+    /// connections get `grace` to finish at shutdown.
+    pub async fn https(
+        &mut self,
+        listener: std::net::TcpListener,
+        tls: &crate::tls::TlsConfig,
+        grace: Duration,
+        layer: fn(Router) -> Router,
+    ) -> anyhow::Result<()> {
+        let tls = crate::tls::server_config(tls).await?;
+        self.https = Some(Https { listener, tls, grace, layer });
+        Ok(())
+    }
+
     /// Serves `routes` (within the service's limits, with health, metrics and
-    /// the common layers) and runs
-    /// every task until shutdown or the first failure.
+    /// the common layers) and runs every task until shutdown or the first
+    /// failure.
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+        let broker = self.messaging.as_ref().map(|(_, b)| b.clone());
         let readiness = Readiness {
-            db: Some(self.db.clone()),
-            broker: self.uses_broker.then(|| self.broker.clone()),
-            outbox_max_age: self.relays_outbox.then(|| self.messaging.outbox_max_age()),
-            ..Default::default()
+            db: self.db.pool(),
+            broker: broker.clone().filter(|_| self.uses_broker),
+            outbox_max_age: self.messaging.as_ref().filter(|_| self.relays_outbox).map(|(m, _)| m.outbox_max_age()),
+            check: self.check.clone(),
         };
         let app = service_router(self.name, self.limits.apply(routes), readiness);
         let shutdown = self.shutdown();
+        if let Some(https) = self.https.take() {
+            let app = (https.layer)(app.clone());
+            let serve = crate::tls::serve_tls(https.listener, app, https.tls, shutdown.clone(), https.grace);
+            self.tasks.spawn("https", serve);
+        }
         self.tasks.spawn("http", serve(listener, app, shutdown));
         let result = self.tasks.join().await;
-        self.broker.close().await;
+        if let Some(broker) = broker {
+            broker.close().await;
+        }
         result
     }
 }
