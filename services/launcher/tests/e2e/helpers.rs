@@ -376,8 +376,8 @@ impl TestApp {
     }
 
     async fn wait_until_ready(&self, ordering_url: &str) {
-        // Ready when the gateway can verify tokens (identity is up and has a key)
-        // and the consumers are connected.
+        // Ready when the gateway can verify tokens (identity is up and the
+        // gateway has its keys) and the consumers are connected.
         eventually(Duration::from_secs(30), || async {
             let r = self
                 .http
@@ -386,8 +386,11 @@ impl TestApp {
                 .send()
                 .await
                 .ok()?;
+            // A malformed token is refused before the keys are needed: the
+            // gateway's readiness says whether it has identity's keys yet.
+            let gateway = self.http.get(format!("{}/health/ready", self.gateway)).send().await.ok()?;
             let ordering = self.http.get(format!("{ordering_url}/health/ready")).send().await.ok()?;
-            let ready = ordering.status().is_success();
+            let ready = gateway.status().is_success() && ordering.status().is_success();
             // Readiness leaves the broker out; its details say whether it is connected.
             let checks: Value = ordering.json().await.ok()?;
             let connected = checks["checks"]["broker"] == "connected";
