@@ -225,7 +225,8 @@ fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
-fn text(s: &str) -> AMQPValue {
+/// An AMQP long-string argument value.
+pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 

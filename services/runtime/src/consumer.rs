@@ -17,14 +17,14 @@
 //! panic, an invalid payload) count toward the retries and the dead letter.
 
 use crate::Broker;
-use crate::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue};
+use crate::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
 use contracts::Message;
 use contracts::topology::QueueSpec;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use sqlx::{PgConnection, PgPool};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -343,10 +343,6 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
 enum Away {
     Nothing,
     Database,
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 fn retry_count(delivery: &Delivery) -> u32 {

@@ -7,11 +7,12 @@
 //! before any push replica ever ran, and the push service reads the very
 //! stream the others declared (no orphan stream under another name).
 
+use crate::broker::text;
 use contracts::messages::exchange;
 use contracts::topology::{PUSH_ORDER_EVENTS, PUSH_STREAM, PUSH_STREAM_DEFAULT_MAX_AGE};
 use lapin::Connection;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
 
 /// The stream's name and retention.
@@ -42,10 +43,6 @@ impl PushStream {
     pub fn retention(&self) -> Result<Duration, String> {
         max_age(&self.max_age)
     }
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 /// Declares the stream and its bindings on `conn` (idempotent). A stream
