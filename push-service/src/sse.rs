@@ -114,7 +114,8 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentU
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
     description = "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed` with \
-        the order in `data:`, `id:` its position in the order event stream (the same on every replica), \
+        the order in `data:`, `id:` its position in the order event stream (the same on every replica; a fresh stream's first frame \
+        and the end of a replay carry an `id:` with no event, so a client that drops early resumes from there), \
         `event: reset` when the history asked for is gone or too far back to replay (refetch the orders). Resumes after `Last-Event-ID` \
         or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL. \
         The stream ends when that token expires or is logged out: reconnect with a fresh token and the \
@@ -183,7 +184,13 @@ pub async fn order_events(
     tracing::info!(user_id = %user.id, ?resume, position, "stream opened");
 
     let stream = async_stream::stream! {
-        yield Ok::<_, Infallible>(Event::default().retry(state.retry).comment("connected"));
+        // A fresh connection's first frame carries its position as the id: a
+        // client that drops before its first event then resumes from there,
+        // not from whatever is live when it reconnects (a frame with an id and
+        // no data sets the browser's last event id without firing an event).
+        let first = Event::default().retry(state.retry);
+        let first = if resume == Resume::Fresh { first.id(position.to_string()) } else { first };
+        yield Ok::<_, Infallible>(first.comment("connected"));
         let mut end = Replayed::Done { covered: None, open: true };
         for await step in replay(state, user.id, resume, position, missed, too_far, slot) {
             match step {
@@ -192,6 +199,13 @@ pub async fn order_events(
             }
         }
         let Replayed::Done { covered, open: true } = end else { return };
+        // Everything of this user's up to `covered` has been sent: the next
+        // resume starts there, not again from an old event of theirs.
+        if let (Resume::From(n), Some(c)) = (resume, covered)
+            && c > n
+        {
+            yield Ok(Event::default().id(c.to_string()));
+        }
         for await event in live(subscription, covered, shutdown, drain, user.id) {
             yield Ok(event);
         }

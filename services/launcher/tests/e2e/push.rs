@@ -140,6 +140,33 @@ async fn a_first_connection_resumes_from_the_last_event_id_query_parameter() {
     app.stop().await;
 }
 
+/// A stream that drops before its first event still has a resume point: its
+/// first frame carries the position as an `id:` (a frame with an id and no
+/// data sets a browser's last event id without firing an event), so the
+/// events that happen while it is away are replayed on the reconnect.
+#[tokio::test]
+async fn a_stream_dropped_before_its_first_event_misses_nothing() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let resp = app.http.get(app.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(WAIT, body.next()).await.expect("data in time").unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let first = text.split("\n\n").next().unwrap();
+    let id = first.lines().find_map(|l| l.strip_prefix("id: ")).unwrap_or_else(|| panic!("no id in {first:?}"));
+    let id = id.to_string();
+    drop(body);
+
+    let missed = settled_order(&app, &user, 10).await; // fails: no money
+    let mut stream = gateway_stream(&app, &user, Some(&id)).await;
+    expect_orders(&mut stream, &[&missed], &id).await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let app = TestApp::spawn().await;
