@@ -328,7 +328,7 @@ fn replay_from_stream(
                 break;
             }
         }
-        let _ = channel.close(200, "replayed".into()).await;
+        runtime::broker::close_channel(&channel, "replayed").await;
         // Interrupted before the position: the client resumes from its id.
         let open = open && !replay.interrupted();
         yield Replayed::Done { covered: replay.covered, open };

@@ -88,9 +88,19 @@ pub async fn entry_of(delivery: lapin::message::Delivery) -> anyhow::Result<Entr
         tracing::error!(offset, %reason, "unusable order event skipped");
         Entry::Other { offset, message_id }
     });
-    delivery.ack(BasicAckOptions::default()).await?;
+    // Bounded, like every wait on the broker here: a reader must never hang
+    // on a connection that went away (it reconnects instead).
+    tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions::default()))
+        .await
+        .map_err(|_| anyhow::anyhow!("no ack sent within {ACK_TIMEOUT:?}"))??;
     Ok(entry)
 }
+
+/// How long acknowledging a delivery may take before the reader gives up
+/// the connection.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle live reader checks that its channel is alive.
+const CHANNEL_CHECK: Duration = Duration::from_secs(1);
 
 /// Appends a marker to the stream (so that a replica with no traffic learns
 /// its position at once).
@@ -101,7 +111,7 @@ async fn append_marker(broker: &Broker, spec: &StreamSpec, id: Uuid) -> anyhow::
         .with_type(MARKER.into())
         .with_content_type("application/json".into());
     runtime::broker::publish_confirmed(&channel, "", &spec.name, b"{}", props).await?;
-    let _ = channel.close(200, "marker appended".into()).await;
+    runtime::broker::close_channel(&channel, "marker appended").await;
     Ok(())
 }
 
@@ -139,7 +149,18 @@ pub async fn read_live(
             }
             let mut deliveries = std::pin::pin!(consumer.take_until(shutdown.cancelled()));
             let mut first = true;
-            while let Some(delivery) = deliveries.next().await {
+            // Whether the channel is still alive is checked while idle too: a
+            // consumer on a dead connection may never yield again.
+            let mut watchdog = tokio::time::interval(CHANNEL_CHECK);
+            loop {
+                let next = tokio::select! {
+                    next = deliveries.next() => next,
+                    _ = watchdog.tick() => {
+                        anyhow::ensure!(channel.status().connected(), "the stream's channel is no longer connected");
+                        continue;
+                    }
+                };
+                let Some(delivery) = next else { break };
                 let entry = entry_of(delivery?).await?;
                 if hub.position().is_none() && entry.message_id() != Some(marker) {
                     hub.remember(&entry); // history before the marker
@@ -163,7 +184,10 @@ pub async fn read_live(
                 first = false;
                 hub.publish(entry);
             }
-            let _ = channel.close(200, "shutting down".into()).await;
+            if !shutdown.is_cancelled() {
+                tracing::warn!(stream = %spec.name, "the broker ended the stream's consumer; reconnecting");
+            }
+            runtime::broker::close_channel(&channel, "reader stopped").await;
             anyhow::Ok(())
         };
         match session.await {

@@ -112,12 +112,13 @@ impl Broker {
                 // `amqps://` is TLS (rustls); `amqp://` ignores the TLS settings.
                 let tls = OwnedTLSConfig { identity: None, cert_chain: self.inner.ca_pem.clone() };
                 let runtime = lapin::runtime::default_runtime()?;
-                let conn =
-                    Connection::connect_with_config(&self.inner.url, ConnectionProperties::default(), tls, runtime);
+                // Named after the service, in the broker's connection list too.
+                let properties = ConnectionProperties::default().with_connection_name(self.inner.service.into());
+                let conn = Connection::connect_with_config(&self.inner.url, properties, tls, runtime);
                 let conn = Arc::new(conn.await?);
                 let channel = conn.create_channel().await?;
                 declare_topology(&channel).await?;
-                let _ = channel.close(200, "topology declared".into()).await;
+                close_channel(&channel, "topology declared").await;
                 crate::push_stream::declare(&conn, &self.inner.push_stream).await?;
                 Ok(conn)
             })
@@ -162,7 +163,7 @@ impl Broker {
                 *current = None;
                 // Closed, not leaked: the broker has few file handles.
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "not answering".into())).await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "not answering".into())).await;
                 });
             }
         }
@@ -208,7 +209,7 @@ impl Broker {
         let conn = self.inner.current.write().expect("broker lock").take();
         if let Some(conn) = conn {
             // Bounded: a broker that stopped answering never answers the close.
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutting down".into())).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "shutting down".into())).await;
         }
     }
 }
@@ -228,6 +229,24 @@ fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
 /// An AMQP long-string argument value.
 pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// How long closing a channel or connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes `channel`, giving up after a bound: a broker that went away never
+/// answers the close, and a connection whose socket ended before its close
+/// frame was read leaves the close pending for good (seen after a broker
+/// shutdown under load: the push service's stream reader waited there and
+/// never reconnected). The only way a channel is closed here.
+pub async fn close_channel(channel: &Channel, reason: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(reason, error = %e, "channel already closed"),
+        Err(_) => {
+            tracing::warn!(reason, timeout = ?CLOSE_TIMEOUT, "the broker did not answer a channel close; abandoned")
+        }
+    }
 }
 
 pub fn dead_letter_queue(queue: &str) -> String {

@@ -17,7 +17,7 @@
 //! panic, an invalid payload) count toward the retries and the dead letter.
 
 use crate::Broker;
-use crate::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
+use crate::broker::{close_channel, dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
 use contracts::Message;
 use contracts::topology::QueueSpec;
 use futures::future::BoxFuture;
@@ -168,11 +168,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 tracing::warn!(queue, error = %e, "consumer session failed");
             }
             // Closing the channel returns the deliveries it holds to the queue, uncounted.
-            // Bounded: a broker that stopped answering never answers the close.
-            let close = Duration::from_secs(2);
-            let _ = tokio::time::timeout(close, channel.close(200, "consumer stopped".into())).await;
+            close_channel(&channel, "consumer stopped").await;
             if let Some(confirms) = republish {
-                let _ = tokio::time::timeout(close, confirms.close(200, "consumer stopped".into())).await;
+                close_channel(&confirms, "consumer stopped").await;
             }
             if shutdown.is_cancelled() {
                 break;
@@ -430,7 +428,7 @@ pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result
         delivery.ack(BasicAckOptions::default()).await?;
         moved += 1;
     }
-    let _ = channel.close(200, "replayed".into()).await;
+    close_channel(&channel, "replayed").await;
     Ok(moved)
 }
 

@@ -221,10 +221,7 @@ impl Relay {
                 };
                 if let Err(e) = drained {
                     tracing::warn!(error = %format!("{e:#}"), "outbox relay failed; reconnecting");
-                    // Bounded: a broker that stopped answering never answers the close either.
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), channel.close(200, "relay reconnecting".into()))
-                            .await;
+                    crate::broker::close_channel(&channel, "relay reconnecting").await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue 'connection;
                 }

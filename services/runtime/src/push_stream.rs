@@ -80,7 +80,7 @@ pub async fn declare(conn: &Connection, spec: &PushStream) -> lapin::Result<()> 
             )
             .await?;
     }
-    let _ = channel.close(200, "push stream declared".into()).await;
+    crate::broker::close_channel(&channel, "push stream declared").await;
     Ok(())
 }
 

@@ -63,6 +63,39 @@ pub async fn drop_vhost(name: &str) {
     let _ = reqwest::Client::new().delete(format!("{}/vhosts/{name}", rabbitmq_api())).send().await;
 }
 
+fn management_url(segments: &[&str]) -> reqwest::Url {
+    let mut url = reqwest::Url::parse(&rabbitmq_api()).unwrap();
+    url.path_segments_mut().unwrap().extend(segments);
+    url
+}
+
+/// The names of `service`'s connections to `vhost`, once the broker lists at
+/// least one (its list lags a few seconds behind).
+pub async fn broker_connections(vhost: &str, service: &str) -> Vec<String> {
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), || async {
+        let list: Vec<Value> =
+            http.get(management_url(&["vhosts", vhost, "connections"])).send().await.ok()?.json().await.ok()?;
+        let names: Vec<String> = list
+            .iter()
+            .filter(|c| c["client_properties"]["connection_name"] == service)
+            .filter_map(|c| Some(c["name"].as_str()?.to_string()))
+            .collect();
+        (!names.is_empty()).then_some(names)
+    })
+    .await
+}
+
+/// Closes connections from the broker's side, as a broker shutdown or an
+/// operator does (the client gets CONNECTION_FORCED).
+pub async fn close_broker_connections(names: &[String]) {
+    let http = reqwest::Client::new();
+    for name in names {
+        let r = http.delete(management_url(&["connections", name])).header("x-reason", "test").send().await.unwrap();
+        assert!(r.status().is_success(), "closing {name}: {}", r.status());
+    }
+}
+
 pub async fn drop_database(name: &str) {
     if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", postgres_url())).await {
         let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");

@@ -2,7 +2,7 @@
 //! on another replica and after a restart, the `reset` event for an expired
 //! id, tokens never from the URL, and HTTP/2 (TLS with ALPN h2, and h2c).
 
-use crate::helpers::{SseEvent, TestApp, User, eventually, sse_events};
+use crate::helpers::{SseEvent, TestApp, User, broker_connections, close_broker_connections, eventually, sse_events};
 use futures::StreamExt;
 use reqwest::{StatusCode, Version};
 use runtime::MessagingConfig;
@@ -164,6 +164,31 @@ async fn a_stream_dropped_before_its_first_event_misses_nothing() {
     let missed = settled_order(&app, &user, 10).await; // fails: no money
     let mut stream = gateway_stream(&app, &user, Some(&id)).await;
     expect_orders(&mut stream, &[&missed], &id).await;
+    app.stop().await;
+}
+
+/// The broker closing the push service's connection (a restart, a failover,
+/// an operator) does not leave the replica deaf: its reader reconnects from
+/// the offset after the last one it delivered, and open streams go on.
+#[tokio::test]
+async fn streams_go_on_after_the_broker_closes_the_push_services_connection() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let mut stream = gateway_stream(&app, &user, None).await;
+    let before = settled_order(&app, &user, 10).await; // fails: no money
+    let e = next(&mut stream).await;
+    assert_eq!(order_of(&e), before);
+
+    // Closed while the reader is busy (a burst of another user's events).
+    let push = broker_connections(&app.vhost.name, "push").await;
+    let burst = publish_orders(&app, uuid::Uuid::new_v4(), 3000);
+    let close = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        close_broker_connections(&push).await;
+    };
+    tokio::join!(burst, close);
+    let after = settled_order(&app, &user, 11).await;
+    expect_orders(&mut stream, &[&after], &e.id).await;
     app.stop().await;
 }
 
