@@ -255,14 +255,8 @@ async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order()
     let app = TestApp::spawn().await;
     let user = app.user().await;
     app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
-    let place = |key: &'static str, price: u32| {
-        app.http
-            .post(app.url("/ordering/orders"))
-            .bearer_auth(&user.token)
-            .header("Idempotency-Key", key)
-            .json(&json!({"price": price}))
-            .send()
-    };
+    let place =
+        |key: &'static str, price: u32| app.post_with_key(&user, "/ordering/orders", key, json!({"price": price}));
     let (first, again) = tokio::join!(place("checkout-7f3a", 30), place("checkout-7f3a", 30));
     let (first, again) = (first.unwrap(), again.unwrap());
     assert_eq!((first.status(), again.status()), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
@@ -273,16 +267,7 @@ async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order()
     assert_eq!(later.json::<Value>().await.unwrap()["status"], "succeeded", "the order as it is now");
 
     assert_error(place("checkout-7f3a", 31).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "another price").await;
-    let bad = app
-        .http
-        .post(app.url("/ordering/orders"))
-        .bearer_auth(&user.token)
-        .header("Idempotency-Key", "")
-        .json(&json!({"price": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_error(bad, StatusCode::BAD_REQUEST, "Idempotency-Key").await;
+    assert_error(place("", 1).await.unwrap(), StatusCode::BAD_REQUEST, "Idempotency-Key").await;
 
     assert_eq!(app.get::<Vec<Value>>(&user, "/ordering/orders").await.len(), 1);
     assert_eq!(app.balance(&user).await, 70.0, "charged once");

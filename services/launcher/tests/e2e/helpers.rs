@@ -473,6 +473,18 @@ impl TestApp {
         self.call(Some(user), Method::POST, path, Some(body)).await
     }
 
+    /// A POST under an `Idempotency-Key` (a retry sends the same key), as
+    /// sent: the caller awaits it, or races several.
+    pub fn post_with_key(
+        &self,
+        user: &User,
+        path: &str,
+        key: &str,
+        body: Value,
+    ) -> impl Future<Output = reqwest::Result<reqwest::Response>> + use<> {
+        self.http.post(self.url(path)).bearer_auth(&user.token).header("Idempotency-Key", key).json(&body).send()
+    }
+
     pub async fn register(&self, email: &str, password: &str) -> reqwest::Response {
         self.call(
             None,
@@ -594,6 +606,19 @@ pub fn sse_events(resp: reqwest::Response) -> mpsc::UnboundedReceiver<SseEvent> 
         }
     });
     rx
+}
+
+/// Waits until `count_sql` (a `SELECT count(*)` with one parameter, `arg`)
+/// counts `expected` rows in `db`, or fails the test after `limit`.
+pub async fn eventually_counts<A>(limit: Duration, db: &sqlx::PgPool, count_sql: &'static str, arg: A, expected: i64)
+where
+    A: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send + 'static,
+{
+    eventually(limit, || async {
+        let n: i64 = sqlx::query_scalar(count_sql).bind(arg.clone()).fetch_one(db).await.unwrap();
+        (n == expected).then_some(())
+    })
+    .await
 }
 
 /// Retries `check` until it yields a value, or fails the test after `limit`.

@@ -1,7 +1,7 @@
 //! The messaging guarantees: idempotent consumers, the outbox, retries and
 //! dead letters, and a balance that never goes negative.
 
-use crate::helpers::{TestApp, create_vhost, drop_database, drop_vhost, eventually, postgres_url};
+use crate::helpers::{TestApp, create_vhost, drop_database, drop_vhost, eventually, eventually_counts, postgres_url};
 use contracts::messages::{CreatePayment, Message, OrderCreated, exchange};
 use contracts::topology::QueueSpec;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -330,15 +330,8 @@ async fn a_failing_handler_is_retried_with_delays_and_its_effect_lands_once() {
     let (calls, shutdown) = consume_with_failures(&s, 2).await;
     let event = order_created();
     publish(&s, &event).await;
-    eventually(Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1")
-            .bind(event.order_id)
-            .fetch_one(&s.pool)
-            .await
-            .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
+    eventually_counts(Duration::from_secs(10), &s.pool, "SELECT count(*) FROM orders WHERE id = $1", event.order_id, 1)
+        .await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(s.depth("test.retries.dead").await, 0);
     shutdown.cancel();
@@ -401,14 +394,13 @@ async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profil
 
     // The notification is stored at once; its e-mail waits for an address.
     let notification = app.db("notification").await;
-    eventually(Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1")
-            .bind(user)
-            .fetch_one(&notification)
-            .await
-            .unwrap();
-        (n == 1).then_some(())
-    })
+    eventually_counts(
+        Duration::from_secs(10),
+        &notification,
+        "SELECT count(*) FROM notifications WHERE user_id = $1",
+        user,
+        1,
+    )
     .await;
     let pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL")
@@ -477,14 +469,13 @@ async fn an_older_profile_event_delivered_late_does_not_overwrite_a_newer_copy()
     app.publish_raw(exchange::IDENTITY, "UserUpdated", Some(&updated.to_string()), "UserUpdated", &body).await;
     let body = serde_json::to_vec(&late(1, "")).unwrap(); // the same fields as UserCreated
     app.publish_raw(exchange::IDENTITY, "UserCreated", Some(&created.to_string()), "UserCreated", &body).await;
-    eventually(Duration::from_secs(20), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = ANY($1)")
-            .bind([updated, created])
-            .fetch_one(&notification)
-            .await
-            .unwrap();
-        (n == 2).then_some(())
-    })
+    eventually_counts(
+        Duration::from_secs(20),
+        &notification,
+        "SELECT count(*) FROM inbox WHERE message_id = ANY($1)",
+        [updated, created],
+        2,
+    )
     .await;
     assert_eq!(copy().await, Some((3, Some("Bea".into()))), "the newer copy was overwritten");
 

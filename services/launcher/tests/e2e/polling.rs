@@ -237,12 +237,7 @@ async fn a_deposit_or_withdrawal_retried_with_its_key_is_applied_once() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
     let send = |path: &'static str, key: &'static str, amount: u32| {
-        app.http
-            .post(app.url(path))
-            .bearer_auth(&user.token)
-            .header("Idempotency-Key", key)
-            .json(&json!({"amount": amount}))
-            .send()
+        app.post_with_key(&user, path, key, json!({"amount": amount}))
     };
     // Two requests with one key racing, then a retry: one deposit.
     let (a, b) =
@@ -277,15 +272,7 @@ async fn a_deposit_or_withdrawal_retried_with_its_key_is_applied_once() {
     assert_eq!(send("/billing/account/deposit", "dep-2", 5).await.unwrap().status(), StatusCode::NO_CONTENT);
     assert_eq!(send("/billing/account/withdraw", "wd-2", 30).await.unwrap().status(), StatusCode::NO_CONTENT);
     assert_eq!(app.balance(&user).await, 0.0);
-    let bad = app
-        .http
-        .post(app.url("/billing/account/deposit"))
-        .bearer_auth(&user.token)
-        .header("Idempotency-Key", "has space")
-        .json(&json!({"amount": 1}))
-        .send()
-        .await
-        .unwrap();
+    let bad = send("/billing/account/deposit", "has space", 1).await.unwrap();
     assert_error(bad, StatusCode::BAD_REQUEST, "Idempotency-Key").await;
 
     // A key past its time is free again, and pruning deletes it.

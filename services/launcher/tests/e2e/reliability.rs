@@ -1,7 +1,7 @@
 //! A dependency that goes away is not a message failing, and not a 500:
 //! services on a proxied PostgreSQL or RabbitMQ that the test cuts or stalls.
 
-use crate::helpers::eventually;
+use crate::helpers::{eventually, eventually_counts};
 use crate::outage::{Link, Sandbox, TcpProxy};
 use contracts::messages::{CreatePayment, Message, exchange};
 use lapin::options::QueueDeclareOptions;
@@ -144,14 +144,13 @@ async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_bei
 
     pg.set(Link::Open);
     let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
-    eventually(Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = ANY($1)")
-            .bind(&payments)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        (n == 5).then_some(())
-    })
+    eventually_counts(
+        Duration::from_secs(30),
+        &db,
+        "SELECT count(*) FROM payments WHERE id = ANY($1)",
+        payments.clone(),
+        5,
+    )
     .await;
     assert_eq!(depth(&s.amqp_url, "billing.payments.dead").await, 0);
     db.close().await;
@@ -378,15 +377,7 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
     }
     // The old queue drains by itself into the consumer's queue.
     let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
-    eventually(Duration::from_secs(15), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1")
-            .bind(payment)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
+    eventually_counts(Duration::from_secs(15), &db, "SELECT count(*) FROM payments WHERE id = $1", payment, 1).await;
     db.close().await;
     billing.stop().await.unwrap();
 }
