@@ -195,7 +195,7 @@ pub async fn run_with_tls(
     tls_listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut service = Service::without_database("push", &config.limits, shutdown.clone());
+    let mut service = Service::new("push", &config.limits, shutdown.clone());
     // The stream (name, retention) is the one every service declares.
     let broker = service.with_broker(&config.messaging)?;
     let spec = config.messaging.push_stream.clone();

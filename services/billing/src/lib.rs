@@ -62,16 +62,9 @@ fn routes(app: accounts::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::start(
-        "billing",
-        &config.database_url,
-        sqlx::migrate!("../../migrations/billing"),
-        &config.messaging,
-        &config.limits,
-        &listener,
-        shutdown,
-    )
-    .await?;
+    let mut service = Service::new("billing", &config.limits, shutdown)
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/billing"), &config.messaging, &listener)
+        .await?;
     let db = service.db.clone();
     service.consume(
         "users consumer",

@@ -76,7 +76,7 @@ pub async fn run_with_tls(
         .merge(web::routes())
         .merge(docs::routes());
 
-    let mut service = Service::without_database("gateway", &config.limits, shutdown);
+    let mut service = Service::new("gateway", &config.limits, shutdown);
     let keys = auth.clone();
     service.ready_when(move || keys.not_ready());
     service.spawn("token keys", auth.keep_fresh(service.shutdown()));

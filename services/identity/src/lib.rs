@@ -159,16 +159,9 @@ fn delete_expired_revoked_tokens(
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::start(
-        "identity",
-        &config.database_url,
-        sqlx::migrate!("../../migrations/identity"),
-        &config.messaging,
-        &config.limits,
-        &listener,
-        shutdown,
-    )
-    .await?;
+    let mut service = Service::new("identity", &config.limits, shutdown)
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/identity"), &config.messaging, &listener)
+        .await?;
     let token_ttl = Duration::from_secs(config.token_ttl_secs);
     let ring = match &config.jwt_private_key_pem {
         Some(pem) => keys::KeyRing::single(SigningKey::from_pem(pem).context("JWT_PRIVATE_KEY_PEM")?),

@@ -85,16 +85,14 @@ pub struct MailConfig {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::start(
-        "notification",
-        &config.database_url,
-        sqlx::migrate!("../../migrations/notification"),
-        &config.messaging,
-        &config.limits,
-        &listener,
-        shutdown,
-    )
-    .await?;
+    let mut service = Service::new("notification", &config.limits, shutdown)
+        .with_database(
+            &config.database_url,
+            sqlx::migrate!("../../migrations/notification"),
+            &config.messaging,
+            &listener,
+        )
+        .await?;
     let db = service.db.clone();
     service.consume(
         "users consumer",

@@ -64,16 +64,9 @@ fn routes(app: orders::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::start(
-        "ordering",
-        &config.database_url,
-        sqlx::migrate!("../../migrations/ordering"),
-        &config.messaging,
-        &config.limits,
-        &listener,
-        shutdown,
-    )
-    .await?;
+    let mut service = Service::new("ordering", &config.limits, shutdown)
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/ordering"), &config.messaging, &listener)
+        .await?;
     let db = service.db.clone();
     if !config.api_only {
         service.consume(

@@ -3,7 +3,9 @@
 //! started together and stopped together. Its optional parts: a database
 //! (created and migrated; `Service<PgPool>`, the default) with consumers,
 //! outbox relay, pruning and gauges; a broker connection; a readiness
-//! condition of its own. A service's `run` then reads as its wiring; the
+//! condition of its own. A service's `run` then reads as its wiring:
+//! `Service::new(..)`, then `.with_database(..)` for the services that keep
+//! state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`; the
 //! gateway and the push service are `Service<()>`, without a database.
 
 use crate::http::{Readiness, serve, service_router};
@@ -59,8 +61,10 @@ pub struct Service<Db: Storage = PgPool> {
 }
 
 impl Service<()> {
-    /// A service without a database (the gateway, the push service).
-    pub fn without_database(name: &'static str, limits: &HttpLimits, shutdown: CancellationToken) -> Self {
+    /// A service with only its HTTP port so far: the gateway and the push
+    /// service stay so; the others add their database
+    /// ([`Service::with_database`]).
+    pub fn new(name: &'static str, limits: &HttpLimits, shutdown: CancellationToken) -> Self {
         Service {
             name,
             db: (),
@@ -82,52 +86,53 @@ impl Service<()> {
         self.uses_broker = true;
         Ok(broker)
     }
-}
 
-impl Service<PgPool> {
-    /// Connects to (and migrates) the service's database; the broker is
-    /// connected lazily by the tasks that need it.
+    /// Connects to (and migrates) the service's database, with the broker of
+    /// `messaging` for its consumers and outbox (connected lazily by the
+    /// tasks that need it).
     ///
     /// A database that is away at start is waited for (see
     /// [`crate::db::connect_when_available`]); meanwhile `listener` answers
     /// as a service that is alive but not ready: `/health/live` 200,
     /// `/health/ready` and every other route 503 with `Retry-After`.
-    pub async fn start(
-        name: &'static str,
+    pub async fn with_database(
+        self,
         database_url: &str,
         migrations: Migrator,
         messaging: &MessagingConfig,
-        limits: &HttpLimits,
         listener: &TcpListener,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Service<PgPool>> {
         // A configuration error shows at once, before any wait.
-        let broker = Broker::from_config(name, messaging)?;
-        let starting = Starting::serve(name, listener, &shutdown)?;
-        let connected =
-            crate::db::connect_when_available(database_url, limits.database_pool_size, migrations, &shutdown).await;
+        let broker = Broker::from_config(self.name, messaging)?;
+        let shutdown = self.shutdown();
+        let starting = Starting::serve(self.name, listener, &shutdown)?;
+        let pool_size = self.limits.database_pool_size;
+        let connected = crate::db::connect_when_available(database_url, pool_size, migrations, &shutdown).await;
         starting.stop().await;
         let db = connected?.ok_or_else(|| anyhow::anyhow!("shut down while waiting for the database"))?;
+        let Service { name, limits, tasks, uses_broker, check, https, .. } = self;
         let mut service = Service {
             name,
             db,
-            limits: limits.clone(),
-            tasks: Tasks::new(shutdown),
+            limits,
+            tasks,
             messaging: Some((messaging.clone(), broker)),
             relays_outbox: false,
-            uses_broker: false,
-            check: None,
-            https: None,
+            uses_broker,
+            check,
+            https,
         };
         // Every service's consumers record processed messages.
         let keep = messaging.processed_retention();
         service.prune(vec![crate::prune::inbox(keep)], messaging.prune_interval());
         Ok(service)
     }
+}
 
+impl Service<PgPool> {
     /// The messaging settings and broker (every service with a database has them).
     fn messaging(&self) -> (&MessagingConfig, &Broker) {
-        let (m, b) = self.messaging.as_ref().expect("Service::start sets the messaging");
+        let (m, b) = self.messaging.as_ref().expect("with_database sets the messaging");
         (m, b)
     }
 
