@@ -150,6 +150,32 @@ pub async fn order_events(
         }
     };
     let resume = resume_point(&headers, &query);
+    let admitted = admit(&state, user.id, resume).await?;
+    tracing::info!(user_id = %user.id, ?resume, position = admitted.position, "stream opened");
+    let heartbeat = state.heartbeat;
+    let stream = connection(state, user.id, resume, admitted).take_until(token_ended);
+    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-transform"));
+    Ok(response)
+}
+
+/// A connection let in: subscribed to the live events after `position`,
+/// with what it owes from before (and the replay slot to read it with).
+struct Admitted {
+    subscription: Subscription,
+    position: u64,
+    missed: Missed,
+    /// The resume point is further back than a replay may read: `reset`.
+    too_far: bool,
+    slot: Option<ReplaySlot>,
+}
+
+/// Lets `user`'s connection in, or says why not: the hub not attached yet
+/// (503), the user's open streams at their cap (429), no replay slot in time
+/// for a resume that reads the stream (503).
+async fn admit(state: &AppState, user: Uuid, resume: Resume) -> Result<Admitted, ApiError> {
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));
     }
@@ -157,42 +183,50 @@ pub async fn order_events(
         Resume::From(n) => Some(n),
         _ => None,
     };
-    let Ok((subscription, position, missed)) = state.hub.subscribe_after(user.id, after, state.max_streams_per_user)
+    let retry = state.retry.max(Duration::from_secs(1));
+    let Ok((subscription, position, missed)) = state.hub.subscribe_after(user, after, state.max_streams_per_user)
     else {
-        tracing::info!(user_id = %user.id, "too many open streams");
+        tracing::info!(user_id = %user, "too many open streams");
         let message = format!("too many open event streams for this user (at most {})", state.max_streams_per_user);
-        return Err(ApiError::too_many_requests(message, state.retry.max(Duration::from_secs(1))));
+        return Err(ApiError::too_many_requests(message, retry));
     };
     let position = position.expect("the hub is ready");
     // A resume from further back than allowed starts over (`reset`); one that
     // reads the stream needs a replay slot, got before answering.
     let too_far = after.is_some_and(|n| position.saturating_sub(n) > state.max_replay_entries);
     let slot = match (&missed, after) {
-        (Missed::InStream, Some(n)) if n < position && !too_far => match state.replays.acquire(user.id).await {
+        (Missed::InStream, Some(n)) if n < position && !too_far => match state.replays.acquire(user).await {
             Some(slot) => Some(slot),
             None => {
-                tracing::warn!(user_id = %user.id, "no replay slot in time");
-                return Err(ApiError::unavailable(
-                    "too many resumes at once; try again shortly",
-                    state.retry.max(Duration::from_secs(1)),
-                ));
+                tracing::warn!(user_id = %user, "no replay slot in time");
+                return Err(ApiError::unavailable("too many resumes at once; try again shortly", retry));
             }
         },
         _ => None,
     };
-    let (shutdown, drain, heartbeat) = (state.shutdown.clone(), state.drain, state.heartbeat);
-    tracing::info!(user_id = %user.id, ?resume, position, "stream opened");
+    Ok(Admitted { subscription, position, missed, too_far, slot })
+}
 
-    let stream = async_stream::stream! {
+/// What an admitted connection sends: its first frame, what it owes from
+/// before (see [`replay`]), then the live events.
+fn connection(
+    state: AppState,
+    user: Uuid,
+    resume: Resume,
+    admitted: Admitted,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> {
+    let Admitted { subscription, position, missed, too_far, slot } = admitted;
+    let (shutdown, drain) = (state.shutdown.clone(), state.drain);
+    async_stream::stream! {
         // A fresh connection's first frame carries its position as the id: a
         // client that drops before its first event then resumes from there,
         // not from whatever is live when it reconnects (a frame with an id and
         // no data sets the browser's last event id without firing an event).
         let first = Event::default().retry(state.retry);
         let first = if resume == Resume::Fresh { first.id(position.to_string()) } else { first };
-        yield Ok::<_, Infallible>(first.comment("connected"));
+        yield Ok(first.comment("connected"));
         let mut end = Replayed::Done { covered: None, open: true };
-        for await step in replay(state, user.id, resume, position, missed, too_far, slot) {
+        for await step in replay(state, user, resume, position, missed, too_far, slot) {
             match step {
                 Replayed::Event(event) => yield Ok(event),
                 done => end = done,
@@ -206,16 +240,10 @@ pub async fn order_events(
         {
             yield Ok(Event::default().id(c.to_string()));
         }
-        for await event in live(subscription, covered, shutdown, drain, user.id) {
+        for await event in live(subscription, covered, shutdown, drain, user) {
             yield Ok(event);
         }
-    };
-    let stream = stream.take_until(token_ended);
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
-    let headers = response.headers_mut();
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-transform"));
-    Ok(response)
+    }
 }
 
 /// What the replay part of a connection gives: events, then where it ended.
