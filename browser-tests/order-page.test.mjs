@@ -108,15 +108,18 @@ async function main() {
   const amqp = `${amqpBase}/${run}`;
 
   step = 'starting the system';
+  // The launcher's gateway signs who the caller is; the push service, its
+  // own process, verifies that with the public half.
+  const keys = Object.fromEntries(execFileSync(bin('order-system'), ['internal-keys'], { encoding: 'utf8' })
+    .split('\n').filter((l) => l.startsWith('INTERNAL_')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
   const pushEnv = {
+    INTERNAL_VERIFY_KEY: keys.INTERNAL_VERIFY_KEY,
     AMQP_URL: amqp,
     PUSH_ADDR: `127.0.0.1:${pushPort}`,
     PUSH_TLS_ADDR: '',
     SSE_HEARTBEAT_SECS: '2',
     SSE_RETRY_MS: '1000',
     PUSH_DRAIN_SECS: '1',
-    // It checks the page's cookie itself too, against identity (the launcher's gateway port + 1).
-    PUSH_IDENTITY_URL: `http://127.0.0.1:${gatewayPort + 1}`,
   };
   let push = start('push-service', bin('push-service'), pushEnv);
   start('order-system', bin('order-system'), {
@@ -126,6 +129,7 @@ async function main() {
     GATEWAY_ADDR: `127.0.0.1:${gatewayPort}`,
     GATEWAY_HTTPS_ADDR: `127.0.0.1:${httpsPort}`,
     EXTERNAL_PUSH_URL: `http://127.0.0.1:${pushPort}`,
+    INTERNAL_SIGNING_KEY: keys.INTERNAL_SIGNING_KEY,
     PUSH_TLS_ADDR: '',
     MAIL_DIR: mailDir,
   });

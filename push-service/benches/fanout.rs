@@ -7,7 +7,8 @@
 //!
 //! Starts the release `push-service` binary as its own process on a RabbitMQ
 //! vhost of its own (created and deleted through the management API), opens
-//! one HTTP/1.1 event stream per user (as the gateway does), publishes
+//! one HTTP/1.1 event stream per user (as the gateway does, with an assertion
+//! signed by a gateway key of the benchmark's own), publishes
 //! `OrderCreated` events round-robin over the users at a steady rate, and
 //! prints the figures.
 
@@ -65,17 +66,30 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 type Sent = Arc<Mutex<HashMap<Uuid, Instant>>>;
 
+/// What the gateway sends the push service to say that `user` calls.
+fn assertion(gateway: &runtime::auth::AssertionSigner, user: Uuid) -> String {
+    let caller = runtime::auth::CurrentUser {
+        id: user,
+        email: String::new(),
+        token_id: Uuid::new_v4(),
+        token_expires: i64::MAX,
+    };
+    gateway.sign("push", &caller)
+}
+
 /// One subscriber: reads its stream, reports the latency of each event.
+#[allow(clippy::too_many_arguments)]
 async fn subscriber(
     http: reqwest::Client,
     url: String,
+    gateway: Arc<runtime::auth::AssertionSigner>,
     user: Uuid,
     sent: Sent,
     latencies: mpsc::UnboundedSender<Duration>,
     connected: mpsc::UnboundedSender<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let resp = match http.get(&url).header("x-user-id", user.to_string()).send().await {
+    let resp = match http.get(&url).header(runtime::auth::ASSERTION_HEADER, assertion(&gateway, user)).send().await {
         Ok(r) if r.status().is_success() => r,
         _ => {
             let _ = connected.send(false);
@@ -133,8 +147,10 @@ async fn main() -> anyhow::Result<()> {
     let amqp_url = format!("{}/{vhost}", args.amqp_base);
 
     let port = free_port();
+    let gateway = Arc::new(runtime::auth::AssertionSigner::generate());
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_push-service"))
         .env("AMQP_URL", &amqp_url)
+        .env("INTERNAL_VERIFY_KEY", gateway.verify_keys().text())
         .env("PUSH_ADDR", format!("127.0.0.1:{port}"))
         .env("PUSH_TLS_ADDR", "")
         .env("RUST_LOG", "warn")
@@ -146,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let probe = Uuid::new_v4();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ok =
-            http.get(&url).header("x-user-id", probe.to_string()).send().await.is_ok_and(|r| r.status().is_success());
+        let probe = http.get(&url).header(runtime::auth::ASSERTION_HEADER, assertion(&gateway, probe));
+        let ok = probe.send().await.is_ok_and(|r| r.status().is_success());
         if ok {
             break;
         }
@@ -177,7 +193,8 @@ async fn main() -> anyhow::Result<()> {
         let permit = gate.clone().acquire_owned().await?;
         let http = clients[i % clients.len()].clone();
         let (url, sent, lat_tx, user) = (url.clone(), sent.clone(), lat_tx.clone(), *user);
-        handles.push(tokio::spawn(subscriber(http, url, user, sent, lat_tx, conn_tx.clone(), permit)));
+        let gateway = gateway.clone();
+        handles.push(tokio::spawn(subscriber(http, url, gateway, user, sent, lat_tx, conn_tx.clone(), permit)));
     }
     while opened + refused < users.len() {
         match tokio::time::timeout(Duration::from_secs(60), conn_rx.recv()).await {

@@ -104,12 +104,16 @@ pub struct Config {
     #[arg(long, env = "PUSH_MAX_STREAMS_PER_USER", default_value_t = 8)]
     pub max_streams_per_user: usize,
 
-    /// Identity's URL: when set, streams need a valid access token (bearer
-    /// header or `accessToken` cookie) checked here against identity's keys;
-    /// when unset, the gateway's `X-User-Id` is trusted (reachable only from
-    /// the gateway then).
+    /// Identity's URL: streams opened on the HTTPS port (which faces
+    /// browsers) need a valid access token (bearer header or `accessToken`
+    /// cookie) checked here against identity's keys. Required with
+    /// PUSH_TLS_ADDR: that port is refused at start without it. The
+    /// cleartext port checks the gateway's assertion, like every service.
     #[arg(long, env = "PUSH_IDENTITY_URL")]
     pub identity_url: Option<String>,
+
+    #[command(flatten)]
+    pub callers: runtime::auth::CallerKeys,
 
     /// How the token checks (with `PUSH_IDENTITY_URL`) keep current.
     #[command(flatten)]
@@ -128,8 +132,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults, on `messaging`, with HTTPS off.
-    pub fn local(messaging: MessagingConfig) -> Self {
+    /// The defaults, on `messaging`, with HTTPS off, behind a gateway whose
+    /// assertions `callers` verifies.
+    pub fn local(messaging: MessagingConfig, callers: runtime::auth::VerifyKeys) -> Self {
         Config {
             messaging,
             limits: runtime::HttpLimits::default(),
@@ -146,6 +151,7 @@ impl Config {
             dedup_events: 200_000,
             dedup_lookback: "1h".into(),
             identity_url: None,
+            callers: runtime::auth::CallerKeys { verify_keys: callers },
             verifier: Default::default(),
             addr: String::new(),
             tls_addr: String::new(),
@@ -195,7 +201,14 @@ pub async fn run_with_tls(
     tls_listener: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if tls_listener.is_some() && config.identity_url.is_none() {
+        anyhow::bail!(
+            "PUSH_TLS_ADDR opens a port facing browsers, which needs PUSH_IDENTITY_URL to check their tokens \
+             (or set PUSH_TLS_ADDR empty: behind the gateway, the cleartext port checks its assertions)"
+        );
+    }
     let mut service = Service::new("push", &config.limits, shutdown.clone());
+    service.verify_callers(&config.callers.verify_keys);
     // The stream (name, retention) is the one every service declares.
     let broker = service.with_broker(&config.messaging)?;
     let spec = config.messaging.push_stream.clone();
@@ -230,14 +243,62 @@ pub async fn run_with_tls(
         .with_state(state)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     if let Some(verifier) = verifier {
-        // Facing browsers, it is ready only while it can judge tokens.
+        // With a port facing browsers, it is ready only while it can judge tokens.
         let judge = verifier.clone();
         service.ready_when(move || judge.not_ready());
         service.spawn("token keys", verifier.keep_fresh(service.shutdown()));
     }
     service.spawn("order event stream", stream::read_live(hub, broker, spec, prefetch, lookback, service.shutdown()));
     if let Some(tls_listener) = tls_listener {
-        service.https(tls_listener, &config.tls, drain + Duration::from_secs(5), |app| app).await?;
+        let browsers = |app: Router| app.layer(axum::Extension(sse::BrowserFacing));
+        service.https(tls_listener, &config.tls, drain + Duration::from_secs(5), browsers).await?;
     }
     service.serve(listener, routes).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let keys = runtime::auth::AssertionSigner::generate().verify_keys();
+        // Nothing listens there: the check comes before any connection.
+        Config::local(MessagingConfig::local("amqp://guest:guest@127.0.0.1:1/%2f"), keys)
+    }
+
+    #[tokio::test]
+    async fn a_port_facing_browsers_is_refused_at_start_without_token_verification() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tls = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = run_with_tls(config(), listener, Some(tls), CancellationToken::new());
+        let err = tokio::time::timeout(Duration::from_secs(5), started).await.expect("refused at once").unwrap_err();
+        assert!(err.to_string().contains("PUSH_IDENTITY_URL"), "{err}");
+
+        // The binary's way: PUSH_TLS_ADDR names the port.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = Config { tls_addr: "127.0.0.1:0".into(), ..config() };
+        let started = run(config, listener, CancellationToken::new());
+        let err = tokio::time::timeout(Duration::from_secs(5), started).await.expect("refused at once").unwrap_err();
+        assert!(err.to_string().contains("PUSH_IDENTITY_URL"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn behind_the_gateway_only_it_needs_no_token_verification() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with_tls(config(), listener, None, shutdown.clone()));
+        // Up (alive), though the broker is not there.
+        let mut alive = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                alive = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(alive && !task.is_finished());
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
 }

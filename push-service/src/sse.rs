@@ -11,6 +11,7 @@
 //! (older than the retention), a `reset` event says so.
 
 use axum::extract::{Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -95,21 +96,53 @@ fn reset_event_because(id: u64, asked: Option<u64>, reason: &str) -> Event {
     Event::default().id(id.to_string()).event(RESET).data(data.to_string())
 }
 
-/// The stream's user: from its own check of the token when configured
-/// (`runtime::tokens`), else from the gateway's `X-User-Id`.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
-    let Some(verifier) = &state.verifier else {
-        return Ok((CurrentUser { id: runtime::auth::user_id_of(headers)?, email: String::new() }, None));
-    };
-    let token = runtime::tokens::token_of(headers).ok_or(TokenError::Missing)?;
+/// Marks the requests of the port that faces browsers (HTTPS): they bring
+/// the user's own token; every other port is behind the gateway.
+#[derive(Clone, Copy)]
+pub(crate) struct BrowserFacing;
+
+/// The stream's user, and the token it was opened with when this service
+/// checked one itself.
+pub struct StreamUser {
+    user: CurrentUser,
+    claims: Option<TokenClaims>,
+}
+
+impl axum::extract::FromRequestParts<AppState> for StreamUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (user, claims) = authenticate(state, parts).await?;
+        tracing::Span::current().record("user_id", tracing::field::display(user.id));
+        Ok(StreamUser { user, claims })
+    }
+}
+
+/// On the port facing browsers, the user's token checked here
+/// (`runtime::tokens`; a replica refuses to open that port without it);
+/// on the internal port, the gateway's assertion, as every service checks it.
+async fn authenticate(state: &AppState, parts: &Parts) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
+    if parts.extensions.get::<BrowserFacing>().is_none() {
+        return Ok((runtime::auth::caller(parts)?, None));
+    }
+    let verifier = state
+        .verifier
+        .as_ref()
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a browser-facing port without token verification")))?;
+    let token = runtime::tokens::token_of(&parts.headers).ok_or(TokenError::Missing)?;
     // A token that cannot be judged now is a 503 (fail closed); any other
     // failure a 401.
     let claims = verifier.verify(token).await.map_err(|e| match e {
         TokenError::RevocationsStale | TokenError::Unavailable | TokenError::UnknownKeyYet => e,
         _ => TokenError::Invalid,
     })?;
-    tracing::Span::current().record("user_id", tracing::field::display(claims.user_id));
-    Ok((CurrentUser { id: claims.user_id, email: claims.email.clone() }, Some(claims)))
+    let user = CurrentUser {
+        id: claims.user_id,
+        email: claims.email.clone(),
+        token_id: claims.jti,
+        token_expires: claims.exp,
+    };
+    Ok((user, Some(claims)))
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
@@ -136,10 +169,10 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(CurrentU
     ))]
 pub async fn order_events(
     State(state): State<AppState>,
+    StreamUser { user, claims }: StreamUser,
     headers: HeaderMap,
     Query(query): Query<ResumeQuery>,
 ) -> Result<Response, ApiError> {
-    let (user, claims) = authenticate(&state, &headers).await?;
     // Checked here, the stream ends with its token (expiry or logout); behind
     // the gateway, the gateway ends it.
     let verifier = state.verifier.clone();

@@ -48,6 +48,9 @@ pub struct Config {
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
 
+    #[command(flatten)]
+    pub callers: runtime::auth::CallerKeys,
+
     #[arg(long, env = "BILLING_ADDR", default_value = "127.0.0.1:8082")]
     pub addr: String,
 }
@@ -79,5 +82,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.relay_outbox();
     service.prune(vec![idempotency::prune(&config.idempotency)], config.idempotency.prune_interval());
     let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl() };
+    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

@@ -1,8 +1,9 @@
 //! The API gateway: the only door from outside. It verifies the access token
 //! (bearer header or `accessToken` cookie) against identity's published key,
-//! drops any `X-User-*` header a client sent, forwards the request to the
-//! service that owns the path with the user's id and e-mail, and streams the
-//! answer back unbuffered (the event stream included).
+//! drops any `X-User-Assertion` header a client sent, forwards the request
+//! to the service that owns the path with an assertion of who the user is,
+//! signed with its own key for that service (`runtime::auth`), and streams
+//! the answer back unbuffered (the event stream included).
 
 pub mod docs;
 mod proxy;
@@ -53,6 +54,8 @@ pub struct Config {
     pub tls: runtime::tls::TlsConfig,
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
+    #[command(flatten)]
+    pub signing: runtime::auth::SigningKeyConfig,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -67,9 +70,10 @@ pub async fn run_with_tls(
     https: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let signer = config.signing.signer()?;
     let client = proxy::client();
     let auth = Arc::new(TokenVerifier::new(&config.identity_url, config.verifier.clone()));
-    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), shutdown.clone())?);
+    let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), signer.clone(), shutdown.clone())?);
     let routes = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
@@ -77,6 +81,8 @@ pub async fn run_with_tls(
         .merge(docs::routes());
 
     let mut service = Service::new("gateway", &config.limits, shutdown);
+    // No route of its own names a caller; the skeleton wants a verifier all the same.
+    service.verify_callers(&signer.verify_keys());
     let keys = auth.clone();
     service.ready_when(move || keys.not_ready());
     service.spawn("token keys", auth.keep_fresh(service.shutdown()));

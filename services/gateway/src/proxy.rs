@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
-use runtime::auth::{INTERNAL_HEADERS, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER, USER_EMAIL_HEADER, USER_ID_HEADER};
+use runtime::auth::{ASSERTION_HEADER, AssertionSigner, CurrentUser, INTERNAL_HEADERS};
 use runtime::http::BODY_LIMIT;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +34,15 @@ struct Route {
     public: &'static str,
     upstream: String,
     internal: &'static str,
+    /// The service's name: the audience of the assertions sent to it.
+    service: &'static str,
 }
 
 pub struct Gateway {
     routes: Vec<Route>,
     client: Client,
     auth: Arc<TokenVerifier>,
+    signer: AssertionSigner,
     timeout: Duration,
     client_ip_header: Option<HeaderName>,
     shutdown: CancellationToken,
@@ -68,12 +71,14 @@ impl Gateway {
         config: &Config,
         client: Client,
         auth: Arc<TokenVerifier>,
+        signer: AssertionSigner,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let route = |public, upstream: &String, internal| Route {
+        let route = |public, upstream: &String, internal, service| Route {
             public,
             upstream: upstream.trim_end_matches('/').to_string(),
             internal,
+            service,
         };
         let client_ip_header = config
             .client_ip_header
@@ -89,14 +94,15 @@ impl Gateway {
             .transpose()?;
         Ok(Gateway {
             routes: vec![
-                route("/api/v1/identity/", &config.identity_url, "/api/v1/"),
-                route("/api/v1/billing/", &config.billing_url, "/api/v1/"),
-                route("/api/v1/ordering/", &config.ordering_url, "/api/v1/"),
-                route("/api/v1/notifications", &config.notification_url, "/api/v1/notifications"),
-                route("/api/v1/push/", &config.push_url, "/api/v1/"),
+                route("/api/v1/identity/", &config.identity_url, "/api/v1/", "identity"),
+                route("/api/v1/billing/", &config.billing_url, "/api/v1/", "billing"),
+                route("/api/v1/ordering/", &config.ordering_url, "/api/v1/", "ordering"),
+                route("/api/v1/notifications", &config.notification_url, "/api/v1/notifications", "notification"),
+                route("/api/v1/push/", &config.push_url, "/api/v1/", "push"),
             ],
             client,
             auth,
+            signer,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
             client_ip_header,
             shutdown,
@@ -120,7 +126,7 @@ fn route_of<'a>(routes: &'a [Route], path: &str) -> Option<(&'a Route, String)> 
     })
 }
 
-/// Removes what a client must not send on: the headers only the gateway sets
+/// Removes what a client must not send on: the header only the gateway sets
 /// (who the user is) and hop-by-hop headers.
 fn strip_client_headers(headers: &mut axum::http::HeaderMap) {
     for name in INTERNAL_HEADERS.iter().chain(HOP_BY_HOP) {
@@ -165,17 +171,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     let mut claims = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;
-        let set = |h: &mut axum::http::HeaderMap, name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        };
-        set(&mut parts.headers, USER_ID_HEADER, c.user_id.to_string());
-        set(&mut parts.headers, USER_EMAIL_HEADER, c.email.clone());
-        if path == "/api/v1/identity/logout" {
-            set(&mut parts.headers, TOKEN_ID_HEADER, c.jti.to_string());
-            set(&mut parts.headers, TOKEN_EXPIRES_HEADER, c.exp.to_string());
-        }
+        // Who the user is, for this service only, for the next few seconds.
+        let user = CurrentUser { id: c.user_id, email: c.email.clone(), token_id: c.jti, token_expires: c.exp };
+        let assertion = gw.signer.sign(route.service, &user);
+        let assertion = HeaderValue::from_str(&assertion).expect("a JWT is ASCII");
+        parts.headers.insert(HeaderName::from_static(ASSERTION_HEADER), assertion);
         tracing::Span::current().record("user_id", tracing::field::display(c.user_id));
         claims = Some(c);
     }
@@ -282,13 +282,14 @@ mod tests {
     use super::*;
 
     fn routes() -> Vec<Route> {
-        let route = |public, upstream: &str, internal| Route { public, upstream: upstream.into(), internal };
+        let route =
+            |public, upstream: &str, internal, service| Route { public, upstream: upstream.into(), internal, service };
         vec![
-            route("/api/v1/identity/", "http://identity", "/api/v1/"),
-            route("/api/v1/billing/", "http://billing", "/api/v1/"),
-            route("/api/v1/ordering/", "http://ordering", "/api/v1/"),
-            route("/api/v1/notifications", "http://notification", "/api/v1/notifications"),
-            route("/api/v1/push/", "http://push", "/api/v1/"),
+            route("/api/v1/identity/", "http://identity", "/api/v1/", "identity"),
+            route("/api/v1/billing/", "http://billing", "/api/v1/", "billing"),
+            route("/api/v1/ordering/", "http://ordering", "/api/v1/", "ordering"),
+            route("/api/v1/notifications", "http://notification", "/api/v1/notifications", "notification"),
+            route("/api/v1/push/", "http://push", "/api/v1/", "push"),
         ]
     }
 
@@ -302,12 +303,14 @@ mod tests {
         use clap::Parser;
         let config = Config::try_parse_from(["gateway", "--client-ip-header", "X Forwarded:For"]).unwrap();
         let verifier = Arc::new(TokenVerifier::new(&config.identity_url, Default::default()));
-        let err = Gateway::new(&config, client(), verifier, CancellationToken::new()).err().expect("refused");
+        let signer = AssertionSigner::generate();
+        let err =
+            Gateway::new(&config, client(), verifier, signer.clone(), CancellationToken::new()).err().expect("refused");
         assert!(err.to_string().contains("GATEWAY_CLIENT_IP_HEADER"), "{err}");
 
         let config = Config::try_parse_from(["gateway", "--client-ip-header", "X-Forwarded-For"]).unwrap();
         let verifier = Arc::new(TokenVerifier::new(&config.identity_url, Default::default()));
-        assert!(Gateway::new(&config, client(), verifier, CancellationToken::new()).is_ok());
+        assert!(Gateway::new(&config, client(), verifier, signer, CancellationToken::new()).is_ok());
     }
 
     #[test]
@@ -352,9 +355,7 @@ mod tests {
     #[test]
     fn a_clients_identity_and_hop_by_hop_headers_are_dropped() {
         let mut h = axum::http::HeaderMap::new();
-        for name in
-            ["x-user-id", "X-User-Email", "x-token-id", "x-token-expires", "connection", "upgrade", "te", "host"]
-        {
+        for name in ["X-User-Assertion", "connection", "upgrade", "te", "host"] {
             h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("forged"));
         }
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));

@@ -48,6 +48,9 @@ pub struct Config {
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
 
+    #[command(flatten)]
+    pub callers: runtime::auth::CallerKeys,
+
     /// How long an access token is valid, in seconds.
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     pub token_ttl_secs: u64,
@@ -196,5 +199,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         max_age: Duration::ZERO,
     };
     service.prune(vec![expired], config.messaging.prune_interval());
+    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(state)).await
 }

@@ -1,12 +1,12 @@
 //! Registration, login, logout and the user's profile.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use contracts::api::{AccessToken, ErrorBody, Login, Profile, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, User};
 use contracts::messages::{UserCreated, UserUpdated};
-use runtime::auth::{CurrentUser, TOKEN_EXPIRES_HEADER, TOKEN_ID_HEADER};
+use runtime::auth::CurrentUser;
 use runtime::contact::{Email, Phone};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::{ApiError, Json};
@@ -174,25 +174,17 @@ pub async fn login(
         (status = 204, description = "Logout succeeded; the token is no longer accepted"),
         NotAuthenticated,
     ))]
-pub async fn logout(
-    State(state): State<AppState>,
-    user: CurrentUser,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    let jti = header(TOKEN_ID_HEADER).and_then(|v| Uuid::parse_str(v).ok());
-    let expires = header(TOKEN_EXPIRES_HEADER)
-        .and_then(|v| v.parse::<i64>().ok())
-        .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0));
-    if let (Some(jti), Some(expires)) = (jti, expires) {
-        sqlx::query!(
-            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            jti,
-            expires
-        )
-        .execute(&state.db)
-        .await?;
-    }
+pub async fn logout(State(state): State<AppState>, user: CurrentUser) -> Result<Response, ApiError> {
+    // The token the gateway's assertion names (its `jti` and `exp`).
+    let expires = DateTime::<Utc>::from_timestamp(user.token_expires, 0)
+        .ok_or_else(|| ApiError::bad_request("the token's expiry is out of range"))?;
+    sqlx::query!(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        user.token_id,
+        expires
+    )
+    .execute(&state.db)
+    .await?;
     tracing::info!(user_id = %user.id, "logged out");
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, "", 0));

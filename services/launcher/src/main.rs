@@ -78,6 +78,12 @@ struct Cli {
     /// the gateway (unset: the connection's peer).
     #[arg(long, env = "GATEWAY_CLIENT_IP_HEADER")]
     gateway_client_ip_header: Option<String>,
+
+    /// The gateway's key for the assertions the services verify; unset, a
+    /// new pair is generated at start (set it when a push service runs as
+    /// its own process with EXTERNAL_PUSH_URL: it needs the public half).
+    #[command(flatten)]
+    signing: runtime::auth::SigningKeyConfig,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -94,6 +100,10 @@ enum Command {
     /// signs with the new key within SIGNING_KEY_RELOAD_SECS and keeps
     /// publishing the previous one until the tokens it signed have expired.
     RotateKey,
+    /// Prints a new key pair for the gateway's assertions, as environment
+    /// lines: INTERNAL_SIGNING_KEY (private, for the gateway only: a secret)
+    /// and INTERNAL_VERIFY_KEY (public, for every other service).
+    InternalKeys,
     /// Moves the messages of QUEUE's dead-letter queue (QUEUE.dead) back to
     /// QUEUE, once the cause of their failure is fixed.
     ReplayDeadLetters { queue: String },
@@ -134,6 +144,14 @@ async fn main() -> anyhow::Result<()> {
         println!("moved {moved} message(s) from {queue}.dead back to {queue}");
         return Ok(());
     }
+    if let Some(Command::InternalKeys) = &cli.command {
+        let signer = runtime::auth::AssertionSigner::generate();
+        println!("# The gateway's private key: keep it secret (a Kubernetes Secret, a Docker secret).");
+        println!("INTERNAL_SIGNING_KEY={}", signer.private_key_text());
+        println!("# Its public half, for every service behind the gateway (and the launcher's EXTERNAL_PUSH_URL one).");
+        println!("INTERNAL_VERIFY_KEY={}", signer.verify_keys().text());
+        return Ok(());
+    }
     let db = |name: &str| format!("{}/{}{name}", cli.postgres_url.trim_end_matches('/'), cli.database_prefix);
     if let Some(Command::RotateKey) = &cli.command {
         let kid = identity::rotate_signing_key(&db("identity")).await?;
@@ -163,6 +181,13 @@ async fn main() -> anyhow::Result<()> {
         (port(1), port(2), port(3), port(4), port(5));
     let mail_dir: PathBuf = cli.mail.mail_dir.clone();
 
+    // The gateway signs who the caller is; the services verify it.
+    let signer = cli.signing.signer().unwrap_or_else(|_| {
+        tracing::info!("no INTERNAL_SIGNING_KEY: a new key pair for the gateway's assertions");
+        runtime::auth::AssertionSigner::generate()
+    });
+    let callers = runtime::auth::CallerKeys { verify_keys: signer.verify_keys() };
+
     let mut tasks = Tasks::new(shutdown.clone());
     let identity = identity::Config {
         database_url: db("identity"),
@@ -175,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
         cookie_secure: false,
         signing_key_reload_secs: cli.signing_key_reload_secs,
         addr: identity_addr.to_string(),
+        callers: callers.clone(),
     };
     tasks.spawn("identity", identity::run(identity, TcpListener::bind(identity_addr).await?, shutdown.clone()));
     let billing = billing::Config {
@@ -183,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         idempotency: cli.idempotency.clone(),
         limits: cli.limits.clone(),
         addr: billing_addr.to_string(),
+        callers: callers.clone(),
     };
     tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
     let ordering = ordering::Config {
@@ -192,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
         api_only: false,
         limits: cli.limits.clone(),
         addr: ordering_addr.to_string(),
+        callers: callers.clone(),
     };
     tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));
     let notification = notification::Config {
@@ -200,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
         limits: cli.limits.clone(),
         mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
         addr: notification_addr.to_string(),
+        callers: callers.clone(),
     };
     tasks.spawn(
         "notification",
@@ -216,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
                 limits: cli.limits.clone(),
                 // Its own HTTPS port faces browsers too: it checks tokens itself.
                 identity_url: Some(url(identity_addr)),
-                ..push_service::Config::local(cli.messaging.clone())
+                ..push_service::Config::local(cli.messaging.clone(), signer.verify_keys())
             };
             let listener = TcpListener::bind(push_addr).await?;
             tasks.spawn("push-service", push_service::run(push, listener, shutdown.clone()));
@@ -236,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
         https_addr: cli.gateway_https_addr.clone(),
         tls: cli.tls.clone(),
         limits: cli.limits.clone(),
+        signing: runtime::auth::SigningKeyConfig::with(signer),
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
     tracing::info!(gateway = %cli.gateway_addr, "order system running; Ctrl-C stops it");

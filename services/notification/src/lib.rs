@@ -46,6 +46,9 @@ pub struct Config {
     pub limits: runtime::HttpLimits,
 
     #[command(flatten)]
+    pub callers: runtime::auth::CallerKeys,
+
+    #[command(flatten)]
     pub mail: MailConfig,
 
     #[arg(long, env = "NOTIFICATION_ADDR", default_value = "127.0.0.1:8084")]
@@ -114,5 +117,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .route("/api/v1/notifications", get(notifications::list))
         .with_state(db)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
+    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await
 }

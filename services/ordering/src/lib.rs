@@ -51,6 +51,9 @@ pub struct Config {
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
 
+    #[command(flatten)]
+    pub callers: runtime::auth::CallerKeys,
+
     #[arg(long, env = "ORDERING_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
 }
@@ -88,5 +91,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         async move { orders::report_pending(&pool).await }
     });
     let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl() };
+    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

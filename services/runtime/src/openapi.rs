@@ -7,8 +7,9 @@ use utoipa::Modify;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 
-/// Services behind the gateway trust the `X-User-Id` header it sets
-/// (the seed's `UserRequest` scheme).
+/// Services behind the gateway know the caller by the assertion it signs
+/// (`X-User-Assertion`, see `runtime::auth`), in place of the seed's
+/// `X-User-Id` (its `UserRequest` scheme, whose name is kept).
 pub struct InternalAuth;
 
 impl Modify for InternalAuth {
@@ -17,8 +18,10 @@ impl Modify for InternalAuth {
         components.add_security_scheme(
             "UserRequest",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
-                crate::auth::USER_ID_HEADER,
-                "The authenticated user's id, set by the gateway only",
+                crate::auth::ASSERTION_HEADER,
+                "Who the caller is: a short-lived EdDSA JWT the gateway signs for this service (the user's id, \
+                 e-mail and access token), verified with the gateway's public key (INTERNAL_VERIFY_KEY); \
+                 set by the gateway only",
             ))),
         );
         doc.security = Some(vec![SecurityRequirement::new("UserRequest", Vec::<String>::new())]);

@@ -8,6 +8,7 @@
 //! state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`; the
 //! gateway and the push service are `Service<()>`, without a database.
 
+use crate::auth::{CallerVerifier, VerifyKeys};
 use crate::http::{Readiness, serve, service_router};
 use crate::outbox::Relay;
 use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
@@ -58,6 +59,8 @@ pub struct Service<Db: Storage = PgPool> {
     uses_broker: bool,
     check: Option<Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
     https: Option<Https>,
+    /// How requests' callers are checked (see [`crate::auth`]); required.
+    callers: Option<CallerVerifier>,
 }
 
 impl Service<()> {
@@ -75,6 +78,7 @@ impl Service<()> {
             uses_broker: false,
             check: None,
             https: None,
+            callers: None,
         }
     }
 
@@ -110,7 +114,7 @@ impl Service<()> {
         let connected = crate::db::connect_when_available(database_url, pool_size, migrations, &shutdown).await;
         starting.stop().await;
         let db = connected?.ok_or_else(|| anyhow::anyhow!("shut down while waiting for the database"))?;
-        let Service { name, limits, tasks, uses_broker, check, https, .. } = self;
+        let Service { name, limits, tasks, uses_broker, check, https, callers, .. } = self;
         let mut service = Service {
             name,
             db,
@@ -121,6 +125,7 @@ impl Service<()> {
             uses_broker,
             check,
             https,
+            callers,
         };
         // Every service's consumers record processed messages.
         let keep = messaging.processed_retention();
@@ -193,6 +198,14 @@ impl<Db: Storage> Service<Db> {
         self.tasks.spawn(task, future);
     }
 
+    /// Checks the gateway's assertion (see [`crate::auth`]) with `keys` on
+    /// every request that names its user (`CurrentUser`); the assertion must
+    /// be meant for this service (its name). Every service needs it: `serve`
+    /// refuses to start without it.
+    pub fn verify_callers(&mut self, keys: &VerifyKeys) {
+        self.callers = Some(CallerVerifier::new(keys.clone(), self.name));
+    }
+
     /// A condition of the service's own for readiness: `Some(problem)` while
     /// it is not ready.
     pub fn ready_when(&mut self, problem: impl Fn() -> Option<&'static str> + Send + Sync + 'static) {
@@ -218,6 +231,10 @@ impl<Db: Storage> Service<Db> {
     /// the common layers) and runs every task until shutdown or the first
     /// failure.
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+        let Some(callers) = self.callers.take() else {
+            anyhow::bail!("{}: no key to verify its callers with (Service::verify_callers)", self.name);
+        };
+        let routes = routes.layer(axum::Extension(callers));
         let broker = self.messaging.as_ref().map(|(_, b)| b.clone());
         let readiness = Readiness {
             db: self.db.pool(),
@@ -314,5 +331,18 @@ impl Starting {
         if tokio::time::timeout(Duration::from_secs(5), self.task).await.is_err() {
             tracing::warn!("the server of a starting service did not stop in 5 s; abandoned");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_that_was_given_no_key_to_verify_its_callers_with_does_not_start() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service = Service::new("svc", &HttpLimits::default(), CancellationToken::new());
+        let err = service.serve(listener, Router::new()).await.unwrap_err();
+        assert!(err.to_string().contains("no key to verify its callers"), "{err}");
     }
 }

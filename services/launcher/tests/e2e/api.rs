@@ -1,6 +1,6 @@
 //! The public API's contract: errors, authentication, and who sees what.
 
-use crate::helpers::{TestApp, assert_error};
+use crate::helpers::{ASSERTION, TestApp, User, assert_error};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -147,12 +147,14 @@ async fn tokens_forged_headers_cookies_and_logout() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
 
-    // A client cannot speak for a user by sending the gateway's headers.
+    // A client cannot speak for a user by sending a user id, nor even a
+    // valid assertion of the gateway's: only a token counts here.
     let forged = app
         .http
         .get(app.url("/billing/account"))
         .header("X-User-Id", user.id.to_string())
         .header("X-User-Email", &user.email)
+        .header(ASSERTION, app.assertion("billing", &user))
         .send()
         .await
         .unwrap();
@@ -161,12 +163,13 @@ async fn tokens_forged_headers_cookies_and_logout() {
         app.http.get(app.url("/billing/account")).bearer_auth("eyJhbGciOiJFZERTQSJ9.e30.c2ln").send().await.unwrap();
     assert_error(bad, StatusCode::UNAUTHORIZED, "invalid").await;
     // Nor override their own identity: the token wins over a forged header.
-    let other = uuid::Uuid::new_v4();
+    let other = User { id: uuid::Uuid::new_v4(), email: "other@example.com".into(), token: String::new() };
     let r = app
         .http
         .get(app.url("/identity/profile"))
         .bearer_auth(&user.token)
-        .header("X-User-Id", other.to_string())
+        .header("X-User-Id", other.id.to_string())
+        .header(ASSERTION, app.assertion("identity", &other))
         .send()
         .await
         .unwrap();

@@ -201,6 +201,10 @@ pub struct TestApp {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     messaging: MessagingConfig,
     gateway_config: gateway::Config,
+    /// The gateway's key for the assertions the services verify (generated
+    /// per test, as the launcher does): tests mint assertions with it to call
+    /// a service directly, as the gateway would.
+    pub signer: runtime::auth::AssertionSigner,
     /// Declared last: dropped after the services' tasks and the SMTP sink.
     _leftovers: Leftovers,
 }
@@ -259,6 +263,8 @@ impl TestApp {
             ..MessagingConfig::local(&vhost.amqp_url)
         };
         let db = |service: &str| format!("{}/{prefix}_{service}", postgres_url());
+        let signer = runtime::auth::AssertionSigner::generate();
+        let callers = runtime::auth::CallerKeys { verify_keys: signer.verify_keys() };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
 
@@ -274,6 +280,7 @@ impl TestApp {
             cookie_secure: false,
             signing_key_reload_secs: 1,
             addr: String::new(),
+            callers: callers.clone(),
         };
         tasks.push(tokio::spawn(identity::run(config, l, shutdown.clone())));
         let (l, billing_url) = listener().await;
@@ -283,6 +290,7 @@ impl TestApp {
             idempotency: Default::default(),
             limits: Default::default(),
             addr: String::new(),
+            callers: callers.clone(),
         };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
         let (l, ordering_url) = listener().await;
@@ -293,6 +301,7 @@ impl TestApp {
             api_only: false,
             limits: Default::default(),
             addr: String::new(),
+            callers: callers.clone(),
         };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
         let (l, notification_url) = listener().await;
@@ -312,11 +321,15 @@ impl TestApp {
                 smtp_ca_file: smtp.ca_file.clone(),
             },
             addr: String::new(),
+            callers: callers.clone(),
         };
         tasks.push(tokio::spawn(notification::run(config, l, shutdown.clone())));
         let (l, push_url) = listener().await;
-        let config =
-            push_service::Config { heartbeat_secs: 1, drain_secs: 0, ..push_service::Config::local(messaging.clone()) };
+        let config = push_service::Config {
+            heartbeat_secs: 1,
+            drain_secs: 0,
+            ..push_service::Config::local(messaging.clone(), signer.verify_keys())
+        };
         tasks.push(tokio::spawn(push_service::run(config, l, shutdown.clone())));
         let (l, gateway) = listener().await;
         let config = gateway::Config {
@@ -332,6 +345,7 @@ impl TestApp {
             https_addr: String::new(),
             tls: Default::default(),
             limits: Default::default(),
+            signing: runtime::auth::SigningKeyConfig::with(signer.clone()),
         };
         let gateway_config = config.clone();
         let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -352,6 +366,7 @@ impl TestApp {
             tasks,
             messaging,
             gateway_config,
+            signer,
         };
         app.wait_until_ready(&ordering_url).await;
         app
@@ -368,6 +383,7 @@ impl TestApp {
             api_only,
             limits: Default::default(),
             addr: String::new(),
+            callers: self.callers(),
         };
         self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));
         eventually(Duration::from_secs(30), || async {
@@ -401,6 +417,31 @@ impl TestApp {
         })
         .await;
         url
+    }
+
+    /// A service's own (internal) URL, as the gateway reaches it.
+    pub fn service_url(&self, service: &str) -> String {
+        let c = &self.gateway_config;
+        match service {
+            "identity" => &c.identity_url,
+            "billing" => &c.billing_url,
+            "ordering" => &c.ordering_url,
+            "notification" => &c.notification_url,
+            "push" => &c.push_url,
+            _ => panic!("no service {service}"),
+        }
+        .clone()
+    }
+
+    /// The gateway's public key, as every service of this app is configured.
+    pub fn callers(&self) -> runtime::auth::CallerKeys {
+        runtime::auth::CallerKeys { verify_keys: self.signer.verify_keys() }
+    }
+
+    /// What the gateway sends `service` (its name) to say that `user`
+    /// calls: the value of `X-User-Assertion`.
+    pub fn assertion(&self, service: &str, user: &User) -> String {
+        self.signer.sign(service, &as_current(user))
     }
 
     /// Starts the shutdown of every service (as SIGTERM would); `stop` still cleans up.
@@ -567,6 +608,20 @@ pub struct User {
     pub email: String,
     pub token: String,
 }
+
+/// `user` as the gateway names it in an assertion (the token's id and
+/// expiry matter only to logout, which tests make through the gateway).
+pub fn as_current(user: &User) -> runtime::auth::CurrentUser {
+    runtime::auth::CurrentUser {
+        id: user.id,
+        email: user.email.clone(),
+        token_id: Uuid::new_v4(),
+        token_expires: chrono::Utc::now().timestamp() + 3600,
+    }
+}
+
+/// The header name the gateway's assertion travels in.
+pub const ASSERTION: &str = runtime::auth::ASSERTION_HEADER;
 
 #[derive(Debug, Default, Clone)]
 pub struct SseEvent {

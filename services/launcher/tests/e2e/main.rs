@@ -3,6 +3,7 @@
 
 mod abuse;
 mod api;
+mod assertions;
 mod audit;
 mod contract;
 mod flow;

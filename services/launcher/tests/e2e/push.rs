@@ -2,7 +2,10 @@
 //! on another replica and after a restart, the `reset` event for an expired
 //! id, tokens never from the URL, and HTTP/2 (TLS with ALPN h2, and h2c).
 
-use crate::helpers::{SseEvent, TestApp, User, broker_connections, close_broker_connections, eventually, sse_events};
+use crate::helpers::{
+    ASSERTION, SseEvent, TestApp, User, as_current, broker_connections, close_broker_connections, eventually,
+    sse_events,
+};
 use futures::StreamExt;
 use reqwest::{StatusCode, Version};
 use runtime::MessagingConfig;
@@ -20,6 +23,8 @@ pub(crate) struct Replica {
     pub https: String,
     pub shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The gateway's key, which this replica verifies assertions with.
+    signer: runtime::auth::AssertionSigner,
 }
 
 impl Replica {
@@ -27,7 +32,9 @@ impl Replica {
         let mut config = push_service::Config {
             heartbeat_secs: 1,
             drain_secs: 0,
-            ..push_service::Config::local(MessagingConfig::local(&app.vhost.amqp_url))
+            // Its HTTPS port faces browsers: it checks their tokens with identity.
+            identity_url: Some(app.identity.clone()),
+            ..push_service::Config::local(MessagingConfig::local(&app.vhost.amqp_url), app.signer.verify_keys())
         };
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -36,13 +43,18 @@ impl Replica {
         let https = format!("https://{}", tls.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(push_service::run_with_tls(config, listener, Some(tls), shutdown.clone()));
-        Replica { url, https, shutdown, task }
+        Replica { url, https, shutdown, task, signer: app.signer.clone() }
+    }
+
+    /// What the gateway would send this replica to say that `user` calls.
+    pub fn assertion(&self, user: &User) -> String {
+        self.signer.sign("push", &as_current(user))
     }
 
     /// The user's stream on this replica, as the gateway would ask for it.
     pub async fn subscribe(&self, user: &User, last_event_id: Option<&str>) -> mpsc::UnboundedReceiver<SseEvent> {
         let mut req =
-            reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header("x-user-id", user.id.to_string());
+            reqwest::Client::new().get(format!("{}/api/v1/orders", self.url)).header(ASSERTION, self.assertion(user));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -297,7 +309,8 @@ async fn the_token_comes_from_a_header_or_the_cookie_never_from_the_url() {
     app.stop().await;
 }
 
-fn h2_client() -> reqwest::Client {
+/// A client of HTTPS ports with the test certificate (HTTP/2 by ALPN).
+pub(crate) fn h2_client() -> reqwest::Client {
     reqwest::Client::builder().use_rustls_tls().danger_accept_invalid_certs(true).build().unwrap()
 }
 
@@ -328,11 +341,15 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
 
     // The push service itself: TLS with h2, and h2c (prior knowledge) in clear.
     let replica = Replica::start(&app, |_| {}).await;
-    let resp = tls.get(format!("{}/api/v1/orders", replica.https)).header("x-user-id", user.id.to_string());
-    let resp = resp.send().await.unwrap();
+    // (Its HTTPS port checks the token itself, once it has identity's keys.)
+    let resp = eventually(WAIT, || async {
+        let r = tls.get(format!("{}/api/v1/orders", replica.https)).bearer_auth(&user.token).send().await.ok()?;
+        (r.status() != StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+    })
+    .await;
     assert_eq!((resp.version(), resp.status()), (Version::HTTP_2, StatusCode::OK));
     let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-    let resp = h2c.get(format!("{}/api/v1/orders", replica.url)).header("x-user-id", user.id.to_string());
+    let resp = h2c.get(format!("{}/api/v1/orders", replica.url)).header(ASSERTION, replica.assertion(&user));
     let resp = resp.send().await.unwrap();
     assert_eq!((resp.version(), resp.status()), (Version::HTTP_2, StatusCode::OK));
     let plain = reqwest::get(format!("{}/health/live", replica.url)).await.unwrap();
@@ -388,7 +405,7 @@ async fn a_closed_stream_is_freed_at_once() {
     for client in [reqwest::Client::new(), h2c] {
         let resp = client
             .get(format!("{}/api/v1/orders", replica.url))
-            .header("x-user-id", user.id.to_string())
+            .header(ASSERTION, replica.assertion(&user))
             .send()
             .await
             .unwrap();
@@ -435,7 +452,7 @@ async fn falls_behind_and_resumes(app: &TestApp, recent_events: usize) {
         .unwrap();
     let resp = client
         .get(format!("{}/api/v1/orders", replica.url))
-        .header("x-user-id", user.id.to_string())
+        .header(ASSERTION, replica.assertion(&user))
         .send()
         .await
         .unwrap();
@@ -483,7 +500,7 @@ async fn streams_start_with_a_retry_hint_get_heartbeats_and_close_on_shutdown() 
     })
     .await;
     let url = format!("{}/api/v1/orders", replica.url);
-    let resp = reqwest::Client::new().get(&url).header("x-user-id", user.id.to_string()).send().await.unwrap();
+    let resp = reqwest::Client::new().get(&url).header(ASSERTION, replica.assertion(&user)).send().await.unwrap();
     let mut body = resp.bytes_stream();
     let mut text = String::new();
     // The hint first, then a heartbeat comment (`:` alone) on the idle stream.
@@ -518,8 +535,11 @@ async fn a_replica_facing_browsers_checks_the_token_itself() {
     let url = format!("{}/api/v1/orders", replica.https);
     let status = |r: reqwest::Response| r.status();
 
-    // The gateway's header alone is not enough here, nor a token in the URL.
+    // A user id, or even the gateway's assertion, is not enough on the
+    // port facing browsers, nor a token in the URL.
     let r = tls.get(&url).header("x-user-id", alice.id.to_string()).send().await.unwrap();
+    assert_eq!(status(r), StatusCode::UNAUTHORIZED);
+    let r = tls.get(&url).header(ASSERTION, replica.assertion(&alice)).send().await.unwrap();
     assert_eq!(status(r), StatusCode::UNAUTHORIZED);
     let r = tls.get(format!("{url}?accessToken={}", alice.token)).send().await.unwrap();
     assert_eq!(status(r), StatusCode::UNAUTHORIZED);
@@ -528,8 +548,8 @@ async fn a_replica_facing_browsers_checks_the_token_itself() {
     let r = tls.get(&url).header("cookie", format!("accessToken={}", bob.token)).send().await.unwrap();
     assert_eq!((r.version(), status(r)), (Version::HTTP_2, StatusCode::OK));
 
-    // The token decides whose stream it is, whatever X-User-Id says.
-    let resp = tls.get(&url).bearer_auth(&alice.token).header("x-user-id", bob.id.to_string()).send().await.unwrap();
+    // The token decides whose stream it is, whatever an assertion says.
+    let resp = tls.get(&url).bearer_auth(&alice.token).header(ASSERTION, replica.assertion(&bob)).send().await.unwrap();
     assert_eq!(resp.version(), Version::HTTP_2);
     let mut stream = sse_events(resp);
     settled_order(&app, &bob, 7).await;
@@ -569,6 +589,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         https_addr: String::new(),
         tls: Default::default(),
         limits: Default::default(),
+        signing: runtime::auth::SigningKeyConfig::with(app.signer.clone()),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway::run_with_tls(config, listener, None, shutdown.clone()));

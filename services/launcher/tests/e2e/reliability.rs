@@ -34,6 +34,23 @@ impl Drop for Running {
     }
 }
 
+/// The gateway's key, as far as the services these tests start on their own
+/// know it (they verify assertions with its public half).
+fn gateway_key() -> &'static runtime::auth::AssertionSigner {
+    static KEY: std::sync::OnceLock<runtime::auth::AssertionSigner> = std::sync::OnceLock::new();
+    KEY.get_or_init(runtime::auth::AssertionSigner::generate)
+}
+
+pub fn callers() -> runtime::auth::CallerKeys {
+    runtime::auth::CallerKeys { verify_keys: gateway_key().verify_keys() }
+}
+
+/// What the gateway sends billing to say that `user` calls.
+fn as_user(user: Uuid) -> String {
+    let user = crate::helpers::User { id: user, email: String::new(), token: String::new() };
+    gateway_key().sign("billing", &crate::helpers::as_current(&user))
+}
+
 pub fn messaging(amqp_url: &str) -> MessagingConfig {
     MessagingConfig { retry_delays_ms: vec![50, 150], ..MessagingConfig::local(amqp_url) }
 }
@@ -49,6 +66,7 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
         idempotency: Default::default(),
         limits: Default::default(),
         addr: String::new(),
+        callers: callers(),
     };
     let task = tokio::spawn(billing::run(config, listener, shutdown.clone()));
     let running = Running { url, shutdown, task: Some(task) };
@@ -62,7 +80,7 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
 }
 
 async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::Response {
-    http.get(format!("{billing}/api/v1/account")).header("x-user-id", user.to_string()).send().await.unwrap()
+    http.get(format!("{billing}/api/v1/account")).header(crate::helpers::ASSERTION, as_user(user)).send().await.unwrap()
 }
 
 #[tokio::test]
@@ -85,7 +103,7 @@ async fn while_the_database_is_away_requests_get_503_with_retry_after_and_servic
     // A write too.
     let r = http
         .post(format!("{}/api/v1/account/deposit", billing.url))
-        .header("x-user-id", user.to_string())
+        .header(crate::helpers::ASSERTION, as_user(user))
         .json(&serde_json::json!({"amount": 5}))
         .send()
         .await
@@ -430,6 +448,7 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
         .env("GATEWAY_ADDR", format!("127.0.0.1:{base}"))
         .env("GATEWAY_HTTPS_ADDR", "")
         .env("PUSH_TLS_ADDR", "")
+        .env("INTERNAL_SIGNING_KEY", gateway_key().private_key_text())
         .env("MAIL_DIR", &mail)
         .env_remove("SMTP_URL")
         .kill_on_drop(true)
@@ -449,7 +468,8 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
     // A request in flight on the hung database.
     let stuck = tokio::spawn({
         let url = format!("http://127.0.0.1:{}/api/v1/account", base + 2);
-        async move { reqwest::Client::new().get(url).header("x-user-id", Uuid::new_v4().to_string()).send().await }
+        let assertion = as_user(Uuid::new_v4());
+        async move { reqwest::Client::new().get(url).header(crate::helpers::ASSERTION, assertion).send().await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
@@ -486,6 +506,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
         },
         limits: Default::default(),
         addr: String::new(),
+        callers: callers(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let notification_task = tokio::spawn(notification::run(notification, listener, shutdown.clone()));
@@ -499,6 +520,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
         cookie_secure: false,
         signing_key_reload_secs: 10,
         addr: String::new(),
+        callers: callers(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let identity_task = tokio::spawn(identity::run(identity, listener, shutdown.clone()));
@@ -667,6 +689,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
         },
         limits: Default::default(),
         addr: String::new(),
+        callers: callers(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let task = tokio::spawn(notification::run(config, listener, shutdown.clone()));
@@ -791,6 +814,7 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
             idempotency: Default::default(),
             limits: Default::default(),
             addr: String::new(),
+            callers: callers(),
         };
         (url, shutdown.clone(), tokio::spawn(billing::run(config, listener, shutdown)))
     };

@@ -16,7 +16,7 @@ async fn a_user_holds_at_most_the_cap_of_open_streams() {
     let replica = Replica::start(&app, |c| c.max_streams_per_user = 2).await;
     let http = reqwest::Client::new();
     let open = |user: &User| {
-        http.get(format!("{}/api/v1/orders", replica.url)).header("x-user-id", user.id.to_string()).send()
+        http.get(format!("{}/api/v1/orders", replica.url)).header(ASSERTION, replica.assertion(user)).send()
     };
     // (A response, not its events: dropping it closes the connection.)
     let first = open(&alice).await.unwrap();

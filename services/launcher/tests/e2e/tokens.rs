@@ -4,7 +4,7 @@
 //! logout) and resumes with a fresh one.
 
 use crate::helpers::*;
-use crate::push::{Replica, expect_orders, gateway_stream, next, order_of, settled_order};
+use crate::push::{Replica, expect_orders, gateway_stream, h2_client, next, order_of, settled_order};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -84,8 +84,9 @@ async fn a_push_replica_that_cannot_load_revocations_refuses_streams_and_is_not_
         c.verifier = strict();
     })
     .await;
-    let http = reqwest::Client::new();
-    let (orders, ready) = (format!("{}/api/v1/orders", replica.url), format!("{}/health/ready", replica.url));
+    // Its HTTPS port faces browsers: it checks their tokens itself.
+    let http = h2_client();
+    let (orders, ready) = (format!("{}/api/v1/orders", replica.https), format!("{}/health/ready", replica.url));
     let resp = eventually(WAIT, || async {
         let r = http.get(&orders).bearer_auth(&alice.token).send().await.ok()?;
         (r.status() == StatusCode::OK).then_some(r)
@@ -157,9 +158,8 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
         c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
     })
     .await;
-    let direct = |token: &str| {
-        reqwest::Client::new().get(format!("{}/api/v1/orders", replica.url)).bearer_auth(token.to_string()).send()
-    };
+    let direct =
+        |token: &str| h2_client().get(format!("{}/api/v1/orders", replica.https)).bearer_auth(token.to_string()).send();
     let mut through_gateway = gateway_stream(&app, &user, None).await;
     let resp = eventually(WAIT, || async {
         let r = direct(&user.token).await.ok()?;
@@ -206,11 +206,11 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
         c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
     })
     .await;
-    let orders = format!("{}/api/v1/orders", replica.url);
+    let orders = format!("{}/api/v1/orders", replica.https);
     let stream_status = |token: String| {
         let orders = orders.clone();
         async move {
-            let r = reqwest::Client::new().get(orders).bearer_auth(token).send().await.unwrap();
+            let r = h2_client().get(orders).bearer_auth(token).send().await.unwrap();
             r.status()
         }
     };

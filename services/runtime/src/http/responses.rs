@@ -4,7 +4,7 @@
 
 use contracts::api::ErrorBody;
 
-/// 401: no valid token (or, behind the gateway, no `X-User-Id`).
+/// 401: no valid token (or, behind the gateway, no valid assertion from it).
 #[derive(utoipa::IntoResponses)]
 #[response(status = 401, description = "Not authenticated")]
 pub struct NotAuthenticated(pub ErrorBody);

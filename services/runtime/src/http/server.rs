@@ -53,13 +53,13 @@ pub fn with_common_layers(service: &'static str, router: Router) -> Router {
 }
 
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let user_id = req.headers().get(crate::auth::USER_ID_HEADER).and_then(|v| v.to_str().ok());
     let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
     let span = tracing::info_span!(
         "http",
         method = %req.method(),
         path = %req.uri().path(),
-        user_id = user_id.unwrap_or(""),
+        // Recorded by `CurrentUser` once the caller's assertion is verified.
+        user_id = tracing::field::Empty,
         request_id = request_id.unwrap_or(""),
     );
     if let Some(parent) = req.headers().get(crate::telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()) {

@@ -205,6 +205,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let amqp = format!("amqp://guest:guest@127.0.0.1:{AMQP_BALANCER}/%2f");
     let pg = servers.postgres_url();
     let lb_url = |service: &str| format!("http://127.0.0.1:{}", balancer_port(service));
+    // The gateway signs who the caller is; every other service verifies it.
+    let signer = runtime::auth::AssertionSigner::generate();
     let mut replicas: Vec<Arc<Replica>> = vec![];
     for (service, binary, base) in SERVICES {
         let mut backends = vec![];
@@ -219,6 +221,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ("LOG_FORMAT".into(), "json".into()),
             ];
             let upper = service.to_uppercase();
+            if service == "gateway" {
+                env.push(("INTERNAL_SIGNING_KEY".into(), signer.private_key_text()));
+            } else {
+                env.push(("INTERNAL_VERIFY_KEY".into(), signer.verify_keys().text()));
+            }
             match service {
                 "push" => {
                     env.push(("PUSH_ADDR".into(), a.to_string()));
