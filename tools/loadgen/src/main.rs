@@ -87,6 +87,18 @@ struct Args {
     /// --find-max: stop at this rate.
     #[arg(long, default_value_t = 5000.0)]
     max_rate: f64,
+    /// Closed loop: stop after this many orders (sent), even before --duration.
+    #[arg(long, requires = "clients")]
+    orders: Option<u64>,
+    /// A shell command run (and waited for) when the setup is done, just
+    /// before the first order: e.g. a snapshot of the database's counters
+    /// (`scripts/bench-dbwork`). Fails the run if it fails.
+    #[arg(long)]
+    after_setup: Option<String>,
+    /// A shell command run (and waited for) when the last order is final,
+    /// before the checks at the end read anything.
+    #[arg(long)]
+    after_load: Option<String>,
     /// Print the report as JSON on stdout (the progress line still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -467,13 +479,16 @@ async fn poll(shared: &Shared, user: &User, id: Uuid, accepted: Instant, timeout
 
 // ------------------------------------------------------------------ load
 
-async fn closed_loop(shared: Arc<Shared>, users: &[Arc<User>], duration: Duration) {
+async fn closed_loop(shared: Arc<Shared>, users: &[Arc<User>], duration: Duration, orders: Option<u64>) {
     let end = Instant::now() + duration;
+    // Orders still to place, when the run is bounded by a count.
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(orders.unwrap_or(u64::MAX)));
+    let take = move || left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
     let mut clients = JoinSet::new();
     for user in users {
-        let (shared, user) = (shared.clone(), user.clone());
+        let (shared, user, take) = (shared.clone(), user.clone(), take.clone());
         clients.spawn(async move {
-            while Instant::now() < end {
+            while Instant::now() < end && take() {
                 place_and_follow(shared.clone(), user.clone()).await;
             }
         });
@@ -756,13 +771,16 @@ async fn main() -> anyhow::Result<()> {
     if !args.quiet {
         eprintln!("loadgen: {n_users} users ready in {:.1} s", setup_started.elapsed().as_secs_f64());
     }
+    if let Some(command) = &args.after_setup {
+        run_hook("--after-setup", command).await?;
+    }
     let progress_stop = CancellationToken::new();
     let progress = if args.quiet { None } else { Some(progress(shared.clone(), progress_stop.clone())) };
 
     let mut find_max = None;
     let started = Instant::now();
     let (mode, result) = if args.clients.is_some() {
-        closed_loop(shared.clone(), &users, Duration::from_secs_f64(args.duration)).await;
+        closed_loop(shared.clone(), &users, Duration::from_secs_f64(args.duration), args.orders).await;
         let elapsed = started.elapsed();
         let sent = shared.counters.sent.load(Ordering::Relaxed);
         ("closed", Phase::of(shared.take_stats(), sent, None, elapsed))
@@ -824,6 +842,9 @@ async fn main() -> anyhow::Result<()> {
         let _ = p.await;
     }
 
+    if let Some(command) = &args.after_load {
+        run_hook("--after-load", command).await?;
+    }
     // A moment for late or doubled events, then the checks.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let verification = verify(&shared, &users).await;
@@ -851,6 +872,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if !report.verification.ok {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs `command` with `sh -c` and waits for it; an error if it fails.
+async fn run_hook(what: &str, command: &str) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sh").arg("-c").arg(command).status().await?;
+    if !status.success() {
+        bail!("{what} command failed ({status}): {command}");
     }
     Ok(())
 }
