@@ -6,6 +6,7 @@
 //! ignores the other's rows in `_sqlx_migrations`.
 
 use anyhow::Context;
+use futures::FutureExt;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::time::Duration;
@@ -188,6 +189,12 @@ impl Wakeup {
     }
 
     /// Waits for a notification or the poll interval; `false` on shutdown.
+    ///
+    /// A notification wakes it together with every other one already
+    /// received: each says only "a commit wrote work", and the work that
+    /// follows the wakeup sees all the commits whose notifications it took
+    /// (a notification is sent after its commit). So commits made while the
+    /// worker was busy cost one look for work, not one each.
     pub async fn wait(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
         self.listen().await;
         let notified = async {
@@ -198,13 +205,38 @@ impl Wakeup {
         };
         tokio::select! {
             _ = shutdown.cancelled() => return false,
-            r = notified => if let Err(e) = r {
-                tracing::warn!(channel = self.channel, error = %e, "listener lost");
-                self.listener = None;
+            r = notified => match r {
+                Ok(()) => self.take_received(),
+                Err(e) => {
+                    tracing::warn!(channel = self.channel, error = %e, "listener lost");
+                    self.listener = None;
+                }
             },
-            _ = tokio::time::sleep(self.poll) => {}
+            _ = tokio::time::sleep(self.poll) => self.take_received(),
         }
         true
+    }
+
+    /// Takes the notifications already received, without waiting for any.
+    /// (`recv` is cancel-safe: a notification partly read
+    /// stays in the connection's buffer for the next call.)
+    fn take_received(&mut self) {
+        let Some(listener) = self.listener.as_mut() else { return };
+        loop {
+            match listener.try_recv().now_or_never() {
+                Some(Ok(Some(_))) => {}
+                // Nothing more received yet.
+                None => break,
+                // The connection was lost (and is being re-established):
+                // the caller looks for work anyway, so nothing is missed.
+                Some(Ok(None)) => break,
+                Some(Err(e)) => {
+                    tracing::warn!(channel = self.channel, error = %e, "listener lost");
+                    self.listener = None;
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -228,6 +260,45 @@ mod tests {
     #[test]
     fn a_password_with_an_at_sign_is_hidden_whole() {
         assert_eq!(redact("postgres://u:p@ss@host/db"), "postgres://u:***@host/db");
+    }
+
+    /// The test server (the e2e tests' PostgreSQL); NOTIFY needs no table.
+    async fn test_server() -> PgPool {
+        let url = std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&format!("{}/postgres", url.trim_end_matches('/')))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_wakeup_takes_every_notification_already_received() {
+        let pool = test_server().await;
+        // A channel of its own: tests run in parallel on a shared server.
+        let channel: &'static str = format!("wakeup_test_{}", uuid::Uuid::new_v4().simple()).leak();
+        let notify = || sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&pool);
+        let mut wakeup = Wakeup::new(pool.clone(), channel, Duration::from_secs(60));
+        wakeup.listen().await;
+        assert!(wakeup.listener.is_some(), "LISTEN failed");
+        // Five commits while the worker is busy, all delivered by now.
+        for _ in 0..5 {
+            notify().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let woke = tokio::time::timeout(Duration::from_secs(10), wakeup.wait(&shutdown)).await;
+        assert_eq!(woke.ok(), Some(true), "the notifications did not wake it");
+        // One wakeup took them all: none is left to wake the next wait for
+        // work the first one's look already saw.
+        let left = wakeup.listener.as_mut().unwrap().try_recv().now_or_never();
+        assert!(left.is_none(), "a notification was left for another wakeup: {left:?}");
+        // A commit after it wakes the next wait (well before the 60 s poll).
+        notify().await.unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(10), wakeup.wait(&shutdown)).await;
+        assert_eq!(woke.ok(), Some(true), "a later notification did not wake it");
+        shutdown.cancel();
+        assert!(!wakeup.wait(&shutdown).await, "shutdown ends the wait");
     }
 
     #[test]
