@@ -21,6 +21,9 @@ use crate::MailConfig;
 
 pub const EMAIL_CHANNEL: &str = "email";
 
+/// E-mails claimed at a time.
+const BATCH: i64 = 20;
+
 enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     Files(AsyncFileTransport<Tokio1Executor>),
@@ -86,8 +89,9 @@ impl Mailer {
                  WHERE p.user_id = d.user_id AND d.id IN (
                      SELECT d.id FROM email_deliveries d JOIN profiles p ON p.user_id = d.user_id
                      WHERE d.sent_at IS NULL AND d.failed_at IS NULL AND d.next_attempt_at <= now()
-                     ORDER BY d.id LIMIT 20 FOR UPDATE OF d SKIP LOCKED)
+                     ORDER BY d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
                  RETURNING d.id, d.subject, d.body, d.attempts, p.email, p.first_name, p.last_name",
+                BATCH,
             )
             .fetch_all(&self.db)
             .await?;
@@ -137,6 +141,12 @@ impl Mailer {
                         .await?;
                     }
                 }
+            }
+            // A short batch took every due e-mail there was when it was
+            // claimed; one written since has its own NOTIFY, which wakes the
+            // next pass (no empty claim to find that out).
+            if due.len() < BATCH as usize {
+                return Ok(());
             }
         }
     }

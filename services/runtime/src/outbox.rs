@@ -353,9 +353,17 @@ impl Relay {
                 }
             }
         }
-        sqlx::query!("UPDATE outbox SET sent_at = now(), last_error = NULL WHERE id = ANY($1)", &sent)
+        if !sent.is_empty() {
+            // `sent_at IS NULL` lets the planner find the rows in the small
+            // partial index of unsent rows (`outbox_unsent`) whatever its
+            // statistics say, instead of scanning every row kept until pruning.
+            sqlx::query!(
+                "UPDATE outbox SET sent_at = now(), last_error = NULL WHERE id = ANY($1) AND sent_at IS NULL",
+                &sent
+            )
             .execute(&self.pool)
             .await?;
+        }
         if let Some(reason) = broker_failed {
             anyhow::bail!("publishing to the broker failed: {reason}");
         }
