@@ -7,7 +7,7 @@ use runtime::consumer::HandlerResult;
 use sqlx::PgConnection;
 
 use crate::OUTBOX;
-use crate::accounts::{Debit, debit, ensure_account};
+use crate::accounts::{Debit, debit};
 
 pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePayment>) -> HandlerResult {
     let p = msg.payload;
@@ -23,7 +23,10 @@ pub async fn on_create_payment(tx: &mut PgConnection, msg: Incoming<CreatePaymen
             outcome
         }
         None => {
-            ensure_account(tx, p.user_id).await?;
+            // No account to open first: the user's account exists from its
+            // registration (`UserCreated`) or first deposit, and without one
+            // the debit finds no balance that covers the (positive) amount,
+            // which is the outcome a new, empty account would give.
             let source = format!("message:{}", msg.message_id);
             let charged = debit(tx, p.user_id, p.amount.as_decimal(), Debit::Payment(p.id), &source).await?;
             let reason = (!charged).then(|| NOT_ENOUGH_MONEY.to_string());
