@@ -219,17 +219,20 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
     // `order-system rotate-key` does this.
     let new_kid = identity::rotate_signing_key(&format!("{}/{}_identity", postgres_url(), app.prefix)).await.unwrap();
     assert_ne!(new_kid, old_kid);
-    // Identity picks it up (SIGNING_KEY_RELOAD_SECS, 1 s here): a new login gets the new key.
-    let bob = app.user().await;
-    let bob = eventually(WAIT, || async {
-        let fresh = login_again(&app, &bob).await;
-        (kid_of(&fresh.token) == new_kid).then_some(fresh)
+    // Identity picks it up (SIGNING_KEY_RELOAD_SECS, 1 s here) and publishes
+    // it first; then a new login gets the new key. (Waiting on the key set,
+    // not on logins: those are throttled per account.)
+    let jwks: Value = eventually(WAIT, || async {
+        let url = format!("{}/.well-known/jwks.json", app.identity);
+        let jwks: Value = app.http.get(url).send().await.ok()?.json().await.ok()?;
+        (jwks["keys"][0]["kid"] == new_kid.as_str()).then_some(jwks)
     })
     .await;
-    let jwks: Value =
-        app.http.get(format!("{}/.well-known/jwks.json", app.identity)).send().await.unwrap().json().await.unwrap();
     let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
     assert_eq!(kids, [new_kid.as_str(), old_kid.as_str()], "current first, then the previous one");
+    let bob = app.user().await;
+    let bob = login_again(&app, &bob).await;
+    assert_eq!(kid_of(&bob.token), new_kid, "a login after the reload is signed with the new key");
 
     // Both tokens verify at the gateway and at the push replica, which learn
     // the new key on its first token (or, when they looked less than a
