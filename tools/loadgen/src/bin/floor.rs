@@ -1,24 +1,33 @@
 //! `floor`: what one order costs on this machine's PostgreSQL and RabbitMQ
 //! with no service logic at all: per order, the same PostgreSQL commits and
 //! RabbitMQ publish-with-confirm → consume → ack round trips as the real
-//! flow, in the same order, on the same servers (its own database and
-//! vhost, removed at the end), with a fixed number of concurrent clients.
+//! flow, in the same order and batched the same way, on the same servers
+//! (its own database and vhost, removed at the end), with a fixed number of
+//! concurrent clients.
 //!
-//! Per order, as the real flow does one order at a time (counted from
-//! services/*/src and runtime's outbox relay and consumer):
+//! Per order, as the real flow does it (services/*/src, runtime's outbox
+//! relay and consumer, notification's mailer):
 //!
-//! | step (real flow)                                    | commits | publish+confirm | consume+ack |
-//! |-----------------------------------------------------|---------|-----------------|-------------|
-//! | POST /orders: order + outbox row (ordering)         | 1       |                 |             |
-//! | relay: claim, publish CreatePayment, mark sent      | 2       | 1               |             |
-//! | billing: inbox + payment + debit + outbox           | 1       |                 | 1           |
-//! | relay: claim, publish PaymentCreated, mark sent     | 2       | 1               |             |
-//! | ordering: inbox + settle + outbox                   | 1       |                 | 1           |
-//! | relay: claim, publish OrderCreated, mark sent       | 2       | 1               |             |
-//! | notification: inbox + notification + e-mail row     | 1       |                 | 1           |
-//! | mailer: claim the e-mail, mark it sent              | 2       |                 |             |
-//! | push: read the event from the stream                |         |                 | 1 (stream)  |
-//! | total                                               | 12      | 3               | 4           |
+//! | step (real flow)                                    | commits      | publish+confirm | consume+ack |
+//! |-----------------------------------------------------|--------------|-----------------|-------------|
+//! | POST /orders: order + outbox row (ordering)         | 1            |                 |             |
+//! | relay: claim a batch, publish it, mark it sent      | 2 per batch  | 1               |             |
+//! | billing: inbox + payment + debit + outbox           | 1            |                 | 1           |
+//! | relay: claim a batch, publish it, mark it sent      | 2 per batch  | 1               |             |
+//! | ordering: inbox + settle + outbox                   | 1            |                 | 1           |
+//! | relay: claim a batch, publish it, mark it sent      | 2 per batch  | 1               |             |
+//! | notification: inbox + notification + e-mail row     | 1            |                 | 1           |
+//! | mailer: claim a batch of e-mails, mark them sent    | 2 per batch  |                 |             |
+//! | push: read the event from the stream                |              |                 | 1 (stream)  |
+//! | total                                               | 4 + 8 per batch | 3            | 4           |
+//!
+//! Each relay (and the mailer) is one task that, once woken, takes every row
+//! committed since its last batch (as `runtime::db::Wakeup` takes every
+//! notification already received), claims them in one statement, publishes
+//! them all before awaiting their confirms, and marks them sent in one
+//! statement. One order at a time that is 12 commits; with many clients a
+//! batch serves several orders, as in the real flow. The report counts the
+//! commits it made per order.
 //!
 //! Completion is timed from the first commit (the moment a 202 would be
 //! sent) to the event's delivery from the stream.
@@ -38,9 +47,10 @@ use loadgen::stats::{Latencies, Summary, per_second};
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 #[derive(Parser, Debug)]
@@ -70,7 +80,6 @@ struct Args {
     json: bool,
 }
 
-const COMMITS: u32 = 12;
 const PUBLISHES: u32 = 3;
 const CONSUMES: u32 = 4;
 
@@ -78,7 +87,8 @@ const CONSUMES: u32 = 4;
 struct Report {
     clients: usize,
     seconds: f64,
-    commits_per_order: u32,
+    commits_per_order: f64,
+    relay_batches_per_order: f64,
     publishes_per_order: u32,
     consumes_per_order: u32,
     completed: u64,
@@ -89,9 +99,28 @@ struct Report {
 
 struct Floor {
     db: PgPool,
-    /// One confirm channel per publishing step.
-    publish: [Channel; 3],
+    /// The relay of each publishing step: outbox rows committed, to publish.
+    relays: [mpsc::UnboundedSender<(i64, Uuid)>; 3],
+    /// E-mail rows committed, to send.
+    mailer: mpsc::UnboundedSender<i64>,
     done: Mutex<HashMap<Uuid, oneshot::Sender<Instant>>>,
+    commits: AtomicU64,
+    relay_batches: AtomicU64,
+    errors: Arc<Mutex<u64>>,
+}
+
+/// Rows one relay batch takes at most (the services' relay: 200).
+const BATCH: usize = 200;
+
+/// Everything already waiting after the first, up to a batch.
+async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < BATCH
+        && let Ok(more) = rx.try_recv()
+    {
+        batch.push(more);
+    }
+    Some(batch)
 }
 
 const QUEUES: [&str; 3] = ["floor.payments", "floor.billing", "floor.notification"];
@@ -111,31 +140,77 @@ fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
 }
 
 impl Floor {
-    /// The outbox relay's two commits around one publish with confirm.
-    async fn relay(&self, outbox_id: i64, step: usize, order: Uuid) -> anyhow::Result<()> {
-        sqlx::query("UPDATE outbox SET next_attempt_at = now() + interval '25 seconds' WHERE id = $1")
-            .bind(outbox_id)
+    fn failed(&self, what: &str, e: anyhow::Error) {
+        eprintln!("floor: {what}: {e:#}");
+        *self.errors.lock().expect("errors") += 1;
+    }
+
+    /// One relay: a claim, the batch's publishes pipelined, then its
+    /// confirms, and one mark-sent.
+    async fn relay(self: Arc<Self>, step: usize, channel: Channel, mut rx: mpsc::UnboundedReceiver<(i64, Uuid)>) {
+        while let Some(batch) = next_batch(&mut rx).await {
+            if let Err(e) = self.relay_batch(step, &channel, &batch).await {
+                self.failed(&format!("relay {step}"), e);
+            }
+        }
+    }
+
+    async fn relay_batch(&self, step: usize, channel: &Channel, batch: &[(i64, Uuid)]) -> anyhow::Result<()> {
+        let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+        sqlx::query("UPDATE outbox SET next_attempt_at = now() + interval '25 seconds' WHERE id = ANY($1)")
+            .bind(&ids)
             .execute(&self.db)
             .await?;
         let (exchange, key) = if step == 2 { (EVENTS, "OrderCreated") } else { ("", QUEUES[step]) };
-        let body = serde_json::to_vec(&serde_json::json!({ "id": order }))?;
-        let props = BasicProperties::default()
-            .with_message_id(Uuid::now_v7().to_string().into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        let confirm = self.publish[step]
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &body,
-                props,
-            )
-            .await?
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (_, order) in batch {
+            let body = serde_json::to_vec(&serde_json::json!({ "id": order }))?;
+            let props = BasicProperties::default()
+                .with_message_id(Uuid::now_v7().to_string().into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            confirms.push(
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        key.into(),
+                        BasicPublishOptions { mandatory: true, ..Default::default() },
+                        &body,
+                        props,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            let confirm = confirm.await?;
+            anyhow::ensure!(matches!(confirm, lapin::Confirmation::Ack(None)), "publish not confirmed: {confirm:?}");
+        }
+        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1) AND sent_at IS NULL")
+            .bind(&ids)
+            .execute(&self.db)
             .await?;
-        anyhow::ensure!(matches!(confirm, lapin::Confirmation::Ack(None)), "publish not confirmed: {confirm:?}");
-        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = $1").bind(outbox_id).execute(&self.db).await?;
+        self.commits.fetch_add(2, Ordering::Relaxed);
+        self.relay_batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The mailer: claims a batch of e-mails, "sends" them, marks them sent.
+    async fn mail(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<i64>) {
+        while let Some(ids) = next_batch(&mut rx).await {
+            let r = async {
+                sqlx::query("UPDATE mail SET next_attempt_at = now() + interval '10 minutes' WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&self.db)
+                    .await?;
+                sqlx::query("UPDATE mail SET sent_at = now() WHERE id = ANY($1)").bind(&ids).execute(&self.db).await?;
+                self.commits.fetch_add(2, Ordering::Relaxed);
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                self.failed("mailer", e);
+            }
+        }
     }
 
     /// Places one order: its commit, then the relay's publish.
@@ -147,13 +222,14 @@ impl Floor {
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         let accepted = Instant::now();
-        self.relay(outbox, 0, order).await?;
+        self.relays[0].send((outbox, order))?;
         Ok(accepted)
     }
 
     /// A consumer's transaction (inbox + effect [+ outbox]), then the ack,
-    /// then what follows it (the relay's publish, or the mailer's commits).
+    /// then what follows it (the relay's publish, or the mailer's).
     async fn handle(&self, queue: usize, delivery: lapin::message::Delivery) -> anyhow::Result<()> {
         let body: serde_json::Value = serde_json::from_slice(&delivery.data)?;
         let order = Uuid::parse_str(body["id"].as_str().context("no id")?)?;
@@ -183,23 +259,18 @@ impl Floor {
             Some(id)
         };
         tx.commit().await?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         delivery.ack(BasicAckOptions::default()).await?;
-        match (queue, outbox) {
-            (0 | 1, Some(id)) => self.relay(id, queue + 1, order).await?,
-            (_, Some(mail)) => {
-                sqlx::query("UPDATE mail SET next_attempt_at = now() + interval '10 minutes' WHERE id = $1")
-                    .bind(mail)
-                    .execute(&self.db)
-                    .await?;
-                sqlx::query("UPDATE mail SET sent_at = now() WHERE id = $1").bind(mail).execute(&self.db).await?;
-            }
-            _ => {}
+        match outbox {
+            Some(id) if queue < 2 => self.relays[queue + 1].send((id, order))?,
+            Some(mail) => self.mailer.send(mail)?,
+            None => {}
         }
         Ok(())
     }
 }
 
-async fn consume(floor: Arc<Floor>, channel: Channel, queue: usize, prefetch: u16, errors: Arc<Mutex<u64>>) {
+async fn consume(floor: Arc<Floor>, channel: Channel, queue: usize, prefetch: u16) {
     let Ok(deliveries) = channel
         .basic_consume(QUEUES[queue].into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
@@ -208,15 +279,14 @@ async fn consume(floor: Arc<Floor>, channel: Channel, queue: usize, prefetch: u1
     };
     deliveries
         .for_each_concurrent(usize::from(prefetch), |d| {
-            let (floor, errors) = (floor.clone(), errors.clone());
+            let floor = floor.clone();
             async move {
                 let r = match d {
                     Ok(d) => floor.handle(queue, d).await,
                     Err(e) => Err(e.into()),
                 };
                 if let Err(e) = r {
-                    eprintln!("floor: {QUEUES:?}[{queue}]: {e:#}");
-                    *errors.lock().expect("errors") += 1;
+                    floor.failed(QUEUES[queue], e);
                 }
             }
         })
@@ -292,20 +362,31 @@ async fn run(args: &Args, database: &str, vhost: &str) -> anyhow::Result<Report>
             .queue_bind(q.into(), EVENTS.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
             .await?;
     }
-    let mut publish = Vec::new();
-    for _ in 0..3 {
+    let errors = Arc::new(Mutex::new(0u64));
+    let (relays, relay_rx): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::unbounded_channel()).unzip();
+    let relays: [_; 3] = relays.try_into().map_err(|_| anyhow::anyhow!("three relays"))?;
+    let (mailer, mail_rx) = mpsc::unbounded_channel();
+    let floor = Arc::new(Floor {
+        db: db.clone(),
+        relays,
+        mailer,
+        done: Mutex::default(),
+        commits: AtomicU64::new(0),
+        relay_batches: AtomicU64::new(0),
+        errors: errors.clone(),
+    });
+    let mut tasks = Vec::new();
+    // One confirm channel per relay.
+    for (step, rx) in relay_rx.into_iter().enumerate() {
         let c = conn.create_channel().await?;
         c.confirm_select(ConfirmSelectOptions::default()).await?;
-        publish.push(c);
+        tasks.push(tokio::spawn(floor.clone().relay(step, c, rx)));
     }
-    let publish: [Channel; 3] = publish.try_into().map_err(|_| anyhow::anyhow!("three channels"))?;
-    let floor = Arc::new(Floor { db: db.clone(), publish, done: Mutex::default() });
-    let errors = Arc::new(Mutex::new(0u64));
-    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(floor.clone().mail(mail_rx)));
     for q in 0..3 {
         let c = conn.create_channel().await?;
         c.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
-        tasks.push(tokio::spawn(consume(floor.clone(), c, q, args.prefetch, errors.clone())));
+        tasks.push(tokio::spawn(consume(floor.clone(), c, q, args.prefetch)));
     }
     let sc = conn.create_channel().await?;
     sc.basic_qos(args.prefetch.max(100), BasicQosOptions::default()).await?;
@@ -353,10 +434,12 @@ async fn run(args: &Args, database: &str, vhost: &str) -> anyhow::Result<Report>
     db.close().await;
     let latencies = latencies.lock().expect("latencies").clone();
     let errors = *errors.lock().expect("errors");
+    let per_order = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64 / latencies.count().max(1) as f64;
     Ok(Report {
         clients: args.clients,
         seconds: elapsed.as_secs_f64(),
-        commits_per_order: COMMITS,
+        commits_per_order: per_order(&floor.commits),
+        relay_batches_per_order: per_order(&floor.relay_batches),
         publishes_per_order: PUBLISHES,
         consumes_per_order: CONSUMES,
         completed: latencies.count(),
@@ -399,8 +482,12 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "floor ({} clients; per order {} commits, {} publishes with confirm, {} consumes+acks)",
-            report.clients, report.commits_per_order, report.publishes_per_order, report.consumes_per_order
+            "floor ({} clients; per order {:.2} commits ({:.2} relay batches), {} publishes with confirm, {} consumes+acks)",
+            report.clients,
+            report.commits_per_order,
+            report.relay_batches_per_order,
+            report.publishes_per_order,
+            report.consumes_per_order
         );
         println!("  completed orders/s     {:.1} over {:.1} s", report.completed_per_sec, report.seconds);
         println!("  completion             {}", report.completion);
