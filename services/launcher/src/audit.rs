@@ -122,8 +122,9 @@ pub async fn run(config: &AuditConfig) -> anyhow::Result<Report> {
     let notification = connect(&config.notification_db).await?;
     let mut report = Report::default();
     balances(&billing, &mut report).await?;
-    orders(&billing, &ordering, &notification, config.notification_grace, &mut report).await?;
-    pending(&ordering, config.pending_threshold, &mut report).await?;
+    let snapshot = Orders::read(&ordering).await?;
+    orders(&billing, &notification, &snapshot, config.notification_grace, &mut report).await?;
+    pending(&snapshot, config.pending_threshold, &mut report);
     dead_letters(config, &mut report).await?;
     billing.close().await;
     ordering.close().await;
@@ -202,28 +203,54 @@ async fn balances(billing: &PgPool, report: &mut Report) -> anyhow::Result<()> {
 }
 
 type Timestamp = chrono::DateTime<chrono::Utc>;
-/// id, user, price, status, settled at
-type FinalOrder = (Uuid, Uuid, Decimal, String, Timestamp);
+/// id, user, price, status, created at, settled (or last updated) at
+type Order = (Uuid, Uuid, Decimal, String, Timestamp, Timestamp);
+
+/// Every order as of one moment: one statement, so an order that settles
+/// while the audit runs is either final or pending in it, never neither.
+struct Orders {
+    finals: Vec<Order>,
+    pending: Vec<Order>,
+    /// The database's clock at that moment.
+    now: Timestamp,
+}
+
+impl Orders {
+    async fn read(ordering: &PgPool) -> anyhow::Result<Orders> {
+        let rows: Vec<(Uuid, Uuid, Decimal, String, Timestamp, Timestamp, Timestamp)> = sqlx::query_as(
+            "SELECT id, user_id, price, status, created_at, updated_at, now() FROM orders ORDER BY created_at, id",
+        )
+        .fetch_all(ordering)
+        .await?;
+        let now = match rows.first() {
+            Some(row) => row.6,
+            None => sqlx::query_scalar("SELECT now()").fetch_one(ordering).await?,
+        };
+        let (pending, finals) = rows
+            .into_iter()
+            .map(|(id, user, price, status, created, updated, _)| (id, user, price, status, created, updated))
+            .partition(|o| o.3 == "pending");
+        Ok(Orders { finals, pending, now })
+    }
+}
 
 struct Payment {
     amount: Decimal,
     succeeded: bool,
 }
 
+/// Payments and notifications are read after the orders, so every final
+/// order's payment (made before it settled) and notification (made after)
+/// can already be in them.
 async fn orders(
     billing: &PgPool,
-    ordering: &PgPool,
     notification: &PgPool,
+    snapshot: &Orders,
     grace: Duration,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let finals: Vec<FinalOrder> = sqlx::query_as(
-        "SELECT id, user_id, price, status, updated_at FROM orders WHERE status <> 'pending' ORDER BY created_at, id",
-    )
-    .fetch_all(ordering)
-    .await?;
-    let now: Timestamp = sqlx::query_scalar("SELECT now()").fetch_one(ordering).await?;
-    let recent_since = now - chrono::Duration::from_std(grace).unwrap_or_default();
+    let finals = &snapshot.finals;
+    let recent_since = snapshot.now - chrono::Duration::from_std(grace).unwrap_or_default();
     let payments: HashMap<Uuid, Payment> =
         sqlx::query_as::<_, (Uuid, Decimal, bool)>("SELECT id, amount, succeeded FROM payments")
             .fetch_all(billing)
@@ -244,7 +271,7 @@ async fn orders(
         .fetch_optional(notification)
         .await?;
     let (mut notified_checked, mut too_recent) = (0, 0);
-    for (id, user, price, status, settled_at) in &finals {
+    for (id, user, price, status, _, settled_at) in finals {
         let subject = format!("order {id} (user {user})");
         let succeeded = status == "succeeded";
         match payments.get(id) {
@@ -282,26 +309,23 @@ async fn orders(
     Ok(())
 }
 
-async fn pending(ordering: &PgPool, threshold: Duration, report: &mut Report) -> anyhow::Result<()> {
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'pending'").fetch_one(ordering).await?;
-    let old: Vec<(Uuid, Uuid, f64)> = sqlx::query_as(
-        "SELECT id, user_id, extract(epoch FROM now() - created_at)::float8 FROM orders
-         WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
-         ORDER BY created_at, id",
-    )
-    .bind(threshold.as_secs_f64())
-    .fetch_all(ordering)
-    .await?;
-    for (id, user, age) in &old {
+fn pending(snapshot: &Orders, threshold: Duration, report: &mut Report) {
+    let since = snapshot.now - chrono::Duration::from_std(threshold).unwrap_or_default();
+    let mut old = 0;
+    for (id, user, _, _, created_at, _) in snapshot.pending.iter().filter(|o| o.4 < since) {
+        old += 1;
+        let age = (snapshot.now - *created_at).as_seconds_f64();
         report.violation(
             PENDING,
             format!("order {id} (user {user})"),
             format!("pending for {age:.0} s (threshold {} s)", threshold.as_secs()),
         );
     }
-    report.checked.push(format!("pending orders: {pending}, {} older than {} s", old.len(), threshold.as_secs()));
-    Ok(())
+    report.checked.push(format!(
+        "pending orders: {}, {old} older than {} s",
+        snapshot.pending.len(),
+        threshold.as_secs()
+    ));
 }
 
 #[derive(serde::Deserialize)]

@@ -116,14 +116,19 @@ async fn concurrent_deposits_withdrawals_and_payments_keep_the_balance_equal_to_
     });
     let statuses = futures::future::join_all(calls).await;
     assert!(statuses.iter().all(|s| s.is_success() || *s == StatusCode::UNPROCESSABLE_ENTITY), "{statuses:?}");
-    // Clean once every order is final and notified. (The audit reads the
-    // final orders before it counts the pending ones, so "pending 0" alone
-    // may come with orders that settled in between and were not checked.)
+    // Clean once every order is final and notified. Every report, taken
+    // while orders settle, sees each order once: final or pending (the audit
+    // reads them all at one moment).
     let orders = statuses.iter().skip(2).step_by(3).filter(|s| s.is_success()).count();
+    let count = |report: &audit::Report, prefix: &str| -> usize {
+        let line = report.checked.iter().find(|l| l.starts_with(prefix)).expect(prefix);
+        line[prefix.len()..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
     eventually(Duration::from_secs(30), || async {
         let report = audit::run(&app.audit_config()).await.unwrap();
-        let all_final = report.checked.iter().any(|l| l.contains(&format!("final orders: {orders} ")));
-        (report.is_clean() && all_final && report.checked.iter().any(|l| l.contains("pending orders: 0"))).then_some(())
+        let (finals, pending) = (count(&report, "final orders: "), count(&report, "pending orders: "));
+        assert_eq!(finals + pending, orders, "each order final or pending: {report}");
+        (report.is_clean() && finals == orders).then_some(())
     })
     .await;
     let entries = ledger(&app, &user).await;
