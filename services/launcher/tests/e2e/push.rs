@@ -111,16 +111,28 @@ pub(crate) async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, or
     last.to_string()
 }
 
+/// A stream through the gateway that has seen one event: that of an order
+/// of `price`, placed and settled after the stream opened.
+async fn stream_with_one_event(
+    app: &TestApp,
+    user: &User,
+    price: u32,
+) -> (mpsc::UnboundedReceiver<SseEvent>, SseEvent, String) {
+    let mut stream = gateway_stream(app, user, None).await;
+    let order = settled_order(app, user, price).await;
+    let e = next(&mut stream).await;
+    assert_eq!(order_of(&e), order, "{e:?}");
+    (stream, e, order)
+}
+
 #[tokio::test]
 async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
     app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
 
-    let mut stream = gateway_stream(&app, &user, None).await;
-    let first = settled_order(&app, &user, 10).await;
-    let e = next(&mut stream).await;
-    assert_eq!((e.event.as_str(), order_of(&e)), ("OrderCreated", first.clone()));
+    let (stream, e, _) = stream_with_one_event(&app, &user, 10).await;
+    assert_eq!(e.event, "OrderCreated");
     drop(stream);
 
     // Missed while away: one that fails, one that succeeds.
@@ -139,10 +151,8 @@ async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
 async fn a_first_connection_resumes_from_the_last_event_id_query_parameter() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
-    let mut stream = gateway_stream(&app, &user, None).await;
-    let first = settled_order(&app, &user, 10).await; // fails: no money
-    let e = next(&mut stream).await;
-    assert_eq!((e.event.as_str(), order_of(&e)), ("OrderFailed", first));
+    let (stream, e, _) = stream_with_one_event(&app, &user, 10).await; // fails: no money
+    assert_eq!(e.event, "OrderFailed");
     drop(stream);
     let missed = settled_order(&app, &user, 11).await;
 
@@ -186,10 +196,7 @@ async fn a_stream_dropped_before_its_first_event_misses_nothing() {
 async fn streams_go_on_after_the_broker_closes_the_push_services_connection() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
-    let mut stream = gateway_stream(&app, &user, None).await;
-    let before = settled_order(&app, &user, 10).await; // fails: no money
-    let e = next(&mut stream).await;
-    assert_eq!(order_of(&e), before);
+    let (mut stream, e, _) = stream_with_one_event(&app, &user, 10).await; // fails: no money
 
     // Closed while the reader is busy (a burst of another user's events).
     let push = broker_connections(&app.vhost.name, "push").await;
@@ -212,10 +219,7 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
 
     // Alice's first event arrives through the gateway's replica.
-    let mut stream = gateway_stream(&app, &alice, None).await;
-    let first = settled_order(&app, &alice, 10).await;
-    let e = next(&mut stream).await;
-    assert_eq!(order_of(&e), first);
+    let (stream, e, _) = stream_with_one_event(&app, &alice, 10).await;
     drop(stream);
 
     // A second replica, started after the events it is asked for.
