@@ -6,6 +6,7 @@
 //! the answer back unbuffered (the event stream included).
 
 pub mod docs;
+mod h2c;
 mod proxy;
 mod web;
 
@@ -34,6 +35,17 @@ pub struct Config {
     pub notification_url: String,
     #[arg(long, env = "PUSH_URL", default_value = "http://127.0.0.1:8085")]
     pub push_url: String,
+    /// Reach the push service over HTTP/2 without TLS (h2c, prior
+    /// knowledge), its event streams multiplexed on a few connections;
+    /// `false`: HTTP/1.1, one connection per event stream (a push upstream
+    /// that does not speak h2c).
+    #[arg(long, env = "GATEWAY_PUSH_H2C", default_value_t = true, action = clap::ArgAction::Set)]
+    pub push_h2c: bool,
+    /// Event streams on one h2c connection to the push service before
+    /// another is opened (below the push service's HTTP/2 limit of 200
+    /// concurrent streams per connection).
+    #[arg(long, env = "GATEWAY_PUSH_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub push_streams_per_connection: usize,
     #[command(flatten)]
     pub verifier: runtime::tokens::VerifierConfig,
     /// Longest wait for a service's answer to start (event streams, once

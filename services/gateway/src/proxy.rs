@@ -5,7 +5,6 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
@@ -16,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::h2c::H2cPool;
 use runtime::tokens::TokenVerifier;
 
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
@@ -41,6 +41,9 @@ struct Route {
 pub struct Gateway {
     routes: Vec<Route>,
     client: Client,
+    /// The push service's hop over h2c (`GATEWAY_PUSH_H2C`); none: HTTP/1.1
+    /// through `client`, like the other services.
+    push_h2c: Option<H2cPool>,
     auth: Arc<TokenVerifier>,
     signer: AssertionSigner,
     timeout: Duration,
@@ -92,6 +95,17 @@ impl Gateway {
                 })
             })
             .transpose()?;
+        let push_h2c = if config.push_h2c {
+            tracing::info!(
+                upstream = %config.push_url,
+                streams_per_connection = config.push_streams_per_connection,
+                "event streams to the push service over h2c"
+            );
+            Some(H2cPool::new(config.push_url.trim_end_matches('/'), config.push_streams_per_connection)?)
+        } else {
+            tracing::info!(upstream = %config.push_url, "event streams to the push service over HTTP/1.1");
+            None
+        };
         Ok(Gateway {
             routes: vec![
                 route("/api/v1/identity/", &config.identity_url, "/api/v1/", "identity"),
@@ -101,6 +115,7 @@ impl Gateway {
                 route("/api/v1/push/", &config.push_url, "/api/v1/", "push"),
             ],
             client,
+            push_h2c,
             auth,
             signer,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
@@ -190,13 +205,20 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     parts.uri = format!("{}{}{}", route.upstream, internal_path, query)
         .parse()
         .map_err(|_| ApiError::bad_request("invalid request path"))?;
-    // The hop to a service is HTTP/1.1 whatever the client spoke (h2 over TLS, h2c).
+    // The hop to a service is HTTP/1.1 whatever the client spoke (h2 over
+    // TLS, h2c), except to the push service with `GATEWAY_PUSH_H2C`: h2c.
     parts.version = axum::http::Version::HTTP_11;
     // A long poll (`Prefer: wait=N`, N capped at MAX_WAIT) answers only after
     // its wait: it gets that much more time before its answer must start.
     let timeout = gw.timeout + runtime::conditional::prefer_wait(&parts.headers).unwrap_or_default();
     let upstream = Request::from_parts(parts, body);
-    let resp = match tokio::time::timeout(timeout, gw.client.request(upstream)).await {
+    let sent = async {
+        match &gw.push_h2c {
+            Some(pool) if route.service == "push" => pool.request(upstream).await.map_err(|e| e.to_string()),
+            _ => gw.client.request(upstream).await.map(|r| r.map(Body::new)).map_err(|e| e.to_string()),
+        }
+    };
+    let resp = match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             tracing::warn!(upstream = %route.upstream, error = %e, "upstream unreachable");
@@ -257,7 +279,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         }));
         return Ok(Response::from_parts(parts, body).into_response());
     }
-    Ok(Response::from_parts(parts, Body::new(body)).into_response())
+    Ok(Response::from_parts(parts, body).into_response())
 }
 
 /// `gateway_streams_open`: event streams this replica carries now (its

@@ -79,6 +79,15 @@ struct Cli {
     #[arg(long, env = "GATEWAY_CLIENT_IP_HEADER")]
     gateway_client_ip_header: Option<String>,
 
+    /// The gateway reaches the push service over h2c (HTTP/2 without TLS);
+    /// `false`: HTTP/1.1, one connection per event stream.
+    #[arg(long, env = "GATEWAY_PUSH_H2C", default_value_t = true, action = clap::ArgAction::Set)]
+    gateway_push_h2c: bool,
+
+    /// Event streams per h2c connection from the gateway to the push service.
+    #[arg(long, env = "GATEWAY_PUSH_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    gateway_push_streams_per_connection: usize,
+
     /// The gateway's key for the assertions the services verify; unset, a
     /// new pair is generated at start (set it when a push service runs as
     /// its own process with EXTERNAL_PUSH_URL: it needs the public half).
@@ -259,6 +268,8 @@ async fn main() -> anyhow::Result<()> {
         ordering_url: url(ordering_addr),
         notification_url: url(notification_addr),
         push_url,
+        push_h2c: cli.gateway_push_h2c,
+        push_streams_per_connection: cli.gateway_push_streams_per_connection,
         verifier: Default::default(),
         upstream_timeout_secs: 30,
         client_ip_header: cli.gateway_client_ip_header.clone(),

@@ -339,6 +339,8 @@ impl TestApp {
             ordering_url: ordering_url.clone(),
             notification_url,
             push_url,
+            push_h2c: true,
+            push_streams_per_connection: 100,
             verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
             upstream_timeout_secs: 30,
             client_ip_header: tuning.gateway_client_ip_header,

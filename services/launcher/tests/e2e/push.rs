@@ -364,6 +364,78 @@ async fn http2_over_tls_and_h2c_carry_the_stream() {
     app.stop().await;
 }
 
+/// Established TCP connections on this machine whose far end is 127.0.0.1:`port`
+/// (a client's connections to that listener), from the kernel's table.
+fn connections_to(port: u16) -> i64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `rem_address` is `0100007F:1F95` (127.0.0.1:8085); state 01 is ESTABLISHED.
+            let remote = fields.get(2).and_then(|r| r.split_once(':'));
+            fields.get(3) == Some(&"01")
+                && remote.is_some_and(|(ip, p)| ip == "0100007F" && u16::from_str_radix(p, 16) == Ok(port))
+        })
+        .count() as i64
+}
+
+/// Opens `n` event streams through `gateway`, spread over `users` (each
+/// below the per-user cap), and keeps them open.
+async fn open_streams(
+    app: &TestApp,
+    gateway: &str,
+    users: &[User],
+    n: usize,
+) -> Vec<mpsc::UnboundedReceiver<SseEvent>> {
+    let mut streams = Vec::with_capacity(n);
+    for i in 0..n {
+        let user = &users[i % users.len()];
+        let resp = app.http.get(format!("{gateway}/api/v1/push/orders")).bearer_auth(&user.token).send().await.unwrap();
+        streams.push(sse_events(resp));
+    }
+    streams
+}
+
+#[tokio::test]
+async fn the_gateway_multiplexes_event_streams_to_the_push_service_over_h2c() {
+    let mut app = TestApp::spawn().await;
+    let push_port: u16 = app.service_url("push").rsplit_once(':').unwrap().1.parse().unwrap();
+    let mut users = Vec::new();
+    // 2 streams each per gateway: 6 per user in all, below the per-user cap of 8.
+    for _ in 0..6 {
+        users.push(app.user().await);
+    }
+    let user = &users[0];
+    // Whatever else holds a connection to the push port (a readiness probe).
+    let before = connections_to(push_port);
+
+    // The gateway's default: h2c, 12 streams (browsers on HTTP/1.1 each) on one connection.
+    let h2c = open_streams(&app, &app.gateway, &users, 12).await;
+    assert_eq!(connections_to(push_port) - before, 1, "12 event streams on one h2c connection");
+    // Events still reach every stream.
+    let order = app.post(user, "/ordering/orders", json!({"price": 1})).await;
+    let id = order.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    for mut stream in h2c.into_iter().step_by(users.len()) {
+        assert_eq!(order_of(&next(&mut stream).await), id);
+    }
+    let before = connections_to(push_port);
+
+    // At most 5 streams per connection: 12 streams on 3 connections.
+    let small = app.gateway_with(|c| c.push_streams_per_connection = 5).await;
+    let _small = open_streams(&app, &small, &users, 12).await;
+    assert_eq!(connections_to(push_port) - before, 3, "5 streams per h2c connection");
+    let before = connections_to(push_port);
+
+    // GATEWAY_PUSH_H2C=false: HTTP/1.1, a connection per stream (what the
+    // check above tells apart).
+    let http1 = app.gateway_with(|c| c.push_h2c = false).await;
+    let _http1 = open_streams(&app, &http1, &users, 12).await;
+    assert_eq!(connections_to(push_port) - before, 12, "HTTP/1.1: a connection per stream");
+    app.stop().await;
+}
+
 impl Replica {
     pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/internal/v1/streams", self.url)).await.unwrap().json().await.unwrap()
@@ -587,6 +659,8 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         ordering_url: "http://127.0.0.1:9".into(),
         notification_url: "http://127.0.0.1:9".into(),
         push_url: replica.url.clone(),
+        push_h2c: true,
+        push_streams_per_connection: 100,
         verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
         upstream_timeout_secs: 30,
         client_ip_header: None,
