@@ -11,6 +11,19 @@
 //! signed by a gateway key of the benchmark's own), publishes
 //! `OrderCreated` events round-robin over the users at a steady rate, and
 //! prints the figures.
+//!
+//!     cargo build --release -p order-system
+//!     cargo bench -p push-service --bench fanout -- --through-gateway --connections 2000
+//!     cargo bench -p push-service --bench fanout -- --through-gateway --connections 2000 --users 1 --events 200 --rate 20
+//!
+//! `--through-gateway` opens the streams through the gateway instead: the
+//! release `order-system` binary (every service but push, in one process, on
+//! databases and a vhost of its own) in front of the `push-service` process
+//! (`EXTERNAL_PUSH_URL`), with the tokens of users registered through it; the
+//! memory is then that of both processes together. `--users 1` puts every
+//! stream on one user (the per-user stream cap is raised to fit), so each
+//! event fans out to all of them: the latency is then from the publish to the
+//! last of the streams receiving it.
 
 #[path = "../../tools/bench/proc.rs"]
 mod proc;
@@ -20,7 +33,8 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use proc::rss_kib;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
@@ -43,6 +57,26 @@ struct Args {
     /// Streams opened at once while connecting.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Open the streams through the gateway (the `order-system` binary in
+    /// front of the push-service process) with users' tokens.
+    #[arg(long)]
+    through_gateway: bool,
+    /// With --through-gateway: the gateway's hop to the push service over
+    /// h2c (`GATEWAY_PUSH_H2C`); false: HTTP/1.1, a connection per stream.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    gateway_h2c: bool,
+    /// Users the streams are spread over, round-robin (the push service's
+    /// per-user stream cap is raised to fit). Default: one per stream
+    /// straight to the push service; 1,000 through the gateway, where each
+    /// registers and logs in (two password hashes).
+    #[arg(long)]
+    users: Option<usize>,
+    /// The `order-system` binary for --through-gateway (default: the one
+    /// beside the push-service binary: `cargo build --release -p order-system`).
+    #[arg(long)]
+    launcher: Option<PathBuf>,
+    #[arg(long, env = "TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres_url: String,
     #[arg(long, env = "TEST_AMQP_BASE", default_value = "amqp://guest:guest@127.0.0.1:5672")]
     amqp_base: String,
     #[arg(long, env = "TEST_RABBITMQ_API", default_value = "http://guest:guest@127.0.0.1:15672/api")]
@@ -64,7 +98,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-type Sent = Arc<Mutex<HashMap<Uuid, Instant>>>;
+/// An order event's arrival on one stream.
+type Arrival = (Uuid, Instant);
 
 /// What the gateway sends the push service to say that `user` calls.
 fn assertion(gateway: &runtime::auth::AssertionSigner, user: Uuid) -> String {
@@ -77,19 +112,17 @@ fn assertion(gateway: &runtime::auth::AssertionSigner, user: Uuid) -> String {
     gateway.sign("push", &caller)
 }
 
-/// One subscriber: reads its stream, reports the latency of each event.
-#[allow(clippy::too_many_arguments)]
+/// One subscriber: reads its stream (opened with `auth`, the gateway's
+/// assertion or a bearer token), reports each order event's arrival.
 async fn subscriber(
     http: reqwest::Client,
     url: String,
-    gateway: Arc<runtime::auth::AssertionSigner>,
-    user: Uuid,
-    sent: Sent,
-    latencies: mpsc::UnboundedSender<Duration>,
+    auth: (&'static str, String),
+    arrivals: mpsc::UnboundedSender<Arrival>,
     connected: mpsc::UnboundedSender<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let resp = match http.get(&url).header(runtime::auth::ASSERTION_HEADER, assertion(&gateway, user)).send().await {
+    let resp = match http.get(&url).header(auth.0, auth.1).send().await {
         Ok(r) if r.status().is_success() => r,
         _ => {
             let _ = connected.send(false);
@@ -113,9 +146,8 @@ async fn subscriber(
             if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: "))
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
                 && let Some(order) = v["orderId"].as_str().and_then(|s| s.parse::<Uuid>().ok())
-                && let Some(at) = sent.lock().unwrap().remove(&order)
             {
-                let _ = latencies.send(now - at);
+                let _ = arrivals.send((order, now));
             }
         }
     }
@@ -135,68 +167,256 @@ async fn management(client: &reqwest::Client, api: &str, method: reqwest::Method
     assert!(resp.status().is_success() || resp.status() == 404, "management API: {}", resp.status());
 }
 
+/// A gateway port with the five after it free (the launcher's internal ports).
+fn free_port_block() -> u16 {
+    for _ in 0..100 {
+        let base = 20000 + (Uuid::new_v4().as_u128() % 30000) as u16;
+        if (0..6).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + n)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free block of ports");
+}
+
+/// The kernel's memory for TCP buffers, machine-wide, in KiB (`/proc/net/sockstat`, pages).
+fn kernel_tcp_kib() -> u64 {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+async fn wait_ok(
+    http: &reqwest::Client,
+    what: &str,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if request().send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not become ready");
+        let _ = http;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the benchmark started, stopped and removed by [`Setup::clean_up`].
+struct Setup {
+    push: tokio::process::Child,
+    /// The `order-system` process (gateway, identity, ...), with --through-gateway.
+    system: Option<tokio::process::Child>,
+    run: String,
+    vhosts: Vec<String>,
+    mail_dir: PathBuf,
+}
+
+impl Setup {
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        let mut pids = vec![("push-service", self.push.id().unwrap_or(0))];
+        if let Some(system) = &self.system {
+            pids.push(("order-system (gateway)", system.id().unwrap_or(0)));
+        }
+        pids
+    }
+
+    async fn clean_up(mut self, args: &Args, admin: &reqwest::Client) {
+        let _ = self.push.kill().await;
+        if let Some(mut system) = self.system.take() {
+            let _ = system.kill().await;
+            if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", args.postgres_url)).await {
+                for service in ["identity", "billing", "ordering", "notification"] {
+                    // DDL names its database: it cannot be a bound parameter.
+                    let drop = format!("DROP DATABASE IF EXISTS \"{}_{service}\" WITH (FORCE)", self.run);
+                    let _ = sqlx::query(&drop).execute(&pool).await;
+                }
+                pool.close().await;
+            }
+            let _ = std::fs::remove_dir_all(&self.mail_dir);
+        }
+        for vhost in &self.vhosts {
+            management(admin, &args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{vhost}"), None).await;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let admin = reqwest::Client::new();
-    let vhost = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-    management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{vhost}"), None).await;
-    let perms = r#"{"configure":".*","write":".*","read":".*"}"#;
-    management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/permissions/{vhost}/guest"), Some(perms))
-        .await;
-    let amqp_url = format!("{}/{vhost}", args.amqp_base);
+    let run = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
+    // The push service's vhost, where the events are published; the rest of
+    // the system gets one of its own, so that no other service sees them.
+    let vhosts: Vec<String> =
+        if args.through_gateway { vec![run.clone(), format!("{run}-system")] } else { vec![run.clone()] };
+    for vhost in &vhosts {
+        management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{vhost}"), None).await;
+        let perms = r#"{"configure":".*","write":".*","read":".*"}"#;
+        let path = format!("/permissions/{vhost}/guest");
+        management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &path, Some(perms)).await;
+    }
+    let amqp_url = format!("{}/{run}", args.amqp_base);
+    let users = args
+        .users
+        .unwrap_or(if args.through_gateway { 1000 } else { args.connections })
+        .clamp(1, args.connections.max(1));
 
     let port = free_port();
-    let gateway = Arc::new(runtime::auth::AssertionSigner::generate());
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_push-service"))
+    let gateway = runtime::auth::AssertionSigner::generate();
+    let push = tokio::process::Command::new(env!("CARGO_BIN_EXE_push-service"))
         .env("AMQP_URL", &amqp_url)
         .env("INTERNAL_VERIFY_KEY", gateway.verify_keys().text())
         .env("PUSH_ADDR", format!("127.0.0.1:{port}"))
         .env("PUSH_TLS_ADDR", "")
+        .env("PUSH_MAX_STREAMS_PER_USER", args.connections.div_ceil(users).max(8).to_string())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let pid = server.id().expect("running");
-    let url = format!("http://127.0.0.1:{port}/api/v1/orders");
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
-    let probe = Uuid::new_v4();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let probe = http.get(&url).header(runtime::auth::ASSERTION_HEADER, assertion(&gateway, probe));
-        let ok = probe.send().await.is_ok_and(|r| r.status().is_success());
-        if ok {
-            break;
+    let mut setup = Setup {
+        push,
+        system: None,
+        run: run.clone(),
+        vhosts,
+        mail_dir: std::env::temp_dir().join(format!("order-system-{run}")),
+    };
+    if args.through_gateway {
+        let launcher = args
+            .launcher
+            .clone()
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_BIN_EXE_push-service")).with_file_name("order-system"));
+        if !launcher.exists() {
+            setup.clean_up(&args, &admin).await;
+            anyhow::bail!("{} is missing: cargo build --release -p order-system", launcher.display());
         }
-        anyhow::ensure!(Instant::now() < deadline, "the push service did not become ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let base = free_port_block();
+        setup.system = Some(
+            tokio::process::Command::new(launcher)
+                .env("POSTGRES_URL", &args.postgres_url)
+                .env("DATABASE_PREFIX", format!("{run}_"))
+                .env("AMQP_URL", format!("{}/{run}-system", args.amqp_base))
+                .env("GATEWAY_ADDR", format!("127.0.0.1:{base}"))
+                .env("GATEWAY_HTTPS_ADDR", "")
+                .env("PUSH_TLS_ADDR", "")
+                .env("EXTERNAL_PUSH_URL", format!("http://127.0.0.1:{port}"))
+                .env("INTERNAL_SIGNING_KEY", gateway.private_key_text())
+                .env("GATEWAY_PUSH_H2C", args.gateway_h2c.to_string())
+                .env("REGISTER_PER_ADDRESS_PER_MINUTE", "0")
+                .env("LOGIN_PER_ADDRESS_PER_MINUTE", "0")
+                .env("LOGIN_PER_ACCOUNT_PER_MINUTE", "0")
+                .env("MAIL_DIR", &setup.mail_dir)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+        let result = measure(&args, &setup, port, Some(base), users, &amqp_url, &gateway).await;
+        setup.clean_up(&args, &admin).await;
+        return result;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_kib(pid);
+    let result = measure(&args, &setup, port, None, users, &amqp_url, &gateway).await;
+    setup.clean_up(&args, &admin).await;
+    result
+}
 
-    // Open the streams.
-    let users: Vec<Uuid> = (0..args.connections).map(|_| Uuid::new_v4()).collect();
-    let sent: Sent = Arc::new(Mutex::new(HashMap::new()));
-    let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
+/// Registers and logs in `n` users through the gateway: their ids and tokens.
+async fn register(api: &str, n: usize) -> anyhow::Result<Vec<(Uuid, String)>> {
+    let http = reqwest::Client::new();
+    let gate = Arc::new(Semaphore::new(8));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (http, api, permit) = (http.clone(), api.to_string(), gate.clone().acquire_owned().await?);
+        tasks.push(tokio::spawn(async move {
+            let email = format!("{}@example.com", Uuid::new_v4().simple());
+            let body = serde_json::json!({"email": email, "password": "correct horse", "firstName": "Bench"});
+            let r = http.post(format!("{api}/identity/register")).json(&body).send().await?;
+            anyhow::ensure!(r.status().is_success(), "register: {}", r.status());
+            let user: serde_json::Value = r.json().await?;
+            let id: Uuid = user["id"].as_str().unwrap_or_default().parse()?;
+            let login = serde_json::json!({"email": email, "password": "correct horse"});
+            let r = http.post(format!("{api}/identity/login")).json(&login).send().await?;
+            anyhow::ensure!(r.status().is_success(), "login: {}", r.status());
+            let token: serde_json::Value = r.json().await?;
+            drop(permit);
+            Ok((id, token["accessToken"].as_str().unwrap_or_default().to_string()))
+        }));
+    }
+    let mut tokens = Vec::with_capacity(n);
+    for t in tasks {
+        tokens.push(t.await??);
+    }
+    Ok(tokens)
+}
+
+async fn measure(
+    args: &Args,
+    setup: &Setup,
+    port: u16,
+    gateway_port: Option<u16>,
+    users: usize,
+    amqp_url: &str,
+    gateway: &runtime::auth::AssertionSigner,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    let push_url = format!("http://127.0.0.1:{port}/api/v1/orders");
+    let probe = Uuid::new_v4();
+    wait_ok(&http, "the push service", || {
+        http.get(&push_url).header(runtime::auth::ASSERTION_HEADER, assertion(gateway, probe))
+    })
+    .await?;
+    // How each user's stream is opened: straight to the push service with the
+    // gateway's assertion, or through the gateway with the user's token.
+    let (url, user_ids, auths): (String, Vec<Uuid>, Vec<(&'static str, String)>) = match gateway_port {
+        Some(base) => {
+            let ready = format!("http://127.0.0.1:{base}/health/ready");
+            wait_ok(&http, "the gateway", || http.get(&ready)).await?;
+            let api = format!("http://127.0.0.1:{base}/api/v1");
+            let started = Instant::now();
+            let registered = register(&api, users).await?;
+            println!(
+                "  ({users} users registered and logged in through the gateway in {:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+            let auths = registered.iter().map(|(_, t)| ("authorization", format!("Bearer {t}"))).collect();
+            (format!("{api}/push/orders"), registered.into_iter().map(|(id, _)| id).collect(), auths)
+        }
+        None => {
+            let ids: Vec<Uuid> = (0..users).map(|_| Uuid::new_v4()).collect();
+            let auths = ids.iter().map(|u| (runtime::auth::ASSERTION_HEADER, assertion(gateway, *u))).collect();
+            (push_url.clone(), ids, auths)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = |pids: &[(&str, u32)]| pids.iter().map(|(_, pid)| rss_kib(*pid)).collect::<Vec<u64>>();
+    let pids = setup.pids();
+    let rss_before = rss(&pids);
+    let client_before = rss_kib(std::process::id());
+    let tcp_before = kernel_tcp_kib();
+
+    // Open the streams, round-robin over the users.
+    let (arr_tx, mut arr_rx) = mpsc::unbounded_channel();
     let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
     let started = Instant::now();
     let mut opened = 0usize;
     let mut refused = 0usize;
-    let mut handles = Vec::with_capacity(users.len());
+    let mut handles = Vec::with_capacity(args.connections);
     let clients: Vec<reqwest::Client> = match args.h2c_streams_per_connection {
         Some(per) => (0..args.connections.div_ceil(per.max(1)))
             .map(|_| reqwest::Client::builder().http2_prior_knowledge().build())
             .collect::<Result<_, _>>()?,
         None => vec![http.clone()],
     };
-    for (i, user) in users.iter().enumerate() {
+    for i in 0..args.connections {
         let permit = gate.clone().acquire_owned().await?;
         let http = clients[i % clients.len()].clone();
-        let (url, sent, lat_tx, user) = (url.clone(), sent.clone(), lat_tx.clone(), *user);
-        let gateway = gateway.clone();
-        handles.push(tokio::spawn(subscriber(http, url, gateway, user, sent, lat_tx, conn_tx.clone(), permit)));
+        let auth = auths[i % users].clone();
+        handles.push(tokio::spawn(subscriber(http, url.clone(), auth, arr_tx.clone(), conn_tx.clone(), permit)));
     }
-    while opened + refused < users.len() {
+    while opened + refused < args.connections {
         match tokio::time::timeout(Duration::from_secs(60), conn_rx.recv()).await {
             Ok(Some(true)) => opened += 1,
             Ok(Some(false)) => refused += 1,
@@ -205,20 +425,26 @@ async fn main() -> anyhow::Result<()> {
     }
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_open = rss_kib(pid);
+    let rss_open = rss(&pids);
+    let client_open = rss_kib(std::process::id());
+    let tcp_open = kernel_tcp_kib();
+    // Each user's streams (all opened when none was refused).
+    let streams_of = |u: usize| (0..args.connections).filter(|i| i % users == u).count();
 
     // Publish order events as ordering does, at a steady rate.
-    let conn = Connection::connect(&amqp_url, ConnectionProperties::default()).await?;
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     let mut confirms = Vec::with_capacity(args.events);
+    // Per order: when it was published and on how many streams it is due.
+    let mut sent: HashMap<Uuid, (Instant, usize)> = HashMap::with_capacity(args.events);
     let every = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut tick = tokio::time::interval(every);
     let publish_start = Instant::now();
     for i in 0..args.events {
         tick.tick().await;
         let order = Uuid::new_v4();
-        let user = users[i % users.len()];
+        let user = user_ids[i % users];
         let body = serde_json::json!({
             "orderId": order, "userId": user, "price": 10, "occurredAt": chrono::Utc::now(),
         });
@@ -228,7 +454,7 @@ async fn main() -> anyhow::Result<()> {
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
         let body = serde_json::to_vec(&body)?;
-        sent.lock().unwrap().insert(order, Instant::now());
+        sent.insert(order, (Instant::now(), streams_of(i % users)));
         confirms.push(
             channel
                 .basic_publish(
@@ -244,57 +470,105 @@ async fn main() -> anyhow::Result<()> {
     for c in confirms {
         c.await?;
     }
-    let mut latencies = Vec::with_capacity(args.events);
-    while latencies.len() < args.events {
-        match tokio::time::timeout(Duration::from_secs(30), lat_rx.recv()).await {
-            Ok(Some(l)) => latencies.push(l),
+    // Each delivery's latency, and each event's fan-out: to the last of its user's streams.
+    let due: usize = sent.values().map(|(_, n)| n).sum();
+    let mut deliveries = Vec::with_capacity(due);
+    let mut last: HashMap<Uuid, (Instant, usize)> = HashMap::with_capacity(args.events);
+    while deliveries.len() < due {
+        match tokio::time::timeout(Duration::from_secs(30), arr_rx.recv()).await {
+            Ok(Some((order, at))) => {
+                let Some((published, _)) = sent.get(&order) else { continue };
+                deliveries.push(at - *published);
+                let entry = last.entry(order).or_insert((at, 0));
+                entry.0 = entry.0.max(at);
+                entry.1 += 1;
+            }
             _ => break,
         }
     }
     let publish_time = publish_start.elapsed();
-    let rss_after = rss_kib(pid);
-    latencies.sort();
+    let rss_after = rss(&pids);
+    deliveries.sort();
+    let mut fanouts: Vec<Duration> = last
+        .iter()
+        .filter(|(order, (_, n))| sent.get(*order).is_some_and(|(_, due)| n == due))
+        .map(|(order, (at, _))| *at - sent[order].0)
+        .collect();
+    fanouts.sort();
 
-    let per_conn = if opened > 0 { (rss_open.saturating_sub(rss_before)) as f64 / opened as f64 } else { 0.0 };
+    let sum = |v: &[u64]| v.iter().sum::<u64>();
+    let per_stream = |before: u64, open: u64| {
+        if opened > 0 { open.saturating_sub(before) as f64 / opened as f64 } else { 0.0 }
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mib = |k: u64| k as f64 / 1024.0;
     println!();
-    println!("push-service fan-out benchmark ({} CPUs)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let what = if gateway_port.is_some() { "through the gateway" } else { "straight to the push service" };
+    println!(
+        "push-service fan-out benchmark, {what} ({} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let transport = match args.h2c_streams_per_connection {
         Some(per) => format!("h2c, {per} per connection, {} connections", clients.len()),
         None => "HTTP/1.1, one connection each".to_string(),
     };
     println!(
-        "  streams open              {opened} of {} ({refused} refused), in {:.1} s ({transport})",
-        users.len(),
+        "  streams open              {opened} of {} ({refused} refused) of {users} users, in {:.1} s ({transport})",
+        args.connections,
         connect_time.as_secs_f64()
     );
+    if gateway_port.is_some() {
+        let hop = if args.gateway_h2c { "h2c (GATEWAY_PUSH_H2C=true)" } else { "HTTP/1.1 (GATEWAY_PUSH_H2C=false)" };
+        println!("  gateway → push service    {hop}");
+    }
+    for (i, (name, _)) in pids.iter().enumerate() {
+        println!(
+            "  resident memory           {:.1} MiB idle, {:.1} MiB with the streams open, {:.1} MiB after the events: {name}",
+            mib(rss_before[i]),
+            mib(rss_open[i]),
+            mib(rss_after[i])
+        );
+    }
+    for (i, (name, _)) in pids.iter().enumerate() {
+        println!("  memory per stream         {:.1} KiB: {name}", per_stream(rss_before[i], rss_open[i]));
+    }
+    if pids.len() > 1 {
+        println!(
+            "  memory per stream         {:.1} KiB: all server processes together",
+            per_stream(sum(&rss_before), sum(&rss_open))
+        );
+    }
     println!(
-        "  resident memory           {:.1} MiB idle, {:.1} MiB with the streams open, {:.1} MiB after the events",
-        rss_before as f64 / 1024.0,
-        rss_open as f64 / 1024.0,
-        rss_after as f64 / 1024.0
+        "  (not counted above)       {:.1} KiB per stream in the benchmark's client, {:.1} KiB in the kernel's TCP buffers (machine-wide)",
+        per_stream(client_before, client_open),
+        per_stream(tcp_before, tcp_open)
     );
-    println!("  memory per stream         {:.1} KiB", per_conn);
     println!(
-        "  events delivered          {} of {} at {} /s ({:.1} s)",
-        latencies.len(),
+        "  events delivered          {} of {} deliveries ({} events) at {} /s ({:.1} s)",
+        deliveries.len(),
+        due,
         args.events,
         args.rate,
         publish_time.as_secs_f64()
     );
     println!(
-        "  fan-out latency           p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(percentile(&latencies, 0.50)),
-        ms(percentile(&latencies, 0.99)),
-        ms(latencies.last().copied().unwrap_or_default())
+        "  delivery latency          p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (publish → one stream)",
+        ms(percentile(&deliveries, 0.50)),
+        ms(percentile(&deliveries, 0.99)),
+        ms(deliveries.last().copied().unwrap_or_default())
+    );
+    println!(
+        "  fan-out latency           p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (publish → the last of the user's {} streams)",
+        ms(percentile(&fanouts, 0.50)),
+        ms(percentile(&fanouts, 0.99)),
+        ms(fanouts.last().copied().unwrap_or_default()),
+        if users == 1 { opened.to_string() } else { format!("~{}", opened / users) }
     );
 
     let _ = conn.close(200, "done".into()).await;
     for h in handles {
         h.abort();
     }
-    let _ = server.kill().await;
-    management(&admin, &args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{vhost}"), None).await;
-    anyhow::ensure!(latencies.len() == args.events, "{} events were not delivered", args.events - latencies.len());
+    anyhow::ensure!(deliveries.len() == due, "{} deliveries were missing", due - deliveries.len());
     Ok(())
 }
