@@ -67,7 +67,7 @@ struct Args {
     gateway_h2c: bool,
     /// Users the streams are spread over, round-robin (the push service's
     /// per-user stream cap is raised to fit). Default: one per stream
-    /// straight to the push service; 1,000 through the gateway, where each
+    /// straight to the push service; 200 through the gateway, where each
     /// registers and logs in (two password hashes).
     #[arg(long)]
     users: Option<usize>,
@@ -262,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
     let amqp_url = format!("{}/{run}", args.amqp_base);
     let users = args
         .users
-        .unwrap_or(if args.through_gateway { 1000 } else { args.connections })
+        .unwrap_or(if args.through_gateway { 200 } else { args.connections })
         .clamp(1, args.connections.max(1));
 
     let port = free_port();
