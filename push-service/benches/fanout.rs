@@ -25,12 +25,15 @@
 //! event fans out to all of them: the latency is then from the publish to the
 //! last of the streams receiving it.
 
+#[path = "../../tools/bench/ports.rs"]
+mod ports;
 #[path = "../../tools/bench/proc.rs"]
 mod proc;
 use clap::Parser;
 use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ports::free_port_block;
 use proc::rss_kib;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -165,17 +168,6 @@ async fn management(client: &reqwest::Client, api: &str, method: reqwest::Method
     }
     let resp = req.send().await.expect("RabbitMQ management API");
     assert!(resp.status().is_success() || resp.status() == 404, "management API: {}", resp.status());
-}
-
-/// A gateway port with the five after it free (the launcher's internal ports).
-fn free_port_block() -> u16 {
-    for _ in 0..100 {
-        let base = 20000 + (Uuid::new_v4().as_u128() % 30000) as u16;
-        if (0..6).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + n)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free block of ports");
 }
 
 /// The kernel's memory for TCP buffers, machine-wide, in KiB (`/proc/net/sockstat`, pages).

@@ -14,9 +14,12 @@
 //! answers the payments, ordering settles the orders (its `updated_at` is the
 //! settlement time), and each long poll's answer is timed against it.
 
+#[path = "../../../tools/bench/ports.rs"]
+mod ports;
 #[path = "../../../tools/bench/proc.rs"]
 mod proc;
 use clap::Parser;
+use ports::free_port_block;
 use proc::{cpu_ticks, rss_kib};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,21 +46,6 @@ struct Args {
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-/// A gateway port with the five after it free (the launcher's internal ports).
-fn free_port_block() -> u16 {
-    for _ in 0..100 {
-        let base = 20000 + (rand_u16() % 30000);
-        if (0..6).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + n)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free block of ports");
-}
-
-fn rand_u16() -> u16 {
-    (Uuid::new_v4().as_u128() & 0xffff) as u16
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
