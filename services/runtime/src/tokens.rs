@@ -186,21 +186,40 @@ impl TokenVerifier {
 
     async fn fetch_revoked(&self) -> anyhow::Result<()> {
         let list: Vec<Revoked> = self.get_json("/internal/v1/revoked-tokens").await?;
-        let now = chrono::Utc::now().timestamp();
-        {
-            let mut revoked = self.revoked.write().expect("revoked lock");
-            revoked.retain(|_, exp| *exp > now);
-            revoked.extend(list.into_iter().map(|r| (r.jti, r.expires_at.timestamp())));
-        }
+        let added = self.merge_revoked(list.into_iter().map(|r| (r.jti, r.expires_at.timestamp())));
         *self.revoked_loaded.write().expect("loaded lock") = Some(tokio::time::Instant::now());
-        self.revocations.send_modify(|n| *n += 1);
+        // Only a token newly revoked wakes the open streams: a reload that
+        // brings nothing new (nearly every one) costs them nothing.
+        if added {
+            self.revocations.send_modify(|n| *n += 1);
+        }
         Ok(())
+    }
+
+    /// Takes a full load of the revoked tokens (id, expiry), forgetting the
+    /// expired ones; whether it named one not known here before.
+    fn merge_revoked(&self, list: impl IntoIterator<Item = (Uuid, i64)>) -> bool {
+        let now = chrono::Utc::now().timestamp();
+        let mut revoked = self.revoked.write().expect("revoked lock");
+        revoked.retain(|_, exp| *exp > now);
+        let mut added = false;
+        for (jti, exp) in list.into_iter().filter(|(_, exp)| *exp > now) {
+            added |= revoked.insert(jti, exp).is_none();
+        }
+        added
     }
 
     /// Whether the revoked-token list is too old to judge tokens by.
     pub fn revocations_stale(&self) -> bool {
+        self.stale_in().is_none()
+    }
+
+    /// How long until the revoked-token list is too old to judge tokens by,
+    /// unless it is loaded again before; `None` when it already is.
+    fn stale_in(&self) -> Option<Duration> {
         let max_age = Duration::from_secs(self.config.revocation_max_age_secs);
-        self.revoked_loaded.read().expect("loaded lock").is_none_or(|at| at.elapsed() > max_age)
+        let loaded = (*self.revoked_loaded.read().expect("loaded lock"))?;
+        max_age.checked_sub(loaded.elapsed()).filter(|left| !left.is_zero())
     }
 
     /// Why this process cannot verify tokens now (readiness), if it cannot.
@@ -274,19 +293,22 @@ impl TokenVerifier {
         // too (a reconnect before it would be accepted and end at once).
         let expires =
             chrono::DateTime::from_timestamp(claims.exp.saturating_add(LEEWAY_SECS as i64 + 1), 0).unwrap_or_default();
+        // A stream sleeps until its token expires or the list could go stale
+        // (the list's age limit after its last load: one wake-up per limit,
+        // not per reload), or a token is revoked: with thousands of streams
+        // open, nothing else wakes them.
         loop {
-            if self.is_revoked(&claims.jti) || self.revocations_stale() {
+            if self.is_revoked(&claims.jti) {
                 return;
             }
+            let Some(stale_in) = self.stale_in() else { return };
             let left = (expires - chrono::Utc::now()).to_std().unwrap_or_default();
             if left.is_zero() {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(left) => return,
+                _ = tokio::time::sleep(left.min(stale_in)) => {}
                 _ = changes.changed() => {}
-                // Staleness comes without a change.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -334,5 +356,86 @@ impl TokenVerifier {
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<TokenClaims, TokenError> {
         let token = token_of(headers).ok_or(TokenError::Missing)?;
         self.verify(token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier(max_age_secs: u64) -> TokenVerifier {
+        let config = VerifierConfig { revocation_max_age_secs: max_age_secs, ..VerifierConfig::default() };
+        TokenVerifier::new("http://127.0.0.1:9", config)
+    }
+
+    fn loaded_now(v: &TokenVerifier) {
+        *v.revoked_loaded.write().unwrap() = Some(tokio::time::Instant::now());
+    }
+
+    fn claims() -> TokenClaims {
+        let now = chrono::Utc::now().timestamp();
+        TokenClaims {
+            iss: TOKEN_ISSUER.into(),
+            sub: "alice".into(),
+            user_id: Uuid::new_v4(),
+            email: "alice@example.com".into(),
+            iat: now,
+            exp: now + 3600,
+            jti: Uuid::new_v4(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_outlives_its_list_age_limit_while_the_list_is_reloaded_and_ends_once_it_is_not() {
+        let v = Arc::new(verifier(1));
+        loaded_now(&v);
+        let c = claims();
+        let reloads = {
+            let v = v.clone();
+            tokio::spawn(async move {
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    loaded_now(&v);
+                }
+            })
+        };
+        // Three age limits pass while the list is kept fresh: still open.
+        let open = tokio::time::timeout(Duration::from_millis(2500), v.until_ended(&c)).await;
+        assert!(open.is_err(), "ended although the list was fresh");
+        reloads.await.unwrap();
+        // No reload any more: the list goes stale and the stream ends.
+        tokio::time::timeout(Duration::from_secs(5), v.until_ended(&c)).await.expect("ended once the list went stale");
+        assert!(v.revocations_stale());
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_when_its_token_is_revoked_here() {
+        let v = Arc::new(verifier(30));
+        loaded_now(&v);
+        let c = claims();
+        let ended = tokio::spawn({
+            let (v, c) = (v.clone(), c.clone());
+            async move { v.until_ended(&c).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!ended.is_finished());
+        v.revoke(&claims()); // another token: the stream looks and stays
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!ended.is_finished());
+        v.revoke(&c);
+        tokio::time::timeout(Duration::from_secs(5), ended).await.expect("ended on revocation").unwrap();
+    }
+
+    #[test]
+    fn a_reload_tells_only_of_tokens_not_revoked_here_before() {
+        let v = verifier(30);
+        let future = chrono::Utc::now().timestamp() + 600;
+        let (a, b, gone) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert!(v.merge_revoked([(a, future)]));
+        assert!(!v.merge_revoked([(a, future)]), "the same list again is no news");
+        assert!(!v.merge_revoked([(a, future), (gone, future - 1200)]), "an expired entry is no news");
+        assert!(!v.is_revoked(&gone));
+        assert!(v.merge_revoked([(a, future), (b, future)]));
+        assert!(v.is_revoked(&a) && v.is_revoked(&b));
     }
 }
