@@ -34,7 +34,7 @@ use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use ports::free_port_block;
-use proc::rss_kib;
+use proc::{cpu_ticks, rss_kib};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,6 +84,10 @@ struct Args {
     amqp_base: String,
     #[arg(long, env = "TEST_RABBITMQ_API", default_value = "http://guest:guest@127.0.0.1:15672/api")]
     rabbitmq_api: String,
+    /// Seconds the streams stay idle (open, no event) while the server
+    /// processes' CPU time is measured, before the events.
+    #[arg(long, default_value_t = 5)]
+    idle_secs: u64,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -420,6 +424,11 @@ async fn measure(
     let rss_open = rss(&pids);
     let client_open = rss_kib(std::process::id());
     let tcp_open = kernel_tcp_kib();
+    // What open streams cost while nothing happens: timers, keep-alives.
+    let cpu = |pids: &[(&str, u32)]| pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect::<Vec<u64>>();
+    let cpu_idle_start = cpu(&pids);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cpu_idle: Vec<u64> = cpu(&pids).iter().zip(&cpu_idle_start).map(|(end, start)| end - start).collect();
     // Each user's streams (all opened when none was refused).
     let streams_of = |u: usize| (0..args.connections).filter(|i| i % users == u).count();
 
@@ -433,6 +442,7 @@ async fn measure(
     let every = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut tick = tokio::time::interval(every);
     let publish_start = Instant::now();
+    let (cpu_events_start, client_cpu_events_start) = (cpu(&pids), cpu_ticks(std::process::id()));
     for i in 0..args.events {
         tick.tick().await;
         let order = Uuid::new_v4();
@@ -479,6 +489,8 @@ async fn measure(
         }
     }
     let publish_time = publish_start.elapsed();
+    let cpu_events: Vec<u64> = cpu(&pids).iter().zip(&cpu_events_start).map(|(end, start)| end - start).collect();
+    let client_cpu_events = cpu_ticks(std::process::id()) - client_cpu_events_start;
     let rss_after = rss(&pids);
     deliveries.sort();
     let mut fanouts: Vec<Duration> = last
@@ -530,6 +542,10 @@ async fn measure(
             per_stream(sum(&rss_before), sum(&rss_open))
         );
     }
+    for (i, (name, _)) in pids.iter().enumerate() {
+        // Clock ticks are 10 ms here.
+        println!("  CPU with the streams idle {} ms over {} s: {name}", cpu_idle[i] * 10, args.idle_secs);
+    }
     println!(
         "  (not counted above)       {:.1} KiB per stream in the benchmark's client, {:.1} KiB in the kernel's TCP buffers (machine-wide)",
         per_stream(client_before, client_open),
@@ -542,6 +558,20 @@ async fn measure(
         args.events,
         args.rate,
         publish_time.as_secs_f64()
+    );
+    // CPU per event (fanned out to all of its user's streams): what one
+    // fan-out costs the two cores, whatever the latency.
+    let per_event = |ticks: u64| ticks as f64 * 10.0 / args.events.max(1) as f64;
+    for (i, (name, _)) in pids.iter().enumerate() {
+        println!(
+            "  CPU per event             {:.2} ms: {name} ({} ms in all)",
+            per_event(cpu_events[i]),
+            cpu_events[i] * 10
+        );
+    }
+    println!(
+        "  CPU per event             {:.2} ms: the benchmark's client (reads and parses every delivery)",
+        per_event(client_cpu_events)
     );
     println!(
         "  delivery latency          p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (publish → one stream)",
