@@ -118,6 +118,14 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let key = idempotency::Key::from_headers(&headers)?;
     let id = Uuid::now_v7();
+    let payment = CreatePayment { id, user_id: user.id, amount: body.price };
+    if key.is_none() && !headers.contains_key(header::IF_MATCH) {
+        // Nothing to check first: the order and its outbox row in one
+        // statement, one round trip and one commit.
+        let row = insert(&app.db, id, user.id, body.price, &payment).await?;
+        tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
+        return Ok(accepted(Order::from(row)));
+    }
     let mut tx = app.db.begin().await?;
     if let Some(key) = &key {
         let request = idempotency::Request {
@@ -155,20 +163,48 @@ pub async fn create(
             ));
         }
     }
-    let row = sqlx::query_as!(
-        OrderRow,
-        r#"INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3)
-           RETURNING id, price AS "price: Money", status AS "status: OrderStatus", reason, created_at, updated_at"#,
-        id,
-        user.id,
-        body.price as Money,
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    OUTBOX.enqueue(&mut tx, &CreatePayment { id, user_id: user.id, amount: body.price }).await?;
+    let row = insert(&mut *tx, id, user.id, body.price, &payment).await?;
     tx.commit().await?;
     tracing::info!(order_id = %id, user_id = %user.id, price = %body.price, "order placed");
     Ok(accepted(Order::from(row)))
+}
+
+/// Inserts the order and, in the same statement, the `CreatePayment` that
+/// asks billing for it into the outbox: both or neither, inside a
+/// transaction or alone.
+async fn insert<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    id: Uuid,
+    user: Uuid,
+    price: Money,
+    payment: &CreatePayment,
+) -> sqlx::Result<OrderRow> {
+    let message = OUTBOX.row(payment)?;
+    sqlx::query_as!(
+        OrderRow,
+        r#"WITH placed AS (
+               INSERT INTO orders (id, user_id, price) VALUES ($1, $2, $3)
+               RETURNING id, price, status, reason, created_at, updated_at
+           ), queued AS (
+               INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload, headers)
+               VALUES ($4, $5, $6, $7, $8, $9, $10)
+           )
+           SELECT id AS "id!", price AS "price!: Money", status AS "status!: OrderStatus", reason AS "reason?",
+                  created_at AS "created_at!", updated_at AS "updated_at!"
+           FROM placed"#,
+        id,
+        user,
+        price as Money,
+        message.message_id,
+        message.exchange,
+        message.routing_key,
+        message.message_type,
+        message.correlation_id,
+        message.payload,
+        message.headers,
+    )
+    .fetch_one(db)
+    .await
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "ordering", operation_id = "getOrders",

@@ -47,6 +47,47 @@ impl<P: Publisher> Outbox<P> {
     {
         enqueue(conn, message).await
     }
+
+    /// `message` as its outbox row, for a caller that inserts the row in a
+    /// statement of its own (the row and the change it announces in one
+    /// statement, without a transaction around them).
+    pub fn row<M: Message>(&self, message: &M) -> sqlx::Result<Row>
+    where
+        P: Publishes<M>,
+    {
+        Row::of(message)
+    }
+}
+
+/// An outbox row: what [`Outbox::enqueue`] inserts.
+#[derive(Debug)]
+pub struct Row {
+    pub message_id: Uuid,
+    pub exchange: &'static str,
+    pub routing_key: &'static str,
+    pub message_type: &'static str,
+    pub correlation_id: String,
+    pub payload: serde_json::Value,
+    /// The trace goes on with the message: its consumer's span is our child.
+    pub headers: serde_json::Value,
+}
+
+impl Row {
+    fn of<M: Message>(message: &M) -> sqlx::Result<Row> {
+        let headers = match crate::telemetry::traceparent(&tracing::Span::current()) {
+            Some(tp) => serde_json::json!({ crate::telemetry::TRACEPARENT: tp }),
+            None => serde_json::json!({}),
+        };
+        Ok(Row {
+            message_id: Uuid::now_v7(),
+            exchange: M::EXCHANGE,
+            routing_key: M::NAME,
+            message_type: M::NAME,
+            correlation_id: message.correlation_id(),
+            payload: serde_json::to_value(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+            headers,
+        })
+    }
 }
 
 /// Whether two strings are equal, in `const` context (the check of
@@ -106,27 +147,21 @@ macro_rules! publishes {
 /// Writes `message` to the outbox inside the caller's transaction and
 /// returns its message id (reached through a declared [`Outbox`] only).
 async fn enqueue<M: Message>(conn: &mut PgConnection, message: &M) -> sqlx::Result<Uuid> {
-    let id = Uuid::now_v7();
-    let payload = serde_json::to_value(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    // The trace goes on with the message: its consumer's span is our child.
-    let headers = match crate::telemetry::traceparent(&tracing::Span::current()) {
-        Some(tp) => serde_json::json!({ crate::telemetry::TRACEPARENT: tp }),
-        None => serde_json::json!({}),
-    };
+    let row = Row::of(message)?;
     sqlx::query!(
         "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload, headers)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        id,
-        M::EXCHANGE,
-        M::NAME,
-        M::NAME,
-        message.correlation_id(),
-        payload,
-        headers,
+        row.message_id,
+        row.exchange,
+        row.routing_key,
+        row.message_type,
+        row.correlation_id,
+        row.payload,
+        row.headers,
     )
     .execute(conn)
     .await?;
-    Ok(id)
+    Ok(row.message_id)
 }
 
 /// AMQP properties every message of the system carries.
