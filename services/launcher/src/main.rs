@@ -197,11 +197,12 @@ async fn main() -> anyhow::Result<()> {
     });
     let callers = runtime::auth::CallerKeys { verify_keys: signer.verify_keys() };
 
+    let limits = fit_pools(&cli).await;
     let mut tasks = Tasks::new(shutdown.clone());
     let identity = identity::Config {
         database_url: db("identity"),
         messaging: cli.messaging.clone(),
-        limits: cli.limits.clone(),
+        limits: limits.clone(),
         token_ttl_secs: cli.token_ttl_secs,
         jwt_private_key_pem: std::env::var("JWT_PRIVATE_KEY_PEM").ok(),
         // Identity is reached through the gateway, which sets this header.
@@ -216,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: db("billing"),
         messaging: cli.messaging.clone(),
         idempotency: cli.idempotency.clone(),
-        limits: cli.limits.clone(),
+        limits: limits.clone(),
         addr: billing_addr.to_string(),
         callers: callers.clone(),
     };
@@ -226,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
         messaging: cli.messaging.clone(),
         idempotency: cli.idempotency.clone(),
         api_only: false,
-        limits: cli.limits.clone(),
+        limits: limits.clone(),
         addr: ordering_addr.to_string(),
         callers: callers.clone(),
     };
@@ -234,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let notification = notification::Config {
         database_url: db("notification"),
         messaging: cli.messaging.clone(),
-        limits: cli.limits.clone(),
+        limits: limits.clone(),
         mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
         addr: notification_addr.to_string(),
         callers: callers.clone(),
@@ -251,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: push_addr.to_string(),
                 tls_addr: cli.push_tls_addr.clone(),
                 tls: cli.tls.clone(),
-                limits: cli.limits.clone(),
+                limits: limits.clone(),
                 // Its own HTTPS port faces browsers too: it checks tokens itself.
                 identity_url: Some(url(identity_addr)),
                 ..push_service::Config::local(cli.messaging.clone(), signer.verify_keys())
@@ -275,7 +276,7 @@ async fn main() -> anyhow::Result<()> {
         client_ip_header: cli.gateway_client_ip_header.clone(),
         https_addr: cli.gateway_https_addr.clone(),
         tls: cli.tls.clone(),
-        limits: cli.limits.clone(),
+        limits: limits.clone(),
         signing: runtime::auth::SigningKeyConfig::with(signer),
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));
@@ -283,4 +284,37 @@ async fn main() -> anyhow::Result<()> {
     let result = tasks.join().await;
     runtime::telemetry::flush();
     result
+}
+
+/// The services of this process share one PostgreSQL server: their pools
+/// (and each one's LISTEN connections) must fit in what it accepts, or under
+/// load a growing pool waits its whole acquire timeout (5 s) for connections
+/// the server refuses (seen at 100 clients: orders stalled 5 s when the four
+/// pools of 40 outgrew a server of 100). `DATABASE_POOL_SIZE` is shrunk to
+/// fit, with a warning.
+async fn fit_pools(cli: &Cli) -> runtime::HttpLimits {
+    /// identity, billing, ordering, notification; up to 3 LISTEN connections each.
+    const SERVICES: u32 = 4;
+    const LISTENERS: u32 = 3;
+    let mut limits = cli.limits.clone();
+    let server = format!("{}/postgres", cli.postgres_url.trim_end_matches('/'));
+    let free = match runtime::db::free_connections(&server).await {
+        Ok(free) => free,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not ask PostgreSQL how many connections it accepts; pools as configured");
+            return limits;
+        }
+    };
+    let fitted = runtime::db::fitted_pool_size(limits.database_pool_size, SERVICES, LISTENERS, free);
+    if fitted < limits.database_pool_size {
+        tracing::warn!(
+            requested = limits.database_pool_size,
+            fitted,
+            free,
+            "PostgreSQL accepts {free} more connections: each service's pool is limited to {fitted} \
+             (raise the server's max_connections for larger pools)"
+        );
+        limits.database_pool_size = fitted;
+    }
+    limits
 }

@@ -16,6 +16,34 @@ pub async fn connect(url: &str, service_migrations: Migrator) -> anyhow::Result<
     connect_with(url, crate::HttpLimits::default().database_pool_size, service_migrations).await
 }
 
+/// Connections the PostgreSQL server at `url` (any database on it) still
+/// accepts from ordinary roles: `max_connections` less the reserved ones
+/// less the client connections open now.
+pub async fn free_connections(url: &str) -> anyhow::Result<u32> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.with_context(|| format!("connecting to {}", redact(url)))?;
+    let free: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+                - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await?;
+    // Ours, counted above, is closed now.
+    Ok(u32::try_from(free + 1).unwrap_or(0))
+}
+
+/// The pool size for each of `services` pools that share a server with
+/// `free` connections left, each service also holding `extra` connections
+/// outside its pool (its LISTEN connections): `requested`, or less when
+/// the pools would not fit (at least 2). A pool larger than the server
+/// allows fails only under load, when it grows: its requests then wait the
+/// whole acquire timeout for a connection the server refuses.
+pub fn fitted_pool_size(requested: u32, services: u32, extra: u32, free: u32) -> u32 {
+    let fits = (free / services.max(1)).saturating_sub(extra);
+    requested.min(fits).max(2)
+}
+
 /// Connects with a pool of `pool_size` connections (see `HttpLimits`).
 pub async fn connect_with(url: &str, pool_size: u32, mut service_migrations: Migrator) -> anyhow::Result<PgPool> {
     connect_once(url, pool_size, &mut service_migrations).await
@@ -255,6 +283,35 @@ mod tests {
         for url in ["postgres://postgres@127.0.0.1:5432/x", "postgres://127.0.0.1/x", "not a url", ""] {
             assert_eq!(redact(url), url);
         }
+    }
+
+    #[test]
+    fn pools_that_would_not_fit_the_server_are_shrunk_to_fit() {
+        // 4 services of 40 with 3 listeners each on a server with 97 free: 21 each.
+        assert_eq!(fitted_pool_size(40, 4, 3, 97), 21);
+        assert!(4 * (fitted_pool_size(40, 4, 3, 97) + 3) <= 97);
+        // Room enough: as requested.
+        assert_eq!(fitted_pool_size(40, 4, 3, 397), 40);
+        // Hardly any room: still a pool that can work.
+        assert_eq!(fitted_pool_size(40, 4, 3, 5), 2);
+    }
+
+    #[tokio::test]
+    async fn the_server_says_how_many_connections_it_still_accepts() {
+        let url = std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let url = format!("{}/postgres", url.trim_end_matches('/'));
+        let before = free_connections(&url).await.unwrap();
+        let max: String = sqlx::query_scalar("SHOW max_connections").fetch_one(&test_server().await).await.unwrap();
+        let max: u32 = max.parse().unwrap();
+        assert!(before > 0 && before < max, "{before} free of {max}");
+        // Connections held elsewhere are not free (others' tests come and go
+        // meanwhile, so only an upper bound holds).
+        let held = PgPoolOptions::new().min_connections(5).max_connections(5).connect(&url).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(held.size() == 5);
+        let during = free_connections(&url).await.unwrap();
+        assert!(during < max - 5, "{during} free of {max} with 5 held here");
+        held.close().await;
     }
 
     #[test]
