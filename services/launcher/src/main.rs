@@ -298,7 +298,9 @@ async fn fit_pools(cli: &Cli) -> runtime::HttpLimits {
     const LISTENERS: u32 = 3;
     let mut limits = cli.limits.clone();
     let server = format!("{}/postgres", cli.postgres_url.trim_end_matches('/'));
-    let free = match runtime::db::free_connections(&server).await {
+    // A server that does not answer is waited for later, by each service.
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(5), runtime::db::free_connections(&server));
+    let free = match asked.await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s"))) {
         Ok(free) => free,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "could not ask PostgreSQL how many connections it accepts; pools as configured");
