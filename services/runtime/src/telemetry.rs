@@ -48,7 +48,10 @@ pub fn init(service: &str) {
     let _ = if json {
         registry.with(fmt::layer().json().with_current_span(true).with_span_list(false)).try_init()
     } else {
-        registry.with(fmt::layer()).try_init()
+        // Colours for a terminal only: a log written to a file or a pipe
+        // stays greppable (`grep ' WARN '`), as NO_COLOR would make it.
+        use std::io::IsTerminal;
+        registry.with(fmt::layer().with_ansi(std::io::stdout().is_terminal())).try_init()
     };
 }
 
