@@ -34,7 +34,7 @@ use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use ports::free_port_block;
-use proc::{cpu_ticks, rss_kib};
+use proc::{cpu_ms, rss_kib};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -425,10 +425,12 @@ async fn measure(
     let client_open = rss_kib(std::process::id());
     let tcp_open = kernel_tcp_kib();
     // What open streams cost while nothing happens: timers, keep-alives.
-    let cpu = |pids: &[(&str, u32)]| pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect::<Vec<u64>>();
-    let cpu_idle_start = cpu(&pids);
+    // Each server process's CPU time in ms, and how much it grew since `start`.
+    let cpu = || pids.iter().map(|(_, pid)| cpu_ms(*pid)).collect::<Vec<u64>>();
+    let cpu_since = |start: &[u64]| cpu().iter().zip(start).map(|(end, start)| end - start).collect::<Vec<u64>>();
+    let cpu_idle_start = cpu();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let cpu_idle: Vec<u64> = cpu(&pids).iter().zip(&cpu_idle_start).map(|(end, start)| end - start).collect();
+    let cpu_idle = cpu_since(&cpu_idle_start);
     // Each user's streams (all opened when none was refused).
     let streams_of = |u: usize| (0..args.connections).filter(|i| i % users == u).count();
 
@@ -442,7 +444,7 @@ async fn measure(
     let every = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut tick = tokio::time::interval(every);
     let publish_start = Instant::now();
-    let (cpu_events_start, client_cpu_events_start) = (cpu(&pids), cpu_ticks(std::process::id()));
+    let (cpu_events_start, client_cpu_events_start) = (cpu(), cpu_ms(std::process::id()));
     for i in 0..args.events {
         tick.tick().await;
         let order = Uuid::new_v4();
@@ -489,8 +491,8 @@ async fn measure(
         }
     }
     let publish_time = publish_start.elapsed();
-    let cpu_events: Vec<u64> = cpu(&pids).iter().zip(&cpu_events_start).map(|(end, start)| end - start).collect();
-    let client_cpu_events = cpu_ticks(std::process::id()) - client_cpu_events_start;
+    let cpu_events = cpu_since(&cpu_events_start);
+    let client_cpu_events = cpu_ms(std::process::id()) - client_cpu_events_start;
     let rss_after = rss(&pids);
     deliveries.sort();
     let mut fanouts: Vec<Duration> = last
@@ -543,8 +545,7 @@ async fn measure(
         );
     }
     for (i, (name, _)) in pids.iter().enumerate() {
-        // Clock ticks are 10 ms here.
-        println!("  CPU with the streams idle {} ms over {} s: {name}", cpu_idle[i] * 10, args.idle_secs);
+        println!("  CPU with the streams idle {} ms over {} s: {name}", cpu_idle[i], args.idle_secs);
     }
     println!(
         "  (not counted above)       {:.1} KiB per stream in the benchmark's client, {:.1} KiB in the kernel's TCP buffers (machine-wide)",
@@ -561,12 +562,12 @@ async fn measure(
     );
     // CPU per event (fanned out to all of its user's streams): what one
     // fan-out costs the two cores, whatever the latency.
-    let per_event = |ticks: u64| ticks as f64 * 10.0 / args.events.max(1) as f64;
+    let per_event = |ms: u64| ms as f64 / args.events.max(1) as f64;
     for (i, (name, _)) in pids.iter().enumerate() {
         println!(
             "  CPU per event             {:.2} ms: {name} ({} ms in all)",
             per_event(cpu_events[i]),
-            cpu_events[i] * 10
+            cpu_events[i]
         );
     }
     println!(

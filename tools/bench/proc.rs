@@ -13,9 +13,15 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// User + system CPU time of `pid`, in clock ticks (1/100 s here).
+/// User + system CPU time of `pid`, in milliseconds.
 #[allow(dead_code)]
-pub fn cpu_ticks(pid: u32) -> u64 {
+pub fn cpu_ms(pid: u32) -> u64 {
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    cpu_ticks(pid) * 10
+}
+
+/// User + system CPU time of `pid`, in clock ticks (USER_HZ: 1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

@@ -20,7 +20,7 @@ mod ports;
 mod proc;
 use clap::Parser;
 use ports::free_port_block;
-use proc::{cpu_ticks, rss_kib};
+use proc::{cpu_ms, rss_kib};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -194,9 +194,9 @@ async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kib(pid);
     // The process's own background work (relays, consumers, gauges), for comparison.
-    let cpu_start = cpu_ticks(pid);
+    let cpu_start = cpu_ms(pid);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let cpu_base = cpu_ticks(pid) - cpu_start;
+    let cpu_base = cpu_ms(pid) - cpu_start;
 
     let started = Instant::now();
     let polls: Vec<_> = ids
@@ -208,9 +208,9 @@ async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<
     let open_time = started.elapsed();
     let answered_early = polls.iter().filter(|p| p.is_finished()).count();
     let rss_open = rss_kib(pid);
-    let cpu_start = cpu_ticks(pid);
+    let cpu_start = cpu_ms(pid);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let cpu_idle = cpu_ticks(pid) - cpu_start;
+    let cpu_idle = cpu_ms(pid) - cpu_start;
     let rss_waiting = rss_kib(pid);
 
     let released = Instant::now();
@@ -259,10 +259,7 @@ async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<
     );
     println!(
         "  CPU while they wait       {} ms over {} s ({} ms over {} s before they were opened)",
-        cpu_idle * 10,
-        args.idle_secs,
-        cpu_base * 10,
-        args.idle_secs
+        cpu_idle, args.idle_secs, cpu_base, args.idle_secs
     );
     println!(
         "  settlement -> answer      p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} answered, {failed} failed; all {} settled and answered {:.1} s after billing was let go)",
