@@ -174,6 +174,9 @@ async fn an_order_placed_against_a_stale_list_tag_is_refused_with_412() {
             .json(&json!({"price": 10}))
             .send()
     };
+    // The order stays pending until the list's tag has been read below:
+    // its settlement, which changes the tag again, must come after.
+    let held = hold_payments(&app, &user).await;
     // A double click on a page that showed the list: one order.
     let (a, b) = tokio::join!(post(empty.clone()), post(empty.clone()));
     let mut statuses = [a.unwrap().status(), b.unwrap().status()];
@@ -186,7 +189,9 @@ async fn an_order_placed_against_a_stale_list_tag_is_refused_with_412() {
     assert_ne!(one, empty);
     let orders: Vec<Value> = r.json().await.unwrap();
     assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0]["status"], "pending");
     // The settlement changes the list too.
+    held.rollback().await.unwrap();
     app.settled_order(&user, orders[0]["id"].as_str().unwrap()).await;
     let settled = header(&list().await, ETAG);
     assert_ne!(settled, one);
