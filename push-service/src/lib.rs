@@ -242,10 +242,15 @@ pub async fn run_with_tls(
         .route("/internal/v1/streams", get(streams))
         .with_state(state)
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
+    // Ready once its event stream is attached (the reader has reached the
+    // live end: a stream opened before that would miss events), and, with
+    // a port facing browsers, only while it can judge tokens.
+    let (attached, judge) = (hub.clone(), verifier.clone());
+    service.ready_when(move || match attached.position() {
+        None => Some("order event stream not attached yet"),
+        Some(_) => judge.as_ref().and_then(|j| j.not_ready()),
+    });
     if let Some(verifier) = verifier {
-        // With a port facing browsers, it is ready only while it can judge tokens.
-        let judge = verifier.clone();
-        service.ready_when(move || judge.not_ready());
         service.spawn("token keys", verifier.keep_fresh(service.shutdown()));
     }
     service.spawn("order event stream", stream::read_live(hub, broker, spec, prefetch, lookback, service.shutdown()));
@@ -298,6 +303,89 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(alive && !task.is_finished());
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+
+    /// GET /health/ready of the service at `addr`: status and body.
+    async fn readiness(addr: std::net::SocketAddr) -> Option<(u16, serde_json::Value)> {
+        let r = reqwest::get(format!("http://{addr}/health/ready")).await.ok()?;
+        Some((r.status().as_u16(), r.json().await.ok()?))
+    }
+
+    /// A vhost of this machine's broker for one test, deleted on drop.
+    struct Vhost(String);
+
+    impl Vhost {
+        fn api() -> String {
+            std::env::var("TEST_RABBITMQ_API").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672/api".into())
+        }
+
+        async fn create(name: &str) -> Vhost {
+            let http = reqwest::Client::new();
+            let put = http.put(format!("{}/vhosts/{name}", Self::api())).send().await.expect("management API");
+            assert!(put.status().is_success(), "{}", put.status());
+            let perms = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+            let put = http.put(format!("{}/permissions/{name}/guest", Self::api())).json(&perms).send().await.unwrap();
+            assert!(put.status().is_success(), "{}", put.status());
+            Vhost(name.into())
+        }
+    }
+
+    impl Drop for Vhost {
+        fn drop(&mut self) {
+            let url = format!("{}/vhosts/{}", Self::api(), self.0);
+            // Drop may run inside the runtime: delete from a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async { reqwest::Client::new().delete(url).send().await.map(|_| ()) })
+            })
+            .join();
+        }
+    }
+
+    /// Behind the gateway (no HTTPS port, so no token check), a new replica
+    /// must not take streams before its event stream is attached: a stream
+    /// opened then would miss events, or be answered 503.
+    #[tokio::test]
+    async fn a_replica_is_ready_only_once_its_event_stream_is_attached() {
+        // The broker is not there: alive, but not ready, and saying why.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with_tls(config(), listener, None, shutdown.clone()));
+        let mut answer = None;
+        for _ in 0..200 {
+            answer = readiness(addr).await;
+            if answer.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, body) = answer.expect("the service answers");
+        assert_eq!(status, 503, "{body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains("event stream not attached"), "{body}");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+        // A broker: ready once the stream is read live.
+        let vhost = Vhost::create(&format!("push_ready_{}", uuid::Uuid::new_v4().simple())).await;
+        let base = std::env::var("TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
+        let keys = runtime::auth::AssertionSigner::generate().verify_keys();
+        let config = Config::local(MessagingConfig::local(format!("{base}/{}", vhost.0)), keys);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with_tls(config, listener, None, shutdown.clone()));
+        let mut ready = false;
+        for _ in 0..600 {
+            if let Some((200, _)) = readiness(addr).await {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "not ready within 30 s with the broker there");
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
