@@ -99,6 +99,13 @@ struct Args {
     /// before the checks at the end read anything.
     #[arg(long)]
     after_load: Option<String>,
+    /// Stand in for a reverse proxy in front of the gateway: user N's
+    /// requests carry `X-Forwarded-For` with the Nth address of this IPv4
+    /// network (e.g. 198.18.0.0/16), as an ingress sets it, so that each
+    /// user is its own client address (run the gateway with
+    /// GATEWAY_CLIENT_IP_HEADER=X-Forwarded-For).
+    #[arg(long, value_name = "CIDR")]
+    forwarded_for: Option<String>,
     /// Print the report as JSON on stdout (the progress line still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -135,6 +142,21 @@ struct Shared {
 }
 
 impl Shared {
+    /// The client of user `n`: with `--forwarded-for`, one that sends the
+    /// user's own address in `X-Forwarded-For`.
+    fn client_of(&self, n: usize) -> anyhow::Result<reqwest::Client> {
+        let Some(cidr) = &self.args.forwarded_for else { return Ok(self.http.clone()) };
+        let (net, bits) = cidr.split_once('/').context("--forwarded-for: NETWORK/BITS")?;
+        let net: std::net::Ipv4Addr = net.parse().context("--forwarded-for: an IPv4 network")?;
+        let bits: u32 = bits.parse().context("--forwarded-for: NETWORK/BITS")?;
+        anyhow::ensure!((8..=30).contains(&bits), "--forwarded-for: a prefix of 8 to 30 bits");
+        let hosts = (1u64 << (32 - bits)) - 2;
+        let addr = std::net::Ipv4Addr::from(u32::from(net) + 1 + (n as u64 % hosts) as u32);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-forwarded-for", addr.to_string().parse()?);
+        Ok(reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).default_headers(headers).build()?)
+    }
+
     fn error(&self, kind: impl Into<String>) {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         self.stats.lock().expect("stats").errors.add(kind);
@@ -146,6 +168,9 @@ impl Shared {
 }
 
 struct User {
+    /// The user's client: `Shared::http`, or one of its own that sends its
+    /// address (`--forwarded-for`).
+    http: reqwest::Client,
     token: String,
     polls: bool,
     state: Mutex<UserState>,
@@ -162,6 +187,16 @@ struct UserState {
     /// POSTs whose outcome is unknown (no answer): the balance cannot be checked.
     uncertain: u32,
     stream_open: bool,
+}
+
+/// An unexpected answer as an error kind: `HTTP <status>`; a 503 without
+/// `Retry-After` (not a deliberate shed) is told apart.
+fn status_kind(resp: &reqwest::Response) -> String {
+    let status = resp.status().as_u16();
+    if status == 503 && !resp.headers().contains_key("retry-after") {
+        return "HTTP 503 without Retry-After".into();
+    }
+    format!("HTTP {status}")
 }
 
 fn kind_of(e: &reqwest::Error) -> &'static str {
@@ -198,7 +233,7 @@ async fn send_retrying(
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(1)
                 .clamp(1, 10);
-            shared.error(format!("setup: HTTP {} (retried)", status.as_u16()));
+            shared.error(format!("setup: {} (retried)", status_kind(&resp)));
             tokio::time::sleep(Duration::from_secs(wait)).await;
             continue;
         }
@@ -210,8 +245,9 @@ async fn create_user(shared: Arc<Shared>, run: &str, n: usize, polls: bool) -> a
     let base = &shared.args.url;
     let email = format!("loadgen-{run}-{n}@example.com");
     let password = "loadgen password";
+    let http = shared.client_of(n)?;
     let resp = send_retrying(&shared, || {
-        shared.http.post(format!("{base}/identity/register")).json(&serde_json::json!({
+        http.post(format!("{base}/identity/register")).json(&serde_json::json!({
             "email": email, "password": password, "firstName": "Load"
         }))
     })
@@ -221,10 +257,7 @@ async fn create_user(shared: Arc<Shared>, run: &str, n: usize, polls: bool) -> a
         bail!("register {email}: HTTP {} {}", resp.status(), resp.text().await.unwrap_or_default());
     }
     let resp = send_retrying(&shared, || {
-        shared
-            .http
-            .post(format!("{base}/identity/login"))
-            .json(&serde_json::json!({"email": email, "password": password}))
+        http.post(format!("{base}/identity/login")).json(&serde_json::json!({"email": email, "password": password}))
     })
     .await
     .context("login")?;
@@ -233,13 +266,12 @@ async fn create_user(shared: Arc<Shared>, run: &str, n: usize, polls: bool) -> a
     }
     let body: serde_json::Value = resp.json().await?;
     let token = body["accessToken"].as_str().context("login answer without accessToken")?.to_string();
-    Ok(Arc::new(User { token, polls, state: Mutex::default(), ready: tokio::sync::Notify::new() }))
+    Ok(Arc::new(User { http, token, polls, state: Mutex::default(), ready: tokio::sync::Notify::new() }))
 }
 
 async fn deposit(shared: &Shared, user: &User) -> anyhow::Result<()> {
     let resp = send_retrying(shared, || {
-        shared
-            .http
+        user.http
             .post(format!("{}/billing/account/deposit", shared.args.url))
             .bearer_auth(&user.token)
             .json(&serde_json::json!({"amount": shared.args.deposit}))
@@ -259,7 +291,7 @@ async fn deposit(shared: &Shared, user: &User) -> anyhow::Result<()> {
 async fn follow_stream(shared: Arc<Shared>, user: Arc<User>, stop: CancellationToken) {
     loop {
         let last = user.state.lock().expect("user").ledger.last_event_id();
-        let mut req = shared.http.get(format!("{}/push/orders", shared.args.url)).bearer_auth(&user.token);
+        let mut req = user.http.get(format!("{}/push/orders", shared.args.url)).bearer_auth(&user.token);
         if let Some(id) = last {
             req = req.header("last-event-id", id.to_string());
         }
@@ -301,7 +333,7 @@ async fn follow_stream(shared: Arc<Shared>, user: Arc<User>, stop: CancellationT
                     }
                 }
             }
-            Ok(resp) => shared.error(format!("stream: HTTP {}", resp.status().as_u16())),
+            Ok(resp) => shared.error(format!("stream: {}", status_kind(&resp))),
             Err(e) => shared.error(format!("stream: {}", kind_of(&e))),
         }
         tokio::select! {
@@ -368,7 +400,7 @@ async fn place(shared: &Shared, user: &User) {
     };
     shared.counters.sent.fetch_add(1, Ordering::Relaxed);
     let sent = Instant::now();
-    let resp = shared
+    let resp = user
         .http
         .post(format!("{}/ordering/orders", args.url))
         .bearer_auth(&user.token)
@@ -385,7 +417,7 @@ async fn place(shared: &Shared, user: &User) {
         }
     };
     if resp.status() != StatusCode::ACCEPTED {
-        return shared.error(format!("post: HTTP {}", resp.status().as_u16()));
+        return shared.error(format!("post: {}", status_kind(&resp)));
     }
     let body: serde_json::Value = match resp.json().await {
         Ok(b) => b,
@@ -437,7 +469,7 @@ async fn poll(shared: &Shared, user: &User, id: Uuid, accepted: Instant, timeout
     let deadline = accepted + timeout;
     let mut etag: Option<String> = None;
     while Instant::now() < deadline {
-        let mut req = shared
+        let mut req = user
             .http
             .get(format!("{}/ordering/orders/{id}", shared.args.url))
             .bearer_auth(&user.token)
@@ -465,7 +497,7 @@ async fn poll(shared: &Shared, user: &User, id: Uuid, accepted: Instant, timeout
                 }
             }
             Ok(resp) => {
-                shared.error(format!("poll: HTTP {}", resp.status().as_u16()));
+                shared.error(format!("poll: {}", status_kind(&resp)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
@@ -672,7 +704,7 @@ async fn verify(shared: &Shared, users: &[Arc<User>]) -> Verification {
             unchecked += 1;
             None
         } else {
-            let resp = shared
+            let resp = user
                 .http
                 .get(format!("{}/billing/account", shared.args.url))
                 .bearer_auth(&user.token)
