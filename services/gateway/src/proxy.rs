@@ -56,6 +56,9 @@ pub struct Gateway {
 /// of holding the shutdown open for as long as the push service keeps them.
 const STREAM_DRAIN: Duration = Duration::from_secs(5);
 
+/// What a client is told to wait when a service cannot be reached.
+const UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Where the services behind read the client's address.
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -211,18 +214,40 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     // A long poll (`Prefer: wait=N`, N capped at MAX_WAIT) answers only after
     // its wait: it gets that much more time before its answer must start.
     let timeout = gw.timeout + runtime::conditional::prefer_wait(&parts.headers).unwrap_or_default();
+    // A replica that shuts down closes its idle keep-alive connections, and
+    // one may be closed under a request sent on it (seen in a rolling
+    // restart). A GET or HEAD changes nothing and has no body: it is sent
+    // once more, on a fresh connection.
+    let again = (matches!(parts.method, Method::GET | Method::HEAD) && route.service != "push").then(|| {
+        let mut r = Request::new(Body::empty());
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.headers_mut() = parts.headers.clone();
+        *r.version_mut() = parts.version;
+        r
+    });
     let upstream = Request::from_parts(parts, body);
     let sent = async {
         match &gw.push_h2c {
             Some(pool) if route.service == "push" => pool.request(upstream).await.map_err(|e| e.to_string()),
-            _ => gw.client.request(upstream).await.map(|r| r.map(Body::new)).map_err(|e| e.to_string()),
+            _ => match gw.client.request(upstream).await {
+                Err(e) if e.is_connect() || again.is_none() => Err(e.to_string()),
+                Err(e) => {
+                    tracing::info!(upstream = %route.upstream, error = %e, "upstream connection lost; sending once more");
+                    let again = again.expect("checked");
+                    gw.client.request(again).await.map(|r| r.map(Body::new)).map_err(|e| e.to_string())
+                }
+                Ok(r) => Ok(r.map(Body::new)),
+            },
         }
     };
     let resp = match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
+            // Unreachable for now (restarting, scaled to zero): the client may
+            // try again, as after any 503.
             tracing::warn!(upstream = %route.upstream, error = %e, "upstream unreachable");
-            return Err(ApiError::new(StatusCode::BAD_GATEWAY, "the service is unavailable, try again"));
+            return Err(ApiError::unavailable("the service is unavailable, try again", UPSTREAM_RETRY_AFTER));
         }
         Err(_) => {
             return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the service did not answer in time"));

@@ -6,6 +6,7 @@ mod api;
 mod assertions;
 mod audit;
 mod contract;
+mod deploy;
 mod flow;
 mod helpers;
 mod messaging;
