@@ -59,7 +59,8 @@ def log(msg):
 def run(cmd, check=True, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+        shown = " ".join(str(c) for c in cmd if not str(c).startswith(("RABBITMQ_", "PATH=", "HOME=")))
+        raise RuntimeError(f"{shown}: exit {r.returncode}: {(r.stderr.strip() or r.stdout.strip())[-1500:]}")
     return r
 
 
@@ -108,19 +109,40 @@ class Net:
             self.hosts[h.netns] = h
             return h
 
+    @staticmethod
+    def _delete(netns):
+        """Ends what still runs in the namespace (e.g. the epmd a RabbitMQ
+        node started: it outlives the node and would keep the namespace and
+        its link alive), then deletes it."""
+        for _ in range(3):
+            pids = run(["ip", "netns", "pids", netns], check=False).stdout.split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            time.sleep(0.2)
+        run(["ip", "netns", "del", netns], check=False)
+        shutil.rmtree(f"/etc/netns/{netns}", ignore_errors=True)
+
     def remove(self, h):
         with self.lock:
             self.hosts.pop(h.netns, None)
-            run(["ip", "netns", "del", h.netns], check=False)
-            shutil.rmtree(f"/etc/netns/{h.netns}", ignore_errors=True)
+            self._delete(h.netns)
 
     def down(self):
         for line in run(["ip", "netns", "list"], check=False).stdout.splitlines():
             name = line.split()[0] if line.strip() else ""
             if name.startswith(f"{PREFIX}-"):
-                run(["ip", "netns", "del", name], check=False)
-                shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+                self._delete(name)
         run(["ip", "link", "del", BRIDGE], check=False)
+        # A link whose namespace was already gone but still held.
+        for line in run(["ip", "-br", "link"], check=False).stdout.splitlines():
+            link = line.split("@")[0].split()[0] if line.strip() else ""
+            if link.startswith(PREFIX):
+                run(["ip", "link", "del", link], check=False)
 
     # ---- names
     def write_hosts(self, entries):
@@ -724,11 +746,17 @@ class Rehearsal:
         self.mq_dir = d
         self.mq_start()
         self.servers.append(self.mq_stop)
+        # What ships is RabbitMQ 4: every quorum queue has a delivery limit
+        # of 20 there. The same limit, by policy, on this 3.10 node (lowest
+        # priority: a policy of the services' own wins).
+        self.mq_ctl("-q", "set_policy", "--priority", "0", "--apply-to", "queues", "rabbitmq4-delivery-limit", ".*",
+                    '{"delivery-limit": 20}')
         self.kind("RabbitmqCluster", True,
                   f"one RabbitMQ node (Debian's {self.mq_version}), not {spec.get('replicas', 1)}, and not the image's "
                   f"{spec.get('image')} (RabbitMQ 4 needs Erlang 26, which Debian 12 lacks); configured from the spec: "
                   f"AMQP 5672, AMQPS 5671 and management 15671 with the {tls} certificate, additionalConfig, "
-                  f"the {name}-default-user Secret; quorum queues on one node")
+                  f"the {name}-default-user Secret; quorum queues on one node, with RabbitMQ 4's default delivery limit "
+                  f"(20) set by policy")
         log(f"RabbitMQ: {name} at {self.mq_host.ip} (5672, TLS 5671, management TLS 15671)")
 
     def mq_ctl(self, *args, check=True):
