@@ -78,7 +78,8 @@ class Net:
         self.hosts = {}  # netns -> Host
         self.next_ip = 20
         self.index = 0
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the set of hosts
+        self.nft_lock = threading.Lock()  # one rules update at a time
 
     def up(self):
         self.down()
@@ -130,7 +131,7 @@ class Net:
     def remove(self, h):
         with self.lock:
             self.hosts.pop(h.netns, None)
-            self._delete(h.netns)
+        self._delete(h.netns)
 
     def down(self):
         for line in run(["ip", "netns", "list"], check=False).stdout.splitlines():
@@ -149,7 +150,9 @@ class Net:
         """entries: name -> [ip]; every host gets them, shuffled per host so
         that clients spread over the ready pods."""
         with self.lock:
-            for h in list(self.hosts.values()):
+            hosts = list(self.hosts.values())
+        for h in hosts:
+            if True:
                 lines = ["127.0.0.1 localhost", f"{h.ip} {h.name}"]
                 for name, ips in sorted(entries.items()):
                     ips = list(ips)
@@ -157,10 +160,13 @@ class Net:
                     lines += [f"{ip} {name}" for ip in ips]
                 path = Path(f"/etc/netns/{h.netns}/hosts")
                 # In place: the file is bind-mounted into running pods.
-                with open(path, "r+" if path.exists() else "w") as f:
-                    f.seek(0)
-                    f.write("\n".join(lines) + "\n")
-                    f.truncate()
+                try:
+                    with open(path, "r+") as f:
+                        f.seek(0)
+                        f.write("\n".join(lines) + "\n")
+                        f.truncate()
+                except FileNotFoundError:
+                    pass  # the host is being removed
 
     # ---- NetworkPolicies
     def enforce(self, policies):
@@ -168,8 +174,9 @@ class Net:
         in and out; established traffic, loopback and the node (kubelet
         probes, this orchestrator) in; then each (peer, port) the policies
         admit. Returns the number of rules."""
-        with self.lock:
-            hosts = list(self.hosts.values())
+        with self.nft_lock:
+            with self.lock:
+                hosts = list(self.hosts.values())
             total = 0
             for h in hosts:
                 me = h.endpoint()
@@ -205,7 +212,7 @@ table inet {PREFIX} {{
 """
                 r = subprocess.run(["ip", "netns", "exec", h.netns, "nft", "-f", "-"], input=ruleset, text=True,
                                    capture_output=True)
-                if r.returncode != 0:
+                if r.returncode != 0 and h.netns in self.hosts:
                     raise Failed(f"nft in {h.netns}: {r.stderr}")
             return total
 
@@ -448,8 +455,8 @@ class Pod:
         is over."""
         t0 = time.time()
         self.terminating = True
-        self._set_ready(False)
         self.ready = False
+        self.rh.event(self, "deleted: out of the endpoints, preStop")
         self.rh.endpoints_changed()
         grace = self.dep.pod_spec.get("terminationGracePeriodSeconds", 30)
         pre = (self.dep.container.get("lifecycle") or {}).get("preStop") or {}
@@ -490,6 +497,7 @@ class Deployment:
         self.counter += 1
         p = Pod(self.rh, self, self.counter)
         self.pods.append(p)
+        self.rh.all_pods.append(p)
         p.start()
         return p
 
@@ -550,13 +558,19 @@ class Rehearsal:
         self.checks = []  # (name, ok, detail)
         self.secrets = {}
         self.endpoint_lock = threading.Lock()
+        self.endpoints_dirty = threading.Event()
+        self.stopping = False
+        threading.Thread(target=self.endpoints_controller, daemon=True, name="endpoints").start()
         self.deployments = []
+        self.all_pods = []  # every pod that ever ran, for the report
         self.figures = {}
 
     # ---- bookkeeping
     def event(self, pod, what):
         line = f"{pod.name}: {what}"
         self.events.append((time.time(), line))
+        with open(self.work / "events.log", "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {line}\n")
         if self.args.verbose:
             log(line)
 
@@ -871,12 +885,27 @@ class Rehearsal:
         return entries
 
     def endpoints_changed(self):
+        """Asks the endpoints controller to rewrite the hosts files (it
+        coalesces changes; no caller waits for it, as no kubelet waits for
+        the endpoints to be updated)."""
+        self.endpoints_dirty.set()
+
+    def sync_endpoints(self):
         with self.endpoint_lock:
             self.net.write_hosts(self.service_entries())
 
+    def endpoints_controller(self):
+        while not self.stopping:
+            if self.endpoints_dirty.wait(0.5):
+                self.endpoints_dirty.clear()
+                try:
+                    self.sync_endpoints()
+                except Exception as e:
+                    log(f"endpoints controller: {e}")
+
     def reconcile_network(self):
         n = self.net.enforce(self.by_kind.get("NetworkPolicy", []))
-        self.endpoints_changed()
+        self.sync_endpoints()
         return n
 
     # ---- pods
@@ -1107,9 +1136,9 @@ def seed_scenario(job_json):
 
     call("POST", "/identity/register", {"email": email, "password": "correct horse battery", "name": "Seed"})
     token = call("POST", "/identity/login", {"email": email, "password": "correct horse battery"})["accessToken"]
-    stream = subprocess.Popen(["curl", "-sN", "--http2-prior-knowledge", "--max-time", "60", "-H", f"authorization: Bearer {token}",
-                               "-H", f"x-forwarded-for: {job['xff']}", "-w", "\nHTTP_VERSION=%{http_version}\n",
-                               url + "/push/orders"], stdout=subprocess.PIPE, text=True)
+    stream = subprocess.Popen(["curl", "-svN", "--http2-prior-knowledge", "--max-time", "60", "-H", f"authorization: Bearer {token}",
+                               "-H", f"x-forwarded-for: {job['xff']}", url + "/push/orders"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
     deadline = time.time() + 30
     while True:  # the account appears once billing consumed UserCreated
@@ -1152,11 +1181,15 @@ def seed_scenario(job_json):
         raise SystemExit(f"notifications {len(items)}, e-mails at the relay {len(mine)}: 2 expected")
     time.sleep(1)
     stream.terminate()
-    body = stream.communicate(timeout=10)[0]
+    body, trace = stream.communicate(timeout=10)
     events = [line for line in body.splitlines() if line.startswith("event:")]
     if not any("OrderCreated" in e for e in events) or not any("OrderFailed" in e for e in events):
         raise SystemExit(f"the stream showed {events}; OrderCreated and OrderFailed expected")
-    version = next((line.split("=", 1)[1] for line in body.splitlines() if line.startswith("HTTP_VERSION=")), "?")
+    # curl -v shows the response line: "< HTTP/2 200".
+    status = next((line[2:].strip() for line in trace.splitlines() if line.startswith("< HTTP/")), "?")
+    if not status.startswith("HTTP/2 200"):
+        raise SystemExit(f"the stream was answered {status!r}, not HTTP/2 200")
+    version = status.split()[0].split("/")[1]
     print(f"order 600 succeeded (400 left), order 500 failed, 2 notifications, 2 e-mails over SMTPS, "
           f"stream events {[e.split(':', 1)[1].strip() for e in events]} over HTTP/{version}")
 
@@ -1213,6 +1246,7 @@ def main():
 
 def cleanup(rh):
     log("cleaning up: pods, servers, namespaces, bridge, nftables")
+    rh.stopping = True
     for dep in rh.deployments:
         for p in dep.pods:
             p.gone = True
@@ -1282,8 +1316,8 @@ def report(rh, secs):
             print(f"  loadgen verification: {json.dumps(ver)}")
     if "rollout" in rh.figures:
         print(f"  rolling restart: {rh.figures['rollout']}")
-    ready = [f"{p.name} {p.ready_after:.1f}s" for d in rh.deployments for p in d.pods if p.ready_after]
-    restarts = [f"{p.name} {p.restarts}" for d in rh.deployments for p in d.pods if p.restarts]
+    ready = [f"{p.name} {p.ready_after:.1f}s" for p in rh.all_pods if p.ready_after]
+    restarts = [f"{p.name} {p.restarts}" for p in rh.all_pods if p.restarts]
     print(f"  time to ready per pod: {', '.join(ready) or '-'}")
     print(f"  container restarts: {', '.join(restarts) or 'none'}")
     verdict = "PASSED" if rh.checks and all(c[1] for c in rh.checks) else "FAILED"
