@@ -10,11 +10,14 @@
 //! re-published to a retry or dead-letter queue, so nothing is lost and a
 //! poison message never blocks the queue.
 //!
-//! A database that cannot be reached is not a failure of the message: the
-//! delivery goes back to the queue as it was (no attempt counted), the
-//! consumer stops taking deliveries, waits until the database answers again,
-//! and resumes. Only the message's own failures (its handler's error, a
-//! panic, an invalid payload) count toward the retries and the dead letter.
+//! A database that cannot be reached (or a pool that times out) is not a
+//! failure of the message: the delivery is held, unacked, until the database
+//! answers again, then handled again. Held deliveries fill the prefetch, so
+//! the consumer takes no more meanwhile, and none goes back to the queue: a
+//! return would count toward the queue's delivery limit, past which the
+//! broker dead-letters the message. Only the message's own failures (its
+//! handler's error, a panic, an invalid payload) count toward the retries
+//! and the dead letter.
 
 use crate::Broker;
 use crate::broker::{close_channel, dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
@@ -29,6 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -50,8 +54,8 @@ pub enum HandlerError {
     /// Can never succeed: dead-lettered at once.
     #[error("{0}")]
     Reject(String),
-    /// A dependency is away (the database cannot be reached): the message is
-    /// returned to the queue uncounted and the consumer pauses until it is back.
+    /// A dependency is away (the database cannot be reached): the delivery is
+    /// held unacked until the database answers, then handled again.
     #[error("dependency unavailable: {0:#}")]
     Unavailable(anyhow::Error),
 }
@@ -73,6 +77,10 @@ pub struct Consumer<S> {
     db: PgPool,
     state: S,
     handlers: HashMap<&'static str, Handler<S>>,
+    /// Deliveries held while the database is away.
+    held: AtomicUsize,
+    /// Taken by the one held delivery that polls the database.
+    paused: tokio::sync::Mutex<()>,
 }
 
 enum Outcome {
@@ -80,7 +88,7 @@ enum Outcome {
     Duplicate,
     Retry(String),
     DeadLetter(String),
-    /// Not the message's fault: back to the queue, uncounted.
+    /// Not the message's fault: held until the database answers.
     Unavailable(String),
 }
 
@@ -95,7 +103,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     pub fn new(queue: QueueSpec, db: PgPool, state: S) -> Self {
-        Consumer { queue, db, state, handlers: HashMap::new() }
+        Consumer { queue, db, state, handlers: HashMap::new(), held: AtomicUsize::new(0), paused: Default::default() }
     }
 
     /// Handles messages of type `M` with `handler`, inside the inbox transaction.
@@ -129,8 +137,6 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
                 break;
             };
-            // Cancelled by shutdown, or by a handler that found the database away.
-            let pause = shutdown.child_token();
             let mut republish = None;
             let mut consuming_since = None;
             let session = async {
@@ -142,19 +148,19 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                     .await?;
                 tracing::info!(queue, "consuming");
                 consuming_since = Some(Instant::now());
+                // At most `prefetch` deliveries are held at once: while the
+                // database is away, every handler holds its delivery and the
+                // broker sends no more (its prefetch limit), so the consumer
+                // stops taking deliveries without returning any.
                 deliveries
-                    .take_until(pause.cancelled())
+                    .take_until(shutdown.cancelled())
                     .for_each_concurrent(usize::from(prefetch.max(1)), |delivery| {
                         let this = this.clone();
                         let confirms = confirms.clone();
-                        let (retry_delays, pause) = (&retry_delays, &pause);
+                        let (retry_delays, shutdown) = (&retry_delays, &shutdown);
                         async move {
                             match delivery {
-                                Ok(d) => {
-                                    if this.handle(d, &confirms, retry_delays).await == Away::Database {
-                                        pause.cancel();
-                                    }
-                                }
+                                Ok(d) => this.handle(d, &confirms, retry_delays, shutdown).await,
                                 Err(e) => {
                                     tracing::warn!(queue, error = %e, "consumer stream error")
                                 }
@@ -167,7 +173,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             if let Err(e) = session.await {
                 tracing::warn!(queue, error = %e, "consumer session failed");
             }
-            // Closing the channel returns the deliveries it holds to the queue, uncounted.
+            // Closing the channel returns the deliveries it still holds to
+            // the queue (each counts one delivery toward the queue's limit):
+            // only on shutdown or when the broker connection failed.
             close_channel(&channel, "consumer stopped").await;
             if let Some(confirms) = republish {
                 close_channel(&confirms, "consumer stopped").await;
@@ -175,37 +183,54 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             if shutdown.is_cancelled() {
                 break;
             }
-            if pause.is_cancelled() {
-                tracing::warn!(queue, "database unavailable; consumer paused until it answers");
-                metrics::gauge!("consumer_paused", "queue" => queue).set(1.0);
-                let back = crate::db::wait_until_available(&this.db, &shutdown).await;
-                metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
-                if !back {
-                    break;
-                }
-                tracing::info!(queue, "database available again; consumer resuming");
-            } else {
-                // A broker that refuses (a queue missing, access refused, a
-                // channel closed at once) is asked again after a capped
-                // backoff, not twice a second for ever; a session that
-                // consumed for a while starts the backoff afresh.
-                if consuming_since.is_some_and(|t: Instant| t.elapsed() >= HEALTHY_SESSION) {
-                    failures = 0;
-                }
-                let retry_in = crate::backoff::delay(failures, RECONNECT_BASE, RECONNECT_CAP);
-                failures = failures.saturating_add(1);
-                metrics::counter!("consumer_reconnects_total", "queue" => queue).increment(1);
-                tracing::warn!(queue, failures, ?retry_in, "consumer disconnected; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(retry_in) => {}
-                }
+            // A broker that refuses (a queue missing, access refused, a
+            // channel closed at once) is asked again after a capped
+            // backoff, not twice a second for ever; a session that
+            // consumed for a while starts the backoff afresh.
+            if consuming_since.is_some_and(|t: Instant| t.elapsed() >= HEALTHY_SESSION) {
+                failures = 0;
+            }
+            let retry_in = crate::backoff::delay(failures, RECONNECT_BASE, RECONNECT_CAP);
+            failures = failures.saturating_add(1);
+            metrics::counter!("consumer_reconnects_total", "queue" => queue).increment(1);
+            tracing::warn!(queue, failures, ?retry_in, "consumer disconnected; reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(retry_in) => {}
             }
         }
         Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, republish: &lapin::Channel, delays: &[Duration]) -> Away {
+    /// Holds a delivery whose handler found the database away: waits until
+    /// the database answers (one waiter polls it, the others queue behind
+    /// it), the delivery unacked meanwhile. `false` on shutdown.
+    async fn hold_until_available(&self, shutdown: &CancellationToken) -> bool {
+        let queue = self.queue.name;
+        if self.held.fetch_add(1, Ordering::SeqCst) == 0 {
+            metrics::gauge!("consumer_paused", "queue" => queue).set(1.0);
+            tracing::warn!(queue, "database unavailable; consumer paused, holding its deliveries until it answers");
+        }
+        let back = {
+            let _one_poller = self.paused.lock().await;
+            crate::db::wait_until_available(&self.db, shutdown).await
+        };
+        if self.held.fetch_sub(1, Ordering::SeqCst) == 1 {
+            metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
+            if back {
+                tracing::info!(queue, "database available again; consumer resumed");
+            }
+        }
+        back
+    }
+
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        republish: &lapin::Channel,
+        delays: &[Duration],
+        shutdown: &CancellationToken,
+    ) {
         let props = &delivery.properties;
         let message_id = props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
         let kind = props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
@@ -223,10 +248,25 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             crate::telemetry::set_parent(&span, &tp.to_string());
         }
         async {
-            let outcome = self.process(&message_id, &kind, &delivery.data).await;
-            let away = if matches!(outcome, Outcome::Unavailable(_)) { Away::Database } else { Away::Nothing };
-            self.settle(&delivery, outcome, republish, delays).await;
-            away
+            loop {
+                match self.process(&message_id, &kind, &delivery.data).await {
+                    Outcome::Unavailable(reason) => {
+                        // Not the message's fault, and not returned to the
+                        // queue (a return counts toward the queue's delivery
+                        // limit): held until the database answers, then
+                        // handled again.
+                        metrics::counter!("messages_consumed_total", "queue" => self.queue.name,
+                            "type" => kind.clone(), "outcome" => "held")
+                        .increment(1);
+                        tracing::warn!(%reason, "database unavailable; delivery held until it answers");
+                        if !self.hold_until_available(shutdown).await {
+                            // Shutdown: closing the channel returns it.
+                            return;
+                        }
+                    }
+                    outcome => return self.settle(&delivery, outcome, republish, delays).await,
+                }
+            }
         }
         .instrument(span)
         .await
@@ -280,7 +320,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             Outcome::Duplicate => "duplicate",
             Outcome::Retry(_) if (attempt as usize) < delays.len() => "retried",
             Outcome::Retry(_) | Outcome::DeadLetter(_) => "dead_lettered",
-            Outcome::Unavailable(_) => "requeued",
+            Outcome::Unavailable(_) => "held",
         };
         metrics::counter!("messages_consumed_total", "queue" => queue, "type" => kind, "outcome" => label).increment(1);
         let forwarded = match outcome {
@@ -312,14 +352,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 dead_letter(republish, delivery, queue, &reason).await
             }
             Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason).await,
-            Outcome::Unavailable(reason) => {
-                tracing::warn!(%reason, "database unavailable; message returned to the queue uncounted");
-                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
-                if let Err(e) = delivery.nack(requeue).await {
-                    tracing::warn!(error = %e, "could not return the delivery; the broker will redeliver it");
-                }
-                return;
-            }
+            Outcome::Unavailable(_) => unreachable!("held by `handle`, never settled"),
         };
         let settled = match forwarded {
             Ok(()) => delivery.ack(BasicAckOptions::default()).await,
@@ -334,13 +367,6 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
         }
     }
-}
-
-/// Whether a delivery found a dependency away.
-#[derive(PartialEq, Eq)]
-enum Away {
-    Nothing,
-    Database,
 }
 
 fn retry_count(delivery: &Delivery) -> u32 {

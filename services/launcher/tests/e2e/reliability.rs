@@ -175,6 +175,68 @@ async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_bei
     billing.stop().await.unwrap();
 }
 
+/// A gauge or counter of a service's `/metrics`, summed over the series
+/// whose labels contain `label`.
+async fn service_metric(http: &reqwest::Client, service: &str, name: &str, label: &str) -> f64 {
+    let text = http.get(format!("{service}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// RabbitMQ 4 gives every quorum queue a delivery limit (20 by default),
+/// past which a message returned to the queue is dead-lettered, or dropped
+/// where the queue has no dead-letter target. Here the limit is 0 (the first
+/// return passes it): a consumer that returned its deliveries while the
+/// database is away would lose them. It holds them instead, through an
+/// outage longer than the whole retry schedule, and handles them when the
+/// database is back: every payment made, nothing dead-lettered, nothing left.
+#[tokio::test]
+async fn a_database_outage_spends_no_delivery_of_a_queue_with_a_low_delivery_limit() {
+    let s = Sandbox::new().await;
+    let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
+    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    s.lower_delivery_limit("^billing\\.payments$", 0, "billing.payments").await;
+    let http = reqwest::Client::new();
+    let queue = "queue=\"billing.payments\"";
+
+    pg.set(Link::Cut);
+    let payments: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for id in &payments {
+        let body =
+            serde_json::to_vec(&CreatePayment { id: *id, user_id: Uuid::new_v4(), amount: "3".parse().unwrap() })
+                .unwrap();
+        publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
+    }
+    // Paused, and for longer than the retry schedule (50 ms + 150 ms): the
+    // consumer's polls of the database are refused from 100 ms apart, doubling.
+    eventually(Duration::from_secs(30), || async {
+        (service_metric(&http, &billing.url, "consumer_paused", queue).await == 1.0 && pg.refused() >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(depth(&s.amqp_url, "billing.payments.dead").await, 0, "nothing dead-lettered for an absent database");
+
+    pg.set(Link::Open);
+    let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
+    eventually_counts(
+        Duration::from_secs(30),
+        &db,
+        "SELECT count(*) FROM payments WHERE id = ANY($1)",
+        payments.clone(),
+        5,
+    )
+    .await;
+    assert_eq!(depth(&s.amqp_url, "billing.payments.dead").await, 0);
+    assert_eq!(depth(&s.amqp_url, "billing.payments").await, 0);
+    eventually(Duration::from_secs(10), || async {
+        (service_metric(&http, &billing.url, "consumer_paused", queue).await == 0.0).then_some(())
+    })
+    .await;
+    db.close().await;
+    billing.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details() {
     let s = Sandbox::new().await;
