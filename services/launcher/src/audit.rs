@@ -59,6 +59,15 @@ impl fmt::Display for Violation {
 pub struct Report {
     pub checked: Vec<String>,
     pub violations: Vec<Violation>,
+    pub totals: Totals,
+}
+
+/// What the audit counted, for a caller to compare with its own counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub orders: usize,
+    pub final_orders: usize,
+    pub notifications: i64,
 }
 
 impl Report {
@@ -123,6 +132,10 @@ pub async fn run(config: &AuditConfig) -> anyhow::Result<Report> {
     let mut report = Report::default();
     balances(&billing, &mut report).await?;
     let snapshot = Orders::read(&ordering).await?;
+    report.totals.orders = snapshot.finals.len() + snapshot.pending.len();
+    report.totals.final_orders = snapshot.finals.len();
+    report.totals.notifications =
+        sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(&notification).await?;
     orders(&billing, &notification, &snapshot, config.notification_grace, &mut report).await?;
     pending(&snapshot, config.pending_threshold, &mut report);
     dead_letters(config, &mut report).await?;
