@@ -81,7 +81,27 @@ pub struct Consumer<S> {
     held: AtomicUsize,
     /// Taken by the one held delivery that polls the database.
     paused: tokio::sync::Mutex<()>,
+    replay: Replay,
 }
+
+/// How the dead letters of transient causes are replayed: every `every`, at
+/// most `max_replays` times each.
+#[derive(Clone, Copy, Debug)]
+pub struct Replay {
+    pub every: Duration,
+    pub max_replays: u32,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Replay { every: REPLAY_EVERY, max_replays: MAX_REPLAYS }
+    }
+}
+
+/// How often a consumer looks for dead letters of transient causes to
+/// replay, and how many times one is replayed before it is left for a person.
+pub const REPLAY_EVERY: Duration = Duration::from_secs(300);
+pub const MAX_REPLAYS: u32 = 3;
 
 enum Outcome {
     Done,
@@ -103,7 +123,22 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     pub fn new(queue: QueueSpec, db: PgPool, state: S) -> Self {
-        Consumer { queue, db, state, handlers: HashMap::new(), held: AtomicUsize::new(0), paused: Default::default() }
+        Consumer {
+            queue,
+            db,
+            state,
+            handlers: HashMap::new(),
+            held: AtomicUsize::new(0),
+            paused: Default::default(),
+            replay: Replay::default(),
+        }
+    }
+
+    /// Replays the dead letters of transient causes every `every`, at most
+    /// `max_replays` times each (by default every 5 minutes, 3 times).
+    pub fn replay_dead_letters(mut self, every: Duration, max_replays: u32) -> Self {
+        self.replay = Replay { every, max_replays };
+        self
     }
 
     /// Handles messages of type `M` with `handler`, inside the inbox transaction.
@@ -131,6 +166,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     ) -> anyhow::Result<()> {
         let this = Arc::new(self);
         let queue = this.queue.name;
+        let replayer = tokio::spawn(replay_loop(broker.clone(), queue, this.replay, shutdown.clone()));
         // Sessions in a row that ended without consuming for long.
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
@@ -199,6 +235,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                 _ = tokio::time::sleep(retry_in) => {}
             }
         }
+        let _ = replayer.await;
         Ok(())
     }
 
@@ -349,9 +386,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             }
             Outcome::Retry(reason) => {
                 let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
-                dead_letter(republish, delivery, queue, &reason).await
+                dead_letter(republish, delivery, queue, &reason, Cause::Transient).await
             }
-            Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason).await,
+            Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason, Cause::Poison).await,
             Outcome::Unavailable(_) => unreachable!("held by `handle`, never settled"),
         };
         let settled = match forwarded {
@@ -389,10 +426,12 @@ async fn dead_letter(
     delivery: &Delivery,
     queue: &str,
     reason: &str,
+    cause: Cause,
 ) -> Result<(), crate::broker::PublishError> {
-    tracing::error!(%reason, "message dead-lettered");
+    tracing::error!(%reason, cause = cause.as_str(), "message dead-lettered");
     let headers = [
         ("x-dead-letter-reason", text(reason)),
+        (CAUSE_HEADER, text(cause.as_str())),
         ("x-original-queue", text(queue)),
         ("x-original-exchange", text(delivery.exchange.as_str())),
         ("x-original-routing-key", text(delivery.routing_key.as_str())),
@@ -417,9 +456,227 @@ async fn forward(
     publish_confirmed(channel, "", queue, &delivery.data, props).await
 }
 
+/// Header of a dead letter: `transient` (its handler kept failing through
+/// the retry schedule: it may pass later) or `poison` (it can never pass).
+const CAUSE_HEADER: &str = "x-dead-letter-cause";
+/// Header counting a dead letter's automatic replays.
+const REPLAYS_HEADER: &str = "x-replays";
+
+/// Why a message is in a dead-letter queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// It may pass later: its handler failed through the whole retry
+    /// schedule, or the broker gave up on it after its delivery limit.
+    Transient,
+    /// It can never pass: no id, unknown type, invalid body, refused.
+    Poison,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Transient => "transient",
+            Cause::Poison => "poison",
+        }
+    }
+
+    /// The cause of a dead letter of `queue`, from its headers: ours (the
+    /// consumer's), or the broker's `x-death` record of a delivery limit.
+    fn of(headers: &FieldTable, queue: &str) -> Cause {
+        let get = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(v)) => Some(v.to_string()),
+            _ => None,
+        };
+        match (get(CAUSE_HEADER).as_deref(), get("x-dead-letter-reason")) {
+            (Some("transient"), _) => Cause::Transient,
+            (Some(_), _) => Cause::Poison,
+            // Dead-lettered by a version that did not say why.
+            (None, Some(reason)) if reason.starts_with("gave up after") => Cause::Transient,
+            (None, Some(_)) => Cause::Poison,
+            (None, None) if gave_up_by_broker(headers, queue) => Cause::Transient,
+            (None, None) => Cause::Poison,
+        }
+    }
+}
+
+/// Whether the broker dead-lettered the message from `queue` after its
+/// delivery limit (its `x-death` record says so).
+fn gave_up_by_broker(headers: &FieldTable, queue: &str) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else { return false };
+    deaths.as_slice().iter().any(|death| {
+        let AMQPValue::FieldTable(death) = death else { return false };
+        let is = |key: &str, value: &str| {
+            matches!(death.inner().get(key), Some(AMQPValue::LongString(v)) if v.to_string() == value)
+        };
+        is("queue", queue) && is("reason", "delivery_limit")
+    })
+}
+
+/// A dead letter's headers without what its deaths and retries added (and
+/// its replay count with `forget_replays`), for sending it to its queue again.
+fn replay_headers(old: Option<&FieldTable>, forget_replays: bool) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for (k, v) in old.map(|h| h.inner().iter()).into_iter().flatten() {
+        let key = k.as_str();
+        let added = key == RETRY_COUNT_HEADER
+            || key == "x-last-error"
+            || key == "x-death"
+            || key == "x-delivery-count"
+            || key.starts_with("x-dead-letter")
+            || key.starts_with("x-first-death")
+            || key.starts_with("x-original-")
+            || (forget_replays && key == REPLAYS_HEADER);
+        if !added {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+    headers
+}
+
+fn count_header(headers: &FieldTable, key: &str) -> u32 {
+    match headers.inner().get(key) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// What one look at a dead-letter queue did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Sent back to their queue.
+    pub replayed: u32,
+    /// Left where they are: poison, or replayed `max_replays` times already.
+    pub kept: u32,
+    /// Of those kept, the poison ones.
+    pub poison: u32,
+}
+
+/// Sends the dead letters of `queue` whose cause is transient back to
+/// `queue`, each at most `max_replays` times (counted in `x-replays`), and
+/// leaves the others where they are (taken and put back at the tail, with
+/// their reason). Looks at most at the messages present when it starts.
+pub async fn replay_transient_dead_letters(broker: &Broker, queue: &str, max_replays: u32) -> anyhow::Result<Replayed> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let result = async {
+        let present = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let mut done = Replayed::default();
+        for _ in 0..present {
+            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
+                break;
+            };
+            let delivery = message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let cause = Cause::of(&headers, queue);
+            let replays = count_header(&headers, REPLAYS_HEADER);
+            if cause == Cause::Transient && replays < max_replays {
+                let mut fresh = replay_headers(Some(&headers), false);
+                fresh.insert(REPLAYS_HEADER.into(), AMQPValue::LongLongInt(i64::from(replays + 1)));
+                let props = delivery.properties.clone().with_headers(fresh);
+                publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
+                done.replayed += 1;
+                tracing::info!(queue, replays = replays + 1, "dead letter of a transient cause replayed");
+            } else {
+                let mut kept = headers.clone();
+                if !kept.inner().contains_key("x-dead-letter-reason") {
+                    kept.insert(
+                        "x-dead-letter-reason".into(),
+                        text("the broker gave up on it after its delivery limit (x-death)"),
+                    );
+                }
+                kept.insert(CAUSE_HEADER.into(), text(cause.as_str()));
+                let props = delivery.properties.clone().with_headers(kept);
+                publish_confirmed(&channel, "", &dead, &delivery.data, props).await?;
+                done.kept += 1;
+                done.poison += u32::from(cause == Cause::Poison);
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(done)
+    }
+    .await;
+    close_channel(&channel, "dead letters looked at").await;
+    result
+}
+
+/// Replays the dead letters of transient causes every `replay.every`
+/// (`dead_letters_replayed_total{queue}`; `dead_letters_kept{queue,cause}`
+/// counts what stays). A queue is looked at again only when it holds more
+/// than was kept at the last look.
+async fn replay_loop(broker: Broker, queue: &'static str, replay: Replay, shutdown: CancellationToken) {
+    let mut kept = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(replay.every) => {}
+        }
+        let depth = async {
+            let channel = broker.channel().await?;
+            let n = channel
+                .queue_declare(
+                    dead_letter_queue(queue).as_str().into(),
+                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count());
+            close_channel(&channel, "dead letters counted").await;
+            n
+        };
+        let depth = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = depth => d,
+        };
+        match depth {
+            Ok(n) if n <= kept => {
+                kept = n;
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(queue, error = %e, "dead-letter queue not counted; trying again later");
+                continue;
+            }
+        }
+        let scan = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = replay_transient_dead_letters(&broker, queue, replay.max_replays) => r,
+        };
+        match scan {
+            Ok(done) => {
+                kept = done.kept;
+                metrics::counter!("dead_letters_replayed_total", "queue" => queue).increment(u64::from(done.replayed));
+                metrics::gauge!("dead_letters_kept", "queue" => queue, "cause" => "poison").set(f64::from(done.poison));
+                metrics::gauge!("dead_letters_kept", "queue" => queue, "cause" => "transient")
+                    .set(f64::from(done.kept - done.poison));
+                if done.kept > 0 {
+                    tracing::warn!(
+                        queue,
+                        kept = done.kept,
+                        poison = done.poison,
+                        "dead letters kept for a person (see order-system audit)"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = format!("{e:#}"), "could not replay dead letters; trying again later")
+            }
+        }
+    }
+}
+
 /// Moves what is in `queue`'s dead-letter queue back to `queue`, with its
-/// retry count and dead-letter headers removed, once the cause is fixed.
-/// Moves at most the messages present when it starts; returns how many.
+/// retry count, replay count and dead-letter headers removed, once the cause
+/// is fixed. Moves at most the messages present when it starts; returns how many.
 pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
     use lapin::options::{BasicGetOptions, QueueDeclareOptions};
     let channel = broker.confirm_channel().await?;
@@ -436,19 +693,7 @@ pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result
     while moved < present {
         let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else { break };
         let delivery = message.delivery;
-        let mut headers = FieldTable::default();
-        if let Some(old) = delivery.properties.headers() {
-            for (k, v) in old.inner() {
-                let key = k.as_str();
-                if key != RETRY_COUNT_HEADER
-                    && key != "x-last-error"
-                    && !key.starts_with("x-dead-letter")
-                    && key != "x-death"
-                {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        let headers = replay_headers(delivery.properties.headers().as_ref(), true);
         let props = delivery.properties.clone().with_headers(headers);
         publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
         delivery.ack(BasicAckOptions::default()).await?;

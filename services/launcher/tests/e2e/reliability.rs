@@ -300,6 +300,12 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_and_an_older_queue_i
     })
     .await;
     assert_eq!(depth(&s.amqp_url, "billing.payments").await, 0);
+    // The broker's give-up is a transient cause: replayed to its queue.
+    let broker = runtime::Broker::new(&s.amqp_url);
+    let done = runtime::consumer::replay_transient_dead_letters(&broker, "billing.payments", 3).await.unwrap();
+    assert_eq!((done.replayed, done.kept), (1, 0), "{done:?}");
+    assert_eq!(depth(&s.amqp_url, "billing.payments").await, 1);
+    broker.close().await;
 }
 
 #[tokio::test]
