@@ -608,6 +608,62 @@ pub async fn replay_transient_dead_letters(broker: &Broker, queue: &str, max_rep
     result
 }
 
+/// A message in a dead-letter queue, as [`inspect_dead_letters`] saw it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub kind: String,
+    pub cause: Cause,
+    pub reason: String,
+    pub replays: u32,
+}
+
+/// What is in `queue`'s dead-letter queue: each message present when it
+/// starts is taken and put back at the tail unchanged (not returned: a
+/// return would count toward the queue's delivery limit).
+pub async fn inspect_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<Vec<DeadLetter>> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let result = async {
+        let present = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let mut seen = vec![];
+        for _ in 0..present {
+            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
+                break;
+            };
+            let delivery = message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get("x-dead-letter-reason") {
+                Some(AMQPValue::LongString(r)) => r.to_string(),
+                _ if gave_up_by_broker(&headers, queue) => "the broker gave up on it after its delivery limit".into(),
+                _ => "no reason recorded".into(),
+            };
+            let props = &delivery.properties;
+            seen.push(DeadLetter {
+                message_id: props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                kind: props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                cause: Cause::of(&headers, queue),
+                reason,
+                replays: count_header(&headers, REPLAYS_HEADER),
+            });
+            publish_confirmed(&channel, "", &dead, &delivery.data, delivery.properties.clone()).await?;
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(seen)
+    }
+    .await;
+    close_channel(&channel, "dead letters inspected").await;
+    result
+}
+
 /// Replays the dead letters of transient causes every `replay.every`
 /// (`dead_letters_replayed_total{queue}`; `dead_letters_kept{queue,cause}`
 /// counts what stays). A queue is looked at again only when it holds more

@@ -426,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         notification_db: format!("{pg}/notification"),
         rabbitmq_api: servers.management_api(),
         vhost: "/".into(),
+        amqp_url: Some(amqp.clone()),
         pending_threshold: plan.settle,
         notification_grace: Duration::ZERO,
     };
