@@ -195,7 +195,9 @@ pub fn document() -> Value {
                  replica reads from its own offset (the offsets are the server-sent event ids). A message is published \
                  persistent and mandatory with publisher confirms (transactional outbox), consumed with manual \
                  ack after its effect committed (idempotent by `message_id`); a failing message is retried \
-                 through `<queue>.delay.<ms>ms` queues (dead-lettered back at least once), then parked in `<queue>.dead`."
+                 through `<queue>.delay.<ms>ms` queues (dead-lettered back at least once), then parked in `<queue>.dead`. \
+                 Each consumed queue dead-letters to `<queue>.dead` at least once past its delivery limit of 20 \
+                 (`x-delivery-limit`); dead letters of transient causes are replayed automatically, at most 3 times."
             ),
         );
     }

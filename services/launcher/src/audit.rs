@@ -33,6 +33,9 @@ pub struct AuditConfig {
     pub rabbitmq_api: String,
     /// The vhost whose dead-letter queues are checked.
     pub vhost: String,
+    /// The broker (AMQP URL of that vhost): when given, each dead letter's
+    /// cause and reason are read and shown (taken and put back at the tail).
+    pub amqp_url: Option<String>,
     /// Orders pending longer than this are violations.
     pub pending_threshold: Duration,
     /// An order settled less than this ago may still be on its way to
@@ -59,6 +62,15 @@ impl fmt::Display for Violation {
 pub struct Report {
     pub checked: Vec<String>,
     pub violations: Vec<Violation>,
+    pub totals: Totals,
+}
+
+/// What the audit counted, for a caller to compare with its own counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub orders: usize,
+    pub final_orders: usize,
+    pub notifications: i64,
 }
 
 impl Report {
@@ -123,6 +135,10 @@ pub async fn run(config: &AuditConfig) -> anyhow::Result<Report> {
     let mut report = Report::default();
     balances(&billing, &mut report).await?;
     let snapshot = Orders::read(&ordering).await?;
+    report.totals.orders = snapshot.finals.len() + snapshot.pending.len();
+    report.totals.final_orders = snapshot.finals.len();
+    report.totals.notifications =
+        sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(&notification).await?;
     orders(&billing, &notification, &snapshot, config.notification_grace, &mut report).await?;
     pending(&snapshot, config.pending_threshold, &mut report);
     dead_letters(config, &mut report).await?;
@@ -358,21 +374,51 @@ async fn dead_letters(config: &AuditConfig, report: &mut Report) -> anyhow::Resu
         .json()
         .await?;
     let dead: Vec<&Queue> = queues.iter().filter(|q| q.name.ends_with(".dead")).collect();
+    let broker = config.amqp_url.as_deref().map(runtime::Broker::new);
     for q in &dead {
         let n = q.messages.unwrap_or(0);
         if n > 0 {
+            let queue = q.name.trim_end_matches(".dead");
+            let causes = match &broker {
+                Some(broker) => describe(&runtime::consumer::inspect_dead_letters(broker, queue).await?),
+                None => String::new(),
+            };
             report.violation(
                 DEAD_LETTERS,
                 format!("queue {}", q.name),
                 format!(
-                    "{n} dead-lettered message(s) (inspect, fix, then `order-system replay-dead-letters {}`)",
-                    q.name.trim_end_matches(".dead")
+                    "{n} dead-lettered message(s){causes} (transient ones are replayed automatically; for the \
+                     others: inspect, fix, then `order-system replay-dead-letters {queue}`)"
                 ),
             );
         }
     }
+    if let Some(broker) = broker {
+        broker.close().await;
+    }
     report.checked.push(format!("dead-letter queues: {} in vhost {:?}", dead.len(), config.vhost));
     Ok(())
+}
+
+/// Dead letters by cause, and the first few with their reason.
+fn describe(letters: &[runtime::consumer::DeadLetter]) -> String {
+    use runtime::consumer::Cause;
+    let poison = letters.iter().filter(|l| l.cause == Cause::Poison).count();
+    let mut text = format!(": {poison} poison, {} transient", letters.len() - poison);
+    for l in letters.iter().take(10) {
+        text.push_str(&format!(
+            "; {} {} ({}, replayed {} times): {}",
+            l.kind,
+            l.message_id,
+            l.cause.as_str(),
+            l.replays,
+            l.reason
+        ));
+    }
+    if letters.len() > 10 {
+        text.push_str(&format!("; and {} more", letters.len() - 10));
+    }
+    text
 }
 
 /// The vhost as one path segment of the management API (`/` is `%2F`).

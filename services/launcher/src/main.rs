@@ -174,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
             notification_db: db("notification"),
             rabbitmq_api: rabbitmq_api.clone(),
             vhost: order_system::audit::vhost_of(&cli.messaging.amqp_url),
+            amqp_url: Some(cli.messaging.amqp_url.clone()),
             pending_threshold: std::time::Duration::from_secs(*pending_threshold_secs),
             notification_grace: std::time::Duration::from_secs(*notification_grace_secs),
         };

@@ -116,9 +116,7 @@ impl Broker {
                 let properties = ConnectionProperties::default().with_connection_name(self.inner.service.into());
                 let conn = Connection::connect_with_config(&self.inner.url, properties, tls, runtime);
                 let conn = Arc::new(conn.await?);
-                let channel = conn.create_channel().await?;
-                declare_topology(&channel).await?;
-                close_channel(&channel, "topology declared").await;
+                declare_topology(&conn).await?;
                 crate::push_stream::declare(&conn, &self.inner.push_stream).await?;
                 Ok(conn)
             })
@@ -257,9 +255,41 @@ pub fn retry_queue(queue: &str, delay: Duration) -> String {
     format!("{queue}.delay.{}ms", delay.as_millis())
 }
 
+/// Deliveries of a message after which its queue gives up on it and
+/// dead-letters it (`x-delivery-limit`). Consumers return deliveries only
+/// when their channel or connection fails (a database outage holds them,
+/// see `consumer`), so this is reached by a message that keeps failing a
+/// consumer in a way no handler sees (a crash while handling it), not by an
+/// outage. The same as RabbitMQ 4's default, stated so that RabbitMQ 3 and 4
+/// behave alike.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// The arguments of the queue a service consumes from: a quorum queue that
+/// dead-letters to `<queue>.dead` at least once (the source keeps the message
+/// until the dead-letter queue confirmed it; this needs `x-overflow:
+/// reject-publish`), after [`DELIVERY_LIMIT`] deliveries.
+pub fn consumer_queue_arguments(queue: &str) -> Vec<(&'static str, AMQPValue)> {
+    vec![
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&dead_letter_queue(queue))),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+    ]
+}
+
+/// Whether the broker refused a declaration because the queue exists with
+/// other arguments.
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 /// Exchanges, every durable consumer queue with its dead-letter queue, and
 /// their bindings.
-async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
+async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
+    let channel = conn.create_channel().await?;
     for exchange in topology::EXCHANGES {
         channel
             .exchange_declare(
@@ -271,8 +301,9 @@ async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
             .await?;
     }
     for queue in topology::QUEUES {
-        declare_quorum(channel, queue.name, &[]).await?;
-        declare_quorum(channel, &dead_letter_queue(queue.name), &[]).await?;
+        // The dead-letter queue first: a queue never dead-letters to nowhere.
+        declare_quorum(&channel, &dead_letter_queue(queue.name), &[]).await?;
+        declare_consumer_queue(conn, &channel, queue.name).await?;
         for key in queue.routing_keys {
             channel
                 .queue_bind(
@@ -285,6 +316,36 @@ async fn declare_topology(channel: &Channel) -> lapin::Result<()> {
                 .await?;
         }
     }
+    close_channel(&channel, "topology declared").await;
+    Ok(())
+}
+
+/// Declares `queue` with [`consumer_queue_arguments`] (on a channel of its
+/// own, which a refusal closes). A queue declared by an older version without them exists
+/// with other arguments, which the broker refuses to change (it closes the
+/// channel with PRECONDITION_FAILED); such a queue is used as it is, and
+/// reported (`queue_dead_letter_target{queue}` 0, an error in the log) until
+/// the policy in the README gives it the same target and limit.
+async fn declare_consumer_queue(conn: &Connection, channel: &Channel, queue: &str) -> lapin::Result<()> {
+    let own = conn.create_channel().await?;
+    let protected = match declare_quorum(&own, queue, &consumer_queue_arguments(queue)).await {
+        Ok(()) => true,
+        Err(e) if is_precondition_failed(&e) => {
+            tracing::error!(queue, error = %e, "the queue was declared without a dead-letter target and delivery \
+                limit and cannot be changed in place; apply the dead-letter policy (README, RabbitMQ topology)");
+            channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            false
+        }
+        Err(e) => return Err(e),
+    };
+    close_channel(&own, "queue declared").await;
+    metrics::gauge!("queue_dead_letter_target", "queue" => queue.to_string()).set(if protected { 1.0 } else { 0.0 });
     Ok(())
 }
 

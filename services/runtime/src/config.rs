@@ -48,7 +48,8 @@ pub struct MessagingConfig {
     pub outbox_confirm_timeout_ms: u64,
 
     /// Refusals by the broker (returned unroutable or nacked) after which an
-    /// outbox message is parked (kept with its reason, no longer retried).
+    /// outbox message is parked (kept with its reason and reported, tried
+    /// again after a delay capped at 5 minutes).
     #[arg(long, env = "OUTBOX_PARK_AFTER", default_value_t = 5)]
     pub outbox_park_after: u32,
 

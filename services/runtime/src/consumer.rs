@@ -10,11 +10,14 @@
 //! re-published to a retry or dead-letter queue, so nothing is lost and a
 //! poison message never blocks the queue.
 //!
-//! A database that cannot be reached is not a failure of the message: the
-//! delivery goes back to the queue as it was (no attempt counted), the
-//! consumer stops taking deliveries, waits until the database answers again,
-//! and resumes. Only the message's own failures (its handler's error, a
-//! panic, an invalid payload) count toward the retries and the dead letter.
+//! A database that cannot be reached (or a pool that times out) is not a
+//! failure of the message: the delivery is held, unacked, until the database
+//! answers again, then handled again. Held deliveries fill the prefetch, so
+//! the consumer takes no more meanwhile, and none goes back to the queue: a
+//! return would count toward the queue's delivery limit, past which the
+//! broker dead-letters the message. Only the message's own failures (its
+//! handler's error, a panic, an invalid payload) count toward the retries
+//! and the dead letter.
 
 use crate::Broker;
 use crate::broker::{close_channel, dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
@@ -29,6 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -50,8 +54,8 @@ pub enum HandlerError {
     /// Can never succeed: dead-lettered at once.
     #[error("{0}")]
     Reject(String),
-    /// A dependency is away (the database cannot be reached): the message is
-    /// returned to the queue uncounted and the consumer pauses until it is back.
+    /// A dependency is away (the database cannot be reached): the delivery is
+    /// held unacked until the database answers, then handled again.
     #[error("dependency unavailable: {0:#}")]
     Unavailable(anyhow::Error),
 }
@@ -73,14 +77,38 @@ pub struct Consumer<S> {
     db: PgPool,
     state: S,
     handlers: HashMap<&'static str, Handler<S>>,
+    /// Deliveries held while the database is away.
+    held: AtomicUsize,
+    /// Taken by the one held delivery that polls the database.
+    paused: tokio::sync::Mutex<()>,
+    replay: Replay,
 }
+
+/// How the dead letters of transient causes are replayed: every `every`, at
+/// most `max_replays` times each.
+#[derive(Clone, Copy, Debug)]
+pub struct Replay {
+    pub every: Duration,
+    pub max_replays: u32,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Replay { every: REPLAY_EVERY, max_replays: MAX_REPLAYS }
+    }
+}
+
+/// How often a consumer looks for dead letters of transient causes to
+/// replay, and how many times one is replayed before it is left for a person.
+pub const REPLAY_EVERY: Duration = Duration::from_secs(300);
+pub const MAX_REPLAYS: u32 = 3;
 
 enum Outcome {
     Done,
     Duplicate,
     Retry(String),
     DeadLetter(String),
-    /// Not the message's fault: back to the queue, uncounted.
+    /// Not the message's fault: held until the database answers.
     Unavailable(String),
 }
 
@@ -95,7 +123,22 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     pub fn new(queue: QueueSpec, db: PgPool, state: S) -> Self {
-        Consumer { queue, db, state, handlers: HashMap::new() }
+        Consumer {
+            queue,
+            db,
+            state,
+            handlers: HashMap::new(),
+            held: AtomicUsize::new(0),
+            paused: Default::default(),
+            replay: Replay::default(),
+        }
+    }
+
+    /// Replays the dead letters of transient causes every `every`, at most
+    /// `max_replays` times each (by default every 5 minutes, 3 times).
+    pub fn replay_dead_letters(mut self, every: Duration, max_replays: u32) -> Self {
+        self.replay = Replay { every, max_replays };
+        self
     }
 
     /// Handles messages of type `M` with `handler`, inside the inbox transaction.
@@ -123,14 +166,13 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
     ) -> anyhow::Result<()> {
         let this = Arc::new(self);
         let queue = this.queue.name;
+        let replayer = tokio::spawn(replay_loop(broker.clone(), queue, this.replay, shutdown.clone()));
         // Sessions in a row that ended without consuming for long.
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
             let Some(channel) = broker.wait_for_channel(false, &shutdown).await else {
                 break;
             };
-            // Cancelled by shutdown, or by a handler that found the database away.
-            let pause = shutdown.child_token();
             let mut republish = None;
             let mut consuming_since = None;
             let session = async {
@@ -142,19 +184,19 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
                     .await?;
                 tracing::info!(queue, "consuming");
                 consuming_since = Some(Instant::now());
+                // At most `prefetch` deliveries are held at once: while the
+                // database is away, every handler holds its delivery and the
+                // broker sends no more (its prefetch limit), so the consumer
+                // stops taking deliveries without returning any.
                 deliveries
-                    .take_until(pause.cancelled())
+                    .take_until(shutdown.cancelled())
                     .for_each_concurrent(usize::from(prefetch.max(1)), |delivery| {
                         let this = this.clone();
                         let confirms = confirms.clone();
-                        let (retry_delays, pause) = (&retry_delays, &pause);
+                        let (retry_delays, shutdown) = (&retry_delays, &shutdown);
                         async move {
                             match delivery {
-                                Ok(d) => {
-                                    if this.handle(d, &confirms, retry_delays).await == Away::Database {
-                                        pause.cancel();
-                                    }
-                                }
+                                Ok(d) => this.handle(d, &confirms, retry_delays, shutdown).await,
                                 Err(e) => {
                                     tracing::warn!(queue, error = %e, "consumer stream error")
                                 }
@@ -167,7 +209,9 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             if let Err(e) = session.await {
                 tracing::warn!(queue, error = %e, "consumer session failed");
             }
-            // Closing the channel returns the deliveries it holds to the queue, uncounted.
+            // Closing the channel returns the deliveries it still holds to
+            // the queue (each counts one delivery toward the queue's limit):
+            // only on shutdown or when the broker connection failed.
             close_channel(&channel, "consumer stopped").await;
             if let Some(confirms) = republish {
                 close_channel(&confirms, "consumer stopped").await;
@@ -175,37 +219,55 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             if shutdown.is_cancelled() {
                 break;
             }
-            if pause.is_cancelled() {
-                tracing::warn!(queue, "database unavailable; consumer paused until it answers");
-                metrics::gauge!("consumer_paused", "queue" => queue).set(1.0);
-                let back = crate::db::wait_until_available(&this.db, &shutdown).await;
-                metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
-                if !back {
-                    break;
-                }
-                tracing::info!(queue, "database available again; consumer resuming");
-            } else {
-                // A broker that refuses (a queue missing, access refused, a
-                // channel closed at once) is asked again after a capped
-                // backoff, not twice a second for ever; a session that
-                // consumed for a while starts the backoff afresh.
-                if consuming_since.is_some_and(|t: Instant| t.elapsed() >= HEALTHY_SESSION) {
-                    failures = 0;
-                }
-                let retry_in = crate::backoff::delay(failures, RECONNECT_BASE, RECONNECT_CAP);
-                failures = failures.saturating_add(1);
-                metrics::counter!("consumer_reconnects_total", "queue" => queue).increment(1);
-                tracing::warn!(queue, failures, ?retry_in, "consumer disconnected; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(retry_in) => {}
-                }
+            // A broker that refuses (a queue missing, access refused, a
+            // channel closed at once) is asked again after a capped
+            // backoff, not twice a second for ever; a session that
+            // consumed for a while starts the backoff afresh.
+            if consuming_since.is_some_and(|t: Instant| t.elapsed() >= HEALTHY_SESSION) {
+                failures = 0;
+            }
+            let retry_in = crate::backoff::delay(failures, RECONNECT_BASE, RECONNECT_CAP);
+            failures = failures.saturating_add(1);
+            metrics::counter!("consumer_reconnects_total", "queue" => queue).increment(1);
+            tracing::warn!(queue, failures, ?retry_in, "consumer disconnected; reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(retry_in) => {}
             }
         }
+        let _ = replayer.await;
         Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, republish: &lapin::Channel, delays: &[Duration]) -> Away {
+    /// Holds a delivery whose handler found the database away: waits until
+    /// the database answers (one waiter polls it, the others queue behind
+    /// it), the delivery unacked meanwhile. `false` on shutdown.
+    async fn hold_until_available(&self, shutdown: &CancellationToken) -> bool {
+        let queue = self.queue.name;
+        if self.held.fetch_add(1, Ordering::SeqCst) == 0 {
+            metrics::gauge!("consumer_paused", "queue" => queue).set(1.0);
+            tracing::warn!(queue, "database unavailable; consumer paused, holding its deliveries until it answers");
+        }
+        let back = {
+            let _one_poller = self.paused.lock().await;
+            crate::db::wait_until_available(&self.db, shutdown).await
+        };
+        if self.held.fetch_sub(1, Ordering::SeqCst) == 1 {
+            metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
+            if back {
+                tracing::info!(queue, "database available again; consumer resumed");
+            }
+        }
+        back
+    }
+
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        republish: &lapin::Channel,
+        delays: &[Duration],
+        shutdown: &CancellationToken,
+    ) {
         let props = &delivery.properties;
         let message_id = props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
         let kind = props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
@@ -223,10 +285,25 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             crate::telemetry::set_parent(&span, &tp.to_string());
         }
         async {
-            let outcome = self.process(&message_id, &kind, &delivery.data).await;
-            let away = if matches!(outcome, Outcome::Unavailable(_)) { Away::Database } else { Away::Nothing };
-            self.settle(&delivery, outcome, republish, delays).await;
-            away
+            loop {
+                match self.process(&message_id, &kind, &delivery.data).await {
+                    Outcome::Unavailable(reason) => {
+                        // Not the message's fault, and not returned to the
+                        // queue (a return counts toward the queue's delivery
+                        // limit): held until the database answers, then
+                        // handled again.
+                        metrics::counter!("messages_consumed_total", "queue" => self.queue.name,
+                            "type" => kind.clone(), "outcome" => "held")
+                        .increment(1);
+                        tracing::warn!(%reason, "database unavailable; delivery held until it answers");
+                        if !self.hold_until_available(shutdown).await {
+                            // Shutdown: closing the channel returns it.
+                            return;
+                        }
+                    }
+                    outcome => return self.settle(&delivery, outcome, republish, delays).await,
+                }
+            }
         }
         .instrument(span)
         .await
@@ -280,7 +357,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             Outcome::Duplicate => "duplicate",
             Outcome::Retry(_) if (attempt as usize) < delays.len() => "retried",
             Outcome::Retry(_) | Outcome::DeadLetter(_) => "dead_lettered",
-            Outcome::Unavailable(_) => "requeued",
+            Outcome::Unavailable(_) => "held",
         };
         metrics::counter!("messages_consumed_total", "queue" => queue, "type" => kind, "outcome" => label).increment(1);
         let forwarded = match outcome {
@@ -309,17 +386,10 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             }
             Outcome::Retry(reason) => {
                 let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
-                dead_letter(republish, delivery, queue, &reason).await
+                dead_letter(republish, delivery, queue, &reason, Cause::Transient).await
             }
-            Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason).await,
-            Outcome::Unavailable(reason) => {
-                tracing::warn!(%reason, "database unavailable; message returned to the queue uncounted");
-                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
-                if let Err(e) = delivery.nack(requeue).await {
-                    tracing::warn!(error = %e, "could not return the delivery; the broker will redeliver it");
-                }
-                return;
-            }
+            Outcome::DeadLetter(reason) => dead_letter(republish, delivery, queue, &reason, Cause::Poison).await,
+            Outcome::Unavailable(_) => unreachable!("held by `handle`, never settled"),
         };
         let settled = match forwarded {
             Ok(()) => delivery.ack(BasicAckOptions::default()).await,
@@ -334,13 +404,6 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
         }
     }
-}
-
-/// Whether a delivery found a dependency away.
-#[derive(PartialEq, Eq)]
-enum Away {
-    Nothing,
-    Database,
 }
 
 fn retry_count(delivery: &Delivery) -> u32 {
@@ -363,10 +426,12 @@ async fn dead_letter(
     delivery: &Delivery,
     queue: &str,
     reason: &str,
+    cause: Cause,
 ) -> Result<(), crate::broker::PublishError> {
-    tracing::error!(%reason, "message dead-lettered");
+    tracing::error!(%reason, cause = cause.as_str(), "message dead-lettered");
     let headers = [
         ("x-dead-letter-reason", text(reason)),
+        (CAUSE_HEADER, text(cause.as_str())),
         ("x-original-queue", text(queue)),
         ("x-original-exchange", text(delivery.exchange.as_str())),
         ("x-original-routing-key", text(delivery.routing_key.as_str())),
@@ -391,9 +456,283 @@ async fn forward(
     publish_confirmed(channel, "", queue, &delivery.data, props).await
 }
 
+/// Header of a dead letter: `transient` (its handler kept failing through
+/// the retry schedule: it may pass later) or `poison` (it can never pass).
+const CAUSE_HEADER: &str = "x-dead-letter-cause";
+/// Header counting a dead letter's automatic replays.
+const REPLAYS_HEADER: &str = "x-replays";
+
+/// Why a message is in a dead-letter queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// It may pass later: its handler failed through the whole retry
+    /// schedule, or the broker gave up on it after its delivery limit.
+    Transient,
+    /// It can never pass: no id, unknown type, invalid body, refused.
+    Poison,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Transient => "transient",
+            Cause::Poison => "poison",
+        }
+    }
+
+    /// The cause of a dead letter of `queue`, from its headers: ours (the
+    /// consumer's), or the broker's `x-death` record of a delivery limit.
+    fn of(headers: &FieldTable, queue: &str) -> Cause {
+        let get = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(v)) => Some(v.to_string()),
+            _ => None,
+        };
+        match (get(CAUSE_HEADER).as_deref(), get("x-dead-letter-reason")) {
+            (Some("transient"), _) => Cause::Transient,
+            (Some(_), _) => Cause::Poison,
+            // Dead-lettered by a version that did not say why.
+            (None, Some(reason)) if reason.starts_with("gave up after") => Cause::Transient,
+            (None, Some(_)) => Cause::Poison,
+            (None, None) if gave_up_by_broker(headers, queue) => Cause::Transient,
+            (None, None) => Cause::Poison,
+        }
+    }
+}
+
+/// Whether the broker dead-lettered the message from `queue` after its
+/// delivery limit (its `x-death` record says so).
+fn gave_up_by_broker(headers: &FieldTable, queue: &str) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else { return false };
+    deaths.as_slice().iter().any(|death| {
+        let AMQPValue::FieldTable(death) = death else { return false };
+        let is = |key: &str, value: &str| {
+            matches!(death.inner().get(key), Some(AMQPValue::LongString(v)) if v.to_string() == value)
+        };
+        is("queue", queue) && is("reason", "delivery_limit")
+    })
+}
+
+/// A dead letter's headers without what its deaths and retries added (and
+/// its replay count with `forget_replays`), for sending it to its queue again.
+fn replay_headers(old: Option<&FieldTable>, forget_replays: bool) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for (k, v) in old.map(|h| h.inner().iter()).into_iter().flatten() {
+        let key = k.as_str();
+        let added = key == RETRY_COUNT_HEADER
+            || key == "x-last-error"
+            || key == "x-death"
+            || key == "x-delivery-count"
+            || key.starts_with("x-dead-letter")
+            || key.starts_with("x-first-death")
+            || key.starts_with("x-original-")
+            || (forget_replays && key == REPLAYS_HEADER);
+        if !added {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+    headers
+}
+
+fn count_header(headers: &FieldTable, key: &str) -> u32 {
+    match headers.inner().get(key) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// What one look at a dead-letter queue did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Sent back to their queue.
+    pub replayed: u32,
+    /// Left where they are: poison, or replayed `max_replays` times already.
+    pub kept: u32,
+    /// Of those kept, the poison ones.
+    pub poison: u32,
+}
+
+/// Sends the dead letters of `queue` whose cause is transient back to
+/// `queue`, each at most `max_replays` times (counted in `x-replays`), and
+/// leaves the others where they are (taken and put back at the tail, with
+/// their reason). Looks at most at the messages present when it starts.
+pub async fn replay_transient_dead_letters(broker: &Broker, queue: &str, max_replays: u32) -> anyhow::Result<Replayed> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let result = async {
+        let present = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let mut done = Replayed::default();
+        for _ in 0..present {
+            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
+                break;
+            };
+            let delivery = message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let cause = Cause::of(&headers, queue);
+            let replays = count_header(&headers, REPLAYS_HEADER);
+            if cause == Cause::Transient && replays < max_replays {
+                let mut fresh = replay_headers(Some(&headers), false);
+                fresh.insert(REPLAYS_HEADER.into(), AMQPValue::LongLongInt(i64::from(replays + 1)));
+                let props = delivery.properties.clone().with_headers(fresh);
+                publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
+                done.replayed += 1;
+                tracing::info!(queue, replays = replays + 1, "dead letter of a transient cause replayed");
+            } else {
+                let mut kept = headers.clone();
+                if !kept.inner().contains_key("x-dead-letter-reason") {
+                    kept.insert(
+                        "x-dead-letter-reason".into(),
+                        text("the broker gave up on it after its delivery limit (x-death)"),
+                    );
+                }
+                kept.insert(CAUSE_HEADER.into(), text(cause.as_str()));
+                let props = delivery.properties.clone().with_headers(kept);
+                publish_confirmed(&channel, "", &dead, &delivery.data, props).await?;
+                done.kept += 1;
+                done.poison += u32::from(cause == Cause::Poison);
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(done)
+    }
+    .await;
+    close_channel(&channel, "dead letters looked at").await;
+    result
+}
+
+/// A message in a dead-letter queue, as [`inspect_dead_letters`] saw it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub kind: String,
+    pub cause: Cause,
+    pub reason: String,
+    pub replays: u32,
+}
+
+/// What is in `queue`'s dead-letter queue: each message present when it
+/// starts is taken and put back at the tail unchanged (not returned: a
+/// return would count toward the queue's delivery limit).
+pub async fn inspect_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<Vec<DeadLetter>> {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let result = async {
+        let present = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let mut seen = vec![];
+        for _ in 0..present {
+            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
+                break;
+            };
+            let delivery = message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get("x-dead-letter-reason") {
+                Some(AMQPValue::LongString(r)) => r.to_string(),
+                _ if gave_up_by_broker(&headers, queue) => "the broker gave up on it after its delivery limit".into(),
+                _ => "no reason recorded".into(),
+            };
+            let props = &delivery.properties;
+            seen.push(DeadLetter {
+                message_id: props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                kind: props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                cause: Cause::of(&headers, queue),
+                reason,
+                replays: count_header(&headers, REPLAYS_HEADER),
+            });
+            publish_confirmed(&channel, "", &dead, &delivery.data, delivery.properties.clone()).await?;
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(seen)
+    }
+    .await;
+    close_channel(&channel, "dead letters inspected").await;
+    result
+}
+
+/// Replays the dead letters of transient causes every `replay.every`
+/// (`dead_letters_replayed_total{queue}`; `dead_letters_kept{queue,cause}`
+/// counts what stays). A queue is looked at again only when it holds more
+/// than was kept at the last look.
+async fn replay_loop(broker: Broker, queue: &'static str, replay: Replay, shutdown: CancellationToken) {
+    let mut kept = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(replay.every) => {}
+        }
+        let depth = async {
+            let channel = broker.channel().await?;
+            let n = channel
+                .queue_declare(
+                    dead_letter_queue(queue).as_str().into(),
+                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count());
+            close_channel(&channel, "dead letters counted").await;
+            n
+        };
+        let depth = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = depth => d,
+        };
+        match depth {
+            Ok(n) if n <= kept => {
+                kept = n;
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(queue, error = %e, "dead-letter queue not counted; trying again later");
+                continue;
+            }
+        }
+        let scan = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = replay_transient_dead_letters(&broker, queue, replay.max_replays) => r,
+        };
+        match scan {
+            Ok(done) => {
+                kept = done.kept;
+                metrics::counter!("dead_letters_replayed_total", "queue" => queue).increment(u64::from(done.replayed));
+                metrics::gauge!("dead_letters_kept", "queue" => queue, "cause" => "poison").set(f64::from(done.poison));
+                metrics::gauge!("dead_letters_kept", "queue" => queue, "cause" => "transient")
+                    .set(f64::from(done.kept - done.poison));
+                if done.kept > 0 {
+                    tracing::warn!(
+                        queue,
+                        kept = done.kept,
+                        poison = done.poison,
+                        "dead letters kept for a person (see order-system audit)"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = format!("{e:#}"), "could not replay dead letters; trying again later")
+            }
+        }
+    }
+}
+
 /// Moves what is in `queue`'s dead-letter queue back to `queue`, with its
-/// retry count and dead-letter headers removed, once the cause is fixed.
-/// Moves at most the messages present when it starts; returns how many.
+/// retry count, replay count and dead-letter headers removed, once the cause
+/// is fixed. Moves at most the messages present when it starts; returns how many.
 pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
     use lapin::options::{BasicGetOptions, QueueDeclareOptions};
     let channel = broker.confirm_channel().await?;
@@ -410,19 +749,7 @@ pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result
     while moved < present {
         let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else { break };
         let delivery = message.delivery;
-        let mut headers = FieldTable::default();
-        if let Some(old) = delivery.properties.headers() {
-            for (k, v) in old.inner() {
-                let key = k.as_str();
-                if key != RETRY_COUNT_HEADER
-                    && key != "x-last-error"
-                    && !key.starts_with("x-dead-letter")
-                    && key != "x-death"
-                {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        let headers = replay_headers(delivery.properties.headers().as_ref(), true);
         let props = delivery.properties.clone().with_headers(headers);
         publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
         delivery.ack(BasicAckOptions::default()).await?;

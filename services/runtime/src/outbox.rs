@@ -192,6 +192,9 @@ pub struct Relay {
     confirm_timeout: Duration,
     /// Refusals (returned or nacked) after which a row is parked.
     park_after: u32,
+    /// The delay after a row's first refusal, and the longest.
+    refused_base: Duration,
+    refused_cap: Duration,
 }
 
 #[derive(sqlx::FromRow)]
@@ -218,13 +221,31 @@ enum Failure {
     Broker(String),
 }
 
-/// First retry of a refused row after this, doubling up to [`REFUSED_CAP`].
-const REFUSED_BASE: Duration = Duration::from_secs(1);
-const REFUSED_CAP: Duration = Duration::from_secs(300);
+/// First retry of a refused row after this, doubling up to [`REFUSED_CAP`]:
+/// a parked row is tried again every 5 minutes at most, so that it goes out
+/// by itself once its cause (a missing binding, a full queue) is gone.
+pub const REFUSED_BASE: Duration = Duration::from_secs(1);
+pub const REFUSED_CAP: Duration = Duration::from_secs(300);
 
 impl Relay {
     pub fn new(pool: PgPool, broker: Broker, poll: Duration) -> Self {
-        Relay { pool, broker, poll, batch: 200, confirm_timeout: Duration::from_secs(10), park_after: 5 }
+        Relay {
+            pool,
+            broker,
+            poll,
+            batch: 200,
+            confirm_timeout: Duration::from_secs(10),
+            park_after: 5,
+            refused_base: REFUSED_BASE,
+            refused_cap: REFUSED_CAP,
+        }
+    }
+
+    /// The delay after a row's first refusal, doubling with each attempt up
+    /// to `cap` (parked rows too).
+    pub fn refused_backoff(mut self, base: Duration, cap: Duration) -> Self {
+        (self.refused_base, self.refused_cap) = (base, cap);
+        self
     }
 
     /// How long a batch waits for its publisher confirms before the channel
@@ -234,7 +255,9 @@ impl Relay {
         self
     }
 
-    /// After how many refusals (returned or nacked) a row is parked.
+    /// After how many refusals (returned or nacked) a row is parked: reported
+    /// (`outbox_parked_messages`, its reason kept) and out of the backlog
+    /// that readiness watches, still tried again after the capped delay.
     pub fn park_after(mut self, refusals: u32) -> Self {
         self.park_after = refusals.max(1);
         self
@@ -288,7 +311,7 @@ impl Relay {
             OutboxMessage,
             "UPDATE outbox SET next_attempt_at = now() + make_interval(secs => $2)
              WHERE id IN (SELECT id FROM outbox
-                          WHERE sent_at IS NULL AND parked_at IS NULL AND next_attempt_at <= now()
+                          WHERE sent_at IS NULL AND next_attempt_at <= now()
                           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, payload, headers,
                        created_at, attempts, refusals",
@@ -363,18 +386,23 @@ impl Relay {
                     metrics::counter!("messages_publish_failed_total", &labels).increment(1);
                     let refusals = u32::try_from(row.refusals).unwrap_or(0).saturating_add(1);
                     let park = refusals >= self.park_after;
-                    let delay =
-                        crate::backoff::delay(u32::try_from(row.attempts).unwrap_or(0), REFUSED_BASE, REFUSED_CAP);
+                    let delay = crate::backoff::delay(
+                        u32::try_from(row.attempts).unwrap_or(0),
+                        self.refused_base,
+                        self.refused_cap,
+                    );
                     if park {
-                        metrics::counter!("outbox_messages_parked_total", &labels).increment(1);
-                        tracing::error!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, "the broker keeps refusing the message; parked");
+                        if refusals == self.park_after {
+                            metrics::counter!("outbox_messages_parked_total", &labels).increment(1);
+                        }
+                        tracing::error!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, retry_in = ?delay, "the broker keeps refusing the message; parked, tried again after the delay");
                     } else {
                         tracing::warn!(message_id = %row.message_id, r#type = %row.message_type, %reason, refusals, retry_in = ?delay, "publish refused; will retry");
                     }
                     sqlx::query!(
                         "UPDATE outbox SET attempts = attempts + 1, refusals = $3, last_error = $2,
                             next_attempt_at = now() + make_interval(secs => $4),
-                            parked_at = CASE WHEN $5 THEN now() END,
+                            parked_at = CASE WHEN $5 THEN COALESCE(parked_at, now()) END,
                             parked_reason = CASE WHEN $5 THEN $2 END
                          WHERE id = $1",
                         row.id,

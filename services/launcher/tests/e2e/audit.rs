@@ -196,6 +196,7 @@ impl TestApp {
             notification_db: db("notification"),
             rabbitmq_api: rabbitmq_api(),
             vhost: self.vhost.name.clone(),
+            amqp_url: Some(self.vhost.amqp_url.clone()),
             pending_threshold: Duration::from_secs(60),
             notification_grace: Duration::ZERO,
         }
@@ -321,6 +322,9 @@ async fn the_audit_reports_each_broken_invariant() {
     assert!(has(&report, audit::PAYMENT, &unpaid.to_string(), "no payment"), "{report}");
     assert!(has(&report, audit::NOTIFICATION, &unpaid.to_string(), "no notification"), "{report}");
     assert!(has(&report, audit::DEAD_LETTERS, "billing.payments.dead", "1 dead-lettered"), "{report}");
+    // With its cause and reason (it names none: poison).
+    assert!(has(&report, audit::DEAD_LETTERS, "billing.payments.dead", "1 poison, 0 transient"), "{report}");
+    assert!(has(&report, audit::DEAD_LETTERS, "billing.payments.dead", "no reason recorded"), "{report}");
     assert_eq!(report.violations.len(), 12, "{report}");
 
     // Orders settled within the grace are not checked for notifications yet

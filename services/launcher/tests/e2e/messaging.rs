@@ -287,10 +287,19 @@ const RETRY_QUEUE: QueueSpec =
 
 /// Runs a consumer whose handler fails its first `failures` calls.
 async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
+    consume_with_failures_replaying(s, failures, runtime::consumer::Replay::default()).await
+}
+
+/// [`consume_with_failures`] with its dead letters replayed as `replay` says.
+async fn consume_with_failures_replaying(
+    s: &Scratch,
+    failures: u32,
+    replay: runtime::consumer::Replay,
+) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
     s.queue(RETRY_QUEUE.name, exchange::ORDERING, OrderCreated::NAME).await;
     let calls = Arc::new(AtomicU32::new(0));
-    let consumer = Consumer::new(RETRY_QUEUE, s.pool.clone(), (calls.clone(), failures)).on::<OrderCreated, _>(
-        |(calls, failures), tx, msg| {
+    let consumer = Consumer::new(RETRY_QUEUE, s.pool.clone(), (calls.clone(), failures))
+        .on::<OrderCreated, _>(|(calls, failures), tx, msg| {
             Box::pin(async move {
                 if calls.fetch_add(1, Ordering::SeqCst) < failures {
                     return Err(HandlerError::Retry(anyhow::anyhow!("database is having a bad day")));
@@ -302,8 +311,8 @@ async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, t
                     .await?;
                 Ok(())
             })
-        },
-    );
+        })
+        .replay_dead_letters(replay.every, replay.max_replays);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let delays = vec![Duration::from_millis(50), Duration::from_millis(150)];
     tokio::spawn(consumer.run(s.broker.clone(), 4, delays, shutdown.clone()));
@@ -356,6 +365,74 @@ async fn a_handler_that_keeps_failing_ends_in_the_dead_letter_queue_and_can_be_r
     };
     assert!(reason.starts_with("gave up after 3 attempts: database is having a bad day"), "{reason}");
     shutdown.cancel();
+    s.stop().await;
+}
+
+/// A `dead_letters_kept{queue,cause}` gauge of this process.
+fn kept(cause: &str) -> f64 {
+    let label = format!("cause=\"{cause}\"");
+    let text = runtime::metrics::handle().render();
+    text.lines()
+        .filter(|l| l.starts_with("dead_letters_kept{") && l.contains(&label) && l.contains("test.retries"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A message whose handler failed through the whole retry schedule (three
+/// calls) is dead-lettered as transient and replayed automatically: here
+/// once, after which it passes (six calls in all), nothing left dead.
+#[tokio::test]
+async fn a_dead_letter_of_a_transient_cause_is_replayed_automatically() {
+    let s = Scratch::new().await;
+    let replay = runtime::consumer::Replay { every: Duration::from_millis(300), max_replays: 3 };
+    let (calls, shutdown) = consume_with_failures_replaying(&s, 5, replay).await;
+    let event = order_created();
+    publish(&s, &event).await;
+    eventually_counts(Duration::from_secs(20), &s.pool, "SELECT count(*) FROM orders WHERE id = $1", event.order_id, 1)
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 6, "three calls, replayed, three more");
+    assert_eq!(s.depth("test.retries.dead").await, 0);
+    shutdown.cancel();
+    s.stop().await;
+}
+
+/// The replays are bounded: a message that keeps failing is replayed twice
+/// (three rounds of three calls) and then stays, as does a poison message
+/// (never replayed), each with its reason, counted by cause.
+#[tokio::test]
+async fn replays_are_bounded_and_poison_stays_with_its_reason() {
+    runtime::metrics::handle(); // the recorder, before anything is counted
+    let s = Scratch::new().await;
+    let replay = runtime::consumer::Replay { every: Duration::from_millis(300), max_replays: 2 };
+    let (calls, shutdown) = consume_with_failures_replaying(&s, u32::MAX, replay).await;
+    publish(&s, &order_created()).await;
+    // Poison: a body that is not an OrderCreated.
+    let ch = s.broker.confirm_channel().await.unwrap();
+    let props = outbox::properties(Uuid::new_v4(), OrderCreated::NAME, None, chrono::Utc::now());
+    runtime::broker::publish_confirmed(&ch, exchange::ORDERING, OrderCreated::NAME, b"{\"not\": 1}", props)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || async { (kept("transient") == 1.0 && kept("poison") == 1.0).then_some(()) })
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 9, "three rounds of three calls");
+    shutdown.cancel();
+    let ch = s.channel().await;
+    let mut reasons = vec![];
+    while let Some(m) = ch.basic_get("test.retries.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        let headers = m.delivery.properties.headers().clone().unwrap();
+        let get = |k: &str| match headers.inner().get(k) {
+            Some(AMQPValue::LongString(v)) => v.to_string(),
+            Some(AMQPValue::LongLongInt(n)) => n.to_string(),
+            other => format!("{other:?}"),
+        };
+        reasons.push((get("x-dead-letter-cause"), get("x-replays"), get("x-dead-letter-reason")));
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0].0, "poison", "{reasons:?}");
+    assert!(reasons[0].2.starts_with("invalid OrderCreated body"), "{reasons:?}");
+    assert_eq!((reasons[1].0.as_str(), reasons[1].1.as_str()), ("transient", "2"), "{reasons:?}");
+    assert!(reasons[1].2.starts_with("gave up after 3 attempts"), "{reasons:?}");
     s.stop().await;
 }
 

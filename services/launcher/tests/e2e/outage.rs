@@ -26,6 +26,8 @@ pub enum Link {
 pub struct TcpProxy {
     pub port: u16,
     state: watch::Sender<Link>,
+    /// Connections refused while the link was cut.
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -58,17 +60,26 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let (state, watch) = watch::channel(Link::Open);
         let upstream = upstream.to_string();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = refused.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
                 if *watch.borrow() == Link::Cut {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     drop(client);
                     continue;
                 }
                 tokio::spawn(pipe(client, upstream.clone(), watch.clone()));
             }
         });
-        TcpProxy { port, state, task }
+        TcpProxy { port, state, refused, task }
+    }
+
+    /// How many connections the proxy refused while cut: the client's
+    /// attempts to reach a server that is down.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn set(&self, link: Link) {
@@ -187,6 +198,31 @@ impl Sandbox {
         let db = format!("{}_{name}", self.prefix);
         self.databases.lock().unwrap().push(db.clone());
         format!("{}/{db}", postgres_url())
+    }
+
+    /// Lowers the delivery limit of the sandbox's queues matching `pattern`
+    /// to `limit` with an operator policy (as RabbitMQ 4 gives every quorum
+    /// queue a limit of 20 by default; an operator policy applies beside the
+    /// queue's arguments and user policies, the lowest limit winning), and
+    /// waits until `queue` shows it.
+    pub async fn lower_delivery_limit(&self, pattern: &str, limit: u32, queue: &str) {
+        let http = reqwest::Client::new();
+        let api = crate::helpers::rabbitmq_api();
+        let r = http
+            .put(format!("{api}/operator-policies/{}/delivery-limit", self.prefix))
+            .json(
+                &serde_json::json!({"pattern": pattern, "definition": {"delivery-limit": limit}, "apply-to": "queues"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "setting the policy: {}", r.status());
+        crate::helpers::eventually(std::time::Duration::from_secs(20), || async {
+            let q: serde_json::Value =
+                http.get(format!("{api}/queues/{}/{queue}", self.prefix)).send().await.ok()?.json().await.ok()?;
+            (q["operator_policy"] == "delivery-limit").then_some(())
+        })
+        .await;
     }
 
     /// The database URL as seen through `proxy` (see [`TcpProxy::before`]).

@@ -65,6 +65,10 @@ struct Plan {
     rmq_kill_at: Option<Duration>,
     kill_every: Duration,
     settle: Duration,
+    /// The services' queues get this delivery limit by operator policy,
+    /// far below RabbitMQ 4's default of 20: a consumer that returned its
+    /// deliveries in a database outage would see messages dead-lettered.
+    delivery_limit: u32,
 }
 
 impl Plan {
@@ -82,6 +86,7 @@ impl Plan {
                 rmq_kill_at: Some(Duration::from_secs(220)),
                 kill_every: Duration::from_secs(15),
                 settle: Duration::from_secs(300),
+                delivery_limit: 3,
             }
         } else {
             Plan {
@@ -96,6 +101,7 @@ impl Plan {
                 rmq_kill_at: None,
                 kill_every: Duration::from_secs(12),
                 settle: Duration::from_secs(120),
+                delivery_limit: 3,
             }
         }
     }
@@ -196,6 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         plan.nodes,
         &RMQ_PORTS[..plan.nodes]
     );
+    lower_delivery_limit(plan.delivery_limit).await?;
+    println!("  the services' queues limited to {} deliveries (operator policy)", plan.delivery_limit);
     let stop_all = CancellationToken::new();
     let _stop_guard = stop_all.clone().drop_guard();
     Balancer::start(addr(AMQP_BALANCER), RMQ_PORTS[..plan.nodes].iter().map(|p| addr(*p)).collect(), stop_all.clone())
@@ -418,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         notification_db: format!("{pg}/notification"),
         rabbitmq_api: servers.management_api(),
         vhost: "/".into(),
+        amqp_url: Some(amqp.clone()),
         pending_threshold: plan.settle,
         notification_grace: Duration::ZERO,
     };
@@ -465,6 +474,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(ok && slow.is_empty())
 }
 
+/// Sets an operator policy that lowers the delivery limit of the services'
+/// queues (not their dead-letter or delay queues) on the private broker.
+async fn lower_delivery_limit(limit: u32) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{}/api/operator-policies/%2f/delivery-limit", infra::MGMT_PORT);
+    let policy = serde_json::json!({
+        "pattern": r"^(billing|ordering|notification)\.[a-z]+$",
+        "definition": {"delivery-limit": limit},
+        "apply-to": "queues",
+    });
+    let r = reqwest::Client::new().put(url).basic_auth("guest", Some("guest")).json(&policy).send().await?;
+    anyhow::ensure!(r.status().is_success(), "setting the delivery-limit policy: {}", r.status());
+    Ok(())
+}
+
 /// Removes the working directory on exit unless asked to keep it.
 struct WorkDir {
     path: PathBuf,
@@ -487,13 +510,32 @@ async fn get_json(load: &Load, user: &User, path: &str) -> Option<Value> {
     r.json().await.ok()
 }
 
+/// Every item of a user's newest-first list at `path`, page after page
+/// (`?limit=500&before=<the last id>`) until a page is short; `None` if a
+/// page could not be read.
+async fn get_all(load: &Load, user: &User, path: &str) -> Option<Vec<Value>> {
+    const PAGE: usize = 500;
+    let mut items: Vec<Value> = vec![];
+    loop {
+        let before = match items.last() {
+            Some(last) => format!("&before={}", last["id"].as_str()?),
+            None => String::new(),
+        };
+        let page = get_json(load, user, &format!("{path}?limit={PAGE}{before}")).await?.as_array()?.clone();
+        let short = page.len() < PAGE;
+        items.extend(page);
+        if short {
+            return Some(items);
+        }
+    }
+}
+
 async fn pending_orders(load: &Load, users: &[Arc<User>]) -> usize {
     let mut pending = 0;
     for u in users {
         let ids: Vec<Uuid> = u.record.lock().await.orders.keys().copied().collect();
-        let list = get_json(load, u, "/ordering/orders?limit=500").await;
+        let list = get_all(load, u, "/ordering/orders").await;
         let statuses: HashMap<String, String> = list
-            .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
             .iter()
             .filter_map(|o| Some((o["id"].as_str()?.to_string(), o["status"].as_str()?.to_string())))
@@ -524,14 +566,19 @@ async fn check(
     let (mut orders, mut finals, mut succeeded_n, mut events_ok, mut uncertain_applied, mut uncertain_not) =
         (0, 0, 0, 0, 0, 0);
     let mut notifications_total = 0;
+    // Every order and notification in the users' lists: the audit's totals
+    // (the load's users are the only ones) must be the same.
+    let (mut listed_orders, mut listed_finals) = (0, 0);
     for u in users {
         let rec = u.record.lock().await;
         let who = format!("user {} ({})", u.id, u.email);
         // Every accepted order final, from the API.
-        let list = get_json(load, u, "/ordering/orders?limit=500")
-            .await
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
+        let Some(list) = get_all(load, u, "/ordering/orders").await else {
+            violations.push(format!("{who}: the order list could not be read"));
+            continue;
+        };
+        listed_orders += list.len();
+        listed_finals += list.iter().filter(|o| o["status"] == "succeeded" || o["status"] == "failed").count();
         let by_id: HashMap<Uuid, (String, Decimal)> = list
             .iter()
             .filter_map(|o| {
@@ -594,8 +641,10 @@ async fn check(
             violations.push(format!("{who}: the stream answered `reset` {} time(s) (history lost)", rec.resets));
         }
         // Notifications, from the API: one per final order.
-        let notes =
-            get_json(load, u, "/notifications?limit=500").await.and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+        let Some(notes) = get_all(load, u, "/notifications").await.map(|n| n.len()) else {
+            violations.push(format!("{who}: the notification list could not be read"));
+            continue;
+        };
         notifications_total += notes;
         if notes != user_finals {
             violations.push(format!("{who}: {notes} notifications for {user_finals} final orders"));
@@ -630,6 +679,16 @@ async fn check(
     let audit = order_system::audit::run(audit_config).await?;
     for v in &audit.violations {
         violations.push(format!("audit: {v}"));
+    }
+    let totals = audit.totals;
+    if (listed_orders, listed_finals, notifications_total as i64)
+        != (totals.orders, totals.final_orders, totals.notifications)
+    {
+        violations.push(format!(
+            "the users' lists and the audit disagree: orders {listed_orders} listed, {} audited; final {listed_finals} \
+             listed, {} audited; notifications {notifications_total} listed, {} audited",
+            totals.orders, totals.final_orders, totals.notifications
+        ));
     }
 
     let s = &load.stats;
@@ -686,6 +745,11 @@ async fn check(
     println!(
         "  balances of {} users = deposits - withdrawals - succeeded orders ({uncertain_applied} unanswered money requests found applied in the ledger, {uncertain_not} not)",
         users.len()
+    );
+    println!(
+        "  in the users' lists (every page): orders {listed_orders}, final {listed_finals}, notifications {notifications_total} \
+         (the audit's totals: {}, {}, {})",
+        totals.orders, totals.final_orders, totals.notifications
     );
     println!(
         "  notifications {notifications_total}; payments charged once per succeeded order (ledger by payment id); 500 answers {}",
