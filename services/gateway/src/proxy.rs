@@ -47,7 +47,9 @@ pub struct Gateway {
     auth: Arc<TokenVerifier>,
     signer: AssertionSigner,
     timeout: Duration,
-    client_ip_header: Option<HeaderName>,
+    /// Longest time to receive a request's body (`GATEWAY_BODY_READ_TIMEOUT_MS`).
+    body_timeout: Duration,
+    pub client_ip_header: Option<HeaderName>,
     shutdown: CancellationToken,
 }
 
@@ -119,6 +121,7 @@ impl Gateway {
             auth,
             signer,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
+            body_timeout: config.connections.body_read_timeout(),
             client_ip_header,
             shutdown,
         })
@@ -149,6 +152,27 @@ fn strip_client_headers(headers: &mut axum::http::HeaderMap) {
     }
 }
 
+/// The request body, whole, if it arrives within `limit` and is at most
+/// [`BODY_LIMIT`] bytes: else 408 or 413.
+async fn read_body(body: Body, limit: Duration) -> Result<Body, ApiError> {
+    let limited = http_body_util::Limited::new(body, BODY_LIMIT);
+    match tokio::time::timeout(limit, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => Ok(Body::from(collected.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {BODY_LIMIT} bytes")))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the client's body broke off");
+            Err(ApiError::bad_request("the request body could not be read"))
+        }
+        Err(_) => {
+            metrics::counter!("gateway_body_read_timeouts_total").increment(1);
+            tracing::warn!(?limit, "a request body did not arrive in time");
+            Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
+        }
+    }
+}
+
 /// A service's `Location` (its own path) as the public path, when it is one
 /// of the route's.
 fn public_location(route: &Route, location: &str) -> Option<String> {
@@ -173,6 +197,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
             format!("request body larger than {BODY_LIMIT} bytes"),
         ));
     }
+
+    // The body is read whole here, within its time: a client that trickles
+    // it holds its share of the permits for that long at most, and the
+    // services behind never wait on a client.
+    let body = read_body(body, gw.body_timeout).await?;
 
     // Only the gateway speaks for the user.
     // The services behind learn the client's address from this header only.

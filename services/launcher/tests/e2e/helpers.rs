@@ -347,6 +347,7 @@ impl TestApp {
             https_addr: String::new(),
             tls: Default::default(),
             limits: Default::default(),
+            connections: Default::default(),
             signing: runtime::auth::SigningKeyConfig::with(signer.clone()),
         };
         let gateway_config = config.clone();

@@ -667,6 +667,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         https_addr: String::new(),
         tls: Default::default(),
         limits: Default::default(),
+        connections: Default::default(),
         signing: runtime::auth::SigningKeyConfig::with(app.signer.clone()),
     };
     let shutdown = CancellationToken::new();
