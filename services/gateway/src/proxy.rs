@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use contracts::api::TOKEN_COOKIE;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
@@ -152,6 +153,27 @@ fn strip_client_headers(headers: &mut axum::http::HeaderMap) {
     }
 }
 
+/// Removes the user's token (`Authorization`, the `accessToken` cookie;
+/// other cookies stay): it is for the gateway only, and a service that
+/// received it could act as the user anywhere.
+fn strip_token(headers: &mut axum::http::HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    let cookies: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes()).split(';').map(|c| c.trim().to_string()).collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(name, _)| name.trim() != TOKEN_COOKIE))
+        .collect();
+    headers.remove(header::COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// The request body, whole, if it arrives within `limit` and is at most
 /// [`BODY_LIMIT`] bytes: else 408 or 413.
 async fn read_body(body: Body, limit: Duration) -> Result<Body, ApiError> {
@@ -217,12 +239,14 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;
         // Who the user is, for this service only, for the next few seconds.
         let user = CurrentUser { id: c.user_id, email: c.email.clone(), token_id: c.jti, token_expires: c.exp };
-        let assertion = gw.signer.sign(route.service, &user);
+        let assertion = gw.signer.sign(route.service, &parts.method, &internal_path, &user);
         let assertion = HeaderValue::from_str(&assertion).expect("a JWT is ASCII");
         parts.headers.insert(HeaderName::from_static(ASSERTION_HEADER), assertion);
         tracing::Span::current().record("user_id", tracing::field::display(c.user_id));
         claims = Some(c);
     }
+
+    strip_token(&mut parts.headers);
 
     // The service's span is a child of this request's.
     if let Some(tp) = runtime::telemetry::traceparent(&tracing::Span::current())
@@ -415,6 +439,24 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["authorization", "x-request-id"]);
+    }
+
+    #[test]
+    fn the_token_is_stripped_and_other_cookies_stay() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.append(header::COOKIE, HeaderValue::from_static("theme=dark; accessToken=t"));
+        h.append(header::COOKIE, HeaderValue::from_static("accessToken=t2;lang=en"));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        strip_token(&mut h);
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["theme=dark; lang=en"]);
+        assert_eq!(h["x-request-id"], "r1");
+
+        let mut only_token = axum::http::HeaderMap::new();
+        only_token.insert(header::COOKIE, HeaderValue::from_static("accessToken=t"));
+        strip_token(&mut only_token);
+        assert!(only_token.is_empty());
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Replica {
 
     /// What the gateway would send this replica to say that `user` calls.
     pub fn assertion(&self, user: &User) -> String {
-        self.signer.sign("push", &as_current(user))
+        self.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &as_current(user))
     }
 
     /// The user's stream on this replica, as the gateway would ask for it.
