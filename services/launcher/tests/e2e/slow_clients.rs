@@ -170,3 +170,46 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn http2_limits_streams_per_connection_and_the_size_of_a_header_list() {
+    let mut app = TestApp::spawn().await;
+    let gateway = app
+        .gateway_with(|c| {
+            c.connections = ConnectionLimits {
+                h2_max_concurrent_streams: 7,
+                h2_max_header_list_size: 8 * 1024,
+                ..Default::default()
+            }
+        })
+        .await;
+    // HTTP/2 by prior knowledge (h2c), as the cleartext port speaks it.
+    let tcp = connect_from("127.0.0.2", &gateway).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut client = client.ready().await.unwrap();
+    let get = |extra: Option<String>| {
+        let mut req = axum::http::Request::get(format!("{gateway}/health/live"));
+        if let Some(value) = extra {
+            req = req.header("x-padding", value);
+        }
+        req.body(()).unwrap()
+    };
+    // A request whose headers fit is answered, and the connection has told
+    // the client how many streams it may open at once.
+    let (answer, _) = client.send_request(get(None), true).unwrap();
+    let resp = tokio::select! {
+        r = answer => r.unwrap(),
+        _ = &mut conn => panic!("the connection ended"),
+    };
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(conn.max_concurrent_send_streams(), 7);
+    // One whose header list is larger than allowed is refused.
+    let mut client = client.ready().await.unwrap();
+    let (answer, _) = client.send_request(get(Some("x".repeat(16 * 1024))), true).unwrap();
+    let refused = tokio::select! {
+        r = answer => r.map(|r| r.status()),
+        _ = &mut conn => panic!("the connection ended"),
+    };
+    assert!(matches!(refused, Ok(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)) || refused.is_err(), "{refused:?}");
+    app.stop().await;
+}
