@@ -116,7 +116,7 @@ fn assertion(gateway: &runtime::auth::AssertionSigner, user: Uuid) -> String {
         token_id: Uuid::new_v4(),
         token_expires: i64::MAX,
     };
-    gateway.sign("push", &caller)
+    gateway.sign("push", &axum::http::Method::GET, "/api/v1/orders", &caller)
 }
 
 /// One subscriber: reads its stream (opened with `auth`, the gateway's

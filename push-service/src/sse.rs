@@ -121,7 +121,7 @@ impl axum::extract::FromRequestParts<AppState> for StreamUser {
 /// On the port facing browsers, the user's token checked here
 /// (`runtime::tokens`; a replica refuses to open that port without it);
 /// on the internal port, the gateway's assertion, as every service checks it.
-async fn authenticate(state: &AppState, parts: &Parts) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
+async fn authenticate(state: &AppState, parts: &mut Parts) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
     if parts.extensions.get::<BrowserFacing>().is_none() {
         return Ok((runtime::auth::caller(parts)?, None));
     }
@@ -174,12 +174,14 @@ pub async fn order_events(
     Query(query): Query<ResumeQuery>,
 ) -> Result<Response, ApiError> {
     // Checked here, the stream ends with its token (expiry or logout); behind
-    // the gateway, the gateway ends it.
+    // the gateway, the gateway ends it (logout too), and so does this
+    // service when the token the assertion names expires.
     let verifier = state.verifier.clone();
+    let opened_by = user.clone();
     let token_ended = async move {
         match (verifier, claims) {
             (Some(v), Some(c)) => v.until_ended(&c).await,
-            _ => std::future::pending().await,
+            _ => opened_by.token_expired().await,
         }
     };
     let resume = resume_point(&headers, &query);

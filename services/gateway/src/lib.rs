@@ -67,6 +67,8 @@ pub struct Config {
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
     #[command(flatten)]
+    pub connections: runtime::connections::ConnectionLimits,
+    #[command(flatten)]
     pub signing: runtime::auth::SigningKeyConfig,
 }
 
@@ -86,6 +88,7 @@ pub async fn run_with_tls(
     let client = proxy::client();
     let auth = Arc::new(TokenVerifier::new(&config.identity_url, config.verifier.clone()));
     let gateway = Arc::new(proxy::Gateway::new(&config, client, auth.clone(), signer.clone(), shutdown.clone())?);
+    let client_ip_header = gateway.client_ip_header.clone();
     let routes = Router::new()
         .route("/api/{*path}", any(proxy::forward))
         .with_state(gateway)
@@ -93,6 +96,8 @@ pub async fn run_with_tls(
         .merge(docs::routes());
 
     let mut service = Service::new("gateway", &config.limits, shutdown);
+    // Slow and idle clients get a bounded share of the connections and permits.
+    service.limit_connections(&config.connections, client_ip_header);
     // No route of its own names a caller; the skeleton wants a verifier all the same.
     service.verify_callers(&signer.verify_keys());
     let keys = auth.clone();

@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use contracts::api::TOKEN_COOKIE;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
@@ -47,7 +48,9 @@ pub struct Gateway {
     auth: Arc<TokenVerifier>,
     signer: AssertionSigner,
     timeout: Duration,
-    client_ip_header: Option<HeaderName>,
+    /// Longest time to receive a request's body (`GATEWAY_BODY_READ_TIMEOUT_MS`).
+    body_timeout: Duration,
+    pub client_ip_header: Option<HeaderName>,
     shutdown: CancellationToken,
 }
 
@@ -122,6 +125,7 @@ impl Gateway {
             auth,
             signer,
             timeout: Duration::from_secs(config.upstream_timeout_secs),
+            body_timeout: config.connections.body_read_timeout(),
             client_ip_header,
             shutdown,
         })
@@ -152,6 +156,48 @@ fn strip_client_headers(headers: &mut axum::http::HeaderMap) {
     }
 }
 
+/// Removes the user's token (`Authorization`, the `accessToken` cookie;
+/// other cookies stay): it is for the gateway only, and a service that
+/// received it could act as the user anywhere.
+fn strip_token(headers: &mut axum::http::HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    let cookies: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes()).split(';').map(|c| c.trim().to_string()).collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(name, _)| name.trim() != TOKEN_COOKIE))
+        .collect();
+    headers.remove(header::COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// The request body, whole, if it arrives within `limit` and is at most
+/// [`BODY_LIMIT`] bytes: else 408 or 413.
+async fn read_body(body: Body, limit: Duration) -> Result<Body, ApiError> {
+    let limited = http_body_util::Limited::new(body, BODY_LIMIT);
+    match tokio::time::timeout(limit, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => Ok(Body::from(collected.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {BODY_LIMIT} bytes")))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the client's body broke off");
+            Err(ApiError::bad_request("the request body could not be read"))
+        }
+        Err(_) => {
+            metrics::counter!("gateway_body_read_timeouts_total").increment(1);
+            tracing::warn!(?limit, "a request body did not arrive in time");
+            Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"))
+        }
+    }
+}
+
 /// A service's `Location` (its own path) as the public path, when it is one
 /// of the route's.
 fn public_location(route: &Route, location: &str) -> Option<String> {
@@ -177,6 +223,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         ));
     }
 
+    // The body is read whole here, within its time: a client that trickles
+    // it holds its share of the permits for that long at most, and the
+    // services behind never wait on a client.
+    let body = read_body(body, gw.body_timeout).await?;
+
     // Only the gateway speaks for the user.
     // The services behind learn the client's address from this header only.
     let client =
@@ -191,12 +242,14 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;
         // Who the user is, for this service only, for the next few seconds.
         let user = CurrentUser { id: c.user_id, email: c.email.clone(), token_id: c.jti, token_expires: c.exp };
-        let assertion = gw.signer.sign(route.service, &user);
+        let assertion = gw.signer.sign(route.service, &parts.method, &internal_path, &user);
         let assertion = HeaderValue::from_str(&assertion).expect("a JWT is ASCII");
         parts.headers.insert(HeaderName::from_static(ASSERTION_HEADER), assertion);
         tracing::Span::current().record("user_id", tracing::field::display(c.user_id));
         claims = Some(c);
     }
+
+    strip_token(&mut parts.headers);
 
     // The service's span is a child of this request's.
     if let Some(tp) = runtime::telemetry::traceparent(&tracing::Span::current())
@@ -411,6 +464,24 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["authorization", "x-request-id"]);
+    }
+
+    #[test]
+    fn the_token_is_stripped_and_other_cookies_stay() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.append(header::COOKIE, HeaderValue::from_static("theme=dark; accessToken=t"));
+        h.append(header::COOKIE, HeaderValue::from_static("accessToken=t2;lang=en"));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        strip_token(&mut h);
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["theme=dark; lang=en"]);
+        assert_eq!(h["x-request-id"], "r1");
+
+        let mut only_token = axum::http::HeaderMap::new();
+        only_token.insert(header::COOKIE, HeaderValue::from_static("accessToken=t"));
+        strip_token(&mut only_token);
+        assert!(only_token.is_empty());
     }
 
     #[test]

@@ -70,6 +70,9 @@ struct Cli {
 
     #[command(flatten)]
     limits: runtime::HttpLimits,
+    /// The gateway's limits per connection and per client address.
+    #[command(flatten)]
+    connections: runtime::connections::ConnectionLimits,
 
     #[command(flatten)]
     abuse: identity::AbuseLimits,
@@ -278,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
         https_addr: cli.gateway_https_addr.clone(),
         tls: cli.tls.clone(),
         limits: limits.clone(),
+        connections: cli.connections.clone(),
         signing: runtime::auth::SigningKeyConfig::with(signer),
     };
     tasks.spawn("gateway", gateway::run(gateway, TcpListener::bind(cli.gateway_addr).await?, shutdown.clone()));

@@ -3,14 +3,19 @@
 //! The gateway verifies the user's access token and then signs, for each
 //! request it forwards, a short-lived assertion of who the caller is: an
 //! EdDSA (Ed25519) JWT in `X-User-Assertion` carrying the user's id and
-//! e-mail, the access token's `jti` and `exp` (for logout), `iat`, `exp`
-//! ([`ASSERTION_TTL_SECS`]), issuer `gateway` and, as audience, the one
+//! e-mail, the access token's `jti` and `exp` (for logout, and for the end
+//! of a stream opened with it), its own unique id (`jti`), the method and
+//! path it was issued for (`htm`, `htu`), `iat`, `exp` (a few seconds,
+//! [`ASSERTION_TTL_SECS`]), issuer `gateway` and, as audience, the one
 //! service the request goes to. Services behind it verify the assertion with
 //! the gateway's public key only ([`VerifyKeys`], `INTERNAL_VERIFY_KEY`):
 //! a process that can reach an internal port cannot act as another user,
 //! and a service (which holds no private key) cannot mint assertions, nor
-//! replay one it received against another service (the audience differs).
-//! A bare `X-User-Id` means nothing anywhere.
+//! use one it received for anything but the request it came with: another
+//! service refuses it (the audience differs), another method or path too,
+//! and so does the same service the second time (a bounded cache of the
+//! ids seen while they are valid). The user's own token never leaves the
+//! gateway. A bare `X-User-Id` means nothing anywhere.
 //!
 //! DESIGN: asymmetric keys rather than a shared secret (HMAC), so that
 //! compromising any service but the gateway gives no power to speak for
@@ -23,14 +28,17 @@
 
 use anyhow::Context;
 use axum::extract::FromRequestParts;
-use axum::http::HeaderMap;
+use axum::extract::OriginalUri;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::Mutex;
 use uuid::Uuid;
 
 use crate::ApiError;
@@ -43,14 +51,20 @@ pub const ASSERTION_HEADER: &str = "x-user-assertion";
 pub const INTERNAL_HEADERS: &[&str] = &[ASSERTION_HEADER];
 
 /// How long an assertion is valid: one request's start, not its length (a
-/// stream or long poll is checked when it begins).
-pub const ASSERTION_TTL_SECS: i64 = 30;
+/// stream or long poll is checked when it begins; the gateway signs it just
+/// before it forwards the request).
+pub const ASSERTION_TTL_SECS: i64 = 5;
 
 /// The issuer of every assertion.
 const ISSUER: &str = "gateway";
 
 /// Clock skew allowed between the gateway and a service.
-const LEEWAY_SECS: u64 = 5;
+const LEEWAY_SECS: u64 = 2;
+
+/// Assertion ids a service remembers at most (each until its assertion
+/// expires): far more than a replica receives in an assertion's life. Full
+/// of unexpired ids, it answers 503 rather than forget one.
+pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
 
 /// The authenticated user of a request, and the access token it came with.
 #[derive(Clone, Debug)]
@@ -63,6 +77,17 @@ pub struct CurrentUser {
     pub token_expires: i64,
 }
 
+impl CurrentUser {
+    /// Resolves when the access token this user came with has expired (its
+    /// `exp`, through the gateway's clock leeway for tokens, as the gateway
+    /// counts it): what a stream opened with an assertion lives until.
+    pub async fn token_expired(&self) {
+        let end = self.token_expires.saturating_add(crate::tokens::LEEWAY_SECS as i64 + 1);
+        let left = end.saturating_sub(chrono::Utc::now().timestamp()).max(0) as u64;
+        tokio::time::sleep(std::time::Duration::from_secs(left)).await;
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Claims {
     iss: String,
@@ -72,6 +97,12 @@ struct Claims {
     /// The access token's `jti` and `exp`.
     tid: Uuid,
     texp: i64,
+    /// The assertion's own id: a service accepts it once.
+    jti: Uuid,
+    /// The method and path (the service's own, without the query) it was
+    /// issued for.
+    htm: String,
+    htu: String,
     iat: i64,
     exp: i64,
 }
@@ -155,14 +186,15 @@ impl AssertionSigner {
         VerifyKeys::from_raw(vec![self.0.public.clone()])
     }
 
-    /// An assertion that `user` calls `audience` (a service's name), valid
+    /// An assertion that `user` calls `audience` (a service's name) with
+    /// `method` on `path` (the service's own path, without the query), once,
     /// from now for [`ASSERTION_TTL_SECS`].
-    pub fn sign(&self, audience: &str, user: &CurrentUser) -> String {
-        self.sign_at(audience, user, chrono::Utc::now().timestamp())
+    pub fn sign(&self, audience: &str, method: &Method, path: &str, user: &CurrentUser) -> String {
+        self.sign_at(audience, method, path, user, chrono::Utc::now().timestamp())
     }
 
     /// [`Self::sign`] as of `issued_at` (seconds since the epoch).
-    pub fn sign_at(&self, audience: &str, user: &CurrentUser, issued_at: i64) -> String {
+    pub fn sign_at(&self, audience: &str, method: &Method, path: &str, user: &CurrentUser, issued_at: i64) -> String {
         let claims = Claims {
             iss: ISSUER.into(),
             aud: audience.into(),
@@ -170,6 +202,9 @@ impl AssertionSigner {
             email: user.email.clone(),
             tid: user.token_id,
             texp: user.token_expires,
+            jti: Uuid::new_v4(),
+            htm: method.as_str().into(),
+            htu: path.into(),
             iat: issued_at,
             exp: issued_at + ASSERTION_TTL_SECS,
         };
@@ -238,16 +273,78 @@ impl VerifyKeys {
 pub struct CallerVerifier {
     keys: VerifyKeys,
     audience: &'static str,
+    seen: Arc<SeenAssertions>,
 }
+
+/// The ids of the assertions accepted here, each kept until its assertion
+/// has expired (after that it is refused as expired anyway), at most
+/// `capacity` of them.
+#[derive(Debug)]
+struct SeenAssertions {
+    capacity: usize,
+    inner: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashMap<Uuid, i64>,
+    /// (expiry, id) in the order accepted: nearly the order of expiry, as
+    /// every assertion lives as long.
+    order: VecDeque<(i64, Uuid)>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Seeing {
+    First,
+    Again,
+    Full,
+}
+
+impl SeenAssertions {
+    fn new(capacity: usize) -> Self {
+        SeenAssertions { capacity, inner: Mutex::new(Seen::default()) }
+    }
+
+    /// Records `id` (valid until `expires`) unless it was seen before.
+    fn see(&self, id: Uuid, expires: i64, now: i64) -> Seeing {
+        let mut seen = self.inner.lock().expect("seen assertions lock");
+        while let Some(&(exp, old)) = seen.order.front()
+            && exp < now
+        {
+            seen.order.pop_front();
+            seen.ids.remove(&old);
+        }
+        if seen.ids.contains_key(&id) {
+            return Seeing::Again;
+        }
+        if seen.ids.len() >= self.capacity {
+            return Seeing::Full;
+        }
+        seen.ids.insert(id, expires);
+        seen.order.push_back((expires, id));
+        Seeing::First
+    }
+}
+
+/// A request's caller once verified: a second look (another extractor of
+/// the same request) is not a replay.
+#[derive(Clone)]
+struct Verified(CurrentUser);
 
 impl CallerVerifier {
     pub fn new(keys: VerifyKeys, audience: &'static str) -> Self {
-        CallerVerifier { keys, audience }
+        Self::with_capacity(keys, audience, REPLAY_CACHE_CAPACITY)
     }
 
-    /// The user `headers` name in a valid assertion for this service; 401
-    /// for a missing, forged, expired or misdirected one.
-    pub fn verify(&self, headers: &HeaderMap) -> Result<CurrentUser, ApiError> {
+    fn with_capacity(keys: VerifyKeys, audience: &'static str, capacity: usize) -> Self {
+        CallerVerifier { keys, audience, seen: Arc::new(SeenAssertions::new(capacity)) }
+    }
+
+    /// The user `headers` name in a valid assertion for this service and
+    /// this request (`method`, `path`), not seen here before; 401 for a
+    /// missing, forged, expired, misdirected or replayed one (503 while
+    /// this replica's memory of the assertions it accepted is full).
+    pub fn verify(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<CurrentUser, ApiError> {
         let refused = || ApiError::unauthorized("authentication required");
         let token = headers.get(ASSERTION_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(refused)?;
         let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid).ok_or_else(refused)?;
@@ -266,6 +363,23 @@ impl CallerVerifier {
                 refused()
             })?
             .claims;
+        if claims.htm != method.as_str() || claims.htu != path {
+            tracing::warn!(issued_for = %format_args!("{} {}", claims.htm, claims.htu), %method, path,
+                "an assertion issued for another request was refused");
+            return Err(refused());
+        }
+        let expires = claims.exp.saturating_add(LEEWAY_SECS as i64);
+        match self.seen.see(claims.jti, expires, chrono::Utc::now().timestamp()) {
+            Seeing::First => {}
+            Seeing::Again => {
+                tracing::warn!(assertion = %claims.jti, "an assertion seen before was refused (a replay)");
+                return Err(refused());
+            }
+            Seeing::Full => {
+                tracing::warn!("too many assertions to remember; refusing until some expire");
+                return Err(ApiError::unavailable("the service is busy, try again", std::time::Duration::from_secs(1)));
+            }
+        }
         Ok(CurrentUser { id: claims.sub, email: claims.email, token_id: claims.tid, token_expires: claims.texp })
     }
 }
@@ -322,19 +436,29 @@ impl<S: Send + Sync> FromRequestParts<S> for CurrentUser {
 }
 
 /// The user of a request, by its assertion, checked with the service's
-/// [`CallerVerifier`] (in the request's extensions).
-pub fn caller(parts: &Parts) -> Result<CurrentUser, ApiError> {
+/// [`CallerVerifier`] (in the request's extensions) against the request's
+/// method and path; checked once per request.
+pub fn caller(parts: &mut Parts) -> Result<CurrentUser, ApiError> {
+    if let Some(Verified(user)) = parts.extensions.get::<Verified>() {
+        return Ok(user.clone());
+    }
     let verifier = parts
         .extensions
         .get::<CallerVerifier>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no CallerVerifier on this router")))?;
-    verifier.verify(&parts.headers)
+    // The path the service was asked for, before any nesting stripped it.
+    let path = parts.extensions.get::<OriginalUri>().map_or(parts.uri.path(), |u| u.0.path());
+    let user = verifier.verify(&parts.method, path, &parts.headers)?;
+    parts.extensions.insert(Verified(user.clone()));
+    Ok(user)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::http::{HeaderValue, StatusCode};
+
+    const PATH: &str = "/api/v1/account";
 
     fn user() -> CurrentUser {
         CurrentUser {
@@ -356,7 +480,9 @@ mod tests {
         let signer = AssertionSigner::generate();
         let verifier = CallerVerifier::new(signer.verify_keys(), "billing");
         let u = user();
-        let got = verifier.verify(&with_assertion(&signer.sign("billing", &u))).unwrap();
+        let got = verifier
+            .verify(&Method::GET, PATH, &with_assertion(&signer.sign("billing", &Method::GET, PATH, &u)))
+            .unwrap();
         assert_eq!(
             (got.id, got.email.as_str(), got.token_id, got.token_expires),
             (u.id, "a@example.com", u.token_id, u.token_expires)
@@ -368,7 +494,7 @@ mod tests {
         let signer = AssertionSigner::generate();
         let verifier = CallerVerifier::new(signer.verify_keys(), "billing");
         let refused = |h: HeaderMap| {
-            let e = verifier.verify(&h).unwrap_err();
+            let e = verifier.verify(&Method::GET, PATH, &h).unwrap_err();
             assert_eq!((e.status, e.message.as_str()), (StatusCode::UNAUTHORIZED, "authentication required"));
         };
         refused(HeaderMap::new());
@@ -378,8 +504,9 @@ mod tests {
         refused(with_assertion("not.a.jwt"));
         // Another key, even with this key's id.
         let other = AssertionSigner::generate();
-        refused(with_assertion(&other.sign("billing", &user())));
-        let mut forged: Vec<String> = other.sign("billing", &user()).split('.').map(String::from).collect();
+        refused(with_assertion(&other.sign("billing", &Method::GET, PATH, &user())));
+        let mut forged: Vec<String> =
+            other.sign("billing", &Method::GET, PATH, &user()).split('.').map(String::from).collect();
         let mut header: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&forged[0]).unwrap()).unwrap();
         header["kid"] = signer.0.kid.clone().into();
@@ -387,10 +514,11 @@ mod tests {
         refused(with_assertion(&forged.join(".")));
         // Expired (past the leeway), and for another service.
         let now = chrono::Utc::now().timestamp();
-        refused(with_assertion(&signer.sign_at("billing", &user(), now - ASSERTION_TTL_SECS - 10)));
-        refused(with_assertion(&signer.sign("ordering", &user())));
+        refused(with_assertion(&signer.sign_at("billing", &Method::GET, PATH, &user(), now - ASSERTION_TTL_SECS - 10)));
+        refused(with_assertion(&signer.sign("ordering", &Method::GET, PATH, &user())));
         // Tampered claims.
-        let mut parts: Vec<String> = signer.sign("billing", &user()).split('.').map(String::from).collect();
+        let mut parts: Vec<String> =
+            signer.sign("billing", &Method::GET, PATH, &user()).split('.').map(String::from).collect();
         let mut claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
         claims["sub"] = Uuid::new_v4().to_string().into();
@@ -398,8 +526,64 @@ mod tests {
         refused(with_assertion(&parts.join(".")));
         // Within the clock leeway it still counts.
         assert!(
-            verifier.verify(&with_assertion(&signer.sign_at("billing", &user(), now - ASSERTION_TTL_SECS + 1))).is_ok()
+            verifier
+                .verify(
+                    &Method::GET,
+                    PATH,
+                    &with_assertion(&signer.sign_at(
+                        "billing",
+                        &Method::GET,
+                        PATH,
+                        &user(),
+                        now - ASSERTION_TTL_SECS + 1
+                    ))
+                )
+                .is_ok()
         );
+    }
+
+    #[test]
+    fn an_assertion_is_good_for_its_own_method_and_path_once() {
+        let signer = AssertionSigner::generate();
+        let verifier = CallerVerifier::new(signer.verify_keys(), "billing");
+        let refused = |r: Result<CurrentUser, ApiError>| {
+            let e = r.unwrap_err();
+            assert_eq!((e.status, e.message.as_str()), (StatusCode::UNAUTHORIZED, "authentication required"));
+        };
+        let deposit = with_assertion(&signer.sign("billing", &Method::POST, "/api/v1/account/deposit", &user()));
+        refused(verifier.verify(&Method::POST, "/api/v1/account/withdraw", &deposit));
+        refused(verifier.verify(&Method::GET, "/api/v1/account/deposit", &deposit));
+        assert!(verifier.verify(&Method::POST, "/api/v1/account/deposit", &deposit).is_ok());
+        refused(verifier.verify(&Method::POST, "/api/v1/account/deposit", &deposit));
+        // Another replica (its own memory) of the same service would take it
+        // once too: what bounds that is the assertion's life of a few seconds.
+        let another = CallerVerifier::new(signer.verify_keys(), "billing");
+        assert!(another.verify(&Method::POST, "/api/v1/account/deposit", &deposit).is_ok());
+    }
+
+    #[test]
+    fn a_full_memory_of_assertions_refuses_with_503_and_forgets_only_expired_ones() {
+        let seen = SeenAssertions::new(2);
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(seen.see(a, 100, 90), Seeing::First);
+        assert_eq!(seen.see(b, 105, 90), Seeing::First);
+        assert_eq!(seen.see(c, 110, 95), Seeing::Full, "both still valid: none is forgotten");
+        assert_eq!(seen.see(a, 100, 95), Seeing::Again);
+        // Once `a` has expired it is forgotten (an assertion that old is refused as expired).
+        assert_eq!(seen.see(c, 110, 101), Seeing::First);
+        assert_eq!(seen.see(b, 105, 101), Seeing::Again);
+
+        let signer = AssertionSigner::generate();
+        let verifier = CallerVerifier::with_capacity(signer.verify_keys(), "billing", 1);
+        assert!(
+            verifier
+                .verify(&Method::GET, PATH, &with_assertion(&signer.sign("billing", &Method::GET, PATH, &user())))
+                .is_ok()
+        );
+        let e = verifier
+            .verify(&Method::GET, PATH, &with_assertion(&signer.sign("billing", &Method::GET, PATH, &user())))
+            .unwrap_err();
+        assert_eq!((e.status, e.retry_after.is_some()), (StatusCode::SERVICE_UNAVAILABLE, true));
     }
 
     #[test]
@@ -409,7 +593,11 @@ mod tests {
         let keys = VerifyKeys::parse(&format!("{}, {}", old.verify_keys().text(), new.verify_keys().text())).unwrap();
         let verifier = CallerVerifier::new(keys, "push");
         for s in [&old, &again, &new] {
-            assert!(verifier.verify(&with_assertion(&s.sign("push", &user()))).is_ok());
+            assert!(
+                verifier
+                    .verify(&Method::GET, PATH, &with_assertion(&s.sign("push", &Method::GET, PATH, &user())))
+                    .is_ok()
+            );
         }
         // PEM, as openssl writes them.
         let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", old.private_key_text());

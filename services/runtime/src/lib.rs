@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod broker;
 pub mod conditional;
 pub mod config;
+pub mod connections;
 pub mod consumer;
 pub mod contact;
 pub mod db;

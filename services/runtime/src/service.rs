@@ -61,6 +61,9 @@ pub struct Service<Db: Storage = PgPool> {
     https: Option<Https>,
     /// How requests' callers are checked (see [`crate::auth`]); required.
     callers: Option<CallerVerifier>,
+    /// Limits per connection and per client (a server facing the internet),
+    /// and the header naming the client's address behind a proxy.
+    connections: Option<(crate::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
 }
 
 impl Service<()> {
@@ -79,6 +82,7 @@ impl Service<()> {
             check: None,
             https: None,
             callers: None,
+            connections: None,
         }
     }
 
@@ -114,7 +118,7 @@ impl Service<()> {
         let connected = crate::db::connect_when_available(database_url, pool_size, migrations, &shutdown).await;
         starting.stop().await;
         let db = connected?.ok_or_else(|| anyhow::anyhow!("shut down while waiting for the database"))?;
-        let Service { name, limits, tasks, uses_broker, check, https, callers, .. } = self;
+        let Service { name, limits, tasks, uses_broker, check, https, callers, connections, .. } = self;
         let mut service = Service {
             name,
             db,
@@ -126,6 +130,7 @@ impl Service<()> {
             check,
             https,
             callers,
+            connections,
         };
         // Every service's consumers record processed messages.
         let keep = messaging.processed_retention();
@@ -206,6 +211,17 @@ impl<Db: Storage> Service<Db> {
         self.callers = Some(CallerVerifier::new(keys.clone(), self.name));
     }
 
+    /// Serves within `limits` per connection and per client address (see
+    /// [`crate::connections`]); the address is `client_ip_header`'s where
+    /// set (a proxy in front), else the connection's peer.
+    pub fn limit_connections(
+        &mut self,
+        limits: &crate::connections::ConnectionLimits,
+        client_ip_header: Option<axum::http::HeaderName>,
+    ) {
+        self.connections = Some((limits.clone(), client_ip_header));
+    }
+
     /// A condition of the service's own for readiness: `Some(problem)` while
     /// it is not ready.
     pub fn ready_when(&mut self, problem: impl Fn() -> Option<&'static str> + Send + Sync + 'static) {
@@ -242,14 +258,39 @@ impl<Db: Storage> Service<Db> {
             outbox_max_age: self.messaging.as_ref().filter(|_| self.relays_outbox).map(|(m, _)| m.outbox_max_age()),
             check: self.check.clone(),
         };
-        let app = service_router(self.name, self.limits.apply(routes), readiness);
+        let mut routes = self.limits.apply(routes);
+        if let Some((limits, client_ip_header)) = &self.connections {
+            routes = limits.apply(routes, client_ip_header.clone());
+        }
+        let app = service_router(self.name, routes, readiness);
         let shutdown = self.shutdown();
+        if let Some((limits, client_ip_header)) = self.connections.take() {
+            // Counted per peer only where the peer is the client.
+            let per_peer = client_ip_header.is_none();
+            use crate::connections::serve as limited;
+            if let Some(https) = self.https.take() {
+                let app = (https.layer)(app.clone());
+                https.listener.set_nonblocking(true)?;
+                let tls = tokio_rustls::TlsAcceptor::from(https.tls.get_inner());
+                let (listener, grace) = (TcpListener::from_std(https.listener)?, https.grace);
+                let serve = limited(listener, Some(tls), app, limits.clone(), per_peer, shutdown.clone(), grace);
+                self.tasks.spawn("https", serve);
+            }
+            let serve = limited(listener, None, app, limits, per_peer, shutdown, Duration::from_secs(30));
+            self.tasks.spawn("http", serve);
+            return self.join().await;
+        }
         if let Some(https) = self.https.take() {
             let app = (https.layer)(app.clone());
             let serve = crate::tls::serve_tls(https.listener, app, https.tls, shutdown.clone(), https.grace);
             self.tasks.spawn("https", serve);
         }
         self.tasks.spawn("http", serve(listener, app, shutdown));
+        self.join().await
+    }
+
+    async fn join(self) -> anyhow::Result<()> {
+        let broker = self.messaging.as_ref().map(|(_, b)| b.clone());
         let result = self.tasks.join().await;
         if let Some(broker) = broker {
             broker.close().await;

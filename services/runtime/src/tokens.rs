@@ -47,7 +47,7 @@ pub enum TokenError {
 const KEY_FETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Clock skew allowed on `exp`.
-const LEEWAY_SECS: u64 = 5;
+pub const LEEWAY_SECS: u64 = 5;
 
 /// What a client is told to wait when tokens cannot be judged.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);

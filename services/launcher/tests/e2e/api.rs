@@ -154,7 +154,7 @@ async fn tokens_forged_headers_cookies_and_logout() {
         .get(app.url("/billing/account"))
         .header("X-User-Id", user.id.to_string())
         .header("X-User-Email", &user.email)
-        .header(ASSERTION, app.assertion("billing", &user))
+        .header(ASSERTION, app.assertion("billing", reqwest::Method::GET, "/api/v1/account", &user))
         .send()
         .await
         .unwrap();
@@ -169,7 +169,7 @@ async fn tokens_forged_headers_cookies_and_logout() {
         .get(app.url("/identity/profile"))
         .bearer_auth(&user.token)
         .header("X-User-Id", other.id.to_string())
-        .header(ASSERTION, app.assertion("identity", &other))
+        .header(ASSERTION, app.assertion("identity", reqwest::Method::GET, "/api/v1/profile", &other))
         .send()
         .await
         .unwrap();

@@ -347,6 +347,7 @@ impl TestApp {
             https_addr: String::new(),
             tls: Default::default(),
             limits: Default::default(),
+            connections: Default::default(),
             signing: runtime::auth::SigningKeyConfig::with(signer.clone()),
         };
         let gateway_config = config.clone();
@@ -441,9 +442,10 @@ impl TestApp {
     }
 
     /// What the gateway sends `service` (its name) to say that `user`
-    /// calls: the value of `X-User-Assertion`.
-    pub fn assertion(&self, service: &str, user: &User) -> String {
-        self.signer.sign(service, &as_current(user))
+    /// calls `method` on `path` (the service's own): the value of
+    /// `X-User-Assertion`, good for one request.
+    pub fn assertion(&self, service: &str, method: Method, path: &str, user: &User) -> String {
+        self.signer.sign(service, &method, path, &as_current(user))
     }
 
     /// Starts the shutdown of every service (as SIGTERM would); `stop` still cleans up.

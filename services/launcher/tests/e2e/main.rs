@@ -16,6 +16,7 @@ mod page;
 mod polling;
 mod push;
 mod reliability;
+mod slow_clients;
 mod stream_limits;
 mod tokens;
 mod transport;

@@ -48,7 +48,7 @@ impl Replica {
 
     /// What the gateway would send this replica to say that `user` calls.
     pub fn assertion(&self, user: &User) -> String {
-        self.signer.sign("push", &as_current(user))
+        self.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &as_current(user))
     }
 
     /// The user's stream on this replica, as the gateway would ask for it.
@@ -667,6 +667,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         https_addr: String::new(),
         tls: Default::default(),
         limits: Default::default(),
+        connections: Default::default(),
         signing: runtime::auth::SigningKeyConfig::with(app.signer.clone()),
     };
     let shutdown = CancellationToken::new();

@@ -45,10 +45,10 @@ pub fn callers() -> runtime::auth::CallerKeys {
     runtime::auth::CallerKeys { verify_keys: gateway_key().verify_keys() }
 }
 
-/// What the gateway sends billing to say that `user` calls.
-fn as_user(user: Uuid) -> String {
+/// What the gateway sends billing to say that `user` calls `method` `path`.
+fn as_user(user: Uuid, method: reqwest::Method, path: &str) -> String {
     let user = crate::helpers::User { id: user, email: String::new(), token: String::new() };
-    gateway_key().sign("billing", &crate::helpers::as_current(&user))
+    gateway_key().sign("billing", &method, path, &crate::helpers::as_current(&user))
 }
 
 pub fn messaging(amqp_url: &str) -> MessagingConfig {
@@ -80,7 +80,11 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
 }
 
 async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::Response {
-    http.get(format!("{billing}/api/v1/account")).header(crate::helpers::ASSERTION, as_user(user)).send().await.unwrap()
+    http.get(format!("{billing}/api/v1/account"))
+        .header(crate::helpers::ASSERTION, as_user(user, reqwest::Method::GET, "/api/v1/account"))
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -103,7 +107,7 @@ async fn while_the_database_is_away_requests_get_503_with_retry_after_and_servic
     // A write too.
     let r = http
         .post(format!("{}/api/v1/account/deposit", billing.url))
-        .header(crate::helpers::ASSERTION, as_user(user))
+        .header(crate::helpers::ASSERTION, as_user(user, reqwest::Method::POST, "/api/v1/account/deposit"))
         .json(&serde_json::json!({"amount": 5}))
         .send()
         .await
@@ -615,7 +619,7 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
     // A request in flight on the hung database.
     let stuck = tokio::spawn({
         let url = format!("http://127.0.0.1:{}/api/v1/account", base + 2);
-        let assertion = as_user(Uuid::new_v4());
+        let assertion = as_user(Uuid::new_v4(), reqwest::Method::GET, "/api/v1/account");
         async move { reqwest::Client::new().get(url).header(crate::helpers::ASSERTION, assertion).send().await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -149,6 +149,29 @@ async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
 }
 
 #[tokio::test]
+async fn a_stream_opened_with_an_assertion_ends_when_the_token_it_names_expires() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let replica = Replica::start(&app, |_| {}).await;
+    // On the push service's internal port, as the gateway would open it for
+    // a token that expires in a second.
+    let expires = chrono::Utc::now().timestamp() + 1;
+    let caller = runtime::auth::CurrentUser { token_expires: expires, ..as_current(&user) };
+    let assertion = app.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller);
+    let resp =
+        reqwest::Client::new().get(format!("{}/api/v1/orders", replica.url)).header(ASSERTION, assertion).send().await;
+    let resp = resp.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = sse_events(resp);
+    // It ends by itself once the token would no longer be accepted (its
+    // expiry and the gateway's leeway), heartbeats notwithstanding.
+    ended(&mut stream, WAIT).await;
+    assert!(chrono::Utc::now().timestamp() > expires, "ended before the token expired");
+    replica.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push_replica() {
     let app = TestApp::spawn().await;
     let user = app.user().await;
