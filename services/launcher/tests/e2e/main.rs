@@ -16,5 +16,6 @@ mod polling;
 mod push;
 mod reliability;
 mod stream_limits;
+mod sweeper;
 mod tokens;
 mod transport;
