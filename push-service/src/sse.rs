@@ -12,7 +12,7 @@
 
 use axum::extract::{Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use contracts::api::TokenClaims;
@@ -209,14 +209,14 @@ struct Admitted {
 /// (503), the user's open streams at their cap (429), no replay slot in time
 /// for a resume that reads the stream (503).
 async fn admit(state: &AppState, user: Uuid, resume: Resume) -> Result<Admitted, ApiError> {
+    let retry = jittered(state.retry).max(Duration::from_secs(1));
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));
+        return Err(ApiError::unavailable("the event stream is not available yet", retry));
     }
     let after = match resume {
         Resume::From(n) => Some(n),
         _ => None,
     };
-    let retry = jittered(state.retry).max(Duration::from_secs(1));
     let Ok((subscription, position, missed)) = state.hub.subscribe_after(user, after, state.max_streams_per_user)
     else {
         tracing::info!(user_id = %user, "too many open streams");
