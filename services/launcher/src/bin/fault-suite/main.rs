@@ -454,6 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     let ok = check(&load, &users, &audit_config, &injected, &replicas).await?;
     let stuck_violations = stuck.check(&gateway).await;
+    println!("  {}: {} violation(s)", stuck.describe(), stuck_violations.len());
     for v in &stuck_violations {
         println!("VIOLATION {v}");
     }
