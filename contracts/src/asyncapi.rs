@@ -24,7 +24,7 @@
 
 use crate::messages::{
     CorrelationField, CreatePayment, Message, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed, UserCreated,
-    UserUpdated,
+    UserUpdated, VoidPayment,
 };
 use crate::topology::{self, QueueSpec};
 use asyncapi_rust::AsyncApi;
@@ -89,7 +89,16 @@ macro_rules! messages {
     };
 }
 
-messages!(UserCreated, UserUpdated, CreatePayment, PaymentCreated, PaymentFailed, OrderCreated, OrderFailed);
+messages!(
+    UserCreated,
+    UserUpdated,
+    CreatePayment,
+    VoidPayment,
+    PaymentCreated,
+    PaymentFailed,
+    OrderCreated,
+    OrderFailed
+);
 
 /// A consuming queue, as the document shows it.
 #[derive(Clone, Debug)]

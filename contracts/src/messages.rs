@@ -99,6 +99,23 @@ pub struct CreatePayment {
 }
 message!(CreatePayment, exchange::ORDERING, id);
 
+/// A command to billing: the payment `id` will not be needed any more, so it
+/// must never be taken. Billing answers with the payment's outcome:
+/// `PaymentCreated` when it was already charged (the payment stands), or
+/// `PaymentFailed` — with [`PAYMENT_VOIDED`] when nothing had been taken; the
+/// void is then recorded, and a `CreatePayment` of that id arriving later is
+/// refused the same way. `userId` and `amount` are the payment's, as its
+/// `CreatePayment` asked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
+#[serde(rename_all = "camelCase")]
+pub struct VoidPayment {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub amount: Money,
+}
+message!(VoidPayment, exchange::ORDERING, id);
+
 /// The payment `id` was charged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
@@ -149,6 +166,10 @@ message!(OrderFailed, exchange::ORDERING, order_id);
 
 /// The reason billing gives when the balance does not cover a payment.
 pub const NOT_ENOUGH_MONEY: &str = "not enough money";
+
+/// The reason billing gives for a payment voided before it was taken
+/// (`VoidPayment`): no money was taken, and none will be.
+pub const PAYMENT_VOIDED: &str = "payment not taken in time: voided";
 
 /// A user as identity announces them, at registration and on every change,
 /// with the version of the profile the event carries.

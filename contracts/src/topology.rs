@@ -21,7 +21,7 @@ pub const BILLING_USERS: QueueSpec =
 pub const BILLING_PAYMENTS: QueueSpec = QueueSpec {
     name: "billing.payments",
     exchange: exchange::ORDERING,
-    routing_keys: &[messages::CreatePayment::NAME],
+    routing_keys: &[messages::CreatePayment::NAME, messages::VoidPayment::NAME],
 };
 
 pub const ORDERING_PAYMENTS: QueueSpec = QueueSpec {

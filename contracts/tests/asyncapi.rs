@@ -75,6 +75,7 @@ fn publishers_and_consumers_are_those_of_the_design() {
             ("billing", "PaymentCreated"),
             ("billing", "PaymentFailed"),
             ("ordering", "CreatePayment"),
+            ("ordering", "VoidPayment"),
             ("ordering", "OrderCreated"),
             ("ordering", "OrderFailed"),
         ])
@@ -84,6 +85,7 @@ fn publishers_and_consumers_are_those_of_the_design() {
         pairs(&[
             ("billing", "UserCreated"),
             ("billing", "CreatePayment"),
+            ("billing", "VoidPayment"),
             ("ordering", "PaymentCreated"),
             ("ordering", "PaymentFailed"),
             ("notification", "UserCreated"),
@@ -115,6 +117,7 @@ fn every_message_travels_on_its_exchange_with_its_routing_key() {
     check::<UserCreated>(&doc);
     check::<UserUpdated>(&doc);
     check::<CreatePayment>(&doc);
+    check::<VoidPayment>(&doc);
     check::<PaymentCreated>(&doc);
     check::<PaymentFailed>(&doc);
     check::<OrderCreated>(&doc);
@@ -241,6 +244,7 @@ fn payload_schemas_describe_the_json_serde_writes() {
     };
     record("UserUpdated", payload_errors(&doc, &updated));
     record("CreatePayment", payload_errors(&doc, &CreatePayment { id, user_id: id, amount: "600".parse().unwrap() }));
+    record("VoidPayment", payload_errors(&doc, &VoidPayment { id, user_id: id, amount: "600".parse().unwrap() }));
     record("PaymentCreated", payload_errors(&doc, &PaymentCreated { id }));
     record("PaymentFailed", payload_errors(&doc, &PaymentFailed { id, reason: NOT_ENOUGH_MONEY.into() }));
     record("OrderCreated", payload_errors(&doc, &OrderCreated { order_id: id, user_id: id, price, occurred_at: at }));

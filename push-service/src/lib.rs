@@ -53,7 +53,8 @@ pub struct Config {
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
 
-    /// The `retry:` hint: milliseconds a browser waits before reconnecting.
+    /// The `retry:` hint: milliseconds a browser waits before reconnecting
+    /// (each stream is told a delay drawn from half to twice this).
     #[arg(long, env = "SSE_RETRY_MS", default_value_t = 3000)]
     pub retry_ms: u64,
 

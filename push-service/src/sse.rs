@@ -12,7 +12,7 @@
 
 use axum::extract::{Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use contracts::api::TokenClaims;
@@ -211,14 +211,14 @@ struct Admitted {
 /// (503), the user's open streams at their cap (429), no replay slot in time
 /// for a resume that reads the stream (503).
 async fn admit(state: &AppState, user: Uuid, resume: Resume) -> Result<Admitted, ApiError> {
+    let retry = jittered(state.retry).max(Duration::from_secs(1));
     if state.hub.position().is_none() && tokio::time::timeout(READY_WAIT, state.hub.ready()).await.is_err() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event stream is not available yet"));
+        return Err(ApiError::unavailable("the event stream is not available yet", retry));
     }
     let after = match resume {
         Resume::From(n) => Some(n),
         _ => None,
     };
-    let retry = state.retry.max(Duration::from_secs(1));
     let Ok((subscription, position, missed)) = state.hub.subscribe_after(user, after, state.max_streams_per_user)
     else {
         tracing::info!(user_id = %user, "too many open streams");
@@ -242,6 +242,20 @@ async fn admit(state: &AppState, user: Uuid, resume: Resume) -> Result<Admitted,
     Ok(Admitted { subscription, position, missed, too_far, slot })
 }
 
+/// The reconnection delay one connection is told (its `retry:` field, the
+/// `Retry-After` of a refusal): the configured one spread over
+/// `[retry/2, 2·retry]`, drawn per connection. The streams a restart cuts
+/// all end at the same instant; with one delay for all they would all come
+/// back at the same instant too, and meet the gateway's load shedding as a
+/// herd. Spread, 2,000 streams with the default 3 s arrive over 4.5 s.
+fn jittered(retry: Duration) -> Duration {
+    let ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX / 4);
+    if ms == 0 {
+        return retry;
+    }
+    Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.saturating_mul(2)))
+}
+
 /// What an admitted connection sends: its first frame, what it owes from
 /// before (see [`replay`]), then the live events.
 fn connection(
@@ -257,7 +271,7 @@ fn connection(
         // client that drops before its first event then resumes from there,
         // not from whatever is live when it reconnects (a frame with an id and
         // no data sets the browser's last event id without firing an event).
-        let first = Event::default().retry(state.retry);
+        let first = Event::default().retry(jittered(state.retry));
         let first = if resume == Resume::Fresh { first.id(position.to_string()) } else { first };
         yield Ok(first.comment("connected"));
         let mut end = Replayed::Done { covered: None, open: true };
@@ -507,6 +521,19 @@ fn live(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_connection_is_told_its_own_reconnection_delay_around_the_configured_one() {
+        let retry = Duration::from_millis(3000);
+        let told: Vec<Duration> = (0..2000).map(|_| jittered(retry)).collect();
+        assert!(told.iter().all(|d| *d >= retry / 2 && *d <= retry * 2), "within [retry/2, 2·retry]");
+        let distinct: std::collections::HashSet<_> = told.iter().collect();
+        assert!(distinct.len() > 1000, "spread, not one instant: {} distinct delays of 2000", distinct.len());
+        // A quarter of the window holds about a quarter of them, not all.
+        let early = told.iter().filter(|d| **d < Duration::from_millis(2625)).count();
+        assert!((300..700).contains(&early), "{early} of 2000 in the first quarter of the window");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
 
     #[test]
     fn the_header_wins_over_the_query_and_bad_ids_are_unknown() {

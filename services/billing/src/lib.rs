@@ -3,16 +3,17 @@
 //! Deposits and withdrawals are synchronous REST calls (204), safe to retry
 //! with an `Idempotency-Key`; payments arrive
 //! as `CreatePayment` commands and are answered with `PaymentCreated` or
-//! `PaymentFailed` through the outbox. An account is created on first touch
+//! `PaymentFailed` through the outbox; a `VoidPayment` settles a payment
+//! for good (its outcome if it was taken, else a void that refuses it later). An account is created on first touch
 //! (UserCreated, a deposit, a read or a payment), so no ordering between
 //! those streams is assumed.
 
 mod accounts;
-mod payments;
+pub mod payments;
 
 use axum::Router;
 use axum::routing::{get, post};
-use contracts::messages::{CreatePayment, PaymentCreated, PaymentFailed, UserCreated};
+use contracts::messages::{CreatePayment, PaymentCreated, PaymentFailed, UserCreated, VoidPayment};
 use contracts::topology;
 use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
@@ -77,7 +78,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.consume(
         "payments consumer",
         Consumer::new(topology::BILLING_PAYMENTS, db.clone(), ())
-            .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg))),
+            .on::<CreatePayment, _>(|_, tx, msg| Box::pin(payments::on_create_payment(tx, msg)))
+            .on::<VoidPayment, _>(|_, tx, msg| Box::pin(payments::on_void_payment(tx, msg))),
     );
     service.relay_outbox();
     service.prune(vec![idempotency::prune(&config.idempotency)], config.idempotency.prune_interval());

@@ -10,6 +10,7 @@ const state = {
   orders: new Map(),      // id -> order
   source: null,           // EventSource
   reconnectTimer: null,
+  reconnectAttempts: 0,   // reconnections in a row that did not open a stream
   pollTimer: null,
   lastEventId: sessionStorage.getItem('lastEventId') || '',
 };
@@ -214,6 +215,7 @@ function openStream() {
   state.source = source;
   setStreamState('connecting');
   source.addEventListener('open', () => {
+    state.reconnectAttempts = 0;
     setStreamState('live');
     // Without an id to resume from, what happened while away is in the list.
     if (!state.lastEventId) loadOrders();
@@ -232,16 +234,47 @@ function openStream() {
     schedulePoll();
     if (source.readyState === EventSource.CLOSED) {
       // The browser gives up on an error status (e.g. 502 while the push
-      // service is down): retry ourselves, resuming from the last id.
+      // service restarts, 503 while the gateway sheds load): retry
+      // ourselves, resuming from the last id.
       setStreamState('polling');
-      state.reconnectTimer = setTimeout(async () => {
-        try { await api('GET', '/billing/account'); } catch (e) { if (e.status === 401) return showAuth(); }
-        openStream();
-      }, 3000);
+      scheduleReconnect(0);
     } else {
       setStreamState('reconnecting');
     }
   });
+}
+
+// Reconnecting after the browser gave up: exponential backoff with jitter,
+// so that the pages one restart cut do not all come back at the same
+// instant, and never sooner than a Retry-After the server asked for. A
+// cheap request first says whether to try yet (401: log in again; 503 or
+// 429: wait as its Retry-After says), since EventSource shows no status.
+const RECONNECT_BASE_MS = 1000;
+const RECONNECT_CAP_MS = 30000;
+
+function reconnectDelay(retryAfterSecs) {
+  const ceiling = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** state.reconnectAttempts);
+  state.reconnectAttempts += 1;
+  const backoff = ceiling / 2 + Math.random() * ceiling / 2;
+  const asked = retryAfterSecs > 0 ? retryAfterSecs * 1000 * (1 + Math.random() / 2) : 0;
+  return Math.max(backoff, asked);
+}
+
+function scheduleReconnect(retryAfterSecs) {
+  clearTimeout(state.reconnectTimer);
+  state.reconnectTimer = setTimeout(async () => {
+    let resp;
+    try {
+      resp = await fetch(API + '/billing/account', { credentials: 'same-origin' });
+    } catch (e) {
+      return scheduleReconnect(0);   // the network is away
+    }
+    if (resp.status === 401) return showAuth();
+    if (resp.status === 503 || resp.status === 429) {
+      return scheduleReconnect(Number(resp.headers.get('retry-after')) || 0);
+    }
+    openStream();
+  }, reconnectDelay(retryAfterSecs));
 }
 
 function stopStream() {

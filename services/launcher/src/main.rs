@@ -37,6 +37,9 @@ struct Cli {
     #[command(flatten)]
     idempotency: runtime::idempotency::IdempotencyConfig,
 
+    #[command(flatten)]
+    sweeper: ordering::sweeper::SweeperConfig,
+
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
     token_ttl_secs: u64,
 
@@ -231,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
         messaging: cli.messaging.clone(),
         idempotency: cli.idempotency.clone(),
         api_only: false,
+        sweeper: cli.sweeper.clone(),
         limits: limits.clone(),
         addr: ordering_addr.to_string(),
         callers: callers.clone(),

@@ -3,12 +3,14 @@
 //! answer moves the order to `succeeded` or `failed` and announces
 //! `OrderCreated` or `OrderFailed`. Pollers get tags, 304s and long polls
 //! woken by the settlement (PostgreSQL NOTIFY from the `order_changed` trigger).
+//! An order left pending is re-driven and, past a timeout, voided (`sweeper`).
 
-mod orders;
+pub mod orders;
+pub mod sweeper;
 
 use axum::Router;
 use axum::routing::get;
-use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
+use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed, VoidPayment};
 use contracts::topology;
 use runtime::idempotency::{self, IdempotencyConfig};
 use runtime::openapi::InternalAuth;
@@ -18,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 // What ordering publishes; its outbox refuses any other message.
-runtime::publishes!(pub OUTBOX: Ordering = "ordering" => CreatePayment, OrderCreated, OrderFailed);
+runtime::publishes!(pub OUTBOX: Ordering = "ordering" => CreatePayment, VoidPayment, OrderCreated, OrderFailed);
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -47,6 +49,9 @@ pub struct Config {
     /// replicas that settle orders and publish.
     #[arg(long, env = "ORDERING_API_ONLY", default_value_t = false)]
     pub api_only: bool,
+
+    #[command(flatten)]
+    pub sweeper: sweeper::SweeperConfig,
 
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
@@ -79,6 +84,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 .on::<PaymentFailed, _>(|_, tx, msg| Box::pin(orders::on_payment_failed(tx, msg))),
         );
         service.relay_outbox();
+        // Orders left pending for want of a message: re-driven, then voided.
+        service.spawn("pending orders sweeper", sweeper::run(db.clone(), config.sweeper.clone(), service.shutdown()));
     }
     // Long polls: one LISTEN connection wakes this replica's waiters when an
     // order changes, whichever replica changed it.

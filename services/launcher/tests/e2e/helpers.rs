@@ -225,6 +225,8 @@ pub struct Tuning {
     pub token_ttl_secs: u64,
     /// E-mail over implicit TLS (`smtps://`, the sink's CA in `SMTP_CA_FILE`).
     pub smtps: bool,
+    /// When ordering re-drives and gives up on pending orders.
+    pub sweeper: ordering::sweeper::SweeperConfig,
 }
 
 impl Default for Tuning {
@@ -241,6 +243,7 @@ impl Default for Tuning {
             gateway_client_ip_header: None,
             token_ttl_secs: 3600,
             smtps: false,
+            sweeper: Default::default(),
         }
     }
 }
@@ -299,6 +302,7 @@ impl TestApp {
             messaging: messaging.clone(),
             idempotency: Default::default(),
             api_only: false,
+            sweeper: tuning.sweeper,
             limits: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
@@ -384,6 +388,7 @@ impl TestApp {
             messaging: self.messaging.clone(),
             idempotency: Default::default(),
             api_only,
+            sweeper: Default::default(),
             limits: Default::default(),
             addr: String::new(),
             callers: self.callers(),

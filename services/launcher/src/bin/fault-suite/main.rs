@@ -14,6 +14,7 @@
 
 mod infra;
 mod load;
+mod stuck_orders;
 
 use anyhow::Context;
 use clap::Parser;
@@ -252,6 +253,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     env.push((format!("{upper}_DATABASE_URL"), format!("{pg}/{service}")));
                 }
             }
+            if service == "ordering" {
+                env.extend(stuck_orders::SWEEPER_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            }
             if service == "notification" {
                 env.push(("MAIL_DIR".into(), dir.join("mail").display().to_string()));
             }
@@ -317,6 +321,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     println!("  load: {} users registered, each in a closed loop with its event stream", plan.users);
+    let stuck = stuck_orders::StuckOrders::inject(&gateway, &format!("{pg}/ordering"), 4).await?;
+    println!("  {}", stuck.describe());
 
     // Faults, on a schedule relative to the start of the load.
     let injected = Arc::new(Mutex::new(Injected::default()));
@@ -364,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(at) = plan.rmq_kill_at {
         schedule.push((at, "rabbitmq kill"));
     }
+    schedule.push((plan.load * 3 / 5, "push herd"));
     schedule.sort();
     for (at, what) in schedule {
         tokio::time::sleep(at.saturating_sub(t0.elapsed())).await;
@@ -390,6 +397,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     at.as_secs_f64(),
                     Servers::node_name(node),
                     t.elapsed().as_secs_f64()
+                )
+            }
+            "push herd" => {
+                let killed = stuck_orders::kill_every_push_replica(&replicas);
+                format!(
+                    "{:>5.1} s  SIGKILL {} at once: every event stream reconnects",
+                    at.as_secs_f64(),
+                    killed.join(", ")
                 )
             }
             _ => {
@@ -447,6 +462,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     streams_stop.cancel();
 
     let ok = check(&load, &users, &audit_config, &injected, &replicas).await?;
+    let stuck_violations = stuck.check(&gateway).await;
+    println!("  {}: {} violation(s)", stuck.describe(), stuck_violations.len());
+    for v in &stuck_violations {
+        println!("VIOLATION {v}");
+    }
+    let ok = ok && stuck_violations.is_empty();
 
     // Stop every replica with SIGTERM (the bound is part of the check).
     supervisors.cancel();
