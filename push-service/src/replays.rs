@@ -131,12 +131,14 @@ impl ReplaySlots {
     }
 
     /// Resumes waiting for a slot, of every user.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.lock().waiting.values().map(VecDeque::len).sum()
     }
 
     /// Slots `user` holds.
-    pub fn held_by(&self, user: Uuid) -> usize {
+    #[cfg(test)]
+    fn held_by(&self, user: Uuid) -> usize {
         self.lock().held.get(&user).copied().unwrap_or(0)
     }
 }

@@ -225,6 +225,10 @@ pub struct Tuning {
     pub token_ttl_secs: u64,
     /// E-mail over implicit TLS (`smtps://`, the sink's CA in `SMTP_CA_FILE`).
     pub smtps: bool,
+    /// Orders, deposits and withdrawals per user a minute.
+    pub per_user: runtime::http::PerUserLimits,
+    /// E-mails one address may be sent an hour (0: no budget).
+    pub emails_per_recipient_per_hour: u32,
 }
 
 impl Default for Tuning {
@@ -241,6 +245,8 @@ impl Default for Tuning {
             gateway_client_ip_header: None,
             token_ttl_secs: 3600,
             smtps: false,
+            per_user: Default::default(),
+            emails_per_recipient_per_hour: 20,
         }
     }
 }
@@ -291,6 +297,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
+            per_user: tuning.per_user.clone(),
         };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
         let (l, ordering_url) = listener().await;
@@ -302,6 +309,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
+            per_user: tuning.per_user.clone(),
         };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
         let (l, notification_url) = listener().await;
@@ -316,6 +324,7 @@ impl TestApp {
                 }),
                 mail_dir: smtp.dir.join("unused"),
                 mail_from: "Order System <orders@localhost>".into(),
+                emails_per_recipient_per_hour: tuning.emails_per_recipient_per_hour,
                 smtp_username: None,
                 smtp_password: None,
                 smtp_ca_file: smtp.ca_file.clone(),
@@ -386,6 +395,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: self.callers(),
+            per_user: Default::default(),
         };
         self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));
         eventually(Duration::from_secs(30), || async {

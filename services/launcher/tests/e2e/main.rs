@@ -8,6 +8,7 @@ mod audit;
 mod contract;
 mod flow;
 mod helpers;
+mod hostile;
 mod messaging;
 mod metrics;
 mod outage;

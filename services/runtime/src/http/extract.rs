@@ -131,7 +131,11 @@ mod tests {
         ] {
             let e = extract(body).await.expect_err(body);
             assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-            assert!(e.message.contains(&format!("{field} must not contain control characters")), "{body}: {}", e.message);
+            assert!(
+                e.message.contains(&format!("{field} must not contain control characters")),
+                "{body}: {}",
+                e.message
+            );
         }
     }
 
