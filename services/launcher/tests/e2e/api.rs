@@ -333,13 +333,23 @@ async fn control_characters_in_any_text_field_are_a_422_not_a_500() {
         ),
         ("/identity/profile", Method::PUT, json!({"lastName": "line\nbreak"}), "lastName"),
         ("/identity/profile", Method::PUT, json!({"phone": "+7\u{0}100"}), "phone"),
-        ("/ordering/orders", Method::POST, json!({"price": 1, "note": "\u{85}"}), "note"),
-        ("/billing/account/deposit", Method::POST, json!({"amount": "1\u{0}"}), "amount"),
+        (
+            "/identity/register",
+            Method::POST,
+            json!({"email": "ok@example.com", "password": "x1234\u{85}5678"}),
+            "password",
+        ),
     ] {
         let r = send(path, method.clone(), body.clone()).await.unwrap();
         assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, &format!("{field} must not contain control characters"))
             .await;
     }
+    // A number sent as text with a NUL is no number; a field the API does
+    // not have is ignored, whatever it holds.
+    let r = send("/billing/account/deposit", Method::POST, json!({"amount": "1\u{0}"})).await.unwrap();
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid request body").await;
+    let r = send("/ordering/orders", Method::POST, json!({"price": 1, "note\u{0}": "\u{0}"})).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
     app.stop().await;
 }
 

@@ -15,7 +15,9 @@ fn hostile_string() -> impl Strategy<Value = String> {
     let control = prop::char::range('\u{0}', '\u{9f}').prop_filter("a control character", |c| c.is_control());
     prop_oneof![
         ("[a-z0-9@.]{0,12}", control, "[a-z0-9@.]{0,12}").prop_map(|(a, c, b)| format!("{a}{c}{b}")),
-        (any::<char>(), 200usize..20_000).prop_map(|(c, n)| c.to_string().repeat(n)),
+        // Long, yet every body stays under the 64 KiB limit (a larger one is
+        // answered 413 before it is read, which `api.rs` tests).
+        (any::<char>(), 200usize..2_000).prop_map(|(c, n)| c.to_string().repeat(n)),
         ".{0,64}",
         "[a-z0-9._%+-]{1,70}@[a-z0-9.\\[\\]:-]{1,70}",
         Just(String::new()),
