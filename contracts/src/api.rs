@@ -33,9 +33,9 @@ pub struct User {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Register {
-    #[schema(format = Email, max_length = 254)]
+    #[schema(format = Email, max_length = 254, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub email: String,
-    #[schema(min_length = 8, max_length = 128)]
+    #[schema(min_length = 8, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub password: String,
     #[serde(flatten)]
     pub profile: Profile,
@@ -44,8 +44,9 @@ pub struct Register {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 
 pub struct Login {
-    #[schema(format = Email)]
+    #[schema(format = Email, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub email: String,
+    #[schema(pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub password: String,
 }
 

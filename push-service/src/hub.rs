@@ -10,6 +10,12 @@
 //! stay in memory, so that a browser that reconnects to the same replica
 //! (a network blip, a stream closed for falling behind) resumes without
 //! reading the stream. That window is a cache: the stream is the history.
+//!
+//! It also keeps an index of where each user's events are in the stream
+//! (their offsets only, as many as the message ids it remembers). A resume
+//! from further back than the memory window then reads the stream only from
+//! the user's first event after its id, and not at all when the user has
+//! none: one resume reads at most what its own user could have missed.
 
 use contracts::api::OrderStatus;
 use contracts::messages::{Message, OrderCreated, OrderFailed};
@@ -143,6 +149,65 @@ impl Seen {
     }
 }
 
+/// The offsets of each user's events, from `from` on without a gap, the
+/// oldest forgotten first past `capacity`.
+struct UserIndex {
+    offsets: HashMap<Uuid, VecDeque<u64>>,
+    order: VecDeque<(u64, Uuid)>,
+    capacity: usize,
+    /// Every event at or after this offset (up to `last`) is indexed.
+    from: Option<u64>,
+    last: Option<u64>,
+}
+
+impl UserIndex {
+    fn new(capacity: usize) -> Self {
+        UserIndex { offsets: HashMap::new(), order: VecDeque::new(), capacity, from: None, last: None }
+    }
+
+    /// Takes the entry at `offset` (an event of `user`, or any other entry).
+    /// A gap in the offsets (entries never seen) starts the index over.
+    fn add(&mut self, offset: u64, user: Option<Uuid>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.last.is_some_and(|last| offset <= last) {
+            return; // read again
+        }
+        if self.last.is_none_or(|last| offset != last + 1) {
+            self.offsets.clear();
+            self.order.clear();
+            self.from = Some(offset);
+        }
+        self.last = Some(offset);
+        let Some(user) = user else { return };
+        self.offsets.entry(user).or_default().push_back(offset);
+        self.order.push_back((offset, user));
+        if self.order.len() > self.capacity
+            && let Some((old, owner)) = self.order.pop_front()
+        {
+            if let Some(offsets) = self.offsets.get_mut(&owner) {
+                offsets.pop_front();
+                if offsets.is_empty() {
+                    self.offsets.remove(&owner);
+                }
+            }
+            self.from = Some(old + 1);
+        }
+    }
+
+    /// `Some(first)`: the offset of `user`'s first event after `after` up to
+    /// `position`, or `Some(None)` when there is none; `None` when the index
+    /// does not reach back to `after`.
+    fn first_after(&self, user: Uuid, after: u64, position: u64) -> Option<Option<u64>> {
+        if self.from.is_none_or(|from| from > after + 1) || self.last.is_none_or(|last| last < position) {
+            return None;
+        }
+        let offsets = self.offsets.get(&user);
+        Some(offsets.and_then(|o| o.iter().copied().find(|&offset| offset > after)).filter(|&o| o <= position))
+    }
+}
+
 struct State {
     streams: HashMap<Uuid, broadcast::Sender<Arc<PushEvent>>>,
     position: Option<u64>,
@@ -151,6 +216,7 @@ struct State {
     /// Every event at or after this offset (up to the position) is in `recent`.
     recent_from: Option<u64>,
     seen: Seen,
+    index: UserIndex,
 }
 
 impl State {
@@ -192,14 +258,17 @@ pub enum Missed {
     Nothing,
     /// The user's events after the id, from memory.
     InMemory(Vec<Arc<PushEvent>>),
-    /// Beyond the memory window: replay from the stream up to the position.
-    InStream,
+    /// Beyond the memory window: replay from the stream after `after` (the
+    /// id asked for, or just before the user's first event after it) up to
+    /// the position.
+    InStream { after: u64 },
 }
 
 impl Hub {
     /// `buffer`: events a connection may fall behind by before it is closed
     /// (the browser then resumes from its last id; nothing is skipped).
-    /// `dedup`: message ids remembered to recognise a re-published event.
+    /// `dedup`: message ids remembered to recognise a re-published event,
+    /// and user events indexed by offset.
     pub fn new(buffer: usize, recent: Recent, dedup: usize) -> Self {
         Hub {
             state: Mutex::new(State {
@@ -208,6 +277,7 @@ impl Hub {
                 recent: VecDeque::new(),
                 recent_from: None,
                 seen: Seen::new(dedup),
+                index: UserIndex::new(dedup),
             }),
             buffer: buffer.max(1),
             recent,
@@ -253,8 +323,21 @@ impl Hub {
                     self.replays_from_memory.fetch_add(1, Ordering::Relaxed);
                     Missed::InMemory(events)
                 } else {
-                    self.replays_from_stream.fetch_add(1, Ordering::Relaxed);
-                    Missed::InStream
+                    match state.index.first_after(user, n, p) {
+                        // Nothing of this user's since: nothing to read.
+                        Some(None) => {
+                            self.replays_from_memory.fetch_add(1, Ordering::Relaxed);
+                            Missed::InMemory(Vec::new())
+                        }
+                        Some(Some(first)) => {
+                            self.replays_from_stream.fetch_add(1, Ordering::Relaxed);
+                            Missed::InStream { after: first - 1 }
+                        }
+                        None => {
+                            self.replays_from_stream.fetch_add(1, Ordering::Relaxed);
+                            Missed::InStream { after: n }
+                        }
+                    }
                 }
             }
             _ => Missed::Nothing,
@@ -286,9 +369,16 @@ impl Hub {
     /// starting replica reads up to its marker): only its message id is
     /// remembered, so that a later re-publication of it is recognised.
     pub fn remember(&self, entry: &Entry) {
-        if let Entry::Event(PushEvent { message_id: Some(id), offset, .. }) = entry {
-            self.state.lock().expect("hub lock").seen.record(*id, *offset);
-        }
+        let mut state = self.state.lock().expect("hub lock");
+        let duplicate = match entry {
+            Entry::Event(PushEvent { message_id: Some(id), offset, .. }) => state.seen.record(*id, *offset).is_some(),
+            _ => false,
+        };
+        let user = match entry {
+            Entry::Event(e) if !duplicate => Some(e.user_id),
+            _ => None,
+        };
+        state.index.add(entry.offset(), user);
     }
 
     /// Whether `event` re-publishes one read at an earlier offset (for a
@@ -319,10 +409,16 @@ impl Hub {
                 tracing::info!(message_id = %id, order_id = %event.data.order_id, offset, first,
                     "order event published again; not sent twice");
                 metrics::counter!("push_duplicate_events_total").increment(1);
+                state.index.add(offset, None);
                 drop(state);
                 self.moved(offset);
                 return;
             }
+            let user = match &entry {
+                Entry::Event(e) => Some(e.user_id),
+                Entry::Other { .. } => None,
+            };
+            state.index.add(offset, user);
             if let Entry::Event(event) = entry {
                 let event = Arc::new(event);
                 if let Some(tx) = state.streams.get(&event.user_id) {
@@ -432,11 +528,49 @@ mod tests {
         assert_eq!(position, Some(14));
         assert_eq!(offsets(missed), Some(vec![13, 14]));
         let (_s, _, missed) = hub.subscribe_after(alice, Some(10), 9).unwrap();
-        assert!(matches!(missed, Missed::InStream), "11 is no longer in memory");
+        assert!(matches!(missed, Missed::InStream { after: 10 }), "11 is no longer in memory");
         let (_s, _, missed) = hub.subscribe_after(alice, Some(14), 9).unwrap();
         assert!(matches!(missed, Missed::Nothing));
         assert_eq!(hub.replays_from_memory.load(Ordering::Relaxed), 1);
         assert_eq!(hub.replays_from_stream.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_resume_reads_the_stream_only_from_its_users_first_missed_event() {
+        let hub = Arc::new(Hub::new(4, Recent { events: 2, max_age: Duration::from_secs(60) }, 100));
+        let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        hub.publish(Entry::Other { offset: 100, message_id: None }); // the marker
+        // Bob is busy; alice ordered once, at 150; carol never.
+        for offset in 101..=200 {
+            hub.publish(event(offset, if offset == 150 { alice } else { bob }));
+        }
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(100), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { after: 149 }), "not from 101");
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(150), 9).unwrap();
+        assert_eq!(offsets(missed), Some(vec![]), "nothing of hers since: nothing read");
+        let (_s, _, missed) = hub.subscribe_after(carol, Some(100), 9).unwrap();
+        assert_eq!(offsets(missed), Some(vec![]));
+        // Before the index begins (this replica's start), the id is all it knows.
+        let (_s, _, missed) = hub.subscribe_after(carol, Some(50), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { after: 50 }));
+    }
+
+    #[test]
+    fn the_index_is_bounded_and_starts_over_after_a_gap() {
+        let mut index = UserIndex::new(2);
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        index.add(1, None);
+        index.add(2, Some(alice));
+        index.add(3, Some(bob));
+        assert_eq!(index.first_after(alice, 0, 3), Some(Some(2)));
+        index.add(4, Some(bob)); // forgets alice's 2
+        assert_eq!(index.first_after(alice, 0, 4), None, "no longer known from 1");
+        assert_eq!(index.first_after(alice, 2, 4), Some(None));
+        assert_eq!(index.offsets.values().map(VecDeque::len).sum::<usize>(), 2);
+        index.add(9, Some(alice)); // 5..8 never seen
+        assert_eq!(index.first_after(alice, 4, 9), None, "the gap is not known");
+        assert_eq!(index.first_after(alice, 8, 9), Some(Some(9)));
+        assert_eq!(index.first_after(bob, 8, 10), None, "not read up to the position yet");
     }
 
     #[test]

@@ -226,11 +226,15 @@ async fn admit(state: &AppState, user: Uuid, resume: Resume) -> Result<Admitted,
         return Err(ApiError::too_many_requests(message, retry));
     };
     let position = position.expect("the hub is ready");
-    // A resume from further back than allowed starts over (`reset`); one that
-    // reads the stream needs a replay slot, got before answering.
-    let too_far = after.is_some_and(|n| position.saturating_sub(n) > state.max_replay_entries);
+    // A resume that would read more than allowed starts over (`reset`); one
+    // that reads the stream needs a replay slot, got before answering.
+    let reads_after = match &missed {
+        Missed::InStream { after } => Some(*after),
+        _ => after,
+    };
+    let too_far = reads_after.is_some_and(|n| position.saturating_sub(n) > state.max_replay_entries);
     let slot = match (&missed, after) {
-        (Missed::InStream, Some(n)) if n < position && !too_far => match state.replays.acquire(user).await {
+        (Missed::InStream { .. }, Some(n)) if n < position && !too_far => match state.replays.acquire(user).await {
             Some(slot) => Some(slot),
             None => {
                 tracing::warn!(user_id = %user, "no replay slot in time");
@@ -332,13 +336,18 @@ fn replay(
             }
             Resume::From(n) if n >= position => yield Replayed::Done { covered: Some(n), open: true },
             Resume::From(n) => match missed {
+                Missed::InStream { after } => {
+                    for await step in replay_from_stream(state, user, after.max(n), position, slot) {
+                        yield step;
+                    }
+                }
                 Missed::InMemory(events) => {
                     for event in replay_from_memory(&events) {
                         yield Replayed::Event(event);
                     }
                     yield Replayed::Done { covered: Some(position), open: true };
                 }
-                _ => {
+                Missed::Nothing => {
                     for await step in replay_from_stream(state, user, n, position, slot) {
                         yield step;
                     }

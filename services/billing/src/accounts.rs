@@ -100,6 +100,9 @@ pub async fn get_account(
 pub struct App {
     pub db: PgPool,
     pub idempotency_ttl: Duration,
+    /// Deposits and withdrawals per user a minute: each is a ledger entry.
+    pub deposits: std::sync::Arc<runtime::http::PerUserRate>,
+    pub withdrawals: std::sync::Arc<runtime::http::PerUserRate>,
 }
 
 /// Claims the request's Idempotency-Key, if it sent one, in `tx`: `true` when
@@ -133,6 +136,8 @@ async fn repeated(
         NotAuthenticated,
         (status = 422, description = "Invalid amount, the balance would exceed the maximum, or an Idempotency-Key \
                                       used for another amount", body = ErrorBody),
+        (status = 429, description = "Too many deposits from this user", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         UnexpectedError,
     ))]
 pub async fn deposit(
@@ -141,6 +146,7 @@ pub async fn deposit(
     headers: HeaderMap,
     Json(body): Json<BillingUpdate>,
 ) -> Result<StatusCode, ApiError> {
+    app.deposits.check(user.id)?;
     let mut tx = app.db.begin().await?;
     if repeated(&app, &mut tx, &headers, user.id, "deposit", body.amount).await? {
         return Ok(StatusCode::NO_CONTENT);
@@ -182,6 +188,8 @@ pub async fn deposit(
         NotAuthenticated,
         (status = 422, description = "Invalid amount, not enough money, or an Idempotency-Key used for another amount",
             body = ErrorBody),
+        (status = 429, description = "Too many withdrawals from this user", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         UnexpectedError,
     ))]
 pub async fn withdraw(
@@ -190,6 +198,7 @@ pub async fn withdraw(
     headers: HeaderMap,
     Json(body): Json<BillingUpdate>,
 ) -> Result<StatusCode, ApiError> {
+    app.withdrawals.check(user.id)?;
     let mut tx = app.db.begin().await?;
     if repeated(&app, &mut tx, &headers, user.id, "withdrawal", body.amount).await? {
         return Ok(StatusCode::NO_CONTENT);

@@ -52,6 +52,10 @@ pub struct Config {
     #[command(flatten)]
     pub callers: runtime::auth::CallerKeys,
 
+    /// Deposits and withdrawals per user a minute.
+    #[command(flatten)]
+    pub per_user: runtime::http::PerUserLimits,
+
     #[arg(long, env = "BILLING_ADDR", default_value = "127.0.0.1:8082")]
     pub addr: String,
 }
@@ -83,7 +87,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
     service.relay_outbox();
     service.prune(vec![idempotency::prune(&config.idempotency)], config.idempotency.prune_interval());
-    let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl() };
+    let deposits = runtime::http::PerUserRate::per_minute("deposits", config.per_user.deposits_per_user_per_minute);
+    let withdrawals =
+        runtime::http::PerUserRate::per_minute("withdrawals", config.per_user.withdrawals_per_user_per_minute);
+    service.spawn("deposit rate pruning", deposits.clone().prune(service.shutdown()));
+    service.spawn("withdrawal rate pruning", withdrawals.clone().prune(service.shutdown()));
+    let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl(), deposits, withdrawals };
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

@@ -21,13 +21,32 @@ pub struct SigningKey {
     kid: String,
     encoding: EncodingKey,
     public: Vec<u8>,
+    /// Signs device cookies (see `devices`), derived from the private key.
+    device: ring::hmac::Key,
 }
 
 impl SigningKey {
     fn from_pkcs8(kid: String, der: &[u8]) -> anyhow::Result<Self> {
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
             .map_err(|e| anyhow::anyhow!("not an Ed25519 PKCS#8 key: {e}"))?;
-        Ok(SigningKey { kid, encoding: EncodingKey::from_ed_der(der), public: pair.public_key().as_ref().to_vec() })
+        let seed = ring::digest::digest(&ring::digest::SHA256, &[b"identity device cookie\n", der].concat());
+        Ok(SigningKey {
+            kid,
+            encoding: EncodingKey::from_ed_der(der),
+            public: pair.public_key().as_ref().to_vec(),
+            device: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref()),
+        })
+    }
+
+    /// A new key that is kept nowhere (for tests).
+    #[cfg(test)]
+    pub fn generated() -> anyhow::Result<Self> {
+        let (kid, der) = Self::generate()?;
+        Self::from_pkcs8(kid, &der)
+    }
+
+    pub fn device_key(&self) -> &ring::hmac::Key {
+        &self.device
     }
 
     pub fn from_pem(pem: &str) -> anyhow::Result<Self> {
@@ -75,6 +94,11 @@ impl KeyRing {
 
     pub fn kid(&self) -> &str {
         &self.current.kid
+    }
+
+    /// Every key, the current one first.
+    pub fn keys(&self) -> impl Iterator<Item = &SigningKey> {
+        std::iter::once(&self.current).chain(&self.previous)
     }
 
     /// The keys kept in the database, the first one created on first start

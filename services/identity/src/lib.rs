@@ -3,6 +3,7 @@
 //! through the outbox; login signs an EdDSA JWT whose public key the gateway
 //! reads from `/.well-known/jwks.json`; logout revokes the token.
 
+mod devices;
 mod keys;
 mod passwords;
 mod throttle;
@@ -85,6 +86,8 @@ pub(crate) struct AppState {
     passwords: Arc<passwords::Passwords>,
     throttle: Arc<throttle::Throttle>,
     client_ip_header: Option<axum::http::HeaderName>,
+    /// How long a device cookie lasts; `None`: device cookies are off.
+    device_cookie_ttl: Option<Duration>,
 }
 
 impl AppState {
@@ -189,6 +192,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         )),
         throttle: Arc::new(throttle::Throttle::new(&config.abuse)),
         client_ip_header: throttle::header_name(config.abuse.client_ip_header.as_deref())?,
+        device_cookie_ttl: (config.abuse.device_cookie_days > 0)
+            .then(|| Duration::from_secs(config.abuse.device_cookie_days.saturating_mul(86_400))),
     };
     service.spawn("throttle pruning", state.throttle.clone().prune(service.shutdown()));
     service.relay_outbox();

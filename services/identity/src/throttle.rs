@@ -1,7 +1,8 @@
 //! Throttles on what costs a password check or lets an attacker guess:
-//! logins per client address and per account, registrations per client
-//! address (GCRA limits from `governor`). Past a limit: 429 with
-//! `Retry-After`; other accounts and addresses are not affected.
+//! logins per client address and per account (or, from a device that logged
+//! in to the account before, per device instead: see `devices`),
+//! registrations per client address (GCRA limits from `governor`). Past a
+//! limit: 429 with `Retry-After`; other accounts and addresses are not affected.
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderName;
@@ -33,9 +34,19 @@ pub struct AbuseLimits {
     #[arg(long, env = "LOGIN_PER_ADDRESS_PER_MINUTE", default_value_t = 30)]
     pub login_per_address_per_minute: u32,
 
-    /// Logins per minute for one account (e-mail), whatever the address.
+    /// Logins per minute for one account (e-mail), whatever the address,
+    /// from clients without a device cookie for it.
     #[arg(long, env = "LOGIN_PER_ACCOUNT_PER_MINUTE", default_value_t = 10)]
     pub login_per_account_per_minute: u32,
+
+    /// Logins per minute from one device that logged in to the account
+    /// before (its device cookie), instead of the account's limit.
+    #[arg(long, env = "LOGIN_PER_DEVICE_PER_MINUTE", default_value_t = 10)]
+    pub login_per_device_per_minute: u32,
+
+    /// How long a device cookie lasts, in days; 0: none is set or honoured.
+    #[arg(long, env = "DEVICE_COOKIE_DAYS", default_value_t = 90)]
+    pub device_cookie_days: u64,
 
     /// Registrations per minute from one client address.
     #[arg(long, env = "REGISTER_PER_ADDRESS_PER_MINUTE", default_value_t = 10)]
@@ -55,6 +66,8 @@ impl Default for AbuseLimits {
             password_hash_wait_ms: 500,
             login_per_address_per_minute: 30,
             login_per_account_per_minute: 10,
+            login_per_device_per_minute: 10,
+            device_cookie_days: 90,
             register_per_address_per_minute: 10,
             client_ip_header: None,
         }
@@ -66,6 +79,7 @@ type Limiter<K> = Option<DefaultKeyedRateLimiter<K>>;
 pub struct Throttle {
     login_by_address: Limiter<IpAddr>,
     login_by_account: Limiter<String>,
+    login_by_device: Limiter<String>,
     register_by_address: Limiter<IpAddr>,
 }
 
@@ -94,15 +108,21 @@ impl Throttle {
         Throttle {
             login_by_address: limiter(limits.login_per_address_per_minute),
             login_by_account: limiter(limits.login_per_account_per_minute),
+            login_by_device: limiter(limits.login_per_device_per_minute),
             register_by_address: limiter(limits.register_per_address_per_minute),
         }
     }
 
     /// Before a login's password check: the address first (it bounds how
-    /// many accounts one client can make the service remember).
-    pub fn login(&self, client: Option<IpAddr>, email: &str) -> Result<(), ApiError> {
+    /// many accounts one client can make the service remember), then the
+    /// account, or the device when the client has a valid device cookie for
+    /// this account (a guesser elsewhere does not lock the owner out of it).
+    pub fn login(&self, client: Option<IpAddr>, email: &str, device: Option<&str>) -> Result<(), ApiError> {
         check(&self.login_by_address, client, "login attempts from this address")?;
-        check(&self.login_by_account, Some(email.trim().to_lowercase()), "login attempts for this account")
+        match device {
+            Some(device) => check(&self.login_by_device, Some(device.to_string()), "login attempts from this device"),
+            None => check(&self.login_by_account, Some(email.trim().to_lowercase()), "login attempts for this account"),
+        }
     }
 
     pub fn register(&self, client: Option<IpAddr>) -> Result<(), ApiError> {
@@ -118,6 +138,7 @@ impl Throttle {
             }
             forget_idle(&self.login_by_address);
             forget_idle(&self.login_by_account);
+            forget_idle(&self.login_by_device);
             forget_idle(&self.register_by_address);
         }
     }

@@ -1,7 +1,7 @@
 //! Registration, login, logout and the user's profile.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use contracts::api::{AccessToken, ErrorBody, Login, Profile, Register, TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims, User};
@@ -13,7 +13,7 @@ use runtime::{ApiError, Json};
 use uuid::Uuid;
 
 use crate::throttle::ClientIp;
-use crate::{AppState, OUTBOX};
+use crate::{AppState, OUTBOX, devices};
 
 struct UserRow {
     id: Uuid,
@@ -122,9 +122,12 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
     request_body = Login,
     responses(
         (status = 200, description = "The access token (also set as the `accessToken` cookie)", body = AccessToken,
-            headers(("Set-Cookie" = String, description = "accessToken=<JWT>; HttpOnly; SameSite=Strict"))),
+            headers(("Set-Cookie" = String, description = "accessToken=<JWT>; HttpOnly; SameSite=Strict, and, for a \
+                client without one for this account, a `deviceToken` cookie: later logins from this client count \
+                against its own limit instead of the account's"))),
         (status = 401, description = "Wrong e-mail or password", body = ErrorBody),
-        (status = 429, description = "Too many login attempts from this address or for this account", body = ErrorBody,
+        (status = 429, description = "Too many login attempts from this address, for this account (from clients \
+                                      without its device cookie) or from this device", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 503, description = "Too busy checking passwords", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
@@ -133,9 +136,11 @@ fn cookie(state: &AppState, value: &str, max_age: u64) -> HeaderValue {
 pub async fn login(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
+    headers: HeaderMap,
     Json(form): Json<Login>,
 ) -> Result<Response, ApiError> {
-    state.throttle.login(client, &form.email)?;
+    let device = state.device_cookie_ttl.and_then(|_| devices::from_headers(&headers, &state.keys(), &form.email));
+    state.throttle.login(client, &form.email, device.as_deref())?;
     let row: Option<(Uuid, String, String)> =
         sqlx::query!("SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)", form.email.trim())
             .fetch_optional(&state.db)
@@ -160,10 +165,15 @@ pub async fn login(
         exp: now + ttl as i64,
         jti: Uuid::new_v4(),
     };
-    let token = state.keys().current.sign(&claims)?;
-    tracing::info!(user_id = %id, "logged in");
+    let keys = state.keys();
+    let token = keys.current.sign(&claims)?;
+    tracing::info!(user_id = %id, known_device = device.is_some(), "logged in");
     let mut resp = Json(AccessToken { access_token: token.clone() }).into_response();
     resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, &token, ttl));
+    if let (None, Some(device_ttl)) = (&device, state.device_cookie_ttl) {
+        let value = devices::issue(&keys.current, &claims.email, device_ttl);
+        resp.headers_mut().append(header::SET_COOKIE, devices::set_cookie(&value, device_ttl, state.cookie_secure));
+    }
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }

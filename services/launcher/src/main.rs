@@ -80,6 +80,10 @@ struct Cli {
     #[command(flatten)]
     abuse: identity::AbuseLimits,
 
+    /// Orders, deposits and withdrawals per user a minute.
+    #[command(flatten)]
+    per_user: runtime::http::PerUserLimits,
+
     /// Header that carries the client's address, set by the proxy in front of
     /// the gateway (unset: the connection's peer).
     #[arg(long, env = "GATEWAY_CLIENT_IP_HEADER")]
@@ -227,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
         limits: limits.clone(),
         addr: billing_addr.to_string(),
         callers: callers.clone(),
+        per_user: cli.per_user.clone(),
     };
     tasks.spawn("billing", billing::run(billing, TcpListener::bind(billing_addr).await?, shutdown.clone()));
     let ordering = ordering::Config {
@@ -238,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
         limits: limits.clone(),
         addr: ordering_addr.to_string(),
         callers: callers.clone(),
+        per_user: cli.per_user.clone(),
     };
     tasks.spawn("ordering", ordering::run(ordering, TcpListener::bind(ordering_addr).await?, shutdown.clone()));
     let notification = notification::Config {

@@ -85,6 +85,11 @@ pub struct MailConfig {
 
     #[arg(long, env = "MAIL_FROM", default_value = "Order System <orders@localhost>")]
     pub mail_from: String,
+
+    /// E-mails one address may be sent an hour; the notifications beyond it
+    /// are still stored and listed, but not mailed. 0: no budget.
+    #[arg(long, env = "EMAILS_PER_RECIPIENT_PER_HOUR", default_value_t = 20)]
+    pub emails_per_recipient_per_hour: u32,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -110,6 +115,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg))),
     );
     let mailer = Mailer::new(&config.mail, db.clone())?;
+    service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());
     let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
     let shutdown = service.shutdown();
     service.spawn("mailer", mailer.run(poll, shutdown));

@@ -5,6 +5,12 @@
 //! unreachable) is retried with growing delays, a permanent one (an address
 //! the library refuses, a 5xx answer) ends the delivery as failed with its
 //! reason, and every delivery is recorded with its address and time.
+//!
+//! Each address has an e-mail budget (`EMAILS_PER_RECIPIENT_PER_HOUR`), kept
+//! in the database so that every replica spends the same one: an e-mail
+//! beyond it is dropped (`suppressed_at`, `emails_suppressed_total`), and the
+//! notification it was for stays stored and listed. So nobody can make the
+//! system mail-bomb an address, whatever they make it notify.
 
 use anyhow::Context;
 use lettre::message::{Mailbox, header::ContentType};
@@ -33,7 +39,12 @@ pub struct Mailer {
     db: PgPool,
     from: Mailbox,
     transport: Transport,
+    /// E-mails per address an hour; `None`: no budget.
+    budget: Option<i32>,
 }
+
+/// The window of a recipient's budget.
+const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 
 struct Due {
     id: i64,
@@ -58,7 +69,9 @@ impl Mailer {
                 Transport::Files(AsyncFileTransport::new(dir))
             }
         };
-        Ok(Mailer { db, from, transport })
+        let budget = (config.emails_per_recipient_per_hour > 0)
+            .then(|| i32::try_from(config.emails_per_recipient_per_hour).unwrap_or(i32::MAX));
+        Ok(Mailer { db, from, transport, budget })
     }
 
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -88,7 +101,8 @@ impl Mailer {
                  FROM profiles p
                  WHERE p.user_id = d.user_id AND d.id IN (
                      SELECT d.id FROM email_deliveries d JOIN profiles p ON p.user_id = d.user_id
-                     WHERE d.sent_at IS NULL AND d.failed_at IS NULL AND d.next_attempt_at <= now()
+                     WHERE d.sent_at IS NULL AND d.failed_at IS NULL AND d.suppressed_at IS NULL
+                       AND d.next_attempt_at <= now()
                      ORDER BY d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
                  RETURNING d.id, d.subject, d.body, d.attempts, p.email, p.first_name, p.last_name",
                 BATCH,
@@ -99,6 +113,14 @@ impl Mailer {
                 return Ok(());
             }
             for mail in &due {
+                if !self.within_budget(mail).await? {
+                    metrics::counter!("emails_suppressed_total").increment(1);
+                    tracing::warn!(delivery_id = mail.id, to = %mail.email, "recipient's e-mail budget spent; not sent");
+                    sqlx::query!("UPDATE email_deliveries SET suppressed_at = now() WHERE id = $1", mail.id)
+                        .execute(&self.db)
+                        .await?;
+                    continue;
+                }
                 match self.send(mail).await {
                     Ok(()) => {
                         metrics::counter!("emails_sent_total").increment(1);
@@ -151,6 +173,29 @@ impl Mailer {
         }
     }
 
+    /// Takes one e-mail from the recipient's budget, on its first attempt
+    /// (a retry was counted then): whether it may be sent. One statement, so
+    /// replicas that mail the same address at once cannot both overspend.
+    async fn within_budget(&self, mail: &Due) -> sqlx::Result<bool> {
+        let Some(budget) = self.budget else { return Ok(true) };
+        if mail.attempts > 0 {
+            return Ok(true);
+        }
+        let used = sqlx::query_scalar!(
+            "INSERT INTO email_budgets AS b (recipient, window_start, used) VALUES (lower($1), now(), 1)
+             ON CONFLICT (recipient) DO UPDATE SET
+                 used = CASE WHEN b.window_start <= now() - make_interval(secs => $2) THEN 1 ELSE b.used + 1 END,
+                 window_start = CASE WHEN b.window_start <= now() - make_interval(secs => $2)
+                                     THEN now() ELSE b.window_start END
+             RETURNING used",
+            mail.email,
+            BUDGET_WINDOW.as_secs_f64(),
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(used <= budget)
+    }
+
     async fn send(&self, mail: &Due) -> Result<(), SendError> {
         let name =
             [mail.first_name.as_deref(), mail.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
@@ -180,6 +225,29 @@ impl Mailer {
             Transport::Files(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError::Temporary(format!("{e}"))),
         }
     }
+}
+
+/// Budgets whose window is over (they count as absent), for `runtime::prune`.
+pub fn spent_budgets() -> runtime::prune::Prune {
+    runtime::prune::Prune { what: "email_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
+}
+
+fn delete_spent_budgets(
+    db: &PgPool,
+    max_age_secs: f64,
+    limit: i64,
+) -> runtime::prune::BoxFuture<'_, sqlx::Result<u64>> {
+    Box::pin(async move {
+        let deleted = sqlx::query!(
+            "DELETE FROM email_budgets WHERE recipient IN (
+                 SELECT recipient FROM email_budgets WHERE window_start < now() - make_interval(secs => $1) LIMIT $2)",
+            max_age_secs,
+            limit,
+        )
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
+    })
 }
 
 /// First retry of a temporary failure after this, doubling up to [`RETRY_CAP`].
@@ -330,6 +398,7 @@ mod tests {
             smtp_url: None,
             mail_dir: PathBuf::from("unused"),
             mail_from: "Order System <orders@localhost>".into(),
+            emails_per_recipient_per_hour: 0,
             smtp_username: login.map(|l| l.0.to_string()),
             smtp_password: login.map(|l| l.1.to_string()),
             smtp_ca_file: ca_file,

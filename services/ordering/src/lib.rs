@@ -59,6 +59,10 @@ pub struct Config {
     #[command(flatten)]
     pub callers: runtime::auth::CallerKeys,
 
+    /// Orders per user a minute (`ORDERS_PER_USER_PER_MINUTE`).
+    #[command(flatten)]
+    pub per_user: runtime::http::PerUserLimits,
+
     #[arg(long, env = "ORDERING_ADDR", default_value = "127.0.0.1:8083")]
     pub addr: String,
 }
@@ -97,7 +101,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let pool = pool.clone();
         async move { orders::report_pending(&pool).await }
     });
-    let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl() };
+    let orders_rate = runtime::http::PerUserRate::per_minute("orders", config.per_user.orders_per_user_per_minute);
+    service.spawn("order rate pruning", orders_rate.clone().prune(service.shutdown()));
+    let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl(), orders_rate };
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

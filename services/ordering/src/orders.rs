@@ -50,6 +50,8 @@ pub struct App {
     /// Long polls waiting for an order, by order id (see `watch::ORDER_CHANGED`).
     pub watch: Watch,
     pub idempotency_ttl: Duration,
+    /// Orders per user a minute: each costs a payment and an e-mail.
+    pub orders_rate: std::sync::Arc<runtime::http::PerUserRate>,
 }
 
 /// The channel the `order_changed` trigger notifies with an order's id when
@@ -108,6 +110,8 @@ fn list_tag(version: i64) -> ETag {
         NotAuthenticated,
         (status = 412, description = "If-Match does not name the order list's current ETag: the list changed", body = ErrorBody),
         (status = 422, description = "Invalid price, or an Idempotency-Key used for another price", body = ErrorBody),
+        (status = 429, description = "Too many orders from this user", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         UnexpectedError,
     ))]
 pub async fn create(
@@ -116,6 +120,7 @@ pub async fn create(
     headers: HeaderMap,
     Json(body): Json<CreateOrder>,
 ) -> Result<Response, ApiError> {
+    app.orders_rate.check(user.id)?;
     let key = idempotency::Key::from_headers(&headers)?;
     let id = Uuid::now_v7();
     let payment = CreatePayment { id, user_id: user.id, amount: body.price };

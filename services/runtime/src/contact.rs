@@ -31,21 +31,35 @@ impl From<ContactError> for ApiError {
     }
 }
 
-/// An e-mail address the mailer can send to: exactly what `lettre` accepts as
-/// an address (RFC 5321 local part, a domain or an IP), at most 254 characters
-/// (the API's `maxLength`), surrounding spaces removed.
+/// An e-mail address the mailer can send to, and that sends nowhere
+/// unexpected: what `lettre` accepts as an address (RFC 5321 syntax), with a
+/// domain name of at least two labels (no address literal such as
+/// `[127.0.0.1]`, no single-label name such as `localhost`, no all-numeric
+/// top label such as `1.2.3.4`: a mailer that delivers directly would connect
+/// where they point), within RFC 5321's lengths (local part 64 octets, each
+/// domain label 63, the address 254), surrounding spaces removed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Email(lettre::Address);
 
 impl Email {
     pub const MAX_LEN: usize = 254;
+    pub const MAX_LOCAL_LEN: usize = 64;
+    pub const MAX_LABEL_LEN: usize = 63;
 
     pub fn parse(raw: &str) -> Result<Email, ContactError> {
         let raw = raw.trim();
         if raw.len() > Self::MAX_LEN {
             return Err(ContactError::Email);
         }
-        raw.parse::<lettre::Address>().map(Email).map_err(|_| ContactError::Email)
+        let address = raw.parse::<lettre::Address>().map_err(|_| ContactError::Email)?;
+        let labels: Vec<&str> = address.domain().split('.').collect();
+        let named_host = labels.len() >= 2
+            && labels.iter().all(|l| !l.is_empty() && l.len() <= Self::MAX_LABEL_LEN && !l.starts_with('['))
+            && !labels.last().is_some_and(|top| top.chars().all(|c| c.is_ascii_digit()));
+        if address.user().len() > Self::MAX_LOCAL_LEN || !named_host {
+            return Err(ContactError::Email);
+        }
+        Ok(Email(address))
     }
 
     pub fn as_str(&self) -> &str {
@@ -133,6 +147,15 @@ mod tests {
             "a@b@example.com",
             "a@exa mple.com",
             "a@-example.com",
+            // Address literals, single-label and numeric domains.
+            "x@[127.0.0.1]",
+            "x@[IPv6:::1]",
+            "a@localhost",
+            "a@example",
+            "a@127.0.0.1",
+            "a@example.com.",
+            "a\u{0}b@example.com",
+            "a\u{7}b@example.com",
         ] {
             assert_eq!(Email::parse(bad), Err(ContactError::Email), "{bad:?}");
         }
@@ -141,7 +164,7 @@ mod tests {
     #[test]
     fn the_mailer_accepts_every_address_registration_accepts() {
         for good in
-            ["a@example.com", "first.last+tag@sub.example.co.uk", "a@localhost", "x@[127.0.0.1]", "o'neil@example.org"]
+            ["a@example.com", "first.last+tag@sub.example.co.uk", "o'neil@example.org", "a@xn--bcher-kva.example"]
         {
             let e = Email::parse(good).unwrap();
             let mailbox = lettre::message::Mailbox::new(None, e.address().clone());
@@ -154,6 +177,23 @@ mod tests {
         let long = format!("{}@example.com", "a".repeat(64)) + &".example".repeat(25);
         assert!(long.len() > Email::MAX_LEN);
         assert_eq!(Email::parse(&long), Err(ContactError::Email));
+    }
+
+    #[test]
+    fn rfc_5321_lengths_are_kept() {
+        let local = |n: usize| format!("{}@example.com", "a".repeat(n));
+        assert!(Email::parse(&local(Email::MAX_LOCAL_LEN)).is_ok());
+        assert_eq!(Email::parse(&local(Email::MAX_LOCAL_LEN + 1)), Err(ContactError::Email));
+        let label = |n: usize| format!("a@{}.example.com", "b".repeat(n));
+        assert!(Email::parse(&label(Email::MAX_LABEL_LEN)).is_ok());
+        assert_eq!(Email::parse(&label(Email::MAX_LABEL_LEN + 1)), Err(ContactError::Email));
+        // 254 characters in all is the most a path of 256 octets holds.
+        let domain = format!("{}.com", vec!["c".repeat(61); 3].join("."));
+        let at_most = format!("{}@{domain}", "a".repeat(Email::MAX_LOCAL_LEN));
+        assert_eq!(at_most.len(), Email::MAX_LEN);
+        assert!(Email::parse(&at_most).is_ok());
+        let over = format!("{}@d.{domain}", "a".repeat(Email::MAX_LOCAL_LEN));
+        assert_eq!(Email::parse(&over), Err(ContactError::Email));
     }
 
     #[test]

@@ -307,3 +307,89 @@ async fn order_lists_come_in_pages_newest_first() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn control_characters_in_any_text_field_are_a_422_not_a_500() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    // NUL reached PostgreSQL from a login e-mail (a 500); every field and
+    // every control character is refused before any handler sees it.
+    let send = |path: &'static str, method: Method, body: Value| {
+        let mut req = app.http.request(method, app.url(path)).json(&body);
+        if !path.starts_with("/identity/log") && !path.starts_with("/identity/reg") {
+            req = req.bearer_auth(&user.token);
+        }
+        req.send()
+    };
+    for (path, method, body, field) in [
+        ("/identity/login", Method::POST, json!({"email": "a\u{0}b@example.com", "password": "x12345678"}), "email"),
+        ("/identity/login", Method::POST, json!({"email": user.email, "password": "x1234\u{0}5678"}), "password"),
+        ("/identity/register", Method::POST, json!({"email": "a\u{7}@example.com", "password": "x12345678"}), "email"),
+        (
+            "/identity/register",
+            Method::POST,
+            json!({"email": "ok@example.com", "password": "x12345678", "firstName": "A\u{1b}[31m"}),
+            "firstName",
+        ),
+        ("/identity/profile", Method::PUT, json!({"lastName": "line\nbreak"}), "lastName"),
+        ("/identity/profile", Method::PUT, json!({"phone": "+7\u{0}100"}), "phone"),
+        (
+            "/identity/register",
+            Method::POST,
+            json!({"email": "ok@example.com", "password": "x1234\u{85}5678"}),
+            "password",
+        ),
+    ] {
+        let r = send(path, method.clone(), body.clone()).await.unwrap();
+        assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, &format!("{field} must not contain control characters"))
+            .await;
+    }
+    // A number sent as text with a NUL is no number; a field the API does
+    // not have is ignored, whatever it holds.
+    let r = send("/billing/account/deposit", Method::POST, json!({"amount": "1\u{0}"})).await.unwrap();
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid request body").await;
+    let r = send("/ordering/orders", Method::POST, json!({"price": 1, "note\u{0}": "\u{0}"})).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn address_literals_single_label_domains_and_overlong_addresses_do_not_register() {
+    let app = TestApp::spawn().await;
+    let long_local = format!("{}@example.com", "a".repeat(65));
+    for email in ["x@[127.0.0.1]", "x@[IPv6:::1]", "root@localhost", "a@intranet", "a@10.0.0.1", long_local.as_str()] {
+        assert_error(app.register(email, "long enough").await, StatusCode::UNPROCESSABLE_ENTITY, "e-mail").await;
+    }
+    assert_eq!(app.register("a@mail.example.org", "long enough").await.status(), StatusCode::CREATED);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_clients_own_request_id_reaches_the_ledger_only_as_a_short_safe_token() {
+    let app = TestApp::spawn().await;
+    let user = app.user().await;
+    let deposit = |id: String| {
+        app.http
+            .post(app.url("/billing/account/deposit"))
+            .bearer_auth(&user.token)
+            .header("x-request-id", id)
+            .json(&json!({"amount": 1}))
+            .send()
+    };
+    let hostile = format!("<script>{}</script>", "x".repeat(4000));
+    let r = deposit(hostile.clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let replaced = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "replaced by a new id: {replaced}");
+    let r = deposit("client-trace:42".into()).await.unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-trace:42", "a safe id is kept");
+
+    let billing = app.db("billing").await;
+    let sources: Vec<String> = sqlx::query_scalar("SELECT source FROM ledger_entries WHERE user_id = $1 ORDER BY id")
+        .bind(user.id)
+        .fetch_all(&billing)
+        .await
+        .unwrap();
+    assert_eq!(sources, [format!("request:{replaced}"), "request:client-trace:42".to_string()]);
+    app.stop().await;
+}

@@ -227,6 +227,10 @@ pub struct Tuning {
     pub smtps: bool,
     /// When ordering re-drives and gives up on pending orders.
     pub sweeper: ordering::sweeper::SweeperConfig,
+    /// Orders, deposits and withdrawals per user a minute.
+    pub per_user: runtime::http::PerUserLimits,
+    /// E-mails one address may be sent an hour (0: no budget).
+    pub emails_per_recipient_per_hour: u32,
 }
 
 impl Default for Tuning {
@@ -244,6 +248,8 @@ impl Default for Tuning {
             token_ttl_secs: 3600,
             smtps: false,
             sweeper: Default::default(),
+            per_user: Default::default(),
+            emails_per_recipient_per_hour: 20,
         }
     }
 }
@@ -294,6 +300,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
+            per_user: tuning.per_user.clone(),
         };
         tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
         let (l, ordering_url) = listener().await;
@@ -306,6 +313,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
+            per_user: tuning.per_user.clone(),
         };
         tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
         let (l, notification_url) = listener().await;
@@ -320,6 +328,7 @@ impl TestApp {
                 }),
                 mail_dir: smtp.dir.join("unused"),
                 mail_from: "Order System <orders@localhost>".into(),
+                emails_per_recipient_per_hour: tuning.emails_per_recipient_per_hour,
                 smtp_username: None,
                 smtp_password: None,
                 smtp_ca_file: smtp.ca_file.clone(),
@@ -392,6 +401,7 @@ impl TestApp {
             limits: Default::default(),
             addr: String::new(),
             callers: self.callers(),
+            per_user: Default::default(),
         };
         self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));
         eventually(Duration::from_secs(30), || async {

@@ -10,6 +10,7 @@ mod deploy;
 mod flow;
 mod helpers;
 mod herd;
+mod hostile;
 mod messaging;
 mod metrics;
 mod outage;

@@ -67,6 +67,7 @@ pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
         limits: Default::default(),
         addr: String::new(),
         callers: callers(),
+        per_user: Default::default(),
     };
     let task = tokio::spawn(billing::run(config, listener, shutdown.clone()));
     let running = Running { url, shutdown, task: Some(task) };
@@ -651,6 +652,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
             smtp_url: None,
             mail_dir: mail.clone(),
             mail_from: "Order System <orders@localhost>".into(),
+            emails_per_recipient_per_hour: 0,
             smtp_username: None,
             smtp_password: None,
             smtp_ca_file: None,
@@ -834,6 +836,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
             smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
             mail_dir: out.join("unused"),
             mail_from: "Order System <orders@localhost>".into(),
+            emails_per_recipient_per_hour: 0,
             smtp_username: None,
             smtp_password: None,
             smtp_ca_file: None,
@@ -966,6 +969,7 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
             limits: Default::default(),
             addr: String::new(),
             callers: callers(),
+            per_user: Default::default(),
         };
         (url, shutdown.clone(), tokio::spawn(billing::run(config, listener, shutdown)))
     };

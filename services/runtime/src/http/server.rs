@@ -41,7 +41,8 @@ pub fn service_router(service: &'static str, routes: Router, readiness: Readines
 
 /// Request metrics, panic safety (a JSON 500), a request span with the user
 /// and request ids, and an `X-Request-Id` on every request and response (kept
-/// when the client or the gateway sent one, so one id follows a call through).
+/// when the client or the gateway sent a [safe one](is_safe_request_id), so
+/// one id follows a call through; replaced by a new UUID otherwise).
 pub fn with_common_layers(service: &'static str, router: Router) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     router
@@ -50,6 +51,35 @@ pub fn with_common_layers(service: &'static str, router: Router) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(drop_unsafe_request_id))
+}
+
+/// Longest `X-Request-Id` kept as it came (a UUID has 36 characters).
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a request id may be kept: 1 to [`MAX_REQUEST_ID_LEN`] letters,
+/// digits, `-`, `_`, `.` or `:`. It reaches logs, responses and billing's
+/// append-only ledger, so a client's own text is never kept beyond that.
+pub fn is_safe_request_id(value: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&value.len())
+        && value.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+/// Removes an `X-Request-Id` that is not [safe](is_safe_request_id), or that
+/// came more than once, so that the request-id layer gives the request a new one.
+async fn drop_unsafe_request_id(mut req: axum::extract::Request) -> axum::extract::Request {
+    let ids = req.headers().get_all("x-request-id");
+    let mut values = ids.iter();
+    let keep = match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(id), None) => is_safe_request_id(id.as_bytes()),
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        tracing::debug!("unsafe X-Request-Id replaced");
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 fn make_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
@@ -76,4 +106,57 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
     let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, Request};
+    use tower::ServiceExt;
+
+    /// The id the handler saw and the one the response carries.
+    async fn ids(sent: &[&[u8]]) -> (String, String) {
+        let router = with_common_layers(
+            "test",
+            Router::new().route(
+                "/",
+                axum::routing::get(|headers: axum::http::HeaderMap| async move {
+                    headers["x-request-id"].to_str().unwrap().to_string()
+                }),
+            ),
+        );
+        let mut req = Request::get("/").body(axum::body::Body::empty()).unwrap();
+        for id in sent {
+            req.headers_mut().append("x-request-id", HeaderValue::from_bytes(id).unwrap());
+        }
+        let resp = router.oneshot(req).await.unwrap();
+        let answered = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        (String::from_utf8(body.to_vec()).unwrap(), answered)
+    }
+
+    #[tokio::test]
+    async fn a_safe_request_id_is_kept() {
+        for id in ["r1", "0f8fad5b-d9cb-469f-a165-70867728950e", "trace:abc.def_1", &"a".repeat(MAX_REQUEST_ID_LEN)] {
+            assert_eq!(ids(&[id.as_bytes()]).await, (id.to_string(), id.to_string()));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unsafe_request_id_is_replaced_by_a_uuid() {
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        for id in [long.as_bytes(), b"a b", b"<script>", b"x;DROP", b"caf\xc3\xa9", b"a\tb", b"a/b"] {
+            let (seen, answered) = ids(&[id]).await;
+            assert_eq!(seen, answered);
+            assert!(uuid::Uuid::parse_str(&seen).is_ok(), "{:?} became {seen}", String::from_utf8_lossy(id));
+        }
+        let (seen, _) = ids(&[]).await;
+        assert!(uuid::Uuid::parse_str(&seen).is_ok());
+    }
+
+    #[tokio::test]
+    async fn two_request_ids_are_replaced_by_one() {
+        let (seen, _) = ids(&[b"first", b"second"]).await;
+        assert!(uuid::Uuid::parse_str(&seen).is_ok(), "{seen}");
+    }
 }
