@@ -83,7 +83,9 @@ async fn client(n: usize, http: reqwest::Client, url: Url, caller: Caller, herd:
     loop {
         // A fresh assertion each time, as the gateway signs one per request.
         let current = url.read().unwrap().clone();
-        let mut req = http.get(current).header(ASSERTION, caller.0.sign("push", &caller.1));
+        let mut req = http
+            .get(current)
+            .header(ASSERTION, caller.0.sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller.1));
         if let Some(id) = &last_id {
             req = req.header("last-event-id", id);
         }
@@ -254,7 +256,13 @@ async fn a_replica_not_attached_to_the_stream_yet_says_when_to_come_back() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(push_service::run(config, listener, shutdown.clone()));
     let user = User { id: Uuid::new_v4(), email: String::new(), token: String::new() };
-    let r = app.http.get(&url).header(ASSERTION, app.signer.sign("push", &as_current(&user))).send().await.unwrap();
+    let r = app
+        .http
+        .get(&url)
+        .header(ASSERTION, app.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &as_current(&user)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     // Drawn from half to twice the 3 s retry, at least 1 s.
