@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import k8s_model as km  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "rh18"  # every netns, link, nft table and node name starts with it
+PREFIX = "orh"  # every netns, link, nft table and node name starts with it (order-system rehearsal)
 NET = "10.218.0"  # a /24 nothing else here uses; .1 is the node (this host)
 NODE_IP = f"{NET}.1"
 BRIDGE = f"{PREFIX}br0"
