@@ -1226,7 +1226,10 @@ def main():
         interrupted.append(signum)
         raise KeyboardInterrupt
 
+    # Ctrl-C and SIGTERM both end the run with the cleanup (SIGINT explicitly:
+    # a shell that starts us in the background leaves it ignored).
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     t0 = time.time()
     ok = False
     try:
