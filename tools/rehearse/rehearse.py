@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -228,7 +227,7 @@ class Host:
             return km.Endpoint(ip=self.ip, ports=self.ports)
         return km.Endpoint(namespace=self.namespace, labels=self.labels, ip=self.ip, ports=self.ports)
 
-    def exec(self, cmd, **kw):
+    def exec(self, cmd):
         return ["ip", "netns", "exec", self.netns] + cmd
 
 
