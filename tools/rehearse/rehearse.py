@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import k8s_model as km  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "rh18"  # every netns, link, nft table and node name starts with it
+PREFIX = "orh"  # every netns, link, nft table and node name starts with it (order-system rehearsal)
 NET = "10.218.0"  # a /24 nothing else here uses; .1 is the node (this host)
 NODE_IP = f"{NET}.1"
 BRIDGE = f"{PREFIX}br0"
@@ -228,7 +227,7 @@ class Host:
             return km.Endpoint(ip=self.ip, ports=self.ports)
         return km.Endpoint(namespace=self.namespace, labels=self.labels, ip=self.ip, ports=self.ports)
 
-    def exec(self, cmd, **kw):
+    def exec(self, cmd):
         return ["ip", "netns", "exec", self.netns] + cmd
 
 
@@ -1226,7 +1225,10 @@ def main():
         interrupted.append(signum)
         raise KeyboardInterrupt
 
+    # Ctrl-C and SIGTERM both end the run with the cleanup (SIGINT explicitly:
+    # a shell that starts us in the background leaves it ignored).
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     t0 = time.time()
     ok = False
     try:
