@@ -300,6 +300,9 @@ async fn main() -> anyhow::Result<()> {
                 .env("EXTERNAL_PUSH_URL", format!("http://127.0.0.1:{port}"))
                 .env("INTERNAL_SIGNING_KEY", gateway.private_key_text())
                 .env("GATEWAY_PUSH_H2C", args.gateway_h2c.to_string())
+                // Every subscriber of this benchmark comes from one address.
+                .env("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", "1000000")
+                .env("GATEWAY_MAX_REQUESTS_PER_CLIENT", "1000000")
                 .env("REGISTER_PER_ADDRESS_PER_MINUTE", "0")
                 .env("LOGIN_PER_ADDRESS_PER_MINUTE", "0")
                 .env("LOGIN_PER_ACCOUNT_PER_MINUTE", "0")
@@ -381,8 +384,7 @@ async fn measure(
         }
         None => {
             let ids: Vec<Uuid> = (0..users).map(|_| Uuid::new_v4()).collect();
-            let auths = ids.iter().map(|u| (runtime::auth::ASSERTION_HEADER, assertion(gateway, *u))).collect();
-            (push_url.clone(), ids, auths)
+            (push_url.clone(), ids, Vec::new())
         }
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -409,7 +411,12 @@ async fn measure(
     for i in 0..args.connections {
         let permit = gate.clone().acquire_owned().await?;
         let http = clients[i % clients.len()].clone();
-        let auth = auths[i % users].clone();
+        // An assertion is good for one request, signed as it is sent (a
+        // token, through the gateway, for any number).
+        let auth = match gateway_port {
+            Some(_) => auths[i % users].clone(),
+            None => (runtime::auth::ASSERTION_HEADER, assertion(gateway, user_ids[i % users])),
+        };
         handles.push(tokio::spawn(subscriber(http, url.clone(), auth, arr_tx.clone(), conn_tx.clone(), permit)));
     }
     while opened + refused < args.connections {

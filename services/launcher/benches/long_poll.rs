@@ -107,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
         .env("AMQP_URL", format!("{}/{run}", args.amqp_base))
         .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
         .env("GATEWAY_HTTPS_ADDR", "")
+        // Every client of this benchmark comes from one address.
+        .env("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", "1000000")
+        .env("GATEWAY_MAX_REQUESTS_PER_CLIENT", "1000000")
         .env("PUSH_TLS_ADDR", "")
         .env("MAIL_DIR", &mail_dir)
         .env("RUST_LOG", "error")
