@@ -19,9 +19,10 @@ impl Modify for InternalAuth {
             "UserRequest",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 crate::auth::ASSERTION_HEADER,
-                "Who the caller is: a short-lived EdDSA JWT the gateway signs for this service (the user's id, \
-                 e-mail and access token), verified with the gateway's public key (INTERNAL_VERIFY_KEY); \
-                 set by the gateway only",
+                "Who the caller is: an EdDSA JWT the gateway signs for one request to this service (the user's \
+                 id and e-mail, the access token's id and expiry, the request's method and path, its own \
+                 unique id, a life of a few seconds), verified with the gateway's public key \
+                 (INTERNAL_VERIFY_KEY) and accepted once; set by the gateway only",
             ))),
         );
         doc.security = Some(vec![SecurityRequirement::new("UserRequest", Vec::<String>::new())]);
