@@ -254,6 +254,17 @@ impl Default for Tuning {
     }
 }
 
+impl Tuning {
+    /// Ordering's sweeper leaves pending orders alone (for a year): for tests
+    /// that leave an order pending on purpose, which it would re-drive or void.
+    pub fn sweeper_off() -> Tuning {
+        let year = 365 * 24 * 3600 * 1000;
+        let sweeper =
+            ordering::sweeper::SweeperConfig { redrive_after_ms: year, pending_timeout_ms: year, ..Default::default() };
+        Tuning { sweeper, ..Default::default() }
+    }
+}
+
 pub const SERVICES_WITH_DB: [&str; 4] = ["identity", "billing", "ordering", "notification"];
 
 impl TestApp {
