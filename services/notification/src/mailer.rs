@@ -115,7 +115,7 @@ impl Mailer {
             for mail in &due {
                 if !self.within_budget(mail).await? {
                     metrics::counter!("emails_suppressed_total").increment(1);
-                    tracing::warn!(delivery_id = mail.id, to = %mail.email, "recipient's e-mail budget spent; not sent");
+                    tracing::info!(delivery_id = mail.id, to = %mail.email, "recipient's e-mail budget spent; not sent");
                     sqlx::query!("UPDATE email_deliveries SET suppressed_at = now() WHERE id = $1", mail.id)
                         .execute(&self.db)
                         .await?;
