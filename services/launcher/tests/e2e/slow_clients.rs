@@ -213,3 +213,103 @@ async fn http2_limits_streams_per_connection_and_the_size_of_a_header_list() {
     assert!(matches!(refused, Ok(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)) || refused.is_err(), "{refused:?}");
     app.stop().await;
 }
+
+/// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// `GET /health/live` as an HPACK block of static-table names only, so the
+/// frames can be written by hand: a hostile client does not use a library.
+fn h2_get_live(stream: u32) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+    block.extend([0x04, 12]); // :path, a literal not indexed
+    block.extend(b"/health/live");
+    block.extend([0x01, 7]); // :authority
+    block.extend(b"gateway");
+    h2_frame(HEADERS, 0x4 | 0x1, stream, &block) // END_HEADERS | END_STREAM
+}
+
+/// Opens an h2c connection, writes `requests` in one go and reads frames
+/// until the connection ends or `until` matches one; returns every frame
+/// read as (type, stream, payload).
+async fn h2_exchange(gateway: &str, requests: Vec<u8>, until: impl Fn(u8, u32) -> bool) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut conn = connect_from("127.0.0.2", gateway).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    out.extend(requests);
+    conn.write_all(&out).await.unwrap();
+    let (mut buf, mut frames) = (Vec::new(), Vec::new());
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout(WAIT, conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return frames, // closed, reset or silent
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            if kind == SETTINGS && flags & 0x1 == 0 {
+                conn.write_all(&h2_frame(SETTINGS, 0x1, 0, &[])).await.unwrap(); // ACK
+            }
+            let done = until(kind, stream);
+            frames.push((kind, stream, payload));
+            if done {
+                return frames;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rapid_reset_flood_ends_the_connection_and_fewer_resets_do_not() {
+    let mut app = TestApp::spawn().await;
+    let gateway =
+        app.gateway_with(|c| c.connections = ConnectionLimits { h2_max_pending_resets: 5, ..Default::default() }).await;
+    // Each request opened and at once cancelled (RST_STREAM CANCEL), before
+    // the server could take it up: the "rapid reset" attack.
+    let opened_and_reset = |streams: std::ops::Range<u32>| {
+        streams
+            .flat_map(|i| {
+                let id = 2 * i + 1;
+                let mut pair = h2_get_live(id);
+                pair.extend(h2_frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()));
+                pair
+            })
+            .collect::<Vec<u8>>()
+    };
+    let goaway = |frames: &[(u8, u32, Vec<u8>)]| {
+        frames.iter().find(|(kind, ..)| *kind == GOAWAY).map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+    };
+    // Fewer than the limit: the connection goes on and answers the next request.
+    let mut requests = opened_and_reset(0..4);
+    requests.extend(h2_get_live(9));
+    let frames = h2_exchange(&gateway, requests, |kind, stream| kind == HEADERS && stream == 9).await;
+    assert_eq!(goaway(&frames), None, "{frames:?}");
+    assert!(frames.iter().any(|(kind, stream, _)| *kind == HEADERS && *stream == 9), "{frames:?}");
+    // Past it (and below hyper's own default of 20, so that the setting is
+    // what is tested): the server ends the connection with ENHANCE_YOUR_CALM.
+    let mut requests = opened_and_reset(0..10);
+    requests.extend(h2_get_live(21));
+    let frames = h2_exchange(&gateway, requests, |kind, _| kind == GOAWAY).await;
+    assert_eq!(goaway(&frames), Some(ENHANCE_YOUR_CALM), "{frames:?}");
+    assert!(!frames.iter().any(|(kind, stream, _)| *kind == HEADERS && *stream == 21), "{frames:?}");
+    app.stop().await;
+}
