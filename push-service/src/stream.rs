@@ -119,9 +119,10 @@ async fn append_marker(broker: &Broker, spec: &StreamSpec, id: Uuid) -> anyhow::
 /// failures from the offset after the last one delivered.
 ///
 /// At start the reader begins `lookback` before now and appends a marker:
-/// what comes before the marker is history, whose message ids the hub only
-/// remembers (so that an event re-published later is not delivered twice);
-/// the marker is the hub's first position.
+/// what comes before the marker is history, which the hub does not deliver
+/// but remembers (message ids, so that an event re-published later is not
+/// delivered twice; the events, for resumes from memory); the marker is the
+/// hub's first position.
 pub async fn read_live(
     hub: Arc<Hub>,
     broker: Broker,
