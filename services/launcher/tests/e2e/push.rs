@@ -222,10 +222,11 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let (stream, e, _) = stream_with_one_event(&app, &alice, 10).await;
     drop(stream);
 
-    // A second replica, started after the events it is asked for.
+    // A second replica, started after the events it is asked for, keeping
+    // none in memory: it reads them from the stream.
     let missed = settled_order(&app, &alice, 20).await;
     settled_order(&app, &bob, 5).await; // bob's: never on alice's stream
-    let replica = Replica::start(&app, |_| {}).await;
+    let replica = Replica::start(&app, |c| c.recent_events = 0).await;
     let mut stream = replica.subscribe(&alice, Some(&e.id)).await;
     let last = expect_orders(&mut stream, &[&missed], &e.id).await;
     assert_eq!(replica.stats().await["replaysFromStream"], 1);
@@ -233,12 +234,16 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let last = expect_orders(&mut stream, &[&live], &last).await;
     drop(stream);
 
-    // The replica stops; an order settles while it is down; it starts again.
+    // The replica stops; an order settles while it is down; it starts again
+    // (with the default memory) and serves the resume from the history it
+    // read at start, without reading the stream.
     replica.stop().await;
     let while_down = settled_order(&app, &alice, 1000).await;
     let replica = Replica::start(&app, |_| {}).await;
     let mut stream = replica.subscribe(&alice, Some(&last)).await;
     let last = expect_orders(&mut stream, &[&while_down], &last).await;
+    let stats = replica.stats().await;
+    assert_eq!((stats["replaysFromMemory"].as_u64(), stats["replaysFromStream"].as_u64()), (Some(1), Some(0)));
     settled_order(&app, &bob, 6).await;
     let after = settled_order(&app, &alice, 40).await;
     expect_orders(&mut stream, &[&after], &last).await;
