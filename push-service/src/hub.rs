@@ -9,7 +9,9 @@
 //! The last events it read (a bounded number, none older than the retention)
 //! stay in memory, so that a browser that reconnects to the same replica
 //! (a network blip, a stream closed for falling behind) resumes without
-//! reading the stream. That window is a cache: the stream is the history.
+//! reading the stream. A starting replica fills it with the history it reads
+//! before its marker, so that the streams a restart cut resume from memory
+//! too. That window is a cache: the stream is the history.
 //!
 //! It also keeps an index of where each user's events are in the stream
 //! (their offsets only, as many as the message ids it remembers). A resume
@@ -215,6 +217,8 @@ struct State {
     recent: VecDeque<(Instant, Arc<PushEvent>)>,
     /// Every event at or after this offset (up to the position) is in `recent`.
     recent_from: Option<u64>,
+    /// The last entry of the history read before the position existed.
+    history_last: Option<u64>,
     seen: Seen,
     index: UserIndex,
 }
@@ -276,6 +280,7 @@ impl Hub {
                 position: None,
                 recent: VecDeque::new(),
                 recent_from: None,
+                history_last: None,
                 seen: Seen::new(dedup),
                 index: UserIndex::new(dedup),
             }),
@@ -366,10 +371,20 @@ impl Hub {
     }
 
     /// Takes an entry read before the position existed (the history a
-    /// starting replica reads up to its marker): only its message id is
-    /// remembered, so that a later re-publication of it is recognised.
+    /// starting replica reads up to its marker): it is not delivered, but
+    /// its message id is remembered (so that a later re-publication of it is
+    /// recognised), and the event kept with the recent ones (within their
+    /// cap and age), so that the streams a restart cut resume from memory
+    /// rather than each reading the stream.
     pub fn remember(&self, entry: &Entry) {
         let mut state = self.state.lock().expect("hub lock");
+        if state.position.is_some() {
+            return; // history only comes before the position
+        }
+        let offset = entry.offset();
+        if state.history_last.is_some_and(|last| offset <= last) {
+            return; // read again after a reconnect before the marker
+        }
         let duplicate = match entry {
             Entry::Event(PushEvent { message_id: Some(id), offset, .. }) => state.seen.record(*id, *offset).is_some(),
             _ => false,
@@ -378,7 +393,46 @@ impl Hub {
             Entry::Event(e) if !duplicate => Some(e.user_id),
             _ => None,
         };
-        state.index.add(entry.offset(), user);
+        state.index.add(offset, user);
+        if self.recent.events > 0 {
+            if state.history_last.is_none_or(|last| offset != last + 1) {
+                // The first entry read, or a gap (entries never seen): the
+                // window starts over here.
+                state.recent.clear();
+                state.recent_from = Some(offset);
+            }
+            if let Entry::Event(event) = entry
+                && !duplicate
+            {
+                self.keep_history(&mut state, event);
+            }
+        }
+        state.history_last = Some(offset);
+    }
+
+    /// Keeps an event of the history with the recent ones. When it was read
+    /// is unknown: its age is taken from when the order happened (earlier
+    /// than its publication, so it is forgotten no later than a live one).
+    fn keep_history(&self, state: &mut State, event: &PushEvent) {
+        let age = (chrono::Utc::now() - event.data.occurred_at).to_std().unwrap_or_default();
+        let now = Instant::now();
+        let read = match now.checked_sub(age) {
+            Some(at) if age <= self.recent.max_age => at,
+            _ => {
+                // Older than the window: it and all before it are forgotten.
+                state.recent.clear();
+                state.recent_from = Some(event.offset + 1);
+                return;
+            }
+        };
+        // Kept in order of time, as `forget_older_than` expects.
+        let read = state.recent.back().map_or(read, |(last, _)| read.max(*last));
+        state.recent.push_back((read, Arc::new(event.clone())));
+        if state.recent.len() > self.recent.events
+            && let Some((_, old)) = state.recent.pop_front()
+        {
+            state.recent_from = Some(old.offset + 1);
+        }
     }
 
     /// Whether `event` re-publishes one read at an earlier offset (for a
@@ -397,6 +451,12 @@ impl Hub {
             let mut state = self.state.lock().expect("hub lock");
             if state.position.is_some_and(|p| offset <= p) {
                 return; // re-read after a reconnect
+            }
+            if state.position.is_none() && state.history_last.is_some_and(|last| offset != last + 1) {
+                // Entries between the history and the first position were
+                // never read: the history kept is not the whole window.
+                state.recent.clear();
+                state.recent_from = None;
             }
             state.position = Some(offset);
             if self.recent.events > 0 && state.recent_from.is_none() {
@@ -649,6 +709,67 @@ mod tests {
         hub.publish(published(10, alice, id));
         let (_s, _, missed) = hub.subscribe_after(alice, Some(9), 9).unwrap();
         assert_eq!(offsets(missed), Some(vec![]), "offset 10 re-publishes offset 7");
+    }
+
+    #[test]
+    fn a_restarted_replica_resumes_from_the_history_it_read_at_start() {
+        let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.remember(&Entry::Other { offset: 5, message_id: None });
+        hub.remember(&event(6, alice));
+        hub.remember(&event(7, bob));
+        // A reconnect before the marker reads some of it again.
+        hub.remember(&event(6, alice));
+        hub.remember(&event(7, bob));
+        hub.remember(&event(8, alice));
+        hub.publish(Entry::Other { offset: 9, message_id: None }); // the marker
+        hub.publish(event(10, alice));
+        let (_s, position, missed) = hub.subscribe_after(alice, Some(5), 9).unwrap();
+        assert_eq!(position, Some(10));
+        assert_eq!(offsets(missed), Some(vec![6, 8, 10]), "each once, and only hers");
+        let (_s, _, missed) = hub.subscribe_after(bob, Some(4), 9).unwrap();
+        assert_eq!(offsets(missed), Some(vec![7]), "every entry after 4 was read");
+        let (_s, _, missed) = hub.subscribe_after(bob, Some(3), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { after: 3 }), "offset 4 was never read");
+        assert_eq!(hub.replays_from_memory.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_history_kept_is_bounded_and_never_has_a_hole() {
+        // Past the cap, the oldest go (and are read from the stream).
+        let hub = Arc::new(Hub::new(8, Recent { events: 2, max_age: Duration::from_secs(60) }, 100));
+        let alice = Uuid::new_v4();
+        for offset in 5..=8 {
+            hub.remember(&event(offset, alice));
+        }
+        hub.publish(Entry::Other { offset: 9, message_id: None });
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(6), 9).unwrap();
+        assert_eq!(offsets(missed), Some(vec![7, 8]));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(5), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { after: 5 }), "6 was forgotten");
+
+        // Entries between the history and the marker not read: not from memory.
+        let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
+        hub.remember(&event(5, alice));
+        hub.remember(&event(6, alice));
+        hub.publish(Entry::Other { offset: 9, message_id: None });
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(5), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { .. }), "7 and 8 were never read");
+
+        // An event older than the window is not kept, nor any before it.
+        let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
+        let mut old = event(6, alice);
+        if let Entry::Event(e) = &mut old {
+            e.data.occurred_at = chrono::Utc::now() - chrono::Duration::minutes(5);
+        }
+        hub.remember(&event(5, alice));
+        hub.remember(&old);
+        hub.remember(&event(7, alice));
+        hub.publish(Entry::Other { offset: 8, message_id: None });
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(6), 9).unwrap();
+        assert_eq!(offsets(missed), Some(vec![7]));
+        let (_s, _, missed) = hub.subscribe_after(alice, Some(5), 9).unwrap();
+        assert!(matches!(missed, Missed::InStream { after: 5 }), "6 is too old to keep");
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub struct Config {
     pub drain_secs: u64,
 
     /// Recent events kept in memory (within the retention) so that a browser
-    /// reconnecting to the same replica resumes without reading the stream;
+    /// reconnecting to the same replica, or to one just started (which keeps
+    /// the history it reads at start), resumes without reading the stream;
     /// 0 turns this off.
     #[arg(long, env = "PUSH_RECENT_EVENTS", default_value_t = 10_000)]
     pub recent_events: usize,

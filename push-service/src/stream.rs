@@ -81,19 +81,30 @@ pub fn offset_of(properties: &BasicProperties) -> Option<u64> {
 /// Decodes a delivery into a stream entry, acknowledging it (a stream reader
 /// must ack to get more credit; nothing is removed from the stream).
 pub async fn entry_of(delivery: lapin::message::Delivery) -> anyhow::Result<Entry> {
+    let entry = entry_in(&delivery)?;
+    ack(delivery, false).await?;
+    Ok(entry)
+}
+
+/// Decodes a delivery into a stream entry, without acknowledging it.
+fn entry_in(delivery: &lapin::message::Delivery) -> anyhow::Result<Entry> {
     let offset = offset_of(&delivery.properties).ok_or_else(|| anyhow::anyhow!("delivery without x-stream-offset"))?;
     let kind = delivery.properties.kind().as_ref().map(|s| s.to_string()).unwrap_or_default();
     let message_id = delivery.properties.message_id().as_ref().and_then(|id| id.as_str().parse::<Uuid>().ok());
-    let entry = decode(offset, &kind, message_id, &delivery.data).unwrap_or_else(|reason| {
+    Ok(decode(offset, &kind, message_id, &delivery.data).unwrap_or_else(|reason| {
         tracing::error!(offset, %reason, "unusable order event skipped");
         Entry::Other { offset, message_id }
-    });
-    // Bounded, like every wait on the broker here: a reader must never hang
-    // on a connection that went away (it reconnects instead).
-    tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions::default()))
+    }))
+}
+
+/// Acknowledges a delivery (with `multiple`, every earlier one on its
+/// channel too). Bounded, like every wait on the broker here: a reader must
+/// never hang on a connection that went away (it reconnects instead).
+async fn ack(delivery: lapin::message::Delivery, multiple: bool) -> anyhow::Result<()> {
+    tokio::time::timeout(ACK_TIMEOUT, delivery.ack(BasicAckOptions { multiple }))
         .await
         .map_err(|_| anyhow::anyhow!("no ack sent within {ACK_TIMEOUT:?}"))??;
-    Ok(entry)
+    Ok(())
 }
 
 /// How long acknowledging a delivery may take before the reader gives up
@@ -119,9 +130,10 @@ async fn append_marker(broker: &Broker, spec: &StreamSpec, id: Uuid) -> anyhow::
 /// failures from the offset after the last one delivered.
 ///
 /// At start the reader begins `lookback` before now and appends a marker:
-/// what comes before the marker is history, whose message ids the hub only
-/// remembers (so that an event re-published later is not delivered twice);
-/// the marker is the hub's first position.
+/// what comes before the marker is history, which the hub does not deliver
+/// but remembers (message ids, so that an event re-published later is not
+/// delivered twice; the events, for resumes from memory); the marker is the
+/// hub's first position.
 pub async fn read_live(
     hub: Arc<Hub>,
     broker: Broker,
@@ -149,6 +161,7 @@ pub async fn read_live(
             }
             let mut deliveries = std::pin::pin!(consumer.take_until(shutdown.cancelled()));
             let mut first = true;
+            let (mut unacked, ack_every) = (0u16, (prefetch / 4).max(1));
             // Whether the channel is still alive is checked while idle too: a
             // consumer on a dead connection may never yield again.
             let mut watchdog = tokio::time::interval(CHANNEL_CHECK);
@@ -161,7 +174,18 @@ pub async fn read_live(
                     }
                 };
                 let Some(delivery) = next else { break };
-                let entry = entry_of(delivery?).await?;
+                let delivery = delivery?;
+                let entry = entry_in(&delivery)?;
+                // Acked in batches (the credit, `prefetch`, is larger than a
+                // batch, so the broker never waits on them): each ack is a
+                // round trip through the connection's I/O loop, and one per
+                // entry made a starting replica read its history slowly on
+                // a busy runtime, keeping it unready.
+                unacked += 1;
+                if unacked >= ack_every {
+                    ack(delivery, true).await?;
+                    unacked = 0;
+                }
                 if hub.position().is_none() && entry.message_id() != Some(marker) {
                     hub.remember(&entry); // history before the marker
                     continue;
