@@ -116,7 +116,7 @@ impl Broker {
                 let properties = ConnectionProperties::default().with_connection_name(self.inner.service.into());
                 let conn = Connection::connect_with_config(&self.inner.url, properties, tls, runtime);
                 let conn = Arc::new(conn.await?);
-                declare_topology(&conn).await?;
+                declare_topology(&conn, self.inner.service).await?;
                 crate::push_stream::declare(&conn, &self.inner.push_stream).await?;
                 Ok(conn)
             })
@@ -286,9 +286,24 @@ fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// Exchanges, every durable consumer queue with its dead-letter queue, and
-/// their bindings.
-async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
+/// Whether `service` consumes from `queue` (named `<consumer>.<source>`);
+/// a broker of no service (ops commands, tests) declares every queue.
+fn consumes(service: &str, queue: &str) -> bool {
+    service.is_empty() || queue.split_once('.').is_some_and(|(consumer, _)| consumer == service)
+}
+
+/// Exchanges; the consumer queues of `service`, each with its dead-letter
+/// queue; and the binding of every queue that takes messages from an
+/// exchange `service` publishes to.
+///
+/// A queue is created by its consumer only: creating one with a dead-letter
+/// target needs `read` on it (RabbitMQ checks that when it creates such a
+/// queue), a right only its consumer has. A publisher instead waits for the
+/// queues of its exchange to exist (passive declare; this connection fails and
+/// is tried again with backoff until they do) and binds them itself, so that
+/// nothing it publishes can be routed past a queue that is not there yet:
+/// with a topic exchange, a message that reaches one queue is not returned.
+async fn declare_topology(conn: &Connection, service: &str) -> lapin::Result<()> {
     let channel = conn.create_channel().await?;
     for exchange in topology::EXCHANGES {
         channel
@@ -301,9 +316,15 @@ async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
             .await?;
     }
     for queue in topology::QUEUES {
-        // The dead-letter queue first: a queue never dead-letters to nowhere.
-        declare_quorum(&channel, &dead_letter_queue(queue.name), &[]).await?;
-        declare_consumer_queue(conn, &channel, queue.name).await?;
+        if consumes(service, queue.name) {
+            // The dead-letter queue first: a queue never dead-letters to nowhere.
+            declare_quorum(&channel, &dead_letter_queue(queue.name), &[]).await?;
+            declare_consumer_queue(conn, &channel, queue.name).await?;
+        } else if queue.exchange == service {
+            await_queue(conn, queue.name).await?;
+        } else {
+            continue;
+        }
         for key in queue.routing_keys {
             channel
                 .queue_bind(
@@ -317,6 +338,22 @@ async fn declare_topology(conn: &Connection) -> lapin::Result<()> {
         }
     }
     close_channel(&channel, "topology declared").await;
+    Ok(())
+}
+
+/// Succeeds once `queue` exists (a passive declare, on a channel of its own,
+/// which the broker closes when the queue is not there).
+async fn await_queue(conn: &Connection, queue: &str) -> lapin::Result<()> {
+    let own = conn.create_channel().await?;
+    let declared = own
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await;
+    if let Err(e) = declared {
+        tracing::warn!(queue, error = %e, "a queue this service publishes to is not declared yet by its consumer; \
+            publishing waits for it");
+        return Err(e);
+    }
+    close_channel(&own, "queue found").await;
     Ok(())
 }
 
@@ -443,4 +480,18 @@ pub async fn publish_confirmed(
 ) -> Result<(), PublishError> {
     let confirm = publish(channel, exchange, routing_key, body, properties).await?;
     check_confirm(confirm.await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consumes;
+
+    #[test]
+    fn a_service_creates_only_the_queues_it_consumes_from() {
+        assert!(consumes("billing", "billing.payments"));
+        assert!(!consumes("identity", "billing.identity"));
+        assert!(!consumes("bill", "billing.identity"));
+        // Ops commands and tests (no service) declare every queue.
+        assert!(consumes("", "notification.ordering"));
+    }
 }
