@@ -16,34 +16,19 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// A billing database of the test's own, migrated as billing does at start,
 /// dropped when the test ends (also when it fails).
-struct TestDb {
-    name: String,
-    pool: PgPool,
-}
+struct TestDb(runtime::db::ScratchDatabase);
 
 impl TestDb {
     async fn new() -> TestDb {
-        let name = format!("billing_rules_{}", Uuid::new_v4().simple());
-        let pool = runtime::db::connect(&format!("{SERVER}/{name}"), sqlx::migrate!("../../migrations/billing"))
-            .await
-            .expect("test database");
-        TestDb { name, pool }
+        let db = runtime::db::ScratchDatabase::new(SERVER, "billing_rules", sqlx::migrate!("../../migrations/billing"));
+        TestDb(db.await.expect("test database"))
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = PgPool::connect(&format!("{SERVER}/postgres")).await {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&pool).await;
-                }
-            });
-        })
-        .join();
+impl std::ops::Deref for TestDb {
+    type Target = runtime::db::ScratchDatabase;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
@@ -108,7 +93,7 @@ async fn until_blocked(db: &TestDb) {
     for _ in 0..1000 {
         let waiting: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'")
-                .bind(&db.name)
+                .bind(db.name())
                 .fetch_one(&db.pool)
                 .await
                 .unwrap();

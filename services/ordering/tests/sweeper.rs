@@ -14,36 +14,22 @@ use uuid::Uuid;
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
-/// An ordering database of the test's own, migrated as ordering does at
-/// start, dropped when the test ends (also when it fails).
-struct TestDb {
-    name: String,
-    pool: PgPool,
-}
+/// An ordering database of the test's own, migrated as ordering does at start,
+/// dropped when the test ends (also when it fails).
+struct TestDb(runtime::db::ScratchDatabase);
 
 impl TestDb {
     async fn new() -> TestDb {
-        let name = format!("ordering_rules_{}", Uuid::new_v4().simple());
-        let pool = runtime::db::connect(&format!("{SERVER}/{name}"), sqlx::migrate!("../../migrations/ordering"))
-            .await
-            .expect("test database");
-        TestDb { name, pool }
+        let db =
+            runtime::db::ScratchDatabase::new(SERVER, "ordering_rules", sqlx::migrate!("../../migrations/ordering"));
+        TestDb(db.await.expect("test database"))
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = PgPool::connect(&format!("{SERVER}/postgres")).await {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&pool).await;
-                }
-            });
-        })
-        .join();
+impl std::ops::Deref for TestDb {
+    type Target = runtime::db::ScratchDatabase;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
