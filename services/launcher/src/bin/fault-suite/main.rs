@@ -461,7 +461,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     println!("  settled after {:.0} s", settle_start.elapsed().as_secs_f64());
     streams_stop.cancel();
 
-    let ok = check(&load, &users, &audit_config, &injected, &replicas).await?;
+    // The stuck orders' users are not the load's: their lists count too.
+    let stuck_listed = stuck.listed(&gateway).await;
+    let ok = check(&load, &users, stuck_listed, &audit_config, &injected, &replicas).await?;
     let stuck_violations = stuck.check(&gateway).await;
     println!("  {}: {} violation(s)", stuck.describe(), stuck_violations.len());
     for v in &stuck_violations {
@@ -577,6 +579,7 @@ async fn pending_orders(load: &Load, users: &[Arc<User>]) -> usize {
 async fn check(
     load: &Load,
     users: &[Arc<User>],
+    others_listed: Option<(usize, usize, usize)>,
     audit_config: &order_system::audit::AuditConfig,
     injected: &Mutex<Injected>,
     replicas: &[Arc<Replica>],
@@ -587,8 +590,9 @@ async fn check(
     let (mut orders, mut finals, mut succeeded_n, mut events_ok, mut uncertain_applied, mut uncertain_not) =
         (0, 0, 0, 0, 0, 0);
     let mut notifications_total = 0;
-    // Every order and notification in the users' lists: the audit's totals
-    // (the load's users are the only ones) must be the same.
+    // Every order and notification in the users' lists (the load's and the
+    // stuck orders' users are the only ones): the audit's totals must be
+    // the same.
     let (mut listed_orders, mut listed_finals) = (0, 0);
     for u in users {
         let rec = u.record.lock().await;
@@ -700,6 +704,14 @@ async fn check(
     let audit = order_system::audit::run(audit_config).await?;
     for v in &audit.violations {
         violations.push(format!("audit: {v}"));
+    }
+    match others_listed {
+        Some((orders, finals, notes)) => {
+            listed_orders += orders;
+            listed_finals += finals;
+            notifications_total += notes;
+        }
+        None => violations.push("the lists of the stuck orders' users could not be read".to_string()),
     }
     let totals = audit.totals;
     if (listed_orders, listed_finals, notifications_total as i64)

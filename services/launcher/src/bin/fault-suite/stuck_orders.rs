@@ -108,6 +108,25 @@ impl StuckOrders {
         )
     }
 
+    /// What these users' own lists hold: (orders, final orders,
+    /// notifications), for the comparison with the audit's totals; `None`
+    /// when a list could not be read.
+    pub async fn listed(&self, gateway: &str) -> Option<(usize, usize, usize)> {
+        let http = reqwest::Client::new();
+        let (mut orders, mut finals, mut notes) = (0, 0, 0);
+        for o in &self.orders {
+            let list = |path: &str| {
+                let req = http.get(format!("{gateway}/api/v1{path}?limit=500")).bearer_auth(&o.token);
+                async move { req.send().await.ok()?.json::<Vec<Value>>().await.ok() }
+            };
+            let placed = list("/ordering/orders").await?;
+            orders += placed.len();
+            finals += placed.iter().filter(|o| o["status"] == "succeeded" || o["status"] == "failed").count();
+            notes += list("/notifications").await?.len();
+        }
+        Some((orders, finals, notes))
+    }
+
     /// Each order settled as it must be, and its user charged accordingly:
     /// the violations found.
     pub async fn check(&self, gateway: &str) -> Vec<String> {
