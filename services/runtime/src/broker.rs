@@ -296,13 +296,14 @@ fn consumes(service: &str, queue: &str) -> bool {
 /// queue; and the binding of every queue that takes messages from an
 /// exchange `service` publishes to.
 ///
-/// A queue is created by its consumer only: creating one with a dead-letter
-/// target needs `read` on it (RabbitMQ checks that when it creates such a
-/// queue), a right only its consumer has. A publisher instead waits for the
-/// queues of its exchange to exist (passive declare; this connection fails and
-/// is tried again with backoff until they do) and binds them itself, so that
-/// nothing it publishes can be routed past a queue that is not there yet:
-/// with a topic exchange, a message that reaches one queue is not returned.
+/// Creating a queue with a dead-letter target needs `read` on it (RabbitMQ
+/// checks that when it creates such a queue), a right that per-service
+/// users give only its consumer. A publisher creates a missing queue of its
+/// exchange where it may; where it is refused, this connection fails and is
+/// tried again with backoff until the consumer has created it. It binds them
+/// itself, so that nothing it publishes can be routed past a queue that is
+/// not there yet: with a topic exchange, a message that reaches one queue is
+/// not returned.
 async fn declare_topology(conn: &Connection, service: &str) -> lapin::Result<()> {
     let channel = conn.create_channel().await?;
     for exchange in topology::EXCHANGES {
@@ -321,7 +322,14 @@ async fn declare_topology(conn: &Connection, service: &str) -> lapin::Result<()>
             declare_quorum(&channel, &dead_letter_queue(queue.name), &[]).await?;
             declare_consumer_queue(conn, &channel, queue.name).await?;
         } else if queue.exchange == service {
-            await_queue(conn, queue.name).await?;
+            if !queue_exists(conn, queue.name).await? {
+                // Created here where this service may (one user for all);
+                // refused (per-service users: only the consumer may create
+                // it), this connection fails and is tried again until the
+                // consumer has created it.
+                declare_quorum(&channel, &dead_letter_queue(queue.name), &[]).await?;
+                declare_consumer_queue(conn, &channel, queue.name).await?;
+            }
         } else {
             continue;
         }
@@ -341,20 +349,22 @@ async fn declare_topology(conn: &Connection, service: &str) -> lapin::Result<()>
     Ok(())
 }
 
-/// Succeeds once `queue` exists (a passive declare, on a channel of its own,
-/// which the broker closes when the queue is not there).
-async fn await_queue(conn: &Connection, queue: &str) -> lapin::Result<()> {
+/// Whether `queue` exists (a passive declare, on a channel of its own, which
+/// the broker closes when the queue is not there).
+async fn queue_exists(conn: &Connection, queue: &str) -> lapin::Result<bool> {
     let own = conn.create_channel().await?;
     let declared = own
         .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
         .await;
-    if let Err(e) = declared {
-        tracing::warn!(queue, error = %e, "a queue this service publishes to is not declared yet by its consumer; \
-            publishing waits for it");
-        return Err(e);
+    if declared.is_err() {
+        tracing::info!(
+            queue,
+            "a queue this service publishes to does not exist yet; creating it, or waiting for its consumer to"
+        );
+        return Ok(false);
     }
     close_channel(&own, "queue found").await;
-    Ok(())
+    Ok(true)
 }
 
 /// Declares `queue` with [`consumer_queue_arguments`] (on a channel of its
