@@ -11,7 +11,7 @@
 //! proves nothing but "this client logged in to this account before", and a
 //! rotated signing key retires it (the next login sets a new one).
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
@@ -60,12 +60,7 @@ pub fn verify(ring: &KeyRing, email: &str, value: &str) -> Option<String> {
 
 /// The device id of the first valid device cookie for `email` the request carries.
 pub fn from_headers(headers: &HeaderMap, ring: &KeyRing, email: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
+    runtime::tokens::cookies(headers)
         .filter(|(name, _)| *name == DEVICE_COOKIE)
         .find_map(|(_, value)| verify(ring, email, value))
 }
@@ -117,8 +112,11 @@ mod tests {
         let ring = ring();
         let value = issue(&ring.current, "a@example.com", Duration::from_secs(60));
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("accessToken=x; deviceToken=forged"));
-        headers.append(header::COOKIE, HeaderValue::from_str(&format!("theme=dark; {DEVICE_COOKIE}={value}")).unwrap());
+        headers.append(axum::http::header::COOKIE, HeaderValue::from_static("accessToken=x; deviceToken=forged"));
+        headers.append(
+            axum::http::header::COOKIE,
+            HeaderValue::from_str(&format!("theme=dark; {DEVICE_COOKIE}={value}")).unwrap(),
+        );
         assert!(from_headers(&headers, &ring, "a@example.com").is_some());
         assert!(from_headers(&headers, &ring, "b@example.com").is_none());
     }

@@ -137,15 +137,17 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
     {
         return Some(t.trim());
     }
+    cookies(headers).find(|(name, _)| *name == TOKEN_COOKIE).map(|(_, value)| value).filter(|v| !v.is_empty())
+}
+
+/// Every `name=value` cookie of a request's `Cookie` headers, in order.
+pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == TOKEN_COOKIE)
-        .map(|(_, value)| value)
-        .filter(|v| !v.is_empty())
 }
 
 impl TokenVerifier {
