@@ -2,7 +2,8 @@
 #
 #   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
-# Ports:      port_used PORT; first_free COUNT BASE...; wait_for_port PORT [SECONDS]
+# Ports:      listening PORT; port_used PORT; first_free COUNT BASE...;
+#             wait_for_port PORT [SECONDS]
 # Waiting:    wait_for_url URL [SECONDS [PID]]
 # Leftovers:  drop_databases PREFIX; delete_vhost NAME
 # A throwaway system (`order-system run --throwaway`):
@@ -14,6 +15,11 @@
 LIB_PG_HOST=${POSTGRES_HOST:-127.0.0.1}
 LIB_PG_USER=${POSTGRES_USER:-postgres}
 LIB_RABBITMQ_API=${RABBITMQ_API_URL:-http://guest:guest@127.0.0.1:15672/api}
+
+# Whether something accepts connections on 127.0.0.1:PORT.
+listening() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
 
 # Whether any socket (listening or connected, TIME-WAIT aside) uses local PORT.
 port_used() {
@@ -37,7 +43,7 @@ first_free() { # count, candidates...
 wait_for_port() { # port [seconds]
     local port=$1 limit=${2:-60} t0=$SECONDS
     while ((SECONDS - t0 < limit)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        listening "$port" && return 0
         sleep 0.2
     done
     echo "nothing listens on 127.0.0.1:$port after $limit s" >&2
