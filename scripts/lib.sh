@@ -119,15 +119,16 @@ throwaway_start() { # bin name log [args...]
 # it left: its databases and vhost are normally gone already.
 throwaway_stop() {
     [ -n "${THROWAWAY_NAME:-}" ] || return 0
+    # Also under `set -e` (an EXIT trap): nothing here may end the caller.
     if [ -n "${THROWAWAY_PID:-}" ]; then
-        kill -TERM "$THROWAWAY_PID" 2>/dev/null
+        kill -TERM "$THROWAWAY_PID" 2>/dev/null || true
         local _i
         for _i in $(seq 1 60); do kill -0 "$THROWAWAY_PID" 2>/dev/null || break; sleep 0.5; done
-        kill -KILL "$THROWAWAY_PID" 2>/dev/null
-        wait "$THROWAWAY_PID" 2>/dev/null
+        kill -KILL "$THROWAWAY_PID" 2>/dev/null || true
+        wait "$THROWAWAY_PID" 2>/dev/null || true
     fi
-    drop_databases "${THROWAWAY_NAME}_" 2>/dev/null
-    [ -z "${THROWAWAY_OWN_VHOST:-}" ] || delete_vhost "$THROWAWAY_NAME"
+    drop_databases "${THROWAWAY_NAME}_" 2>/dev/null || true
+    [ -z "${THROWAWAY_OWN_VHOST:-}" ] || delete_vhost "$THROWAWAY_NAME" || true
     rm -f "${THROWAWAY_ENV:-}"
     THROWAWAY_NAME="" THROWAWAY_PID=""
     return 0
