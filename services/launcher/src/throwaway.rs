@@ -243,6 +243,109 @@ mod tests {
         }
     }
 
+    /// The databases on the server whose names start with `prefix`.
+    async fn databases(config: &SystemConfig, prefix: &str) -> Vec<String> {
+        let pool = sqlx::PgPool::connect(&config.server_url()).await.expect("PostgreSQL");
+        let names = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(prefix)
+            .fetch_all(&pool)
+            .await
+            .expect("pg_database");
+        pool.close().await;
+        names
+    }
+
+    async fn vhost_exists(api: &str, vhost: &str) -> bool {
+        let status = management_request(&http().unwrap(), reqwest::Method::GET, api, &format!("vhosts/{vhost}"))
+            .unwrap()
+            .send()
+            .await
+            .expect("management API")
+            .status();
+        assert!(status.is_success() || status == reqwest::StatusCode::NOT_FOUND, "{status}");
+        status.is_success()
+    }
+
+    fn args(name: &str, env_file: Option<PathBuf>) -> ThrowawayArgs {
+        ThrowawayArgs {
+            throwaway: true,
+            name: Some(name.into()),
+            env_file,
+            shared_vhost: false,
+            rabbitmq_api: std::env::var("RABBITMQ_API_URL")
+                .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672/api".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_throwaway_system_removes_its_databases_vhost_and_files_when_stopped() {
+        let name = format!("twtest{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let env_file = std::env::temp_dir().join(format!("{name}.env"));
+        let config = SystemConfig::from_env();
+        let args = args(&name, Some(env_file.clone()));
+        let api = args.rabbitmq_api.clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(run(config.clone(), args, shutdown.clone()));
+
+        // Eventually: the env file, every database, and a ready gateway.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let until = |what: &str| assert!(std::time::Instant::now() < deadline, "no {what} within 120 s");
+        let vars: std::collections::HashMap<String, String> = loop {
+            if let Ok(text) = std::fs::read_to_string(&env_file) {
+                break text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+            }
+            assert!(!running.is_finished(), "the throwaway system ended at start");
+            until("env file");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(vars["DATABASE_PREFIX"], format!("{name}_"));
+        assert_eq!(vars["AMQP_VHOST"], name);
+        // Every service ready (started, migrated, connected), so that the stop
+        // below is a stop of a running system.
+        for (key, url) in vars.iter().filter(|(k, _)| k.ends_with("_URL")) {
+            let ready = format!("{url}/health/ready");
+            while !http().unwrap().get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
+                until(key);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        while databases(&config, &format!("{name}_")).await.len() < 4 {
+            until("databases");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(vhost_exists(&api, &name).await);
+        assert!(std::path::Path::new(&vars["MAIL_DIR"]).parent().unwrap().exists());
+
+        shutdown.cancel();
+        running.await.expect("task").expect("a clean stop");
+        assert_eq!(databases(&config, &format!("{name}_")).await, Vec::<String>::new());
+        assert!(!vhost_exists(&api, &name).await, "vhost {name} left");
+        assert!(!env_file.exists(), "env file left");
+        assert!(!std::path::Path::new(&vars["MAIL_DIR"]).parent().unwrap().exists(), "mail directory left");
+    }
+
+    #[tokio::test]
+    async fn a_throwaway_system_that_cannot_start_fails_and_leaves_nothing() {
+        let name = format!("twfail{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let env_file = std::env::temp_dir().join(format!("{name}.env"));
+        let config = SystemConfig::from_env();
+        // No management API there: the vhost cannot be created.
+        let args =
+            ThrowawayArgs { rabbitmq_api: "http://127.0.0.1:1/api".into(), ..args(&name, Some(env_file.clone())) };
+        let error = run(config.clone(), args, CancellationToken::new()).await.expect_err("no vhost, no system");
+        assert!(format!("{error:#}").contains("management API"), "{error:#}");
+        assert_eq!(databases(&config, &format!("{name}_")).await, Vec::<String>::new());
+        assert!(!env_file.exists());
+        assert!(!std::env::temp_dir().join(format!("order-system-{name}")).exists());
+    }
+
+    #[tokio::test]
+    async fn a_bad_name_is_refused_before_anything_is_created() {
+        let error =
+            run(SystemConfig::from_env(), args("bad name", None), CancellationToken::new()).await.expect_err("refused");
+        assert!(error.to_string().contains("letters, digits and _"), "{error}");
+    }
+
     #[test]
     fn the_user_of_the_broker_gets_the_vhost() {
         assert_eq!(amqp_user("amqp://app:secret@h:5672/%2f"), "app");
