@@ -215,6 +215,20 @@ impl SystemConfig {
         <Defaults as clap::Parser>::parse_from(["order-system"]).config
     }
 
+    /// The defaults alone, whatever the environment sets (for tests and tools
+    /// that describe a system entirely themselves).
+    pub fn defaults() -> SystemConfig {
+        Self::from_args_only(std::iter::empty::<&str>()).expect("the defaults parse")
+    }
+
+    /// `args` (flags, as on the command line) over the defaults, without the
+    /// environment.
+    pub fn from_args_only<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<SystemConfig, clap::Error> {
+        let command = <Defaults as clap::CommandFactory>::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command.try_get_matches_from(std::iter::once("order-system").chain(args))?;
+        Ok(<Defaults as clap::FromArgMatches>::from_arg_matches(&matches)?.config)
+    }
+
     /// The URL of `database` (`identity`, ...) on the server, with the prefix.
     pub fn database_url(&self, service: Service) -> String {
         format!("{}/{}{}", self.postgres_url.trim_end_matches('/'), self.database_prefix, service.name())
@@ -631,12 +645,35 @@ mod tests {
     use super::*;
 
     fn config(args: &[&str]) -> SystemConfig {
-        #[derive(clap::Parser)]
-        struct P {
-            #[command(flatten)]
-            config: SystemConfig,
+        SystemConfig::from_args_only(args.iter().copied()).expect("valid flags")
+    }
+
+    /// Run again as a child process with the environment set (setting it
+    /// here would need unsafe code, which the workspace forbids).
+    #[test]
+    fn the_defaults_ignore_the_environment() {
+        if std::env::var_os("SYSTEM_TEST_CHILD").is_some() {
+            let defaults = SystemConfig::defaults();
+            assert_eq!((defaults.gateway_addr.port(), defaults.database_prefix.as_str()), (8080, ""));
+            let from_env = SystemConfig::from_env();
+            assert_eq!((from_env.gateway_addr.port(), from_env.database_prefix.as_str()), (9999, "fromenv_"));
+            return;
         }
-        <P as clap::Parser>::parse_from(std::iter::once("order-system").chain(args.iter().copied())).config
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "system::tests::the_defaults_ignore_the_environment", "--test-threads=1"])
+            .env("SYSTEM_TEST_CHILD", "1")
+            .env("GATEWAY_ADDR", "127.0.0.1:9999")
+            .env("DATABASE_PREFIX", "fromenv_")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&child.stdout);
+        assert!(child.status.success() && out.contains("1 passed"), "{out}{}", String::from_utf8_lossy(&child.stderr));
+    }
+
+    #[test]
+    fn a_bad_flag_is_an_error_not_a_default() {
+        assert!(SystemConfig::from_args_only(["--throttles", "sometimes"]).is_err());
+        assert!(SystemConfig::from_args_only(["--services", "nope"]).is_err());
     }
 
     fn wiring(config: &SystemConfig) -> Wiring {

@@ -287,41 +287,52 @@ mod tests {
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(run(config.clone(), args, shutdown.clone()));
 
-        // Eventually: the env file, every database, and a ready gateway.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let until = |what: &str| assert!(std::time::Instant::now() < deadline, "no {what} within 120 s");
-        let vars: std::collections::HashMap<String, String> = loop {
-            if let Ok(text) = std::fs::read_to_string(&env_file) {
-                break text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+        // Eventually: the env file, every service ready, every database. A
+        // failure here still stops the system below, so that it removes
+        // what it created before the test fails.
+        let running_check = async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+            let until = |what: &str| match std::time::Instant::now() < deadline {
+                true => Ok(()),
+                false => Err(format!("no {what} within 180 s")),
+            };
+            let vars: std::collections::HashMap<String, String> = loop {
+                if let Ok(text) = std::fs::read_to_string(&env_file) {
+                    break text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+                }
+                if running.is_finished() {
+                    return Err("the throwaway system ended at start".to_string());
+                }
+                until("env file")?;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            // Every service ready (started, migrated, connected), so that the
+            // stop below is a stop of a running system.
+            for (key, url) in vars.iter().filter(|(k, _)| k.ends_with("_URL")) {
+                let ready = format!("{url}/health/ready");
+                while !http().unwrap().get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
+                    until(key)?;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
             }
-            assert!(!running.is_finished(), "the throwaway system ended at start");
-            until("env file");
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
-        assert_eq!(vars["DATABASE_PREFIX"], format!("{name}_"));
-        assert_eq!(vars["AMQP_VHOST"], name);
-        // Every service ready (started, migrated, connected), so that the stop
-        // below is a stop of a running system.
-        for (key, url) in vars.iter().filter(|(k, _)| k.ends_with("_URL")) {
-            let ready = format!("{url}/health/ready");
-            while !http().unwrap().get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
-                until(key);
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
+            let databases_there = databases(&config, &format!("{name}_")).await.len();
+            let vhost_there = vhost_exists(&api, &name).await;
+            Ok((vars, databases_there, vhost_there))
         }
-        while databases(&config, &format!("{name}_")).await.len() < 4 {
-            until("databases");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        assert!(vhost_exists(&api, &name).await);
-        assert!(std::path::Path::new(&vars["MAIL_DIR"]).parent().unwrap().exists());
-
+        .await;
         shutdown.cancel();
-        running.await.expect("task").expect("a clean stop");
+        let stopped = running.await.expect("task");
+
         assert_eq!(databases(&config, &format!("{name}_")).await, Vec::<String>::new());
         assert!(!vhost_exists(&api, &name).await, "vhost {name} left");
         assert!(!env_file.exists(), "env file left");
-        assert!(!std::path::Path::new(&vars["MAIL_DIR"]).parent().unwrap().exists(), "mail directory left");
+        assert!(!std::env::temp_dir().join(format!("order-system-{name}")).exists(), "mail directory left");
+        let (vars, databases_there, vhost_there) = running_check.expect("a running throwaway system");
+        assert_eq!(vars["DATABASE_PREFIX"], format!("{name}_"));
+        assert_eq!(vars["AMQP_VHOST"], name);
+        assert_eq!(databases_there, 4, "its four databases while it ran");
+        assert!(vhost_there, "its vhost while it ran");
+        stopped.expect("a clean stop");
     }
 
     #[tokio::test]
