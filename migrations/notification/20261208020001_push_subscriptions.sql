@@ -16,7 +16,7 @@ CREATE INDEX push_subscriptions_user ON push_subscriptions (user_id, created_at 
 -- One push message per notification and subscription, written with the
 -- notification (so in the consumer's transaction: a redelivered order event
 -- writes none twice), sent by the pusher, retried with backoff. Removing a
--- subscription removes what was still to be sent to it.
+-- subscription removes its messages, sent or not.
 CREATE TABLE push_deliveries (
     id              BIGSERIAL PRIMARY KEY,
     notification_id UUID        NOT NULL REFERENCES notifications (id),
