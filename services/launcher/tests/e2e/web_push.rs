@@ -748,3 +748,18 @@ async fn without_a_vapid_key_web_push_is_off() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_page_serves_its_service_worker_and_its_opt_in_button() {
+    let app = TestApp::spawn().await;
+    for (path, needle) in [("/sw.js", "showNotification"), ("/webpush.js", "pushManager.subscribe")] {
+        let r = app.http.get(format!("{}{path}", app.gateway)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(r.headers()["content-type"], "text/javascript; charset=utf-8", "{path}");
+        assert!(r.text().await.unwrap().contains(needle), "{path}");
+    }
+    let page = app.http.get(&app.gateway).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains(r#"<script src="/webpush.js" defer></script>"#));
+    assert!(page.contains(r#"id="push-toggle""#));
+    app.stop().await;
+}
