@@ -557,6 +557,16 @@ async fn a_subscription_answered_410_is_removed() {
     order(&app, &user, 100).await;
     peer.accepted(&kept, 2).await;
     assert_eq!(peer.received(&gone).len(), 1, "the removed subscription is not tried again");
+    // The metrics say so (the process's registry: other tests count too).
+    let metrics = app.http.get(format!("{}/metrics", app.gateway)).send().await.unwrap().text().await.unwrap();
+    for series in ["web_push_sent_total ", "web_push_subscriptions_removed_total "] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in\n{metrics}"));
+        assert!(value >= 1.0, "{series}{value}");
+    }
     drop(service);
     app.stop().await;
 }
