@@ -33,8 +33,8 @@ pub const DEFAULT_PUSH_HOSTS: &str =
 #[derive(clap::Args, Clone, Debug)]
 pub struct WebPushConfig {
     /// The VAPID private key (P-256): base64url of the 32-byte scalar, or a
-    /// PEM (SEC1 `EC PRIVATE KEY` or PKCS#8). Without it (nor the file),
-    /// Web Push is off.
+    /// PEM (SEC1 `EC PRIVATE KEY` or PKCS#8). Without it or
+    /// VAPID_PRIVATE_KEY_FILE (or empty), Web Push is off.
     #[arg(long, env = "VAPID_PRIVATE_KEY", hide_env_values = true)]
     pub vapid_private_key: Option<String>,
 
@@ -49,32 +49,32 @@ pub struct WebPushConfig {
 
     /// Hosts a subscription's endpoint may name (comma-separated; a leading
     /// dot: that domain's subdomains). The server sends requests only there.
-    #[arg(long, env = "WEB_PUSH_ALLOWED_HOSTS", value_delimiter = ',', default_value = DEFAULT_PUSH_HOSTS)]
+    #[arg(long = "web-push-allowed-hosts", env = "WEB_PUSH_ALLOWED_HOSTS", value_delimiter = ',', default_value = DEFAULT_PUSH_HOSTS)]
     pub allowed_hosts: Vec<String>,
 
     /// PEM file of CA certificates push services' certificates may chain to,
     /// besides the public web roots.
-    #[arg(long, env = "WEB_PUSH_CA_FILE")]
+    #[arg(long = "web-push-ca-file", env = "WEB_PUSH_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 
     /// Subscriptions a user may hold; subscribing one more replaces the oldest.
-    #[arg(long, env = "WEB_PUSH_SUBSCRIPTIONS_PER_USER", default_value_t = 10)]
+    #[arg(long = "web-push-subscriptions-per-user", env = "WEB_PUSH_SUBSCRIPTIONS_PER_USER", default_value_t = 10)]
     pub subscriptions_per_user: u32,
 
     /// Push messages one user may be sent an hour (over all their
     /// subscriptions); the rest are not sent. 0: no budget.
-    #[arg(long, env = "WEB_PUSH_PER_USER_PER_HOUR", default_value_t = 30)]
+    #[arg(long = "web-push-per-user-per-hour", env = "WEB_PUSH_PER_USER_PER_HOUR", default_value_t = 30)]
     pub per_user_per_hour: u32,
 
     /// How long a push service keeps a message for a browser that is offline
     /// (the `TTL` header), in seconds; a message not handed over by then is
     /// failed as expired.
-    #[arg(long, env = "WEB_PUSH_TTL_SECS", default_value_t = 86_400)]
+    #[arg(long = "web-push-ttl-secs", env = "WEB_PUSH_TTL_SECS", default_value_t = 86_400)]
     pub ttl_secs: u32,
 
     /// First retry of a push service's 429/5xx without `Retry-After`, in
     /// milliseconds, doubling up to an hour.
-    #[arg(long, env = "WEB_PUSH_RETRY_BASE_MS", default_value_t = 2_000)]
+    #[arg(long = "web-push-retry-base-ms", env = "WEB_PUSH_RETRY_BASE_MS", default_value_t = 2_000)]
     pub retry_base_ms: u64,
 }
 
