@@ -35,6 +35,9 @@ struct Cli {
     mail: notification::MailConfig,
 
     #[command(flatten)]
+    web_push: notification::WebPushConfig,
+
+    #[command(flatten)]
     idempotency: runtime::idempotency::IdempotencyConfig,
 
     #[command(flatten)]
@@ -251,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         messaging: cli.messaging.clone(),
         limits: limits.clone(),
         mail: notification::MailConfig { mail_dir, ..cli.mail.clone() },
+        web_push: cli.web_push.clone(),
         addr: notification_addr.to_string(),
         callers: callers.clone(),
     };
