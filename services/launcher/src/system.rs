@@ -136,6 +136,9 @@ pub struct SystemConfig {
     pub mail: notification::MailConfig,
 
     #[command(flatten)]
+    pub web_push: notification::WebPushConfig,
+
+    #[command(flatten)]
     pub idempotency: runtime::idempotency::IdempotencyConfig,
 
     #[command(flatten)]
@@ -350,6 +353,7 @@ impl SystemConfig {
             messaging: self.messaging.clone(),
             limits: wiring.limits.clone(),
             mail: self.mail(),
+            web_push: self.web_push.clone(),
             addr: wiring.addr(Service::Notification).to_string(),
             callers: wiring.callers(),
         }

@@ -23,3 +23,4 @@ mod stream_limits;
 mod sweeper;
 mod tokens;
 mod transport;
+mod web_push;
