@@ -43,7 +43,7 @@ pub const NOTIFICATION_ORDERS: QueueSpec = QueueSpec {
 };
 
 /// The durable quorum queues of the system. The push service's stream is
-/// not among them: `runtime::push_stream` declares it ([`PUSH_STREAM`]).
+/// not among them: `runtime::messaging::push_stream` declares it ([`PUSH_STREAM`]).
 pub const QUEUES: &[QueueSpec] =
     &[BILLING_USERS, BILLING_PAYMENTS, ORDERING_PAYMENTS, NOTIFICATION_USERS, NOTIFICATION_ORDERS];
 

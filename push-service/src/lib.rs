@@ -17,10 +17,10 @@ mod stream;
 use axum::Router;
 use axum::routing::get;
 
-use runtime::openapi::InternalAuth;
-use runtime::push_stream::{max_age, parse_max_age};
-use runtime::tls::TlsConfig;
-use runtime::tokens::TokenVerifier;
+use runtime::auth::tls::TlsConfig;
+use runtime::auth::tokens::TokenVerifier;
+use runtime::http::openapi::InternalAuth;
+use runtime::messaging::push_stream::{max_age, parse_max_age};
 use runtime::{Broker, MessagingConfig, Service};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,7 +119,7 @@ pub struct Config {
 
     /// How the token checks (with `PUSH_IDENTITY_URL`) keep current.
     #[command(flatten)]
-    pub verifier: runtime::tokens::VerifierConfig,
+    pub verifier: runtime::auth::tokens::VerifierConfig,
 
     /// Cleartext address: HTTP/1.1 and prior-knowledge HTTP/2 (h2c).
     #[arg(long, env = "PUSH_ADDR", default_value = "127.0.0.1:8085")]
@@ -192,7 +192,7 @@ async fn streams(axum::extract::State(state): axum::extract::State<AppState>) ->
 
 /// Runs the service on `listener` (and on `tls_addr` when set) until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = runtime::tls::bind(&config.tls_addr)?;
+    let tls = runtime::auth::tls::bind(&config.tls_addr)?;
     run_with_tls(config, listener, tls, shutdown).await
 }
 
@@ -243,7 +243,7 @@ pub async fn run_with_tls(
         .route("/api/v1/orders", get(sse::order_events))
         .route("/internal/v1/streams", get(streams))
         .with_state(state)
-        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
+        .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     // Ready once its event stream is attached (the reader has reached the
     // live end: a stream opened before that would miss events), and, with
     // a port facing browsers, only while it can judge tokens.

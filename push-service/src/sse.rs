@@ -20,7 +20,7 @@ use futures::StreamExt;
 use rand::Rng;
 use runtime::ApiError;
 use runtime::auth::CurrentUser;
-use runtime::tokens::TokenError;
+use runtime::auth::tokens::TokenError;
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -119,7 +119,7 @@ impl axum::extract::FromRequestParts<AppState> for StreamUser {
 }
 
 /// On the port facing browsers, the user's token checked here
-/// (`runtime::tokens`; a replica refuses to open that port without it);
+/// (`runtime::auth::tokens`; a replica refuses to open that port without it);
 /// on the internal port, the gateway's assertion, as every service checks it.
 async fn authenticate(state: &AppState, parts: &mut Parts) -> Result<(CurrentUser, Option<TokenClaims>), ApiError> {
     if parts.extensions.get::<BrowserFacing>().is_none() {
@@ -129,7 +129,7 @@ async fn authenticate(state: &AppState, parts: &mut Parts) -> Result<(CurrentUse
         .verifier
         .as_ref()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a browser-facing port without token verification")))?;
-    let token = runtime::tokens::token_of(&parts.headers).ok_or(TokenError::Missing)?;
+    let token = runtime::auth::tokens::token_of(&parts.headers).ok_or(TokenError::Missing)?;
     // A token that cannot be judged now is a 503 (fail closed); any other
     // failure a 401.
     let claims = verifier.verify(token).await.map_err(|e| match e {
@@ -414,7 +414,7 @@ fn replay_from_stream(
                 break;
             }
         }
-        runtime::broker::close_channel(&channel, "replayed").await;
+        runtime::messaging::channel::close_channel(&channel, "replayed").await;
         // Interrupted before the position: the client resumes from its id.
         let open = open && !replay.interrupted();
         yield Replayed::Done { covered: replay.covered, open };

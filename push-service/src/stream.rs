@@ -22,7 +22,7 @@ use crate::hub::{Entry, Hub, decode};
 
 /// The stream's name and retention: the messaging configuration every
 /// service shares (one declaration, in the runtime).
-pub use runtime::push_stream::PushStream as StreamSpec;
+pub use runtime::messaging::push_stream::PushStream as StreamSpec;
 
 /// The type of the marker a replica appends to learn its position at start.
 const MARKER: &str = "PushMarker";
@@ -121,8 +121,8 @@ async fn append_marker(broker: &Broker, spec: &StreamSpec, id: Uuid) -> anyhow::
         .with_message_id(id.to_string().into())
         .with_type(MARKER.into())
         .with_content_type("application/json".into());
-    runtime::broker::publish_confirmed(&channel, "", &spec.name, b"{}", props).await?;
-    runtime::broker::close_channel(&channel, "marker appended").await;
+    runtime::messaging::broker::publish_confirmed(&channel, "", &spec.name, b"{}", props).await?;
+    runtime::messaging::channel::close_channel(&channel, "marker appended").await;
     Ok(())
 }
 
@@ -211,7 +211,7 @@ pub async fn read_live(
             if !shutdown.is_cancelled() {
                 tracing::warn!(stream = %spec.name, "the broker ended the stream's consumer; reconnecting");
             }
-            runtime::broker::close_channel(&channel, "reader stopped").await;
+            runtime::messaging::channel::close_channel(&channel, "reader stopped").await;
             anyhow::Ok(())
         };
         match session.await {

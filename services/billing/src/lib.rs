@@ -15,8 +15,8 @@ use axum::Router;
 use axum::routing::{get, post};
 use contracts::messages::{CreatePayment, PaymentCreated, PaymentFailed, UserCreated, VoidPayment};
 use contracts::topology;
-use runtime::idempotency::{self, IdempotencyConfig};
-use runtime::openapi::InternalAuth;
+use runtime::http::idempotency::{self, IdempotencyConfig};
+use runtime::http::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -66,7 +66,7 @@ fn routes(app: accounts::App) -> Router {
         .route("/api/v1/account/deposit", post(accounts::deposit))
         .route("/api/v1/account/withdraw", post(accounts::withdraw))
         .with_state(app)
-        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
+        .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

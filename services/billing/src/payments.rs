@@ -13,7 +13,7 @@ use contracts::messages::{
     CreatePayment, NOT_ENOUGH_MONEY, PAYMENT_VOIDED, PaymentCreated, PaymentFailed, VoidPayment,
 };
 use runtime::Incoming;
-use runtime::consumer::HandlerResult;
+use runtime::messaging::consumer::HandlerResult;
 use sqlx::PgConnection;
 use uuid::Uuid;
 

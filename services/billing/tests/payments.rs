@@ -7,7 +7,7 @@ use billing::payments::{on_create_payment, on_void_payment};
 use contracts::Money;
 use contracts::messages::{CreatePayment, NOT_ENOUGH_MONEY, PAYMENT_VOIDED, VoidPayment};
 use runtime::Incoming;
-use runtime::consumer::HandlerError;
+use runtime::messaging::consumer::HandlerError;
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
@@ -16,17 +16,21 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// A billing database of the test's own, migrated as billing does at start,
 /// dropped when the test ends (also when it fails).
-struct TestDb(runtime::db::ScratchDatabase);
+struct TestDb(runtime::data::db::ScratchDatabase);
 
 impl TestDb {
     async fn new() -> TestDb {
-        let db = runtime::db::ScratchDatabase::new(SERVER, "billing_rules", sqlx::migrate!("../../migrations/billing"));
+        let db = runtime::data::db::ScratchDatabase::new(
+            SERVER,
+            "billing_rules",
+            sqlx::migrate!("../../migrations/billing"),
+        );
         TestDb(db.await.expect("test database"))
     }
 }
 
 impl std::ops::Deref for TestDb {
-    type Target = runtime::db::ScratchDatabase;
+    type Target = runtime::data::db::ScratchDatabase;
     fn deref(&self) -> &Self::Target {
         &self.0
     }

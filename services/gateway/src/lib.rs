@@ -14,7 +14,7 @@ use axum::Router;
 use axum::routing::any;
 use runtime::Service;
 
-use runtime::tokens::TokenVerifier;
+use runtime::auth::tokens::TokenVerifier;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -47,7 +47,7 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PUSH_STREAMS_PER_CONNECTION", default_value_t = 100)]
     pub push_streams_per_connection: usize,
     #[command(flatten)]
-    pub verifier: runtime::tokens::VerifierConfig,
+    pub verifier: runtime::auth::tokens::VerifierConfig,
     /// Longest wait for a service's answer to start (event streams, once
     /// started, are never cut; a long poll with `Prefer: wait=N` gets N more
     /// seconds).
@@ -63,17 +63,17 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
     pub https_addr: String,
     #[command(flatten)]
-    pub tls: runtime::tls::TlsConfig,
+    pub tls: runtime::auth::tls::TlsConfig,
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
     #[command(flatten)]
-    pub connections: runtime::connections::ConnectionLimits,
+    pub connections: runtime::http::connections::ConnectionLimits,
     #[command(flatten)]
     pub signing: runtime::auth::SigningKeyConfig,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let https = runtime::tls::bind(&config.https_addr)?;
+    let https = runtime::auth::tls::bind(&config.https_addr)?;
     run_with_tls(config, listener, https, shutdown).await
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use crate::h2c::H2cPool;
-use runtime::tokens::TokenVerifier;
+use runtime::auth::tokens::TokenVerifier;
 
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
@@ -230,8 +230,11 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
 
     // Only the gateway speaks for the user.
     // The services behind learn the client's address from this header only.
-    let client =
-        runtime::limits::client_ip(&parts.headers, runtime::limits::peer(&parts), gw.client_ip_header.as_ref());
+    let client = runtime::http::limits::client_ip(
+        &parts.headers,
+        runtime::http::limits::peer(&parts),
+        gw.client_ip_header.as_ref(),
+    );
     strip_client_headers(&mut parts.headers);
     parts.headers.remove(FORWARDED_FOR);
     if let Some(ip) = client {
@@ -266,7 +269,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     parts.version = axum::http::Version::HTTP_11;
     // A long poll (`Prefer: wait=N`, N capped at MAX_WAIT) answers only after
     // its wait: it gets that much more time before its answer must start.
-    let timeout = gw.timeout + runtime::conditional::prefer_wait(&parts.headers).unwrap_or_default();
+    let timeout = gw.timeout + runtime::http::conditional::prefer_wait(&parts.headers).unwrap_or_default();
     // A replica that shuts down closes its idle keep-alive connections, and
     // one may be closed under a request sent on it (seen in a rolling
     // restart). A GET or HEAD changes nothing and has no body: it is sent

@@ -60,7 +60,7 @@ pub fn verify(ring: &KeyRing, email: &str, value: &str) -> Option<String> {
 
 /// The device id of the first valid device cookie for `email` the request carries.
 pub fn from_headers(headers: &HeaderMap, ring: &KeyRing, email: &str) -> Option<String> {
-    runtime::tokens::cookies(headers)
+    runtime::auth::tokens::cookies(headers)
         .filter(|(name, _)| *name == DEVICE_COOKIE)
         .find_map(|(_, value)| verify(ring, email, value))
 }

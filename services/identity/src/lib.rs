@@ -13,7 +13,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
 use contracts::messages::{UserCreated, UserUpdated};
-use runtime::openapi::InternalAuth;
+use runtime::http::openapi::InternalAuth;
 use runtime::{MessagingConfig, Service};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -142,15 +142,15 @@ fn routes(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(keys::jwks))
         .route("/internal/v1/revoked-tokens", get(keys::revoked_tokens))
         .with_state(state)
-        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
+        .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
-/// Revoked tokens past their expiry, for `runtime::prune`.
+/// Revoked tokens past their expiry, for `runtime::data::prune`.
 fn delete_expired_revoked_tokens(
     db: &sqlx::PgPool,
     max_age_secs: f64,
     limit: i64,
-) -> runtime::prune::BoxFuture<'_, sqlx::Result<u64>> {
+) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
     Box::pin(async move {
         let deleted = sqlx::query!(
             "DELETE FROM revoked_tokens WHERE jti IN (
@@ -198,7 +198,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("throttle pruning", state.throttle.clone().prune(service.shutdown()));
     service.relay_outbox();
     // A revoked token is refused by its expiry anyway once it has expired.
-    let expired = runtime::prune::Prune {
+    let expired = runtime::data::prune::Prune {
         what: "revoked_tokens",
         delete: delete_expired_revoked_tokens,
         max_age: Duration::ZERO,

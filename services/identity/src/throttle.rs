@@ -153,7 +153,7 @@ impl FromRequestParts<AppState> for ClientIp {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let header = state.client_ip_header.as_ref();
-        Ok(ClientIp(runtime::limits::client_ip(&parts.headers, runtime::limits::peer(parts), header)))
+        Ok(ClientIp(runtime::http::limits::client_ip(&parts.headers, runtime::http::limits::peer(parts), header)))
     }
 }
 

@@ -123,7 +123,7 @@ async fn connect(url: &str) -> anyhow::Result<PgPool> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .with_context(|| format!("connecting to {}", runtime::db::redact(url)))
+        .with_context(|| format!("connecting to {}", runtime::data::db::redact(url)))
 }
 
 /// Runs every check. An error means a check could not run (a database or the
@@ -386,7 +386,7 @@ async fn dead_letters(config: &AuditConfig, report: &mut Report) -> anyhow::Resu
         if n > 0 {
             let queue = q.name.trim_end_matches(".dead");
             let causes = match &broker {
-                Some(broker) => describe(&runtime::consumer::inspect_dead_letters(broker, queue).await?),
+                Some(broker) => describe(&runtime::messaging::consumer::inspect_dead_letters(broker, queue).await?),
                 None => String::new(),
             };
             report.violation(
@@ -407,8 +407,8 @@ async fn dead_letters(config: &AuditConfig, report: &mut Report) -> anyhow::Resu
 }
 
 /// Dead letters by cause, and the first few with their reason.
-fn describe(letters: &[runtime::consumer::DeadLetter]) -> String {
-    use runtime::consumer::Cause;
+fn describe(letters: &[runtime::messaging::consumer::DeadLetter]) -> String {
+    use runtime::messaging::consumer::Cause;
     let poison = letters.iter().filter(|l| l.cause == Cause::Poison).count();
     let mut text = format!(": {poison} poison, {} transient", letters.len() - poison);
     for l in letters.iter().take(10) {

@@ -33,7 +33,7 @@ pub fn openapi(dir: &Path) -> anyhow::Result<()> {
 /// Moves the messages of `queue`'s dead-letter queue back to `queue`.
 pub async fn replay_dead_letters(config: &SystemConfig, queue: &str) -> anyhow::Result<()> {
     let broker = runtime::Broker::new(&config.messaging.amqp_url).with_ca(config.messaging.amqp_ca()?);
-    let moved = runtime::consumer::replay_dead_letters(&broker, queue).await?;
+    let moved = runtime::messaging::consumer::replay_dead_letters(&broker, queue).await?;
     broker.close().await;
     println!("moved {moved} message(s) from {queue}.dead back to {queue}");
     Ok(())

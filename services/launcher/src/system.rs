@@ -139,7 +139,7 @@ pub struct SystemConfig {
     pub web_push: notification::WebPushConfig,
 
     #[command(flatten)]
-    pub idempotency: runtime::idempotency::IdempotencyConfig,
+    pub idempotency: runtime::http::idempotency::IdempotencyConfig,
 
     #[command(flatten)]
     pub sweeper: ordering::sweeper::SweeperConfig,
@@ -168,13 +168,13 @@ pub struct SystemConfig {
     pub external_push_url: Option<String>,
 
     #[command(flatten)]
-    pub tls: runtime::tls::TlsConfig,
+    pub tls: runtime::auth::tls::TlsConfig,
 
     #[command(flatten)]
     pub limits: runtime::HttpLimits,
     /// The gateway's limits per connection and per client address.
     #[command(flatten)]
-    pub connections: runtime::connections::ConnectionLimits,
+    pub connections: runtime::http::connections::ConnectionLimits,
 
     #[command(flatten)]
     pub abuse: identity::AbuseLimits,
@@ -296,7 +296,7 @@ impl SystemConfig {
         mail
     }
 
-    fn connections(&self) -> runtime::connections::ConnectionLimits {
+    fn connections(&self) -> runtime::http::connections::ConnectionLimits {
         let mut connections = self.connections.clone();
         if self.throttles_off() {
             connections.max_connections_per_client = 0;
@@ -622,7 +622,7 @@ async fn fit_pools(config: &SystemConfig, services: u32) -> runtime::HttpLimits 
     }
     // A server that does not answer is waited for later, by each service.
     let server = config.server_url();
-    let asked = tokio::time::timeout(std::time::Duration::from_secs(5), runtime::db::free_connections(&server));
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(5), runtime::data::db::free_connections(&server));
     let free = match asked.await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s"))) {
         Ok(free) => free,
         Err(e) => {
@@ -630,7 +630,7 @@ async fn fit_pools(config: &SystemConfig, services: u32) -> runtime::HttpLimits 
             return limits;
         }
     };
-    let fitted = runtime::db::fitted_pool_size(limits.database_pool_size, services, LISTENERS, free);
+    let fitted = runtime::data::db::fitted_pool_size(limits.database_pool_size, services, LISTENERS, free);
     if fitted < limits.database_pool_size {
         tracing::warn!(
             requested = limits.database_pool_size,

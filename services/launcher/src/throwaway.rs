@@ -80,7 +80,7 @@ impl Leftovers {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&self.server_url)
             .await
-            .with_context(|| format!("connecting to {}", runtime::db::redact(&self.server_url)))?;
+            .with_context(|| format!("connecting to {}", runtime::data::db::redact(&self.server_url)))?;
         for service in Service::WITH_DATABASE {
             let name = format!("{}{}", self.prefix, service.name());
             sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))

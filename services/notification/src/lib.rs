@@ -15,7 +15,7 @@ use axum::Router;
 use axum::routing::get;
 use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
-use runtime::openapi::InternalAuth;
+use runtime::http::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,7 +136,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .route("/api/v1/notifications", get(notifications::list))
         .with_state(db)
         .merge(webpush::subscriptions::routes(web_push))
-        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
+        .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await
 }

@@ -18,7 +18,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use runtime::contact::Email;
-use runtime::db::Wakeup;
+use runtime::data::db::Wakeup;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -227,16 +227,16 @@ impl Mailer {
     }
 }
 
-/// Budgets whose window is over (they count as absent), for `runtime::prune`.
-pub fn spent_budgets() -> runtime::prune::Prune {
-    runtime::prune::Prune { what: "email_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
+/// Budgets whose window is over (they count as absent), for `runtime::data::prune`.
+pub fn spent_budgets() -> runtime::data::prune::Prune {
+    runtime::data::prune::Prune { what: "email_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
 }
 
 fn delete_spent_budgets(
     db: &PgPool,
     max_age_secs: f64,
     limit: i64,
-) -> runtime::prune::BoxFuture<'_, sqlx::Result<u64>> {
+) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
     Box::pin(async move {
         let deleted = sqlx::query!(
             "DELETE FROM email_budgets WHERE recipient IN (
@@ -279,7 +279,7 @@ enum Security {
 /// the public web roots plus `SMTP_CA_FILE`) as the URL says, credentials
 /// from the URL's userinfo or `SMTP_USERNAME`/`SMTP_PASSWORD`.
 fn smtp_transport(config: &MailConfig, url: &str) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
-    let shown = runtime::db::redact(url);
+    let shown = runtime::data::db::redact(url);
     let parsed = url::Url::parse(url).with_context(|| format!("SMTP_URL {shown}"))?;
     let host = parsed.host_str().filter(|h| !h.is_empty()).with_context(|| format!("SMTP_URL {shown} has no host"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -328,7 +328,7 @@ fn smtp_transport(config: &MailConfig, url: &str) -> anyhow::Result<AsyncSmtpTra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runtime::tls::TestAuthority;
+    use runtime::auth::tls::TestAuthority;
     use std::path::PathBuf;
 
     /// `tools/smtp-sink.py` (aiosmtpd) on a free loopback port, writing a
@@ -417,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn mail_arrives_over_implicit_tls_with_the_credentials_of_the_url() {
-        let authority = runtime::tls::test_authority().unwrap();
+        let authority = runtime::auth::tls::test_authority().unwrap();
         let sink = Sink::start(Some("--smtps"), Some("mailer:s3cret/pw"), &authority).await;
         let config = config(Some(sink.ca_file(&authority)), None);
         // `/` in the password is percent-encoded in the URL.
@@ -431,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn mail_arrives_over_starttls_with_the_configured_credentials() {
-        let authority = runtime::tls::test_authority().unwrap();
+        let authority = runtime::auth::tls::test_authority().unwrap();
         // The sink refuses MAIL before STARTTLS and AUTH without TLS.
         let sink = Sink::start(Some("--starttls"), Some("mailer:pw"), &authority).await;
         let config = config(Some(sink.ca_file(&authority)), Some(("mailer", "pw")));
@@ -443,7 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_without_starttls_gets_no_mail_when_tls_is_required() {
-        let authority = runtime::tls::test_authority().unwrap();
+        let authority = runtime::auth::tls::test_authority().unwrap();
         let sink = Sink::start(None, None, &authority).await;
         let config = config(Some(sink.ca_file(&authority)), None);
         let plain = smtp_transport(&config, &format!("smtp://127.0.0.1:{}", sink.port)).unwrap();
@@ -459,10 +459,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_whose_certificate_is_not_trusted_gets_no_mail() {
-        let authority = runtime::tls::test_authority().unwrap();
+        let authority = runtime::auth::tls::test_authority().unwrap();
         let sink = Sink::start(Some("--smtps"), None, &authority).await;
         // Another authority's CA: the server's certificate does not chain to it.
-        let other = runtime::tls::test_authority().unwrap();
+        let other = runtime::auth::tls::test_authority().unwrap();
         let config = config(Some(sink.ca_file(&other)), None);
         let transport = smtp_transport(&config, &format!("smtps://localhost:{}", sink.port)).unwrap();
         let err = transport.send(message("untrusted")).await.expect_err("refused");

@@ -12,9 +12,9 @@ use axum::Router;
 use axum::routing::get;
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed, VoidPayment};
 use contracts::topology;
-use runtime::idempotency::{self, IdempotencyConfig};
-use runtime::openapi::InternalAuth;
-use runtime::watch::Watch;
+use runtime::data::watch::Watch;
+use runtime::http::idempotency::{self, IdempotencyConfig};
+use runtime::http::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -72,7 +72,7 @@ fn routes(app: orders::App) -> Router {
         .route("/api/v1/orders", get(orders::list).post(orders::create))
         .route("/api/v1/orders/{id}", get(orders::get_one))
         .with_state(app)
-        .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
+        .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -8,11 +8,11 @@ use contracts::Money;
 use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
-use runtime::conditional::{self, ETag};
-use runtime::consumer::{HandlerError, HandlerResult};
+use runtime::data::watch::Watch;
+use runtime::http::conditional::{self, ETag};
+use runtime::http::idempotency::{self, Claim, IdempotencyKeyHeader};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
-use runtime::idempotency::{self, Claim, IdempotencyKeyHeader};
-use runtime::watch::Watch;
+use runtime::messaging::consumer::{HandlerError, HandlerResult};
 use runtime::{ApiError, Incoming, Json, Page, Path, Query};
 
 use crate::OUTBOX;

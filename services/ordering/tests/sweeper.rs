@@ -16,18 +16,21 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// An ordering database of the test's own, migrated as ordering does at start,
 /// dropped when the test ends (also when it fails).
-struct TestDb(runtime::db::ScratchDatabase);
+struct TestDb(runtime::data::db::ScratchDatabase);
 
 impl TestDb {
     async fn new() -> TestDb {
-        let db =
-            runtime::db::ScratchDatabase::new(SERVER, "ordering_rules", sqlx::migrate!("../../migrations/ordering"));
+        let db = runtime::data::db::ScratchDatabase::new(
+            SERVER,
+            "ordering_rules",
+            sqlx::migrate!("../../migrations/ordering"),
+        );
         TestDb(db.await.expect("test database"))
     }
 }
 
 impl std::ops::Deref for TestDb {
-    type Target = runtime::db::ScratchDatabase;
+    type Target = runtime::data::db::ScratchDatabase;
     fn deref(&self) -> &Self::Target {
         &self.0
     }

@@ -10,7 +10,7 @@
 
 use crate::auth::{CallerVerifier, VerifyKeys};
 use crate::http::{Readiness, serve, service_router};
-use crate::outbox::Relay;
+use crate::messaging::outbox::Relay;
 use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
 use axum::Router;
 use sqlx::PgPool;
@@ -63,7 +63,7 @@ pub struct Service<Db: Storage = PgPool> {
     callers: Option<CallerVerifier>,
     /// Limits per connection and per client (a server facing the internet),
     /// and the header naming the client's address behind a proxy.
-    connections: Option<(crate::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
+    connections: Option<(crate::http::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
 }
 
 impl Service<()> {
@@ -100,7 +100,7 @@ impl Service<()> {
     /// tasks that need it).
     ///
     /// A database that is away at start is waited for (see
-    /// [`crate::db::connect_when_available`]); meanwhile `listener` answers
+    /// [`crate::data::db::connect_when_available`]); meanwhile `listener` answers
     /// as a service that is alive but not ready: `/health/live` 200,
     /// `/health/ready` and every other route 503 with `Retry-After`.
     pub async fn with_database(
@@ -115,7 +115,7 @@ impl Service<()> {
         let shutdown = self.shutdown();
         let starting = Starting::serve(self.name, listener, &shutdown)?;
         let pool_size = self.limits.database_pool_size;
-        let connected = crate::db::connect_when_available(database_url, pool_size, migrations, &shutdown).await;
+        let connected = crate::data::db::connect_when_available(database_url, pool_size, migrations, &shutdown).await;
         starting.stop().await;
         let db = connected?.ok_or_else(|| anyhow::anyhow!("shut down while waiting for the database"))?;
         let Service { name, limits, tasks, uses_broker, check, https, callers, connections, .. } = self;
@@ -134,7 +134,7 @@ impl Service<()> {
         };
         // Every service's consumers record processed messages.
         let keep = messaging.processed_retention();
-        service.prune(vec![crate::prune::inbox(keep)], messaging.prune_interval());
+        service.prune(vec![crate::data::prune::inbox(keep)], messaging.prune_interval());
         Ok(service)
     }
 }
@@ -165,16 +165,16 @@ impl Service<PgPool> {
         let db = self.db.clone();
         self.gauges("outbox backlog gauges", move || {
             let db = db.clone();
-            async move { crate::outbox::report_backlog(&db).await }
+            async move { crate::messaging::outbox::report_backlog(&db).await }
         });
         self.relays_outbox = true;
         self.uses_broker = true;
-        self.prune(vec![crate::prune::sent_outbox(keep)], every);
+        self.prune(vec![crate::data::prune::sent_outbox(keep)], every);
     }
 
-    /// Prunes `jobs` at start and then every `every` (see [`crate::prune`]).
-    pub fn prune(&mut self, jobs: Vec<crate::prune::Prune>, every: Duration) {
-        self.tasks.spawn("pruning", crate::prune::run(self.db.clone(), jobs, every, self.shutdown()));
+    /// Prunes `jobs` at start and then every `every` (see [`crate::data::prune`]).
+    pub fn prune(&mut self, jobs: Vec<crate::data::prune::Prune>, every: Duration) {
+        self.tasks.spawn("pruning", crate::data::prune::run(self.db.clone(), jobs, every, self.shutdown()));
     }
 
     /// Gauges read from the database every `METRICS_REFRESH_MS` (see
@@ -212,11 +212,11 @@ impl<Db: Storage> Service<Db> {
     }
 
     /// Serves within `limits` per connection and per client address (see
-    /// [`crate::connections`]); the address is `client_ip_header`'s where
+    /// [`crate::http::connections`]); the address is `client_ip_header`'s where
     /// set (a proxy in front), else the connection's peer.
     pub fn limit_connections(
         &mut self,
-        limits: &crate::connections::ConnectionLimits,
+        limits: &crate::http::connections::ConnectionLimits,
         client_ip_header: Option<axum::http::HeaderName>,
     ) {
         self.connections = Some((limits.clone(), client_ip_header));
@@ -234,11 +234,11 @@ impl<Db: Storage> Service<Db> {
     pub async fn https(
         &mut self,
         listener: std::net::TcpListener,
-        tls: &crate::tls::TlsConfig,
+        tls: &crate::auth::tls::TlsConfig,
         grace: Duration,
         layer: fn(Router) -> Router,
     ) -> anyhow::Result<()> {
-        let tls = crate::tls::server_config(tls).await?;
+        let tls = crate::auth::tls::server_config(tls).await?;
         self.https = Some(Https { listener, tls, grace, layer });
         Ok(())
     }
@@ -267,7 +267,7 @@ impl<Db: Storage> Service<Db> {
         if let Some((limits, client_ip_header)) = self.connections.take() {
             // Counted per peer only where the peer is the client.
             let per_peer = client_ip_header.is_none();
-            use crate::connections::serve as limited;
+            use crate::http::connections::serve as limited;
             if let Some(https) = self.https.take() {
                 let app = (https.layer)(app.clone());
                 https.listener.set_nonblocking(true)?;
@@ -282,7 +282,7 @@ impl<Db: Storage> Service<Db> {
         }
         if let Some(https) = self.https.take() {
             let app = (https.layer)(app.clone());
-            let serve = crate::tls::serve_tls(https.listener, app, https.tls, shutdown.clone(), https.grace);
+            let serve = crate::auth::tls::serve_tls(https.listener, app, https.tls, shutdown.clone(), https.grace);
             self.tasks.spawn("https", serve);
         }
         self.tasks.spawn("http", serve(listener, app, shutdown));

@@ -205,7 +205,7 @@ async fn services_and_the_gateway_serve_their_documents() {
 }
 
 /// The `(service, message)` pairs a publisher declares in its wiring.
-fn declared<P: runtime::outbox::Publisher>() -> impl Iterator<Item = (String, String)> {
+fn declared<P: runtime::messaging::outbox::Publisher>() -> impl Iterator<Item = (String, String)> {
     P::MESSAGES.iter().map(|m| (P::SERVICE.to_string(), m.to_string()))
 }
 

@@ -159,7 +159,7 @@ impl SmtpSink {
             .arg(dir.join("maildir"));
         let mut ca_file = None;
         if smtps {
-            let authority = runtime::tls::test_authority().unwrap();
+            let authority = runtime::auth::tls::test_authority().unwrap();
             let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
             std::fs::write(&ca, authority.ca_pem).unwrap();
             std::fs::write(&cert, authority.cert_pem).unwrap();
@@ -366,7 +366,7 @@ impl TestApp {
             push_url,
             push_h2c: true,
             push_streams_per_connection: 100,
-            verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
+            verifier: runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
             upstream_timeout_secs: 30,
             client_ip_header: tuning.gateway_client_ip_header,
             https_addr: String::new(),

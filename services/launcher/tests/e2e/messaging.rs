@@ -7,8 +7,8 @@ use contracts::topology::QueueSpec;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use reqwest::StatusCode;
-use runtime::consumer::HandlerError;
-use runtime::outbox::{self, Relay};
+use runtime::messaging::consumer::HandlerError;
+use runtime::messaging::outbox::{self, Relay};
 use runtime::{Broker, Consumer};
 use serde_json::json;
 use std::sync::Arc;
@@ -171,7 +171,7 @@ impl Scratch {
         runtime::telemetry::init_for_tests();
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let vhost = create_vhost(&prefix).await;
-        let pool = runtime::db::connect(
+        let pool = runtime::data::db::connect(
             &format!("{}/{prefix}_scratch", postgres_url()),
             sqlx::migrate!("../../migrations/ordering"),
         )
@@ -287,14 +287,14 @@ const RETRY_QUEUE: QueueSpec =
 
 /// Runs a consumer whose handler fails its first `failures` calls.
 async fn consume_with_failures(s: &Scratch, failures: u32) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
-    consume_with_failures_replaying(s, failures, runtime::consumer::Replay::default()).await
+    consume_with_failures_replaying(s, failures, runtime::messaging::consumer::Replay::default()).await
 }
 
 /// [`consume_with_failures`] with its dead letters replayed as `replay` says.
 async fn consume_with_failures_replaying(
     s: &Scratch,
     failures: u32,
-    replay: runtime::consumer::Replay,
+    replay: runtime::messaging::consumer::Replay,
 ) -> (Arc<AtomicU32>, tokio_util::sync::CancellationToken) {
     s.queue(RETRY_QUEUE.name, exchange::ORDERING, OrderCreated::NAME).await;
     let calls = Arc::new(AtomicU32::new(0));
@@ -322,7 +322,7 @@ async fn consume_with_failures_replaying(
 async fn publish(s: &Scratch, event: &OrderCreated) {
     let ch = s.broker.confirm_channel().await.unwrap();
     let props = outbox::properties(Uuid::new_v4(), OrderCreated::NAME, None, chrono::Utc::now());
-    runtime::broker::publish_confirmed(
+    runtime::messaging::broker::publish_confirmed(
         &ch,
         exchange::ORDERING,
         OrderCreated::NAME,
@@ -384,7 +384,7 @@ fn kept(cause: &str) -> f64 {
 #[tokio::test]
 async fn a_dead_letter_of_a_transient_cause_is_replayed_automatically() {
     let s = Scratch::new().await;
-    let replay = runtime::consumer::Replay { every: Duration::from_millis(300), max_replays: 3 };
+    let replay = runtime::messaging::consumer::Replay { every: Duration::from_millis(300), max_replays: 3 };
     let (calls, shutdown) = consume_with_failures_replaying(&s, 5, replay).await;
     let event = order_created();
     publish(&s, &event).await;
@@ -403,13 +403,13 @@ async fn a_dead_letter_of_a_transient_cause_is_replayed_automatically() {
 async fn replays_are_bounded_and_poison_stays_with_its_reason() {
     runtime::metrics::handle(); // the recorder, before anything is counted
     let s = Scratch::new().await;
-    let replay = runtime::consumer::Replay { every: Duration::from_millis(300), max_replays: 2 };
+    let replay = runtime::messaging::consumer::Replay { every: Duration::from_millis(300), max_replays: 2 };
     let (calls, shutdown) = consume_with_failures_replaying(&s, u32::MAX, replay).await;
     publish(&s, &order_created()).await;
     // Poison: a body that is not an OrderCreated.
     let ch = s.broker.confirm_channel().await.unwrap();
     let props = outbox::properties(Uuid::new_v4(), OrderCreated::NAME, None, chrono::Utc::now());
-    runtime::broker::publish_confirmed(&ch, exchange::ORDERING, OrderCreated::NAME, b"{\"not\": 1}", props)
+    runtime::messaging::broker::publish_confirmed(&ch, exchange::ORDERING, OrderCreated::NAME, b"{\"not\": 1}", props)
         .await
         .unwrap();
     eventually(Duration::from_secs(30), || async { (kept("transient") == 1.0 && kept("poison") == 1.0).then_some(()) })

@@ -292,7 +292,7 @@ async fn a_deposit_or_withdrawal_retried_with_its_key_is_applied_once() {
         .execute(&billing)
         .await
         .unwrap();
-    let pruned = runtime::idempotency::prune(&Default::default()).once(&billing).await.unwrap();
+    let pruned = runtime::http::idempotency::prune(&Default::default()).once(&billing).await.unwrap();
     assert_eq!(pruned, 1);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys").fetch_one(&billing).await.unwrap();
     assert_eq!(left, 3, "dep-1 (again), dep-2, wd-2");

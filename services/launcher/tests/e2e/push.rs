@@ -259,7 +259,7 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
     // A replica on its own stream that keeps one second, in tiny segments
     // (retention drops whole segments).
     let replica = Replica::start(&app, |c| {
-        c.messaging.push_stream = runtime::push_stream::PushStream {
+        c.messaging.push_stream = runtime::messaging::push_stream::PushStream {
             name: "push.short".into(),
             max_age: "1s".into(),
             segment_bytes: Some(2000),
@@ -672,7 +672,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
         push_url: replica.url.clone(),
         push_h2c: true,
         push_streams_per_connection: 100,
-        verifier: runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
+        verifier: runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
         upstream_timeout_secs: 30,
         client_ip_header: None,
         https_addr: String::new(),

@@ -142,8 +142,8 @@ async fn depth(amqp_url: &str, queue: &str) -> u32 {
 pub async fn publish(amqp_url: &str, exchange: &str, kind: &str, body: &[u8]) {
     let broker = runtime::Broker::new(amqp_url);
     let ch = broker.confirm_channel().await.unwrap();
-    let props = runtime::outbox::properties(Uuid::new_v4(), kind, None, chrono::Utc::now());
-    runtime::broker::publish_confirmed(&ch, exchange, kind, body, props).await.unwrap();
+    let props = runtime::messaging::outbox::properties(Uuid::new_v4(), kind, None, chrono::Utc::now());
+    runtime::messaging::broker::publish_confirmed(&ch, exchange, kind, body, props).await.unwrap();
     broker.close().await;
 }
 
@@ -274,7 +274,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_and_an_older_queue_i
     assert_eq!(args["x-dead-letter-routing-key"], "billing.payments.dead", "{q}");
     assert_eq!(args["x-dead-letter-strategy"], "at-least-once", "{q}");
     assert_eq!(args["x-overflow"], "reject-publish", "{q}");
-    assert_eq!(args["x-delivery-limit"], runtime::broker::DELIVERY_LIMIT, "{q}");
+    assert_eq!(args["x-delivery-limit"], runtime::messaging::broker::DELIVERY_LIMIT, "{q}");
     let target = |queue: &'static str| {
         let http = http.clone();
         let url = billing.url.clone();
@@ -307,7 +307,8 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_and_an_older_queue_i
     assert_eq!(depth(&s.amqp_url, "billing.payments").await, 0);
     // The broker's give-up is a transient cause: replayed to its queue.
     let broker = runtime::Broker::new(&s.amqp_url);
-    let done = runtime::consumer::replay_transient_dead_letters(&broker, "billing.payments", 3).await.unwrap();
+    let done =
+        runtime::messaging::consumer::replay_transient_dead_letters(&broker, "billing.payments", 3).await.unwrap();
     assert_eq!((done.replayed, done.kept), (1, 0), "{done:?}");
     assert_eq!(depth(&s.amqp_url, "billing.payments").await, 1);
     broker.close().await;
@@ -355,7 +356,7 @@ async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details()
 // are bounded, and no transaction is open while the broker is waited for.
 
 async fn outbox_db(s: &Sandbox) -> sqlx::PgPool {
-    runtime::db::connect(&s.database_url("outbox"), sqlx::migrate!("../../migrations/ordering")).await.unwrap()
+    runtime::data::db::connect(&s.database_url("outbox"), sqlx::migrate!("../../migrations/ordering")).await.unwrap()
 }
 
 /// A row as a service would write it, to `exchange`/`routing_key`.
@@ -392,10 +393,11 @@ async fn outbox_state(db: &sqlx::PgPool, id: i64) -> OutboxState {
 fn start_relay(db: &sqlx::PgPool, amqp_url: &str, park_after: u32) -> CancellationToken {
     runtime::metrics::handle(); // the recorder, before anything is counted
     let shutdown = CancellationToken::new();
-    let relay = runtime::outbox::Relay::new(db.clone(), runtime::Broker::new(amqp_url), Duration::from_millis(100))
-        .confirm_timeout(Duration::from_secs(1))
-        .refused_backoff(Duration::from_millis(500), Duration::from_secs(2))
-        .park_after(park_after);
+    let relay =
+        runtime::messaging::outbox::Relay::new(db.clone(), runtime::Broker::new(amqp_url), Duration::from_millis(100))
+            .confirm_timeout(Duration::from_secs(1))
+            .refused_backoff(Duration::from_millis(500), Duration::from_secs(2))
+            .park_after(park_after);
     tokio::spawn(relay.run(shutdown.clone()));
     shutdown
 }
@@ -530,8 +532,8 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
     let body =
         serde_json::to_vec(&CreatePayment { id: payment, user_id: Uuid::new_v4(), amount: "3".parse().unwrap() })
             .unwrap();
-    let props = runtime::outbox::properties(Uuid::new_v4(), CreatePayment::NAME, None, chrono::Utc::now());
-    runtime::broker::publish_confirmed(&ch, "", q, &body, props).await.unwrap();
+    let props = runtime::messaging::outbox::properties(Uuid::new_v4(), CreatePayment::NAME, None, chrono::Utc::now());
+    runtime::messaging::broker::publish_confirmed(&ch, "", q, &body, props).await.unwrap();
     broker.close().await;
 
     let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;

@@ -1,10 +1,10 @@
-//! Slow and idle clients at the gateway (`runtime::connections`): a client
+//! Slow and idle clients at the gateway (`runtime::http::connections`): a client
 //! that trickles its requests holds at most its share of the connections
 //! and permits, for a bounded time, and everyone else keeps getting answers.
 
 use crate::helpers::{TestApp, eventually};
 use reqwest::StatusCode;
-use runtime::connections::ConnectionLimits;
+use runtime::http::connections::ConnectionLimits;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -13,8 +13,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Token checks that refresh the revoked list every 100 ms and hold it good
 /// for one second.
-fn strict() -> runtime::tokens::VerifierConfig {
-    runtime::tokens::VerifierConfig { revocation_refresh_ms: 100, revocation_max_age_secs: 1, ..Default::default() }
+fn strict() -> runtime::auth::tokens::VerifierConfig {
+    runtime::auth::tokens::VerifierConfig {
+        revocation_refresh_ms: 100,
+        revocation_max_age_secs: 1,
+        ..Default::default()
+    }
 }
 
 async fn status_of(http: &reqwest::Client, url: &str) -> StatusCode {
@@ -178,7 +182,7 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
     // A replica facing browsers, which checks tokens itself.
     let replica = Replica::start(&app, |c| {
         c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
+        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
     })
     .await;
     let direct =
@@ -226,7 +230,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
     // A push replica facing browsers, which verifies tokens itself.
     let replica = Replica::start(&app, |c| {
         c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
+        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
     })
     .await;
     let orders = format!("{}/api/v1/orders", replica.https);

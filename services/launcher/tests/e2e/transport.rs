@@ -3,7 +3,7 @@
 //! PostgreSQL (which speaks TLS) and against a server that does not.
 
 use crate::helpers::{clean_up_blocking, create_vhost, postgres_url};
-use runtime::tls::TestAuthority;
+use runtime::auth::tls::TestAuthority;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
@@ -75,7 +75,7 @@ async fn vhost() -> Vhost {
 
 #[tokio::test]
 async fn an_amqps_url_connects_to_the_broker_over_tls() {
-    let authority = runtime::tls::test_authority().unwrap();
+    let authority = runtime::auth::tls::test_authority().unwrap();
     let terminator = TlsTerminator::start(&authority, "127.0.0.1:5672").await;
     let vhost = vhost().await;
     let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, vhost.0);
@@ -90,7 +90,7 @@ async fn an_amqps_url_connects_to_the_broker_over_tls() {
 
 #[tokio::test]
 async fn an_amqps_broker_whose_certificate_is_not_trusted_is_refused() {
-    let authority = runtime::tls::test_authority().unwrap();
+    let authority = runtime::auth::tls::test_authority().unwrap();
     let terminator = TlsTerminator::start(&authority, "127.0.0.1:5672").await;
     let vhost = vhost().await;
     let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, vhost.0);
@@ -122,7 +122,7 @@ impl Drop for Database {
 async fn a_database_url_with_sslmode_require_connects_over_tls() {
     let db = Database(format!("tls{}", &Uuid::new_v4().simple().to_string()[..12]));
     let url = format!("{}/{}?sslmode=require", postgres_url(), db.0);
-    let pool = runtime::db::connect_with(&url, 2, sqlx::migrate!("../../migrations/ordering")).await.unwrap();
+    let pool = runtime::data::db::connect_with(&url, 2, sqlx::migrate!("../../migrations/ordering")).await.unwrap();
     let ssl: bool =
         sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await.unwrap();
     assert!(ssl, "the connection is encrypted");
@@ -144,7 +144,7 @@ async fn sslmode_require_against_a_server_without_tls_is_a_clear_error() {
         }
     });
     let url = format!("postgres://postgres:secret@127.0.0.1:{port}/orders?sslmode=require");
-    let err = runtime::db::connect_with(&url, 1, sqlx::migrate!("../../migrations/ordering")).await.unwrap_err();
+    let err = runtime::data::db::connect_with(&url, 1, sqlx::migrate!("../../migrations/ordering")).await.unwrap_err();
     let message = format!("{err:#}");
     assert!(message.contains("does not support TLS"), "{message}");
     assert!(message.contains("127.0.0.1") && message.contains("/orders"), "says which database: {message}");

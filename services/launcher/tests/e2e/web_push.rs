@@ -91,14 +91,14 @@ impl Drop for PushPeer {
 
 impl PushPeer {
     async fn start() -> PushPeer {
-        let authority = runtime::tls::test_authority().unwrap();
+        let authority = runtime::auth::tls::test_authority().unwrap();
         let dir = std::env::temp_dir().join(format!("order-system-push-peer-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&ca_file, &authority.ca_pem).unwrap();
         std::fs::write(&cert_file, &authority.cert_pem).unwrap();
         std::fs::write(&key_file, &authority.key_pem).unwrap();
-        let tls = runtime::tls::server_config(&runtime::tls::TlsConfig {
+        let tls = runtime::auth::tls::server_config(&runtime::auth::tls::TlsConfig {
             cert_file: Some(cert_file),
             key_file: Some(key_file),
         })
@@ -111,7 +111,7 @@ impl PushPeer {
             .route("/push/{channel}", axum::routing::post(receive))
             .with_state((state.clone(), origin.clone()));
         let shutdown = CancellationToken::new();
-        tokio::spawn(runtime::tls::serve_tls(listener, router, tls, shutdown.clone(), Duration::ZERO));
+        tokio::spawn(runtime::auth::tls::serve_tls(listener, router, tls, shutdown.clone(), Duration::ZERO));
         PushPeer { origin, ca_file, state, shutdown, dir }
     }
 

@@ -17,7 +17,7 @@
 //! database like the e-mail budget; a message beyond it is not sent.
 
 use anyhow::Context;
-use runtime::db::Wakeup;
+use runtime::data::db::Wakeup;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -310,16 +310,16 @@ fn retry_after(value: &str) -> Option<Duration> {
     Some(wait)
 }
 
-/// Budgets whose window is over, for `runtime::prune`.
-pub fn spent_budgets() -> runtime::prune::Prune {
-    runtime::prune::Prune { what: "push_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
+/// Budgets whose window is over, for `runtime::data::prune`.
+pub fn spent_budgets() -> runtime::data::prune::Prune {
+    runtime::data::prune::Prune { what: "push_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
 }
 
 fn delete_spent_budgets(
     db: &PgPool,
     max_age_secs: f64,
     limit: i64,
-) -> runtime::prune::BoxFuture<'_, sqlx::Result<u64>> {
+) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
     Box::pin(async move {
         let deleted = sqlx::query!(
             "DELETE FROM push_budgets WHERE user_id IN (

@@ -52,7 +52,7 @@ impl ApiError {
     /// when the cause is the database being unreachable.
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
         let cause = cause.into();
-        if crate::db::is_unavailable_anyhow(&cause) {
+        if crate::data::db::is_unavailable_anyhow(&cause) {
             tracing::warn!(error = %format!("{cause:#}"), "database unavailable");
             return Self::unavailable("the database is unavailable, try again later", DATABASE_RETRY_AFTER);
         }

@@ -43,7 +43,7 @@ async fn ready(axum::extract::State(r): axum::extract::State<Readiness>) -> Resp
         }
         if let Some(max) = r.outbox_max_age
             && let Ok(Ok((unsent, oldest))) =
-                tokio::time::timeout(Duration::from_secs(2), crate::outbox::backlog(db)).await
+                tokio::time::timeout(Duration::from_secs(2), crate::messaging::outbox::backlog(db)).await
         {
             let oldest = oldest.unwrap_or(0.0);
             checks.insert(

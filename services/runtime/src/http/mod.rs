@@ -4,6 +4,12 @@
 //! server every service runs, per-user rate limits, and the error answers the
 //! API documents share.
 
+pub mod conditional;
+pub mod connections;
+pub mod idempotency;
+pub mod limits;
+pub mod openapi;
+
 mod error;
 mod extract;
 mod health;

@@ -22,7 +22,7 @@
 //! | total                                               | 4 + 8 per batch | 3            | 4           |
 //!
 //! Each relay (and the mailer) is one task that, once woken, takes every row
-//! committed since its last batch (as `runtime::db::Wakeup` takes every
+//! committed since its last batch (as `runtime::data::db::Wakeup` takes every
 //! notification already received), claims them in one statement, publishes
 //! them all before awaiting their confirms, and marks them sent in one
 //! statement. One order at a time that is 12 commits; with many clients a

@@ -2,14 +2,15 @@
 //! re-opened on demand after a failure, and the topology declared on every
 //! new connection (declarations are idempotent).
 
-use crate::push_stream::PushStream;
+use crate::messaging::channel::{CLOSE_TIMEOUT, close_channel, text};
+use crate::messaging::push_stream::PushStream;
 use contracts::topology::{self, QueueSpec};
 use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -117,7 +118,7 @@ impl Broker {
                 let conn = Connection::connect_with_config(&self.inner.url, properties, tls, runtime);
                 let conn = Arc::new(conn.await?);
                 declare_topology(&conn, self.inner.service).await?;
-                crate::push_stream::declare(&conn, &self.inner.push_stream).await?;
+                crate::messaging::push_stream::declare(&conn, &self.inner.push_stream).await?;
                 Ok(conn)
             })
             .await?;
@@ -136,7 +137,11 @@ impl Broker {
     /// before reading it.
     pub async fn declare_push_stream(&self) -> lapin::Result<()> {
         let conn = self.connection().await?;
-        self.bounded("declaring the push stream", crate::push_stream::declare(&conn, &self.inner.push_stream)).await
+        self.bounded(
+            "declaring the push stream",
+            crate::messaging::push_stream::declare(&conn, &self.inner.push_stream),
+        )
+        .await
     }
 
     /// `work`, or a timeout error if the broker does not answer within the timeout.
@@ -222,29 +227,6 @@ fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
         t.insert((*k).into(), v.clone());
     }
     t
-}
-
-/// An AMQP long-string argument value.
-pub(crate) fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
-
-/// How long closing a channel or connection may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Closes `channel`, giving up after a bound: a broker that went away never
-/// answers the close, and a connection whose socket ended before its close
-/// frame was read leaves the close pending for good (seen after a broker
-/// shutdown under load: the push service's stream reader waited there and
-/// never reconnected). The only way a channel is closed here.
-pub async fn close_channel(channel: &Channel, reason: &str) {
-    match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(reason, error = %e, "channel already closed"),
-        Err(_) => {
-            tracing::warn!(reason, timeout = ?CLOSE_TIMEOUT, "the broker did not answer a channel close; abandoned")
-        }
-    }
 }
 
 pub fn dead_letter_queue(queue: &str) -> String {

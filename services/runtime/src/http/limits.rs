@@ -87,7 +87,7 @@ async fn admit(requests: Arc<Semaphore>, long_polls: Arc<Semaphore>, mut req: Re
             return next.run(req).await;
         }
         tracing::warn!("too many long polls at once; answering this one without waiting");
-        req.headers_mut().remove(crate::conditional::PREFER);
+        req.headers_mut().remove(crate::http::conditional::PREFER);
     }
     let Ok(_permit) = requests.try_acquire_owned() else {
         tracing::warn!("too many requests at once; shedding");
@@ -97,9 +97,9 @@ async fn admit(requests: Arc<Semaphore>, long_polls: Arc<Semaphore>, mut req: Re
 }
 
 /// The wait a long poll asked for with `Prefer: wait=N` (RFC 7240), capped;
-/// read as the handlers read it ([`crate::conditional::prefer_wait`]).
+/// read as the handlers read it ([`crate::http::conditional::prefer_wait`]).
 pub fn long_poll_wait(headers: &HeaderMap) -> Duration {
-    crate::conditional::prefer_wait(headers).unwrap_or_default().min(Duration::from_secs(MAX_LONG_POLL_SECS))
+    crate::http::conditional::prefer_wait(headers).unwrap_or_default().min(Duration::from_secs(MAX_LONG_POLL_SECS))
 }
 
 /// Bounds the time to the response head: a stream's body, once started, is

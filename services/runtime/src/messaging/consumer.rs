@@ -20,7 +20,8 @@
 //! and the dead letter.
 
 use crate::Broker;
-use crate::broker::{close_channel, dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue, text};
+use crate::messaging::broker::{dead_letter_queue, declare_retry_queues, publish_confirmed, retry_queue};
+use crate::messaging::channel::{close_channel, text};
 use contracts::Message;
 use contracts::topology::QueueSpec;
 use futures::future::BoxFuture;
@@ -62,7 +63,11 @@ pub enum HandlerError {
 
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&e) { HandlerError::Unavailable(e.into()) } else { HandlerError::Retry(e.into()) }
+        if crate::data::db::is_unavailable(&e) {
+            HandlerError::Unavailable(e.into())
+        } else {
+            HandlerError::Retry(e.into())
+        }
     }
 }
 
@@ -250,7 +255,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
         }
         let back = {
             let _one_poller = self.paused.lock().await;
-            crate::db::wait_until_available(&self.db, shutdown).await
+            crate::data::db::wait_until_available(&self.db, shutdown).await
         };
         if self.held.fetch_sub(1, Ordering::SeqCst) == 1 {
             metrics::gauge!("consumer_paused", "queue" => queue).set(0.0);
@@ -340,7 +345,7 @@ impl<S: Clone + Send + Sync + 'static> Consumer<S> {
             Ok(Ok(false)) => Outcome::Duplicate,
             Ok(Err(HandlerError::Reject(reason))) => Outcome::DeadLetter(reason),
             Ok(Err(HandlerError::Unavailable(e))) => Outcome::Unavailable(format!("{e:#}")),
-            Ok(Err(HandlerError::Retry(e))) if crate::db::is_unavailable_anyhow(&e) => {
+            Ok(Err(HandlerError::Retry(e))) if crate::data::db::is_unavailable_anyhow(&e) => {
                 Outcome::Unavailable(format!("{e:#}"))
             }
             Ok(Err(HandlerError::Retry(e))) => Outcome::Retry(format!("{e:#}")),
@@ -427,7 +432,7 @@ async fn dead_letter(
     queue: &str,
     reason: &str,
     cause: Cause,
-) -> Result<(), crate::broker::PublishError> {
+) -> Result<(), crate::messaging::broker::PublishError> {
     tracing::error!(%reason, cause = cause.as_str(), "message dead-lettered");
     let headers = [
         ("x-dead-letter-reason", text(reason)),
@@ -447,7 +452,7 @@ async fn forward(
     delivery: &Delivery,
     queue: &str,
     extra: &[(&str, AMQPValue)],
-) -> Result<(), crate::broker::PublishError> {
+) -> Result<(), crate::messaging::broker::PublishError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     for (k, v) in extra {
         headers.insert((*k).into(), v.clone());

@@ -7,7 +7,7 @@
 //! before any push replica ever ran, and the push service reads the very
 //! stream the others declared (no orphan stream under another name).
 
-use crate::broker::text;
+use crate::messaging::channel::text;
 use contracts::messages::exchange;
 use contracts::topology::{PUSH_ORDER_EVENTS, PUSH_STREAM, PUSH_STREAM_DEFAULT_MAX_AGE};
 use lapin::Connection;
@@ -80,7 +80,7 @@ pub async fn declare(conn: &Connection, spec: &PushStream) -> lapin::Result<()> 
             )
             .await?;
     }
-    crate::broker::close_channel(&channel, "push stream declared").await;
+    crate::messaging::channel::close_channel(&channel, "push stream declared").await;
     Ok(())
 }
 

@@ -217,7 +217,7 @@ async fn share_of_requests(
     next: Next,
 ) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let Some(ip) = crate::limits::client_ip(req.headers(), peer, client_ip_header.as_ref()) else {
+    let Some(ip) = crate::http::limits::client_ip(req.headers(), peer, client_ip_header.as_ref()) else {
         return next.run(req).await;
     };
     let Some(_share) = shares.try_take(ip) else {

@@ -66,7 +66,7 @@ pub struct MessagingConfig {
     /// The push service's stream of order events, which every service
     /// declares: one setting for all of them.
     #[command(flatten)]
-    pub push_stream: crate::push_stream::PushStream,
+    pub push_stream: crate::messaging::push_stream::PushStream,
 }
 
 impl MessagingConfig {

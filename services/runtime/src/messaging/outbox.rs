@@ -5,8 +5,8 @@
 //! consumers absorb.
 
 use crate::Broker;
-use crate::broker::{PublishError, check_confirm, publish};
-use crate::db::Wakeup;
+use crate::data::db::Wakeup;
+use crate::messaging::broker::{PublishError, check_confirm, publish};
 use contracts::Message;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -128,19 +128,19 @@ macro_rules! publishes {
         /// The messages this service publishes (through its outbox only).
         #[derive(Clone, Copy, Debug)]
         $vis struct $publisher;
-        impl $crate::outbox::Publisher for $publisher {
+        impl $crate::messaging::outbox::Publisher for $publisher {
             const SERVICE: &'static str = $service;
-            const MESSAGES: &'static [&'static str] = &[$(<$message as $crate::outbox::__Message>::NAME),+];
+            const MESSAGES: &'static [&'static str] = &[$(<$message as $crate::messaging::outbox::__Message>::NAME),+];
         }
-        $(impl $crate::outbox::Publishes<$message> for $publisher {})+
+        $(impl $crate::messaging::outbox::Publishes<$message> for $publisher {})+
         const _: () = {
             $(assert!(
-                $crate::outbox::same(<$message as $crate::outbox::__Message>::EXCHANGE, $service),
+                $crate::messaging::outbox::same(<$message as $crate::messaging::outbox::__Message>::EXCHANGE, $service),
                 concat!(stringify!($message), " is not published to the exchange of ", $service)
             );)+
         };
         /// This service's outbox: it takes the messages declared here, no others.
-        $vis const $outbox: $crate::outbox::Outbox<$publisher> = $crate::outbox::Outbox::new();
+        $vis const $outbox: $crate::messaging::outbox::Outbox<$publisher> = $crate::messaging::outbox::Outbox::new();
     };
 }
 
@@ -279,7 +279,7 @@ impl Relay {
                 };
                 if let Err(e) = drained {
                     tracing::warn!(error = %format!("{e:#}"), "outbox relay failed; reconnecting");
-                    crate::broker::close_channel(&channel, "relay reconnecting").await;
+                    crate::messaging::channel::close_channel(&channel, "relay reconnecting").await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue 'connection;
                 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::ApiError;
-use crate::prune::{BoxFuture, Prune};
+use crate::data::prune::{BoxFuture, Prune};
 
 pub const HEADER: &str = "idempotency-key";
 
@@ -149,7 +149,7 @@ pub async fn claim(tx: &mut PgConnection, r: Request<'_>, ttl: Duration) -> Resu
     Ok(Claim::Repeat(outcome))
 }
 
-/// Deletes the keys past their time, for [`crate::prune`].
+/// Deletes the keys past their time, for [`crate::data::prune`].
 pub fn prune(config: &IdempotencyConfig) -> Prune {
     Prune { what: "idempotency keys", delete: delete_expired, max_age: config.ttl() }
 }

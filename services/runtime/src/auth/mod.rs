@@ -26,6 +26,9 @@
 //! --bench assertion`, 2 cores under load), against milliseconds for the
 //! request: no caching.
 
+pub mod tls;
+pub mod tokens;
+
 use anyhow::Context;
 use axum::extract::FromRequestParts;
 use axum::extract::OriginalUri;
@@ -82,7 +85,7 @@ impl CurrentUser {
     /// `exp`, through the gateway's clock leeway for tokens, as the gateway
     /// counts it): what a stream opened with an assertion lives until.
     pub async fn token_expired(&self) {
-        let end = self.token_expires.saturating_add(crate::tokens::LEEWAY_SECS as i64 + 1);
+        let end = self.token_expires.saturating_add(crate::auth::tokens::LEEWAY_SECS as i64 + 1);
         let left = end.saturating_sub(chrono::Utc::now().timestamp()).max(0) as u64;
         tokio::time::sleep(std::time::Duration::from_secs(left)).await;
     }
@@ -634,7 +637,7 @@ mod tests {
 
     #[test]
     fn token_problems_have_one_answer_each() {
-        use crate::tokens::TokenError;
+        use crate::auth::tokens::TokenError;
         assert_eq!(ApiError::from(TokenError::Missing).status, StatusCode::UNAUTHORIZED);
         assert!(ApiError::from(TokenError::Invalid).message.contains("invalid, expired or revoked"));
         assert_eq!(ApiError::from(TokenError::Unavailable).status, StatusCode::SERVICE_UNAVAILABLE);
