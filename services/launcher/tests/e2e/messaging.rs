@@ -1,9 +1,10 @@
 //! The messaging guarantees: idempotent consumers, the outbox, retries and
 //! dead letters, and a balance that never goes negative.
 
-use crate::helpers::{TestApp, create_vhost, drop_database, drop_vhost, eventually, eventually_counts, postgres_url};
+use crate::helpers::{Sandbox, TestApp, eventually, eventually_counts};
 use contracts::messages::{CreatePayment, Message, OrderCreated, exchange};
 use contracts::topology::QueueSpec;
+use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use reqwest::StatusCode;
@@ -161,23 +162,17 @@ async fn poison_messages_are_dead_lettered_and_the_queue_keeps_flowing() {
 
 /// A database and a vhost for the runtime-level tests below.
 struct Scratch {
-    prefix: String,
     pool: sqlx::PgPool,
     broker: Broker,
+    /// Declared last: removed after the pool and the broker are dropped.
+    sandbox: Sandbox,
 }
 
 impl Scratch {
     async fn new() -> Scratch {
-        runtime::telemetry::init_for_tests();
-        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let vhost = create_vhost(&prefix).await;
-        let pool = runtime::db::connect(
-            &format!("{}/{prefix}_scratch", postgres_url()),
-            sqlx::migrate!("../../migrations/ordering"),
-        )
-        .await
-        .unwrap();
-        Scratch { broker: Broker::new(&vhost.amqp_url), prefix, pool }
+        let sandbox = Sandbox::new().await;
+        let pool = sandbox.database("scratch", sqlx::migrate!("../../migrations/ordering")).await;
+        Scratch { broker: Broker::new(&sandbox.amqp_url), pool, sandbox }
     }
 
     async fn channel(&self) -> lapin::Channel {
@@ -208,22 +203,12 @@ impl Scratch {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        let ch = self.channel().await;
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
+        self.sandbox.queue_depth(queue).await
     }
 
     async fn stop(self) {
         self.broker.close().await;
         self.pool.close().await;
-        drop_database(&format!("{}_scratch", self.prefix)).await;
-        drop_vhost(&self.prefix).await;
     }
 }
 
@@ -245,13 +230,30 @@ async fn a_message_written_while_the_relay_is_stopped_is_published_when_it_start
     let message_id = ordering::OUTBOX.enqueue(&mut tx, &event).await.unwrap();
     tx.commit().await.unwrap();
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(s.depth("test.orders").await, 0, "nothing is published without the relay");
+    // The write publishes nothing by itself. A control message sent after
+    // the commit, routed as the event would be, arrives: it is the only one
+    // in the queue, and the event waits in the outbox, unsent.
+    let ch = s.channel().await;
+    let control = BasicProperties::default().with_message_id("control".into());
+    ch.basic_publish(exchange::ORDERING.into(), OrderCreated::NAME.into(), Default::default(), b"{}", control)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async { (s.depth("test.orders").await >= 1).then_some(()) }).await;
+    let mut arrived = Vec::new();
+    while let Some(m) = ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        arrived.push(m.delivery.properties.message_id().as_ref().map(|id| id.to_string()));
+    }
+    assert_eq!(arrived, [Some("control".to_string())], "nothing is published without the relay");
+    let unsent: bool = sqlx::query_scalar("SELECT sent_at IS NULL FROM outbox WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert!(unsent, "the event waits in the outbox");
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let relay =
         tokio::spawn(Relay::new(s.pool.clone(), s.broker.clone(), Duration::from_secs(60)).run(shutdown.clone()));
-    let ch = s.channel().await;
     let got = eventually(Duration::from_secs(10), || async {
         ch.basic_get("test.orders".into(), BasicGetOptions { no_ack: true }).await.unwrap()
     })

@@ -2,13 +2,13 @@
 //! services on a proxied PostgreSQL or RabbitMQ that the test cuts or stalls.
 
 use crate::helpers::{eventually, eventually_counts};
-use crate::outage::{Link, Sandbox, TcpProxy};
 use contracts::messages::{CreatePayment, Message, exchange};
 use lapin::options::QueueDeclareOptions;
 use reqwest::StatusCode;
 use runtime::MessagingConfig;
 use serde_json::Value;
 use std::time::Duration;
+use test_support::{Link, Sandbox, TcpProxy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -92,7 +92,7 @@ async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::
 async fn while_the_database_is_away_requests_get_503_with_retry_after_and_service_resumes() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
     let http = reqwest::Client::new();
     let user = Uuid::new_v4();
     assert_eq!(account(&http, &billing.url, user).await.status(), StatusCode::OK);
@@ -151,7 +151,7 @@ pub async fn publish(amqp_url: &str, exchange: &str, kind: &str, body: &[u8]) {
 async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_being_dead_lettered() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
 
     pg.set(Link::Cut);
     let payments: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
@@ -161,8 +161,14 @@ async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_bei
                 .unwrap();
         publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
     }
-    // Many times the whole retry schedule (50 ms + 150 ms).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Paused, and for longer than the whole retry schedule (50 ms + 150 ms):
+    // the consumer's polls of the database are refused from 100 ms apart, doubling.
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), || async {
+        let paused = service_metric(&http, &billing.url, "consumer_paused", "queue=\"billing.payments\"").await;
+        (paused == 1.0 && pg.refused() >= 4).then_some(())
+    })
+    .await;
     assert_eq!(depth(&s.amqp_url, "billing.payments.dead").await, 0, "nothing dead-lettered for an absent database");
 
     pg.set(Link::Open);
@@ -201,7 +207,7 @@ async fn service_metric(http: &reqwest::Client, service: &str, name: &str, label
 async fn a_database_outage_spends_no_delivery_of_a_queue_with_a_low_delivery_limit() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
     s.lower_delivery_limit("^billing\\.payments$", 0, "billing.payments").await;
     let http = reqwest::Client::new();
     let queue = "queue=\"billing.payments\"";
@@ -489,7 +495,16 @@ async fn a_confirm_that_never_comes_times_out_without_a_transaction_held_and_the
 
     amqp.set(Link::Stalled);
     let row = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Claimed (its lease set ahead): the relay publishes it and waits for the confirm.
+    eventually(Duration::from_secs(10), || async {
+        let claimed: bool = sqlx::query_scalar("SELECT next_attempt_at > now() FROM outbox WHERE id = $1")
+            .bind(row)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        claimed.then_some(())
+    })
+    .await;
     let open: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
     )
@@ -556,7 +571,7 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
 
 #[tokio::test]
 async fn a_broker_that_accepts_and_never_answers_is_given_up_on_and_retried() {
-    let silent = crate::outage::SilentListener::start().await;
+    let silent = test_support::SilentListener::start().await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", silent.port);
     let broker = runtime::Broker::with_timeout("test", url, Duration::from_millis(300));
     let shutdown = CancellationToken::new();
@@ -584,13 +599,13 @@ fn free_port_block() -> u16 {
 
 #[tokio::test]
 async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_broker_hang() {
-    let s = Sandbox::without_broker().await;
+    let s = Sandbox::without_broker();
     for name in crate::helpers::SERVICES_WITH_DB {
         s.database_url(name); // dropped with the sandbox
     }
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
     // A broker that accepts connections and never answers.
-    let broker = crate::outage::SilentListener::start().await;
+    let broker = test_support::SilentListener::start().await;
     let base = free_port_block();
     let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
     let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
@@ -640,7 +655,7 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
 
 #[tokio::test]
 async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_pruned_on_a_schedule() {
-    let s = Sandbox::without_broker().await;
+    let s = Sandbox::without_broker();
     let shutdown = CancellationToken::new();
     let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
     // Notification runs no outbox relay, and still prunes its inbox.
@@ -778,62 +793,33 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
 // The mailer: permanent failures end, temporary ones are retried, no
 // transaction is held across SMTP.
 
-/// An SMTP server (aiosmtpd) that answers by the recipient's local part:
-/// `refused…` 550, `later…` 451 twice then accepts, `temp…` always 451,
-/// `slow…` accepts after 3 s; others are accepted. Accepted mail is recorded
-/// as a file named after the recipient.
-const PICKY_SMTP: &str = r#"
-import asyncio, os, sys
-from aiosmtpd.controller import Controller
-port, out = int(sys.argv[1]), sys.argv[2]
-seen = {}
-class Picky:
-    async def handle_RCPT(self, server, session, envelope, address, options):
-        local = address.split("@")[0]
-        if local.startswith("refused"):
-            return "550 5.1.1 no such mailbox"
-        if local.startswith("temp"):
-            return "451 4.3.0 try again later"
-        if local.startswith("later"):
-            seen[address] = seen.get(address, 0) + 1
-            if seen[address] <= 2:
-                return "451 4.3.0 try again later"
-        if local.startswith("slow"):
-            await asyncio.sleep(3)
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-    async def handle_DATA(self, server, session, envelope):
-        for rcpt in envelope.rcpt_tos:
-            with open(os.path.join(out, rcpt), "a") as f:
-                f.write("delivered\n")
-        return "250 OK"
-controller = Controller(Picky(), hostname="127.0.0.1", port=port)
-controller.start()
-asyncio.get_event_loop().run_forever()
-"#;
+/// The SMTP sink's answers by the recipient's local part: `refused…` 550,
+/// `later…` 451 twice then accepted, `temp…` always 451, `slow…` held until
+/// the test releases it; others accepted.
+fn picky(recipient: &str, attempt: u32) -> test_support::Rcpt {
+    use test_support::Rcpt;
+    let later = || Rcpt::Reply("451 4.3.0 try again later".into());
+    match recipient.split('@').next().unwrap_or_default() {
+        l if l.starts_with("refused") => Rcpt::Reply("550 5.1.1 no such mailbox".into()),
+        l if l.starts_with("temp") => later(),
+        l if l.starts_with("later") && attempt <= 2 => later(),
+        l if l.starts_with("slow") => Rcpt::Hold,
+        _ => Rcpt::Accept,
+    }
+}
 
 #[tokio::test]
 async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no_transaction_across_smtp() {
-    let s = Sandbox::without_broker().await;
-    let out = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
-    std::fs::create_dir_all(&out).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _smtp = tokio::process::Command::new("python3")
-        .args(["-c", PICKY_SMTP, &port.to_string(), out.to_str().unwrap()])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 with aiosmtpd");
-    eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
-    .await;
+    let s = Sandbox::without_broker();
+    let out = s.dir("mail");
+    let smtp = test_support::SmtpSink::with_rule(picky).await;
 
     let shutdown = CancellationToken::new();
     let config = notification::Config {
         database_url: s.database_url("notification"),
         messaging: messaging(&s.amqp_url),
         mail: notification::MailConfig {
-            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+            smtp_url: Some(smtp.url()),
             mail_dir: out.join("unused"),
             mail_from: "Order System <orders@localhost>".into(),
             emails_per_recipient_per_hour: 0,
@@ -888,7 +874,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     }
 
     // While the slow server holds a send, no transaction is open.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    smtp.holding(1).await;
     let open: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
     )
@@ -896,6 +882,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     .await
     .unwrap();
     assert_eq!(open, 0, "no transaction held across an SMTP send");
+    smtp.release();
 
     #[derive(Debug, sqlx::FromRow)]
     struct Delivery {
@@ -927,7 +914,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     let later = delivery("later").await;
     assert_eq!(later.attempts, 3, "two 451s, then sent: {later:?}");
     for local in ["later", "fine", "slow"] {
-        assert!(out.join(&ids[local].1).exists(), "{local} delivered");
+        assert!(smtp.delivered_to(&ids[local].1), "{local} delivered");
     }
     let refused = delivery("refused").await;
     assert!(!refused.sent);
@@ -938,15 +925,16 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     assert!(!temp.sent && temp.failed_reason.is_none(), "{temp:?}");
     assert!(temp.last_error.as_deref().unwrap_or_default().contains("451"), "{temp:?}");
     assert!((3000.0..=3601.0).contains(&temp.retry_in), "capped at an hour: {temp:?}");
-    // Permanent failures are not tried again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Permanent failures are not tried again: `later` was retried twice
+    // (each after a backoff) since they failed.
+    assert_eq!(smtp.attempts(&ids["later"].1), 3);
+    assert_eq!(smtp.attempts(&ids["refused"].1), 1);
     assert_eq!(delivery("refused").await.attempts, 1);
     assert_eq!(delivery("a..b").await.attempts, 1);
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
     db.close().await;
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// A service whose database is away when it starts does not exit: it waits
@@ -963,7 +951,7 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let config = billing::Config {
-            database_url: s.proxied_database_url("billing", &pg),
+            database_url: pg.url(&s.database_url("billing")),
             messaging: messaging(&s.amqp_url),
             idempotency: Default::default(),
             limits: Default::default(),
@@ -975,8 +963,8 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
     };
     let http = reqwest::Client::new();
     let (url, shutdown, task) = start().await;
-    // Several attempts' worth (0.25 + 0.5 + 1 + 2 s).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Several attempts refused (0.25 + 0.5 + 1 s apart).
+    eventually(Duration::from_secs(20), || async { (pg.refused() >= 4).then_some(()) }).await;
     assert!(!task.is_finished(), "the service exited: {:?}", task.await);
     let live = http.get(format!("{url}/health/live")).send().await.unwrap();
     assert_eq!(live.status(), StatusCode::OK);
@@ -1001,8 +989,9 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
 
     // Stopped while it still waits: it ends at once.
     pg.set(Link::Cut);
+    let refused = pg.refused();
     let (_, shutdown, task) = start().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(Duration::from_secs(20), || async { (pg.refused() > refused).then_some(()) }).await;
     assert!(!task.is_finished());
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended at once").unwrap();
