@@ -23,4 +23,3 @@ mod slow_clients;
 mod stream_limits;
 mod sweeper;
 mod tokens;
-mod transport;

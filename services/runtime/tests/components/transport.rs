@@ -2,10 +2,10 @@
 //! loopback in front of the real RabbitMQ, and `sslmode` against the real
 //! PostgreSQL (which speaks TLS) and against a server that does not.
 
-use crate::helpers::Sandbox;
 use runtime::tls::TestAuthority;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use test_support::Sandbox;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Terminates TLS (the authority's server certificate for `localhost`) on a
