@@ -17,28 +17,29 @@
 //!     cargo bench -p push-service --bench fanout -- --through-gateway --connections 2000 --users 1 --events 200 --rate 20
 //!
 //! `--through-gateway` opens the streams through the gateway instead: the
-//! release `order-system` binary (every service but push, in one process, on
-//! databases and a vhost of its own) in front of the `push-service` process
+//! release `order-system` binary (every service but push, in one process: a
+//! throwaway system, `run --throwaway`, on databases and a vhost of its own
+//! that it removes when it stops) in front of the `push-service` process
 //! (`EXTERNAL_PUSH_URL`), with the tokens of users registered through it; the
 //! memory is then that of both processes together. `--users 1` puts every
 //! stream on one user (the per-user stream cap is raised to fit), so each
 //! event fans out to all of them: the latency is then from the publish to the
 //! last of the streams receiving it.
 
-#[path = "../../tools/bench/ports.rs"]
-mod ports;
 #[path = "../../tools/bench/proc.rs"]
 mod proc;
+#[path = "../../tools/bench/throwaway.rs"]
+mod throwaway;
 use clap::Parser;
 use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use ports::free_port_block;
 use proc::{cpu_ms, rss_kib};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use throwaway::Throwaway;
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
@@ -204,39 +205,28 @@ async fn wait_ok(
 /// What the benchmark started, stopped and removed by [`Setup::clean_up`].
 struct Setup {
     push: tokio::process::Child,
-    /// The `order-system` process (gateway, identity, ...), with --through-gateway.
-    system: Option<tokio::process::Child>,
-    run: String,
-    vhosts: Vec<String>,
-    mail_dir: PathBuf,
+    /// The throwaway `order-system` (gateway, identity, ...), with --through-gateway.
+    system: Option<Throwaway>,
+    /// The push service's vhost.
+    vhost: String,
 }
 
 impl Setup {
     fn pids(&self) -> Vec<(&'static str, u32)> {
         let mut pids = vec![("push-service", self.push.id().unwrap_or(0))];
         if let Some(system) = &self.system {
-            pids.push(("order-system (gateway)", system.id().unwrap_or(0)));
+            pids.push(("order-system (gateway)", system.pid()));
         }
         pids
     }
 
     async fn clean_up(mut self, args: &Args, admin: &reqwest::Client) {
         let _ = self.push.kill().await;
-        if let Some(mut system) = self.system.take() {
-            let _ = system.kill().await;
-            if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", args.postgres_url)).await {
-                for service in ["identity", "billing", "ordering", "notification"] {
-                    // DDL names its database: it cannot be a bound parameter.
-                    let drop = format!("DROP DATABASE IF EXISTS \"{}_{service}\" WITH (FORCE)", self.run);
-                    let _ = sqlx::query(&drop).execute(&pool).await;
-                }
-                pool.close().await;
-            }
-            let _ = std::fs::remove_dir_all(&self.mail_dir);
+        if let Some(system) = self.system.take() {
+            // It removes its own databases and vhost.
+            system.stop().await;
         }
-        for vhost in &self.vhosts {
-            management(admin, &args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{vhost}"), None).await;
-        }
+        management(admin, &args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{}", self.vhost), None).await;
     }
 }
 
@@ -246,15 +236,12 @@ async fn main() -> anyhow::Result<()> {
     let admin = reqwest::Client::new();
     let run = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
     // The push service's vhost, where the events are published; the rest of
-    // the system gets one of its own, so that no other service sees them.
-    let vhosts: Vec<String> =
-        if args.through_gateway { vec![run.clone(), format!("{run}-system")] } else { vec![run.clone()] };
-    for vhost in &vhosts {
-        management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{vhost}"), None).await;
-        let perms = r#"{"configure":".*","write":".*","read":".*"}"#;
-        let path = format!("/permissions/{vhost}/guest");
-        management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &path, Some(perms)).await;
-    }
+    // the system (a throwaway one) gets one of its own, so that no other
+    // service sees them.
+    management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{run}"), None).await;
+    let perms = r#"{"configure":".*","write":".*","read":".*"}"#;
+    management(&admin, &args.rabbitmq_api, reqwest::Method::PUT, &format!("/permissions/{run}/guest"), Some(perms))
+        .await;
     let amqp_url = format!("{}/{run}", args.amqp_base);
     let users = args
         .users
@@ -272,13 +259,7 @@ async fn main() -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let mut setup = Setup {
-        push,
-        system: None,
-        run: run.clone(),
-        vhosts,
-        mail_dir: std::env::temp_dir().join(format!("order-system-{run}")),
-    };
+    let mut setup = Setup { push, system: None, vhost: run.clone() };
     if args.through_gateway {
         let launcher = args
             .launcher
@@ -288,31 +269,32 @@ async fn main() -> anyhow::Result<()> {
             setup.clean_up(&args, &admin).await;
             anyhow::bail!("{} is missing: cargo build --release -p order-system", launcher.display());
         }
-        let base = free_port_block();
-        setup.system = Some(
-            tokio::process::Command::new(launcher)
-                .env("POSTGRES_URL", &args.postgres_url)
-                .env("DATABASE_PREFIX", format!("{run}_"))
-                .env("AMQP_URL", format!("{}/{run}-system", args.amqp_base))
-                .env("GATEWAY_ADDR", format!("127.0.0.1:{base}"))
-                .env("GATEWAY_HTTPS_ADDR", "")
-                .env("PUSH_TLS_ADDR", "")
-                .env("EXTERNAL_PUSH_URL", format!("http://127.0.0.1:{port}"))
-                .env("INTERNAL_SIGNING_KEY", gateway.private_key_text())
-                .env("GATEWAY_PUSH_H2C", args.gateway_h2c.to_string())
-                // Every subscriber of this benchmark comes from one address.
-                .env("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", "1000000")
-                .env("GATEWAY_MAX_REQUESTS_PER_CLIENT", "1000000")
-                .env("REGISTER_PER_ADDRESS_PER_MINUTE", "0")
-                .env("LOGIN_PER_ADDRESS_PER_MINUTE", "0")
-                .env("LOGIN_PER_ACCOUNT_PER_MINUTE", "0")
-                .env("MAIL_DIR", &setup.mail_dir)
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-        let result = measure(&args, &setup, port, Some(base), users, &amqp_url, &gateway).await;
+        // Throttles off (the throwaway profile): every subscriber of this
+        // benchmark comes from one address.
+        let env = [
+            ("POSTGRES_URL", args.postgres_url.clone()),
+            ("AMQP_URL", format!("{}/%2f", args.amqp_base)),
+            ("RABBITMQ_API_URL", args.rabbitmq_api.clone()),
+            ("EXTERNAL_PUSH_URL", format!("http://127.0.0.1:{port}")),
+            ("INTERNAL_SIGNING_KEY", gateway.private_key_text()),
+            ("GATEWAY_PUSH_H2C", args.gateway_h2c.to_string()),
+            ("RUST_LOG", "warn".into()),
+        ];
+        let system = match Throwaway::start(&launcher, &format!("{run}_system"), &env).await {
+            Ok(system) => system,
+            Err(e) => {
+                setup.clean_up(&args, &admin).await;
+                return Err(e);
+            }
+        };
+        let ready = system.wait_ready(Duration::from_secs(120)).await;
+        setup.system = Some(system);
+        if let Err(e) = ready {
+            setup.clean_up(&args, &admin).await;
+            return Err(e);
+        }
+        let gateway_url = setup.system.as_ref().map(|s| s.var("GATEWAY_URL").to_owned());
+        let result = measure(&args, &setup, port, gateway_url, users, &amqp_url, &gateway).await;
         setup.clean_up(&args, &admin).await;
         return result;
     }
@@ -354,7 +336,7 @@ async fn measure(
     args: &Args,
     setup: &Setup,
     port: u16,
-    gateway_port: Option<u16>,
+    gateway_url: Option<String>,
     users: usize,
     amqp_url: &str,
     gateway: &runtime::auth::AssertionSigner,
@@ -368,11 +350,11 @@ async fn measure(
     .await?;
     // How each user's stream is opened: straight to the push service with the
     // gateway's assertion, or through the gateway with the user's token.
-    let (url, user_ids, auths): (String, Vec<Uuid>, Vec<(&'static str, String)>) = match gateway_port {
+    let (url, user_ids, auths): (String, Vec<Uuid>, Vec<(&'static str, String)>) = match &gateway_url {
         Some(base) => {
-            let ready = format!("http://127.0.0.1:{base}/health/ready");
+            let ready = format!("{base}/health/ready");
             wait_ok(&http, "the gateway", || http.get(&ready)).await?;
-            let api = format!("http://127.0.0.1:{base}/api/v1");
+            let api = format!("{base}/api/v1");
             let started = Instant::now();
             let registered = register(&api, users).await?;
             println!(
@@ -413,7 +395,7 @@ async fn measure(
         let http = clients[i % clients.len()].clone();
         // An assertion is good for one request, signed as it is sent (a
         // token, through the gateway, for any number).
-        let auth = match gateway_port {
+        let auth = match &gateway_url {
             Some(_) => auths[i % users].clone(),
             None => (runtime::auth::ASSERTION_HEADER, assertion(gateway, user_ids[i % users])),
         };
@@ -516,7 +498,7 @@ async fn measure(
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mib = |k: u64| k as f64 / 1024.0;
     println!();
-    let what = if gateway_port.is_some() { "through the gateway" } else { "straight to the push service" };
+    let what = if gateway_url.is_some() { "through the gateway" } else { "straight to the push service" };
     println!(
         "push-service fan-out benchmark, {what} ({} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -530,7 +512,7 @@ async fn measure(
         args.connections,
         connect_time.as_secs_f64()
     );
-    if gateway_port.is_some() {
+    if gateway_url.is_some() {
         let hop = if args.gateway_h2c { "h2c (GATEWAY_PUSH_H2C=true)" } else { "HTTP/1.1 (GATEWAY_PUSH_H2C=false)" };
         println!("  gateway → push service    {hop}");
     }

@@ -10,6 +10,10 @@ use contracts::api::TOKEN_COOKIE;
 const INDEX: &str = include_str!("../web/index.html");
 const SCRIPT: &str = include_str!("../web/app.js");
 const STYLE: &str = include_str!("../web/app.css");
+/// Web Push: the opt-in button's script, and the service worker that shows
+/// the pushed order outcomes (served from `/` so that its scope is the page).
+const WEB_PUSH: &str = include_str!("../web/webpush.js");
+const SERVICE_WORKER: &str = include_str!("../web/sw.js");
 
 /// Same-origin only: the page loads nothing from elsewhere.
 const CSP: &str = "default-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
@@ -53,4 +57,6 @@ pub fn routes() -> Router {
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
         .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
         .route("/app.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route("/webpush.js", get(|| async { asset("text/javascript; charset=utf-8", WEB_PUSH) }))
+        .route("/sw.js", get(|| async { asset("text/javascript; charset=utf-8", SERVICE_WORKER) }))
 }

@@ -22,7 +22,7 @@ use crate::AppState;
 #[derive(clap::Args, Clone, Debug)]
 pub struct AbuseLimits {
     /// Password hashes or checks running at once (each holds ~19 MiB and a
-    /// core); 0: four per core.
+    /// core); 0: one per core.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,
 

@@ -4,9 +4,9 @@
 //!
 //!     cargo bench -p order-system --bench long_poll -- --waiters 2000
 //!
-//! Starts the `order-system` binary as its own process (every service, on a
-//! block of free ports, with its own databases and RabbitMQ vhost, removed at
-//! the end), registers a user, and holds the user's account row locked in
+//! Starts the `order-system` binary as a throwaway system of its own process
+//! (`run --throwaway`: every service on free ports, with its own databases
+//! and RabbitMQ vhost, removed at the end; throttles off), registers a user, and holds the user's account row locked in
 //! billing's database so that the user's payments wait. It places N orders
 //! (pending while the lock is held), opens one long poll per order (one
 //! HTTP/1.1 connection each, as a browser would), measures the process's
@@ -14,15 +14,15 @@
 //! answers the payments, ordering settles the orders (its `updated_at` is the
 //! settlement time), and each long poll's answer is timed against it.
 
-#[path = "../../../tools/bench/ports.rs"]
-mod ports;
 #[path = "../../../tools/bench/proc.rs"]
 mod proc;
+#[path = "../../../tools/bench/throwaway.rs"]
+mod throwaway;
 use clap::Parser;
-use ports::free_port_block;
 use proc::{cpu_ms, rss_kib};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use throwaway::Throwaway;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -55,25 +55,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
-async fn management(api: &str, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) {
-    // A fresh connection per call, tried a few times (the management API
-    // sometimes drops a kept-alive connection).
-    for attempt in 0..5 {
-        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
-        let mut req = client.request(method.clone(), format!("{api}{path}")).basic_auth("guest", Some("guest"));
-        if let Some(b) = &body {
-            req = req.json(b);
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() || r.status() == 404 => return,
-            Ok(r) => eprintln!("management API {method} {path}: {}", r.status()),
-            Err(e) => eprintln!("management API {method} {path}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
-    }
-    panic!("RabbitMQ management API: {method} {path} failed");
-}
-
 /// Long-polls one order until it is no longer pending; the answer's arrival
 /// and the order.
 async fn follow(
@@ -96,56 +77,30 @@ async fn follow(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let run = format!("lp{}", &Uuid::new_v4().simple().to_string()[..8]);
-    management(&args.rabbitmq_api, reqwest::Method::PUT, &format!("/vhosts/{run}"), None).await;
-    let perms = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
-    management(&args.rabbitmq_api, reqwest::Method::PUT, &format!("/permissions/{run}/guest"), Some(perms)).await;
-    let port = free_port_block();
-    let mail_dir = std::env::temp_dir().join(format!("order-system-{run}"));
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
-        .env("POSTGRES_URL", &args.postgres_url)
-        .env("DATABASE_PREFIX", format!("{run}_"))
-        .env("AMQP_URL", format!("{}/{run}", args.amqp_base))
-        .env("GATEWAY_ADDR", format!("127.0.0.1:{port}"))
-        .env("GATEWAY_HTTPS_ADDR", "")
-        // Every client of this benchmark comes from one address.
-        .env("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", "1000000")
-        .env("GATEWAY_MAX_REQUESTS_PER_CLIENT", "1000000")
-        .env("PUSH_TLS_ADDR", "")
-        .env("MAIL_DIR", &mail_dir)
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = server.id().expect("running");
-    let result = measure(&args, &run, port, pid).await;
-
-    let _ = server.kill().await;
-    if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", args.postgres_url)).await {
-        for service in ["identity", "billing", "ordering", "notification"] {
-            // DDL names its database: it cannot be a bound parameter nor a checked query.
-            let _ =
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{run}_{service}\" WITH (FORCE)")).execute(&pool).await;
-        }
-    }
-    management(&args.rabbitmq_api, reqwest::Method::DELETE, &format!("/vhosts/{run}"), None).await;
-    let _ = std::fs::remove_dir_all(&mail_dir);
+    let system = Throwaway::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_order-system")),
+        &run,
+        &[
+            ("POSTGRES_URL", args.postgres_url.clone()),
+            ("AMQP_URL", format!("{}/%2f", args.amqp_base)),
+            ("RABBITMQ_API_URL", args.rabbitmq_api.clone()),
+            ("RUST_LOG", "error".into()),
+        ],
+    )
+    .await?;
+    let result = match system.wait_ready(Duration::from_secs(120)).await {
+        Ok(()) => measure(&args, &system).await,
+        Err(e) => Err(e),
+    };
+    system.stop().await;
     result
 }
 
-async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<()> {
-    let api = format!("http://127.0.0.1:{port}/api/v1");
+async fn measure(args: &Args, system: &Throwaway) -> anyhow::Result<()> {
+    let api = format!("{}/api/v1", system.var("GATEWAY_URL"));
+    let pid = system.pid();
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let gateway = http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await;
-        let ordering = http.get(format!("http://127.0.0.1:{}/health/ready", port + 3)).send().await;
-        if gateway.is_ok_and(|r| r.status().is_success()) && ordering.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the order system did not become ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
+    let run = system.var("AMQP_VHOST");
     let email = format!("{run}@example.com");
     let body = serde_json::json!({"email": email, "password": "correct horse", "firstName": "Bench"});
     let user: serde_json::Value =
@@ -165,7 +120,8 @@ async fn measure(args: &Args, run: &str, port: u16, pid: u32) -> anyhow::Result<
     // The user's payments wait for this lock: the orders stay pending. (Checked
     // at run time: it reaches into billing's database, whose queries are
     // prepared in billing's crate, not this one.)
-    let billing = sqlx::PgPool::connect(&format!("{}/{run}_billing", args.postgres_url)).await?;
+    let billing =
+        sqlx::PgPool::connect(&format!("{}/{}billing", args.postgres_url, system.var("DATABASE_PREFIX"))).await?;
     let mut lock = billing.begin().await?;
     sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
         .bind(user_id)

@@ -352,27 +352,33 @@ struct Queue {
 }
 
 /// The management API's credentials travel in the URL (`http://user:pass@host:port/api`).
-fn management_request(http: &reqwest::Client, api: &str, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+pub(crate) fn management_request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    api: &str,
+    path: &str,
+) -> anyhow::Result<reqwest::RequestBuilder> {
     let mut url = reqwest::Url::parse(&format!("{}/{path}", api.trim_end_matches('/')))
         .with_context(|| format!("management API URL {api}"))?;
     let (user, pass) = (url.username().to_string(), url.password().map(str::to_string));
     url.set_username("").ok();
     url.set_password(None).ok();
     let user = if user.is_empty() { "guest".to_string() } else { user };
-    Ok(http.get(url).basic_auth(user, Some(pass.unwrap_or_else(|| "guest".into()))))
+    Ok(http.request(method, url).basic_auth(user, Some(pass.unwrap_or_else(|| "guest".into()))))
 }
 
 async fn dead_letters(config: &AuditConfig, report: &mut Report) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let vhost = percent_encode(&config.vhost);
-    let queues: Vec<Queue> = management_request(&http, &config.rabbitmq_api, &format!("queues/{vhost}"))?
-        .send()
-        .await
-        .context("RabbitMQ management API")?
-        .error_for_status()
-        .context("RabbitMQ management API")?
-        .json()
-        .await?;
+    let queues: Vec<Queue> =
+        management_request(&http, reqwest::Method::GET, &config.rabbitmq_api, &format!("queues/{vhost}"))?
+            .send()
+            .await
+            .context("RabbitMQ management API")?
+            .error_for_status()
+            .context("RabbitMQ management API")?
+            .json()
+            .await?;
     let dead: Vec<&Queue> = queues.iter().filter(|q| q.name.ends_with(".dead")).collect();
     let broker = config.amqp_url.as_deref().map(runtime::Broker::new);
     for q in &dead {
@@ -422,7 +428,7 @@ fn describe(letters: &[runtime::consumer::DeadLetter]) -> String {
 }
 
 /// The vhost as one path segment of the management API (`/` is `%2F`).
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

@@ -9,6 +9,7 @@
 
 mod mailer;
 mod notifications;
+pub mod webpush;
 
 use axum::Router;
 use axum::routing::get;
@@ -22,12 +23,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use mailer::Mailer;
+pub use webpush::WebPushConfig;
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Notification service", description = "The notifications sent to a user."),
-    paths(notifications::list),
+    paths(notifications::list, webpush::subscriptions::public_key, webpush::subscriptions::subscribe,
+        webpush::subscriptions::unsubscribe),
     modifiers(&InternalAuth),
     tags((name = "notifications")),
 )]
@@ -50,6 +53,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub mail: MailConfig,
+
+    #[command(flatten)]
+    pub web_push: WebPushConfig,
 
     #[arg(long, env = "NOTIFICATION_ADDR", default_value = "127.0.0.1:8084")]
     pub addr: String,
@@ -118,10 +124,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());
     let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
     let shutdown = service.shutdown();
-    service.spawn("mailer", mailer.run(poll, shutdown));
+    service.spawn("mailer", mailer.run(poll, shutdown.clone()));
+    let vapid = config.web_push.vapid()?;
+    if let Some(vapid) = &vapid {
+        let pusher = webpush::Pusher::new(&config.web_push, vapid.clone(), db.clone())?;
+        service.prune(vec![webpush::pusher::spent_budgets()], config.messaging.prune_interval());
+        service.spawn("web push", pusher.run(poll, shutdown));
+    }
+    let web_push = webpush::subscriptions::WebPush::new(db.clone(), vapid, config.web_push.clone());
     let routes = Router::new()
         .route("/api/v1/notifications", get(notifications::list))
         .with_state(db)
+        .merge(webpush::subscriptions::routes(web_push))
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await

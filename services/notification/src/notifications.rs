@@ -83,6 +83,7 @@ async fn notify(tx: &mut PgConnection, user_id: Uuid, order_id: Uuid, subject: &
     .execute(&mut *tx)
     .await?;
     sqlx::query!("SELECT pg_notify($1, '')", EMAIL_CHANNEL).fetch_one(&mut *tx).await?;
+    crate::webpush::queue(tx, id, user_id, order_id, subject, &message).await?;
     tracing::info!(user_id = %user_id, order_id = %order_id, notification_id = %id, "notification stored");
     Ok(())
 }

@@ -372,14 +372,14 @@ async fn queue_exists(conn: &Connection, queue: &str) -> lapin::Result<bool> {
 /// with other arguments, which the broker refuses to change (it closes the
 /// channel with PRECONDITION_FAILED); such a queue is used as it is, and
 /// reported (`queue_dead_letter_target{queue}` 0, an error in the log) until
-/// the policy in the README gives it the same target and limit.
+/// the policy in docs/operations.md (Upgrades) gives it the same target and limit.
 async fn declare_consumer_queue(conn: &Connection, channel: &Channel, queue: &str) -> lapin::Result<()> {
     let own = conn.create_channel().await?;
     let protected = match declare_quorum(&own, queue, &consumer_queue_arguments(queue)).await {
         Ok(()) => true,
         Err(e) if is_precondition_failed(&e) => {
             tracing::error!(queue, error = %e, "the queue was declared without a dead-letter target and delivery \
-                limit and cannot be changed in place; apply the dead-letter policy (README, RabbitMQ topology)");
+                limit and cannot be changed in place; apply the dead-letter policy (docs/operations.md, Upgrades)");
             channel
                 .queue_declare(
                     queue.into(),

@@ -61,7 +61,7 @@ pub struct ConnectionLimits {
     /// Connections open at once from one client address; one more is
     /// closed at once. Counted by the connection's peer, so not applied
     /// when `GATEWAY_CLIENT_IP_HEADER` names a proxy in front (every
-    /// connection then comes from the proxy).
+    /// connection then comes from the proxy). 0 turns it off.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 64)]
     pub max_connections_per_client: usize,
 
@@ -69,6 +69,7 @@ pub struct ConnectionLimits {
     /// MAX_CONCURRENT_REQUESTS); one more is answered 429 with
     /// `Retry-After`. Event streams, once answered, do not count. The
     /// address is `GATEWAY_CLIENT_IP_HEADER`'s where set, else the peer's.
+    /// 0 turns it off.
     #[arg(long, env = "GATEWAY_MAX_REQUESTS_PER_CLIENT", default_value_t = 32)]
     pub max_requests_per_client: usize,
 
@@ -163,8 +164,10 @@ struct Share {
 }
 
 impl PerClient {
+    /// At most `limit` units per address; 0: no limit (as every throttle reads 0).
     fn new(limit: usize) -> Arc<Self> {
-        Arc::new(PerClient { limit: limit.max(1), held: Mutex::new(HashMap::new()) })
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        Arc::new(PerClient { limit, held: Mutex::new(HashMap::new()) })
     }
 
     fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<Share> {
@@ -485,6 +488,14 @@ mod tests {
         assert!(shares.try_take(b).is_some(), "another address has its own share");
         drop(first);
         assert!(shares.try_take(a).is_some(), "given back when dropped");
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_no_limit() {
+        let shares = PerClient::new(0);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<Share> = (0..1000).map(|_| shares.try_take(ip).expect("no limit")).collect();
+        assert_eq!(shares.held.lock().unwrap()[&ip], held.len());
     }
 
     #[test]

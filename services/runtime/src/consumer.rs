@@ -552,60 +552,95 @@ pub struct Replayed {
     pub poison: u32,
 }
 
+/// How many messages `queue`'s dead-letter queue holds.
+async fn dead_letter_depth(channel: &lapin::Channel, queue: &str) -> lapin::Result<u32> {
+    let declared = channel
+        .queue_declare(
+            dead_letter_queue(queue).as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
+
+/// Where [`walk_dead_letters`] puts a dead letter it took, with which properties.
+enum Put {
+    /// Back to its queue.
+    Back(lapin::BasicProperties),
+    /// At the dead-letter queue's tail.
+    Keep(lapin::BasicProperties),
+}
+
+/// Takes, one at a time, each message that `queue`'s dead-letter queue holds
+/// when it starts, publishes it (confirmed) where `put` says, then acks it;
+/// returns how many it took. The one walk of the dead letters that
+/// replaying, keeping and inspecting share.
+async fn walk_dead_letters(
+    broker: &Broker,
+    queue: &str,
+    what: &'static str,
+    mut put: impl FnMut(&Delivery) -> Put,
+) -> anyhow::Result<u32> {
+    let channel = broker.confirm_channel().await?;
+    let dead = dead_letter_queue(queue);
+    let result = async {
+        let present = dead_letter_depth(&channel, queue).await?;
+        let mut taken = 0;
+        while taken < present {
+            let Some(message) =
+                channel.basic_get(dead.as_str().into(), lapin::options::BasicGetOptions::default()).await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let (to, props) = match put(&delivery) {
+                Put::Back(props) => (queue, props),
+                Put::Keep(props) => (dead.as_str(), props),
+            };
+            publish_confirmed(&channel, "", to, &delivery.data, props).await?;
+            delivery.ack(BasicAckOptions::default()).await?;
+            taken += 1;
+        }
+        anyhow::Ok(taken)
+    }
+    .await;
+    close_channel(&channel, what).await;
+    result
+}
+
 /// Sends the dead letters of `queue` whose cause is transient back to
 /// `queue`, each at most `max_replays` times (counted in `x-replays`), and
 /// leaves the others where they are (taken and put back at the tail, with
 /// their reason). Looks at most at the messages present when it starts.
 pub async fn replay_transient_dead_letters(broker: &Broker, queue: &str, max_replays: u32) -> anyhow::Result<Replayed> {
-    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-    let channel = broker.confirm_channel().await?;
-    let dead = dead_letter_queue(queue);
-    let result = async {
-        let present = channel
-            .queue_declare(
-                dead.as_str().into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
-        let mut done = Replayed::default();
-        for _ in 0..present {
-            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
-                break;
-            };
-            let delivery = message.delivery;
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let cause = Cause::of(&headers, queue);
-            let replays = count_header(&headers, REPLAYS_HEADER);
-            if cause == Cause::Transient && replays < max_replays {
-                let mut fresh = replay_headers(Some(&headers), false);
-                fresh.insert(REPLAYS_HEADER.into(), AMQPValue::LongLongInt(i64::from(replays + 1)));
-                let props = delivery.properties.clone().with_headers(fresh);
-                publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
-                done.replayed += 1;
-                tracing::info!(queue, replays = replays + 1, "dead letter of a transient cause replayed");
-            } else {
-                let mut kept = headers.clone();
-                if !kept.inner().contains_key("x-dead-letter-reason") {
-                    kept.insert(
-                        "x-dead-letter-reason".into(),
-                        text("the broker gave up on it after its delivery limit (x-death)"),
-                    );
-                }
-                kept.insert(CAUSE_HEADER.into(), text(cause.as_str()));
-                let props = delivery.properties.clone().with_headers(kept);
-                publish_confirmed(&channel, "", &dead, &delivery.data, props).await?;
-                done.kept += 1;
-                done.poison += u32::from(cause == Cause::Poison);
+    let mut done = Replayed::default();
+    walk_dead_letters(broker, queue, "dead letters looked at", |delivery| {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let cause = Cause::of(&headers, queue);
+        let replays = count_header(&headers, REPLAYS_HEADER);
+        if cause == Cause::Transient && replays < max_replays {
+            let mut fresh = replay_headers(Some(&headers), false);
+            fresh.insert(REPLAYS_HEADER.into(), AMQPValue::LongLongInt(i64::from(replays + 1)));
+            done.replayed += 1;
+            tracing::info!(queue, replays = replays + 1, "dead letter of a transient cause replayed");
+            Put::Back(delivery.properties.clone().with_headers(fresh))
+        } else {
+            let mut kept = headers.clone();
+            if !kept.inner().contains_key("x-dead-letter-reason") {
+                kept.insert(
+                    "x-dead-letter-reason".into(),
+                    text("the broker gave up on it after its delivery limit (x-death)"),
+                );
             }
-            delivery.ack(BasicAckOptions::default()).await?;
+            kept.insert(CAUSE_HEADER.into(), text(cause.as_str()));
+            done.kept += 1;
+            done.poison += u32::from(cause == Cause::Poison);
+            Put::Keep(delivery.properties.clone().with_headers(kept))
         }
-        anyhow::Ok(done)
-    }
-    .await;
-    close_channel(&channel, "dead letters looked at").await;
-    result
+    })
+    .await?;
+    Ok(done)
 }
 
 /// A message in a dead-letter queue, as [`inspect_dead_letters`] saw it.
@@ -622,46 +657,26 @@ pub struct DeadLetter {
 /// starts is taken and put back at the tail unchanged (not returned: a
 /// return would count toward the queue's delivery limit).
 pub async fn inspect_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<Vec<DeadLetter>> {
-    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-    let channel = broker.confirm_channel().await?;
-    let dead = dead_letter_queue(queue);
-    let result = async {
-        let present = channel
-            .queue_declare(
-                dead.as_str().into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
-        let mut seen = vec![];
-        for _ in 0..present {
-            let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else {
-                break;
-            };
-            let delivery = message.delivery;
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let reason = match headers.inner().get("x-dead-letter-reason") {
-                Some(AMQPValue::LongString(r)) => r.to_string(),
-                _ if gave_up_by_broker(&headers, queue) => "the broker gave up on it after its delivery limit".into(),
-                _ => "no reason recorded".into(),
-            };
-            let props = &delivery.properties;
-            seen.push(DeadLetter {
-                message_id: props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
-                kind: props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
-                cause: Cause::of(&headers, queue),
-                reason,
-                replays: count_header(&headers, REPLAYS_HEADER),
-            });
-            publish_confirmed(&channel, "", &dead, &delivery.data, delivery.properties.clone()).await?;
-            delivery.ack(BasicAckOptions::default()).await?;
-        }
-        anyhow::Ok(seen)
-    }
-    .await;
-    close_channel(&channel, "dead letters inspected").await;
-    result
+    let mut seen = vec![];
+    walk_dead_letters(broker, queue, "dead letters inspected", |delivery| {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get("x-dead-letter-reason") {
+            Some(AMQPValue::LongString(r)) => r.to_string(),
+            _ if gave_up_by_broker(&headers, queue) => "the broker gave up on it after its delivery limit".into(),
+            _ => "no reason recorded".into(),
+        };
+        let props = &delivery.properties;
+        seen.push(DeadLetter {
+            message_id: props.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            kind: props.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            cause: Cause::of(&headers, queue),
+            reason,
+            replays: count_header(&headers, REPLAYS_HEADER),
+        });
+        Put::Keep(delivery.properties.clone())
+    })
+    .await?;
+    Ok(seen)
 }
 
 /// Replays the dead letters of transient causes every `replay.every`
@@ -677,14 +692,7 @@ async fn replay_loop(broker: Broker, queue: &'static str, replay: Replay, shutdo
         }
         let depth = async {
             let channel = broker.channel().await?;
-            let n = channel
-                .queue_declare(
-                    dead_letter_queue(queue).as_str().into(),
-                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|q| q.message_count());
+            let n = dead_letter_depth(&channel, queue).await;
             close_channel(&channel, "dead letters counted").await;
             n
         };
@@ -734,29 +742,11 @@ async fn replay_loop(broker: Broker, queue: &'static str, replay: Replay, shutdo
 /// retry count, replay count and dead-letter headers removed, once the cause
 /// is fixed. Moves at most the messages present when it starts; returns how many.
 pub async fn replay_dead_letters(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
-    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-    let channel = broker.confirm_channel().await?;
-    let dead = dead_letter_queue(queue);
-    let present = channel
-        .queue_declare(
-            dead.as_str().into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?
-        .message_count();
-    let mut moved = 0;
-    while moved < present {
-        let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions::default()).await? else { break };
-        let delivery = message.delivery;
+    walk_dead_letters(broker, queue, "replayed", |delivery| {
         let headers = replay_headers(delivery.properties.headers().as_ref(), true);
-        let props = delivery.properties.clone().with_headers(headers);
-        publish_confirmed(&channel, "", queue, &delivery.data, props).await?;
-        delivery.ack(BasicAckOptions::default()).await?;
-        moved += 1;
-    }
-    close_channel(&channel, "replayed").await;
-    Ok(moved)
+        Put::Back(delivery.properties.clone().with_headers(headers))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -176,6 +176,7 @@ impl TestApp {
                 smtp_password: None,
                 smtp_ca_file: smtp.ca_file.clone(),
             },
+            web_push: Default::default(),
             addr: String::new(),
             callers: callers.clone(),
         };

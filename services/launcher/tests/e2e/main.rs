@@ -23,3 +23,4 @@ mod slow_clients;
 mod stream_limits;
 mod sweeper;
 mod tokens;
+mod web_push;

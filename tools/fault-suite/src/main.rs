@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::Parser;
 use infra::{AMQP_BALANCER, Balancer, RMQ_PORTS, Replica, Servers};
 use load::{Load, User};
+use order_system::system::{Service, SystemConfig, Wiring};
 use rand::seq::SliceRandom;
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -108,23 +109,23 @@ impl Plan {
     }
 }
 
-const SERVICES: [(&str, &str, u16); 6] = [
-    ("identity", "identity", 24510),
-    ("billing", "billing", 24520),
-    ("ordering", "ordering", 24530),
-    ("notification", "notification", 24540),
-    ("push", "push-service", 24550),
-    ("gateway", "gateway", 24500),
+const SERVICES: [(Service, &str, u16); 6] = [
+    (Service::Identity, "identity", 24510),
+    (Service::Billing, "billing", 24520),
+    (Service::Ordering, "ordering", 24530),
+    (Service::Notification, "notification", 24540),
+    (Service::Push, "push-service", 24550),
+    (Service::Gateway, "gateway", 24500),
 ];
 
-fn balancer_port(service: &str) -> u16 {
+fn balancer_port(service: Service) -> u16 {
     match service {
-        "gateway" => 24480,
-        "identity" => 24481,
-        "billing" => 24482,
-        "ordering" => 24483,
-        "notification" => 24484,
-        _ => 24485,
+        Service::Gateway => 24480,
+        Service::Identity => 24481,
+        Service::Billing => 24482,
+        Service::Ordering => 24483,
+        Service::Notification => 24484,
+        Service::Push => 24485,
     }
 }
 
@@ -213,9 +214,31 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // Every service, two replicas each, behind balancers.
     let amqp = format!("amqp://guest:guest@127.0.0.1:{AMQP_BALANCER}/%2f");
     let pg = servers.postgres_url();
-    let lb_url = |service: &str| format!("http://127.0.0.1:{}", balancer_port(service));
+    let lb_url = |service: Service| format!("http://127.0.0.1:{}", balancer_port(service));
     // The gateway signs who the caller is; every other service verifies it.
     let signer = runtime::auth::AssertionSigner::generate();
+    // One description of the system, rendered as each replica's environment.
+    let mut system = SystemConfig::from_env();
+    system.postgres_url = pg.clone();
+    system.database_prefix.clear();
+    system.messaging.amqp_url = amqp.clone();
+    system.messaging.retry_delays_ms = plan.retry_delays_ms.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    system.gateway_https_addr.clear();
+    system.push_tls_addr.clear();
+    system.mail.mail_dir = dir.join("mail");
+    // Every user of the load registers and logs in from this one address;
+    // the throttles have tests of their own.
+    system.abuse.register_per_address_per_minute = 0;
+    system.abuse.login_per_address_per_minute = 0;
+    // The load is a dozen busy users: the per-user limits (tested on their
+    // own) are off, so every refusal the suite sees is a fault's.
+    system.per_user.orders_per_user_per_minute = 0;
+    system.per_user.deposits_per_user_per_minute = 0;
+    system.per_user.withdrawals_per_user_per_minute = 0;
+    let mut wiring = Wiring::new(&system, signer);
+    for (service, _, _) in SERVICES {
+        wiring.reach(service, lb_url(service));
+    }
     let mut replicas: Vec<Arc<Replica>> = vec![];
     for (service, binary, base) in SERVICES {
         let mut backends = vec![];
@@ -223,52 +246,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let port = base + i;
             let a = addr(port);
             backends.push(a);
-            let mut env: Vec<(String, String)> = vec![
-                ("AMQP_URL".into(), amqp.clone()),
-                ("RETRY_DELAYS_MS".into(), plan.retry_delays_ms.into()),
-                ("RUST_LOG".into(), "info".into()),
-                ("LOG_FORMAT".into(), "json".into()),
-            ];
-            let upper = service.to_uppercase();
-            if service == "gateway" {
-                env.push(("INTERNAL_SIGNING_KEY".into(), signer.private_key_text()));
-            } else {
-                env.push(("INTERNAL_VERIFY_KEY".into(), signer.verify_keys().text()));
-            }
+            let mut wiring = wiring.clone();
+            wiring.listen_at(service, a);
+            let mut env = system.process_env(service, &wiring);
+            env.push(("RUST_LOG".into(), "info".into()));
+            env.push(("LOG_FORMAT".into(), "json".into()));
             match service {
-                "push" => {
-                    env.push(("PUSH_ADDR".into(), a.to_string()));
-                    env.push(("PUSH_TLS_ADDR".into(), String::new()));
-                    env.push(("PUSH_DRAIN_SECS".into(), "2".into()));
+                Service::Push => env.push(("PUSH_DRAIN_SECS".into(), "2".into())),
+                Service::Ordering => {
+                    env.extend(stuck_orders::SWEEPER_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())))
                 }
-                "gateway" => {
-                    env.push(("GATEWAY_ADDR".into(), a.to_string()));
-                    env.push(("GATEWAY_HTTPS_ADDR".into(), String::new()));
-                    for s in ["identity", "billing", "ordering", "notification", "push"] {
-                        env.push((format!("{}_URL", s.to_uppercase()), lb_url(s)));
-                    }
-                }
-                _ => {
-                    env.push((format!("{upper}_ADDR"), a.to_string()));
-                    env.push((format!("{upper}_DATABASE_URL"), format!("{pg}/{service}")));
-                }
+                _ => {}
             }
-            if service == "ordering" {
-                env.extend(stuck_orders::SWEEPER_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            }
-            if service == "notification" {
-                env.push(("MAIL_DIR".into(), dir.join("mail").display().to_string()));
-            }
-            if service == "identity" {
-                // Every user of the load registers and logs in from this one
-                // address; the throttles have tests of their own.
-                env.push(("REGISTER_PER_ADDRESS_PER_MINUTE".into(), "1000000".into()));
-                env.push(("LOGIN_PER_ADDRESS_PER_MINUTE".into(), "1000000".into()));
-            }
-            let label = format!("{service}-{}", ["a", "b"][i as usize]);
+            let label = format!("{}-{}", service.name(), ["a", "b"][i as usize]);
             replicas.push(Replica::new(
                 label.clone(),
-                service,
+                service.name(),
                 a,
                 cli.bin_dir.join(binary),
                 env,
@@ -277,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Balancer::start(addr(balancer_port(service)), backends, stop_all.clone()).await?;
     }
-    let gateway = lb_url("gateway");
+    let gateway = lb_url(Service::Gateway);
     let http = reqwest::Client::new();
     let supervisors = CancellationToken::new();
     let mut handles = vec![];
