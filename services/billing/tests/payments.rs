@@ -12,27 +12,24 @@ use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
 
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-
-/// A billing database of the test's own, migrated as billing does at start,
-/// dropped when the test ends (also when it fails).
-struct TestDb(runtime::data::db::ScratchDatabase);
+/// A billing database of the test's own (in a `test_support` sandbox),
+/// migrated as billing does at start, dropped when the test ends (also when it
+/// fails).
+struct TestDb {
+    pool: PgPool,
+    sandbox: test_support::Sandbox,
+}
 
 impl TestDb {
     async fn new() -> TestDb {
-        let db = runtime::data::db::ScratchDatabase::new(
-            SERVER,
-            "billing_rules",
-            sqlx::migrate!("../../migrations/billing"),
-        );
-        TestDb(db.await.expect("test database"))
+        let sandbox = test_support::Sandbox::without_broker();
+        let pool = sandbox.database("billing", sqlx::migrate!("../../migrations/billing")).await;
+        TestDb { pool, sandbox }
     }
-}
 
-impl std::ops::Deref for TestDb {
-    type Target = runtime::data::db::ScratchDatabase;
-    fn deref(&self) -> &Self::Target {
-        &self.0
+    /// The database's name.
+    fn name(&self) -> String {
+        format!("{}_billing", self.sandbox.prefix)
     }
 }
 

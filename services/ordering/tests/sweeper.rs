@@ -12,27 +12,19 @@ use runtime::Incoming;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-
-/// An ordering database of the test's own, migrated as ordering does at start,
-/// dropped when the test ends (also when it fails).
-struct TestDb(runtime::data::db::ScratchDatabase);
+/// An ordering database of the test's own (in a `test_support` sandbox),
+/// migrated as ordering does at start, dropped when the test ends (also when it
+/// fails).
+struct TestDb {
+    pool: PgPool,
+    _sandbox: test_support::Sandbox,
+}
 
 impl TestDb {
     async fn new() -> TestDb {
-        let db = runtime::data::db::ScratchDatabase::new(
-            SERVER,
-            "ordering_rules",
-            sqlx::migrate!("../../migrations/ordering"),
-        );
-        TestDb(db.await.expect("test database"))
-    }
-}
-
-impl std::ops::Deref for TestDb {
-    type Target = runtime::data::db::ScratchDatabase;
-    fn deref(&self) -> &Self::Target {
-        &self.0
+        let sandbox = test_support::Sandbox::without_broker();
+        let pool = sandbox.database("ordering", sqlx::migrate!("../../migrations/ordering")).await;
+        TestDb { pool, _sandbox: sandbox }
     }
 }
 

@@ -2,7 +2,7 @@
 //! entry whose running sum is the balance, and the audit reports each kind of
 //! broken invariant once it is made to happen in a test's databases.
 
-use crate::helpers::{TestApp, User, drop_database, eventually, postgres_url, rabbitmq_api};
+use crate::helpers::{Sandbox, TestApp, User, eventually, postgres_url, rabbitmq_api};
 use order_system::audit::{self, AuditConfig, Report};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
@@ -142,12 +142,12 @@ async fn concurrent_deposits_withdrawals_and_payments_keep_the_balance_equal_to_
 #[tokio::test]
 async fn existing_accounts_open_the_ledger_with_their_balance() {
     // A billing database as it was before the ledger, with two accounts.
-    let name = format!("t{}_ledger_migration", &Uuid::new_v4().simple().to_string()[..12]);
-    let url = format!("{}/{name}", postgres_url());
+    let sandbox = Sandbox::without_broker();
+    let url = sandbox.database_url("ledger_migration");
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", postgres_url())).await.unwrap();
+    let name = url.rsplit('/').next().unwrap();
     sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.unwrap();
     admin.close().await;
-    let guard = DropDatabase(name.clone());
     let db = sqlx::PgPool::connect(&url).await.unwrap();
     let all = sqlx::migrate!("../../migrations/billing");
     let mut before = sqlx::migrate!("../../migrations/billing");
@@ -170,21 +170,6 @@ async fn existing_accounts_open_the_ledger_with_their_balance() {
             .unwrap();
     assert_eq!(entries, vec![(rich, "opening".into(), "migration".into(), dec("123.45"), dec("123.45"))]);
     db.close().await;
-    drop(guard);
-}
-
-/// Drops a database when the test ends, also when it fails.
-struct DropDatabase(String);
-
-impl Drop for DropDatabase {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(drop_database(&name));
-        })
-        .join()
-        .ok();
-    }
 }
 
 impl TestApp {

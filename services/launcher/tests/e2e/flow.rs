@@ -78,7 +78,7 @@ async fn register_deposit_order_succeed_then_fail() {
     let second = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
     assert_eq!(first.event, "OrderCreated");
     assert_eq!(second.event, "OrderFailed");
-    assert!(!first.id.is_empty() && first.id != second.id);
+    assert!(!first.id().is_empty() && first.id != second.id);
     let data: Value = serde_json::from_str(&first.data).unwrap();
     assert_eq!(data["orderId"], id.as_str());
     assert_eq!(data["status"], "succeeded");

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use test_support::sse::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -107,25 +108,16 @@ async fn client(n: usize, http: reqwest::Client, url: Url, caller: Caller, herd:
         }
         herd.open.fetch_add(1, Ordering::Relaxed);
         let mut body = resp.bytes_stream();
-        let mut buf = String::new();
+        let mut parser = Parser::default();
         while let Some(Ok(chunk)) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut data = None;
-                for line in block.lines() {
-                    match line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))) {
-                        Some(("id", id)) => last_id = Some(id.to_string()),
-                        Some(("retry", ms)) => retry = ms.parse().map(Duration::from_millis).unwrap_or(retry),
-                        Some(("data", d)) => data = Some(d.to_string()),
-                        _ => {}
-                    }
-                }
-                if let Some(order) = data.and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok()) {
+            for event in parser.push(&chunk) {
+                if let Ok(order) = serde_json::from_str::<serde_json::Value>(&event.data) {
                     let order = order["orderId"].as_str().unwrap_or_default().to_string();
                     herd.seen.lock().unwrap().entry(n).or_default().push(order);
                 }
             }
+            last_id = parser.last_event_id().map(str::to_string).or(last_id);
+            retry = parser.retry().unwrap_or(retry);
         }
         herd.open.fetch_sub(1, Ordering::Relaxed);
         tokio::time::sleep(retry).await;

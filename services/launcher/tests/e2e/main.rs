@@ -1,10 +1,12 @@
 //! End-to-end tests of the order system through its gateway, on the real
-//! PostgreSQL, RabbitMQ and an SMTP server (see `helpers`).
+//! PostgreSQL and RabbitMQ, with an SMTP sink (see `app`).
 
 mod abuse;
 mod api;
+mod app;
 mod assertions;
 mod audit;
+mod client;
 mod contract;
 mod deploy;
 mod flow;
@@ -13,7 +15,6 @@ mod herd;
 mod hostile;
 mod messaging;
 mod metrics;
-mod outage;
 mod page;
 mod polling;
 mod push;
@@ -22,5 +23,4 @@ mod slow_clients;
 mod stream_limits;
 mod sweeper;
 mod tokens;
-mod transport;
 mod web_push;

@@ -115,7 +115,7 @@ async fn a_long_poll_is_answered_by_the_settlement_on_another_replica() {
         let req = app.http.get(&url).bearer_auth(&user.token).header("Prefer", "wait=30").header(IF_NONE_MATCH, &tag);
         async move { req.send().await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.long_polls_waiting(1).await;
     assert!(!poll.is_finished(), "the long poll waits while the order is pending");
     held.commit().await.unwrap();
     let r = poll.await.unwrap();
@@ -147,7 +147,7 @@ async fn waiting_long_polls_end_cleanly_on_shutdown() {
             .header("Prefer", "wait=30")
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.long_polls_waiting(1).await;
     assert!(!poll.is_finished());
     app.begin_shutdown();
     let r = tokio::time::timeout(Duration::from_secs(20), poll).await.expect("answered on shutdown").unwrap().unwrap();

@@ -104,7 +104,7 @@ pub(crate) async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, or
     for order in orders {
         let e = next(rx).await;
         assert_eq!(order_of(&e), *order, "{e:?}");
-        let id: u64 = e.id.parse().expect("numeric id");
+        let id: u64 = e.id().parse().expect("numeric id");
         assert!(id > last, "ids increase: {id} after {last}");
         last = id;
     }
@@ -139,8 +139,8 @@ async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
     let missed_fail = settled_order(&app, &user, 1000).await;
     let missed_ok = settled_order(&app, &user, 20).await;
 
-    let mut stream = gateway_stream(&app, &user, Some(&e.id)).await;
-    let last = expect_orders(&mut stream, &[&missed_fail, &missed_ok], &e.id).await;
+    let mut stream = gateway_stream(&app, &user, Some(e.id())).await;
+    let last = expect_orders(&mut stream, &[&missed_fail, &missed_ok], e.id()).await;
     // Then live, with nothing replayed twice.
     let live = settled_order(&app, &user, 30).await;
     expect_orders(&mut stream, &[&live], &last).await;
@@ -156,9 +156,9 @@ async fn a_first_connection_resumes_from_the_last_event_id_query_parameter() {
     drop(stream);
     let missed = settled_order(&app, &user, 11).await;
 
-    let resp = app.http.get(app.url(&format!("/push/orders?lastEventId={}", e.id))).bearer_auth(&user.token);
+    let resp = app.http.get(app.url(&format!("/push/orders?lastEventId={}", e.id()))).bearer_auth(&user.token);
     let mut stream = sse_events(resp.send().await.unwrap());
-    expect_orders(&mut stream, &[&missed], &e.id).await;
+    expect_orders(&mut stream, &[&missed], e.id()).await;
     app.stop().await;
 }
 
@@ -173,14 +173,14 @@ async fn a_stream_dropped_before_its_first_event_misses_nothing() {
     let resp = app.http.get(app.url("/push/orders")).bearer_auth(&user.token).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.bytes_stream();
-    let mut text = String::new();
-    while !text.contains("\n\n") {
+    let mut parser = test_support::sse::Parser::default();
+    let id = loop {
         let chunk = tokio::time::timeout(WAIT, body.next()).await.expect("data in time").unwrap().unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    let first = text.split("\n\n").next().unwrap();
-    let id = first.lines().find_map(|l| l.strip_prefix("id: ")).unwrap_or_else(|| panic!("no id in {first:?}"));
-    let id = id.to_string();
+        assert_eq!(parser.push(&chunk), vec![], "no event yet");
+        if let Some(id) = parser.last_event_id() {
+            break id.to_string();
+        }
+    };
     drop(body);
 
     let missed = settled_order(&app, &user, 10).await; // fails: no money
@@ -198,16 +198,19 @@ async fn streams_go_on_after_the_broker_closes_the_push_services_connection() {
     let user = app.user().await;
     let (mut stream, e, _) = stream_with_one_event(&app, &user, 10).await; // fails: no money
 
-    // Closed while the reader is busy (a burst of another user's events).
+    // Closed while the reader is busy: a burst of another user's events has
+    // begun to reach that user's stream.
     let push = broker_connections(&app.vhost.name, "push").await;
-    let burst = publish_orders(&app, uuid::Uuid::new_v4(), 3000);
+    let bob = app.user().await;
+    let mut bobs = gateway_stream(&app, &bob, None).await;
+    let burst = publish_orders(&app, bob.id, 3000);
     let close = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        next(&mut bobs).await;
         close_broker_connections(&push).await;
     };
     tokio::join!(burst, close);
     let after = settled_order(&app, &user, 11).await;
-    expect_orders(&mut stream, &[&after], &e.id).await;
+    expect_orders(&mut stream, &[&after], e.id()).await;
     app.stop().await;
 }
 
@@ -227,8 +230,8 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let missed = settled_order(&app, &alice, 20).await;
     settled_order(&app, &bob, 5).await; // bob's: never on alice's stream
     let replica = Replica::start(&app, |c| c.recent_events = 0).await;
-    let mut stream = replica.subscribe(&alice, Some(&e.id)).await;
-    let last = expect_orders(&mut stream, &[&missed], &e.id).await;
+    let mut stream = replica.subscribe(&alice, Some(e.id())).await;
+    let last = expect_orders(&mut stream, &[&missed], e.id()).await;
     assert_eq!(replica.stats().await["replaysFromStream"], 1);
     let live = settled_order(&app, &alice, 30).await;
     let last = expect_orders(&mut stream, &[&live], &last).await;
@@ -274,7 +277,7 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
     let e = next(&mut stream).await;
     assert_eq!(order_of(&e), old);
     drop(stream);
-    let before: u64 = e.id.parse::<u64>().unwrap() - 1;
+    let before: u64 = e.id().parse::<u64>().unwrap() - 1;
 
     // Other users' orders fill new segments until the old ones are dropped;
     // then resuming from before the old event says the history is gone.
@@ -285,7 +288,7 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
         (e.event == "reset").then_some(e)
     })
     .await;
-    let id: u64 = reset.id.parse().unwrap();
+    let id: u64 = reset.id().parse().unwrap();
     assert!(id > before, "the reset moves the id past the gap");
     let data: Value = serde_json::from_str(&reset.data).unwrap();
     assert_eq!(data["lastEventId"], before);
@@ -554,7 +557,7 @@ async fn falls_behind_and_resumes(app: &TestApp, recent_events: usize) {
     let mut last_id = start.to_string();
     while let Some(e) = tokio::time::timeout(WAIT, stream.recv()).await.expect("the stream ends") {
         seen.push(order_of(&e));
-        last_id = e.id;
+        last_id = e.id().to_string();
     }
     assert!(seen.len() < total, "closed after {} of {total}", seen.len());
     assert_eq!(seen[..], orders[..seen.len()]);
@@ -726,12 +729,12 @@ async fn an_order_event_published_twice_reaches_the_stream_once() {
     let (order, again) = (order.to_string(), again.to_string());
     let first = next(&mut live).await;
     assert_eq!(order_of(&first), order);
-    let before: u64 = first.id.parse::<u64>().unwrap() - 1;
-    expect_orders(&mut live, &[&again], &first.id).await;
+    let before: u64 = first.id().parse::<u64>().unwrap() - 1;
+    expect_orders(&mut live, &[&again], first.id()).await;
 
     // A later order is the next event everywhere: nothing in between.
     let mut later = publish_orders(&app, user.id, 1).await;
-    expect_orders(&mut live, &[&later[0]], &first.id).await;
+    expect_orders(&mut live, &[&later[0]], first.id()).await;
     drop(live);
 
     // Resumes on the same replica (from memory), on one that keeps nothing
@@ -747,8 +750,8 @@ async fn an_order_event_published_twice_reaches_the_stream_once() {
         let e = tokio::time::timeout(Duration::from_millis(500), resumed.recv()).await;
         assert!(e.is_err(), "resume from {name}: nothing more, got {e:?}");
         // Resuming just after the first copy: the second is not sent either.
-        let mut resumed = r.subscribe(&user, Some(&first.id)).await;
-        expect_orders(&mut resumed, &[&again], &first.id).await;
+        let mut resumed = r.subscribe(&user, Some(first.id())).await;
+        expect_orders(&mut resumed, &[&again], first.id()).await;
     }
     assert_eq!(replica.stats().await["replaysFromMemory"], 2);
     assert_eq!(from_stream.stats().await["replaysFromStream"], 2);

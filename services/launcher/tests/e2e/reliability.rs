@@ -2,13 +2,13 @@
 //! services on a proxied PostgreSQL or RabbitMQ that the test cuts or stalls.
 
 use crate::helpers::{eventually, eventually_counts};
-use crate::outage::{Link, Sandbox, TcpProxy};
 use contracts::messages::{CreatePayment, Message, exchange};
 use lapin::options::QueueDeclareOptions;
 use reqwest::StatusCode;
 use runtime::MessagingConfig;
 use serde_json::Value;
 use std::time::Duration;
+use test_support::{Link, Sandbox, TcpProxy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -92,7 +92,7 @@ async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::
 async fn while_the_database_is_away_requests_get_503_with_retry_after_and_service_resumes() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
     let http = reqwest::Client::new();
     let user = Uuid::new_v4();
     assert_eq!(account(&http, &billing.url, user).await.status(), StatusCode::OK);
@@ -151,7 +151,7 @@ pub async fn publish(amqp_url: &str, exchange: &str, kind: &str, body: &[u8]) {
 async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_being_dead_lettered() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
 
     pg.set(Link::Cut);
     let payments: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
@@ -161,8 +161,14 @@ async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_bei
                 .unwrap();
         publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
     }
-    // Many times the whole retry schedule (50 ms + 150 ms).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Paused, and for longer than the whole retry schedule (50 ms + 150 ms):
+    // the consumer's polls of the database are refused from 100 ms apart, doubling.
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), || async {
+        let paused = service_metric(&http, &billing.url, "consumer_paused", "queue=\"billing.payments\"").await;
+        (paused == 1.0 && pg.refused() >= 4).then_some(())
+    })
+    .await;
     assert_eq!(depth(&s.amqp_url, "billing.payments.dead").await, 0, "nothing dead-lettered for an absent database");
 
     pg.set(Link::Open);
@@ -201,7 +207,7 @@ async fn service_metric(http: &reqwest::Client, service: &str, name: &str, label
 async fn a_database_outage_spends_no_delivery_of_a_queue_with_a_low_delivery_limit() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(s.proxied_database_url("billing", &pg), &s.amqp_url).await;
+    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
     s.lower_delivery_limit("^billing\\.payments$", 0, "billing.payments").await;
     let http = reqwest::Client::new();
     let queue = "queue=\"billing.payments\"";
@@ -352,168 +358,6 @@ async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details()
     billing.stop().await.unwrap();
 }
 
-// The outbox relay: refused rows are parked and stay out of the way, confirms
-// are bounded, and no transaction is open while the broker is waited for.
-
-async fn outbox_db(s: &Sandbox) -> sqlx::PgPool {
-    runtime::data::db::connect(&s.database_url("outbox"), sqlx::migrate!("../../migrations/ordering")).await.unwrap()
-}
-
-/// A row as a service would write it, to `exchange`/`routing_key`.
-async fn outbox_row(db: &sqlx::PgPool, exchange: &str, routing_key: &str, attempts: i32) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, payload, attempts)
-         VALUES ($1, $2, $3, 'OrderCreated', '{}'::jsonb, $4) RETURNING id",
-    )
-    .bind(Uuid::now_v7())
-    .bind(exchange)
-    .bind(routing_key)
-    .bind(attempts)
-    .fetch_one(db)
-    .await
-    .unwrap()
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct OutboxState {
-    sent: bool,
-    parked_reason: Option<String>,
-    last_error: Option<String>,
-    refusals: i32,
-}
-
-async fn outbox_state(db: &sqlx::PgPool, id: i64) -> OutboxState {
-    sqlx::query_as("SELECT sent_at IS NOT NULL AS sent, parked_reason, last_error, refusals FROM outbox WHERE id = $1")
-        .bind(id)
-        .fetch_one(db)
-        .await
-        .unwrap()
-}
-
-fn start_relay(db: &sqlx::PgPool, amqp_url: &str, park_after: u32) -> CancellationToken {
-    runtime::metrics::handle(); // the recorder, before anything is counted
-    let shutdown = CancellationToken::new();
-    let relay =
-        runtime::messaging::outbox::Relay::new(db.clone(), runtime::Broker::new(amqp_url), Duration::from_millis(100))
-            .confirm_timeout(Duration::from_secs(1))
-            .refused_backoff(Duration::from_millis(500), Duration::from_secs(2))
-            .park_after(park_after);
-    tokio::spawn(relay.run(shutdown.clone()));
-    shutdown
-}
-
-fn metric(name: &str) -> f64 {
-    let text = runtime::metrics::handle().render();
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
-#[tokio::test]
-async fn a_message_returned_unroutable_is_parked_with_its_reason_and_goes_out_by_itself_once_routable() {
-    let s = Sandbox::new().await;
-    let db = outbox_db(&s).await;
-    let stop = start_relay(&db, &s.amqp_url, 2);
-    // Nothing is bound to this key: the broker returns the mandatory publish.
-    let unroutable = outbox_row(&db, exchange::ORDERING, "Nobody.Listens", 0).await;
-    let routable = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
-
-    eventually(Duration::from_secs(10), || async { outbox_state(&db, routable).await.sent.then_some(()) }).await;
-    let parked = eventually(Duration::from_secs(15), || async {
-        let state = outbox_state(&db, unroutable).await;
-        state.parked_reason.is_some().then_some(state)
-    })
-    .await;
-    assert!(!parked.sent);
-    assert!(parked.refusals >= 2, "{parked:?}");
-    assert!(parked.parked_reason.unwrap().contains("returned"), "reason kept");
-    assert!(metric("outbox_messages_parked_total") >= 1.0);
-    // The cause fixed (a queue bound to the key), no SQL run: the relay tries
-    // the parked row again after its capped delay, and it goes out.
-    let broker = runtime::Broker::new(&s.amqp_url);
-    let ch = broker.channel().await.unwrap();
-    ch.queue_declare("test.listens".into(), QueueDeclareOptions::default(), Default::default()).await.unwrap();
-    ch.queue_bind(
-        "test.listens".into(),
-        exchange::ORDERING.into(),
-        "Nobody.Listens".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(30), || async { outbox_state(&db, unroutable).await.sent.then_some(()) }).await;
-    broker.close().await;
-    stop.cancel();
-    db.close().await;
-}
-
-#[tokio::test]
-async fn a_message_nacked_by_a_full_queue_is_parked_even_after_many_attempts_and_does_not_jam_the_batch() {
-    let s = Sandbox::new().await;
-    let db = outbox_db(&s).await;
-    // A queue that holds one message and refuses more (the broker nacks).
-    let broker = runtime::Broker::new(&s.amqp_url);
-    let ch = broker.confirm_channel().await.unwrap();
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(1));
-    args.insert("x-overflow".into(), lapin::types::AMQPValue::LongString("reject-publish".into()));
-    ch.queue_declare("test.full".into(), QueueDeclareOptions::default(), args).await.unwrap();
-    ch.queue_bind("test.full".into(), exchange::ORDERING.into(), "Full".into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    publish(&s.amqp_url, exchange::ORDERING, "Full", b"{}").await;
-
-    // 50 attempts already: a delay computed in SQL as 1 s * 2^50 overflows.
-    let nacked = outbox_row(&db, exchange::ORDERING, "Full", 50).await;
-    let behind = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
-    let stop = start_relay(&db, &s.amqp_url, 1);
-    eventually(Duration::from_secs(10), || async { outbox_state(&db, behind).await.sent.then_some(()) }).await;
-    let state = eventually(Duration::from_secs(10), || async {
-        let state = outbox_state(&db, nacked).await;
-        state.parked_reason.is_some().then_some(state)
-    })
-    .await;
-    assert!(!state.sent);
-    assert!(state.parked_reason.unwrap().contains("nack"), "reason kept");
-    stop.cancel();
-    broker.close().await;
-    db.close().await;
-}
-
-#[tokio::test]
-async fn a_confirm_that_never_comes_times_out_without_a_transaction_held_and_the_message_goes_out_later() {
-    let s = Sandbox::new().await;
-    let db = outbox_db(&s).await;
-    let amqp = TcpProxy::before(&s.amqp_url).await;
-    let stop = start_relay(&db, &amqp.url(&s.amqp_url), 3);
-    // Connected and idle.
-    let first = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
-    eventually(Duration::from_secs(10), || async { outbox_state(&db, first).await.sent.then_some(()) }).await;
-
-    amqp.set(Link::Stalled);
-    let row = outbox_row(&db, exchange::ORDERING, "OrderCreated", 0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(open, 0, "no transaction open while the relay waits for the broker");
-    let state = eventually(Duration::from_secs(10), || async {
-        let state = outbox_state(&db, row).await;
-        state.last_error.is_some().then_some(state)
-    })
-    .await;
-    assert!(state.last_error.unwrap().contains("confirm"), "timed out waiting for the confirm");
-    assert!(!state.sent);
-    assert_eq!(state.refusals, 0, "a silent broker is not a refusal");
-
-    amqp.set(Link::Open);
-    eventually(Duration::from_secs(30), || async { outbox_state(&db, row).await.sent.then_some(()) }).await;
-    stop.cancel();
-    db.close().await;
-}
-
 #[tokio::test]
 async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration() {
     let s = Sandbox::new().await;
@@ -554,25 +398,6 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
     billing.stop().await.unwrap();
 }
 
-// Shutdown always ends; a broker that never answers is given up on and retried.
-
-#[tokio::test]
-async fn a_broker_that_accepts_and_never_answers_is_given_up_on_and_retried() {
-    let silent = crate::outage::SilentListener::start().await;
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", silent.port);
-    let broker = runtime::Broker::with_timeout("test", url, Duration::from_millis(300));
-    let shutdown = CancellationToken::new();
-    let waiting = tokio::spawn({
-        let (broker, shutdown) = (broker.clone(), shutdown.clone());
-        async move { broker.wait_for_channel(false, &shutdown).await.is_some() }
-    });
-    eventually(Duration::from_secs(10), || async { (silent.accepted() >= 3).then_some(()) }).await;
-    assert!(!broker.is_connected());
-    shutdown.cancel();
-    let connected = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("gave up on shutdown").unwrap();
-    assert!(!connected);
-}
-
 /// Loopback ports `base..=base+5` free at the time of asking (the launcher's
 /// gateway port and the five after it).
 fn free_port_block() -> u16 {
@@ -586,13 +411,13 @@ fn free_port_block() -> u16 {
 
 #[tokio::test]
 async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_broker_hang() {
-    let s = Sandbox::without_broker().await;
+    let s = Sandbox::without_broker();
     for name in crate::helpers::SERVICES_WITH_DB {
         s.database_url(name); // dropped with the sandbox
     }
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
     // A broker that accepts connections and never answers.
-    let broker = crate::outage::SilentListener::start().await;
+    let broker = test_support::SilentListener::start().await;
     let base = free_port_block();
     let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
     let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
@@ -642,7 +467,7 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
 
 #[tokio::test]
 async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_pruned_on_a_schedule() {
-    let s = Sandbox::without_broker().await;
+    let s = Sandbox::without_broker();
     let shutdown = CancellationToken::new();
     let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
     // Notification runs no outbox relay, and still prunes its inbox.
@@ -781,62 +606,33 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
 // The mailer: permanent failures end, temporary ones are retried, no
 // transaction is held across SMTP.
 
-/// An SMTP server (aiosmtpd) that answers by the recipient's local part:
-/// `refused…` 550, `later…` 451 twice then accepts, `temp…` always 451,
-/// `slow…` accepts after 3 s; others are accepted. Accepted mail is recorded
-/// as a file named after the recipient.
-const PICKY_SMTP: &str = r#"
-import asyncio, os, sys
-from aiosmtpd.controller import Controller
-port, out = int(sys.argv[1]), sys.argv[2]
-seen = {}
-class Picky:
-    async def handle_RCPT(self, server, session, envelope, address, options):
-        local = address.split("@")[0]
-        if local.startswith("refused"):
-            return "550 5.1.1 no such mailbox"
-        if local.startswith("temp"):
-            return "451 4.3.0 try again later"
-        if local.startswith("later"):
-            seen[address] = seen.get(address, 0) + 1
-            if seen[address] <= 2:
-                return "451 4.3.0 try again later"
-        if local.startswith("slow"):
-            await asyncio.sleep(3)
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-    async def handle_DATA(self, server, session, envelope):
-        for rcpt in envelope.rcpt_tos:
-            with open(os.path.join(out, rcpt), "a") as f:
-                f.write("delivered\n")
-        return "250 OK"
-controller = Controller(Picky(), hostname="127.0.0.1", port=port)
-controller.start()
-asyncio.get_event_loop().run_forever()
-"#;
+/// The SMTP sink's answers by the recipient's local part: `refused…` 550,
+/// `later…` 451 twice then accepted, `temp…` always 451, `slow…` held until
+/// the test releases it; others accepted.
+fn picky(recipient: &str, attempt: u32) -> test_support::Rcpt {
+    use test_support::Rcpt;
+    let later = || Rcpt::Reply("451 4.3.0 try again later".into());
+    match recipient.split('@').next().unwrap_or_default() {
+        l if l.starts_with("refused") => Rcpt::Reply("550 5.1.1 no such mailbox".into()),
+        l if l.starts_with("temp") => later(),
+        l if l.starts_with("later") && attempt <= 2 => later(),
+        l if l.starts_with("slow") => Rcpt::Hold,
+        _ => Rcpt::Accept,
+    }
+}
 
 #[tokio::test]
 async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no_transaction_across_smtp() {
-    let s = Sandbox::without_broker().await;
-    let out = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
-    std::fs::create_dir_all(&out).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _smtp = tokio::process::Command::new("python3")
-        .args(["-c", PICKY_SMTP, &port.to_string(), out.to_str().unwrap()])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 with aiosmtpd");
-    eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
-    .await;
+    let s = Sandbox::without_broker();
+    let out = s.dir("mail");
+    let smtp = test_support::SmtpSink::with_rule(picky).await;
 
     let shutdown = CancellationToken::new();
     let config = notification::Config {
         database_url: s.database_url("notification"),
         messaging: messaging(&s.amqp_url),
         mail: notification::MailConfig {
-            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+            smtp_url: Some(smtp.url()),
             mail_dir: out.join("unused"),
             mail_from: "Order System <orders@localhost>".into(),
             emails_per_recipient_per_hour: 0,
@@ -892,7 +688,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     }
 
     // While the slow server holds a send, no transaction is open.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    smtp.holding(1).await;
     let open: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
     )
@@ -900,6 +696,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     .await
     .unwrap();
     assert_eq!(open, 0, "no transaction held across an SMTP send");
+    smtp.release();
 
     #[derive(Debug, sqlx::FromRow)]
     struct Delivery {
@@ -931,7 +728,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     let later = delivery("later").await;
     assert_eq!(later.attempts, 3, "two 451s, then sent: {later:?}");
     for local in ["later", "fine", "slow"] {
-        assert!(out.join(&ids[local].1).exists(), "{local} delivered");
+        assert!(smtp.delivered_to(&ids[local].1), "{local} delivered");
     }
     let refused = delivery("refused").await;
     assert!(!refused.sent);
@@ -942,15 +739,16 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     assert!(!temp.sent && temp.failed_reason.is_none(), "{temp:?}");
     assert!(temp.last_error.as_deref().unwrap_or_default().contains("451"), "{temp:?}");
     assert!((3000.0..=3601.0).contains(&temp.retry_in), "capped at an hour: {temp:?}");
-    // Permanent failures are not tried again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Permanent failures are not tried again: `later` was retried twice
+    // (each after a backoff) since they failed.
+    assert_eq!(smtp.attempts(&ids["later"].1), 3);
+    assert_eq!(smtp.attempts(&ids["refused"].1), 1);
     assert_eq!(delivery("refused").await.attempts, 1);
     assert_eq!(delivery("a..b").await.attempts, 1);
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
     db.close().await;
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// A service whose database is away when it starts does not exit: it waits
@@ -967,7 +765,7 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let config = billing::Config {
-            database_url: s.proxied_database_url("billing", &pg),
+            database_url: pg.url(&s.database_url("billing")),
             messaging: messaging(&s.amqp_url),
             idempotency: Default::default(),
             limits: Default::default(),
@@ -979,8 +777,8 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
     };
     let http = reqwest::Client::new();
     let (url, shutdown, task) = start().await;
-    // Several attempts' worth (0.25 + 0.5 + 1 + 2 s).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Several attempts refused (0.25 + 0.5 + 1 s apart).
+    eventually(Duration::from_secs(20), || async { (pg.refused() >= 4).then_some(()) }).await;
     assert!(!task.is_finished(), "the service exited: {:?}", task.await);
     let live = http.get(format!("{url}/health/live")).send().await.unwrap();
     assert_eq!(live.status(), StatusCode::OK);
@@ -1005,8 +803,9 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
 
     // Stopped while it still waits: it ends at once.
     pg.set(Link::Cut);
+    let refused = pg.refused();
     let (_, shutdown, task) = start().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(Duration::from_secs(20), || async { (pg.refused() > refused).then_some(()) }).await;
     assert!(!task.is_finished());
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(5), task).await.expect("ended at once").unwrap();
@@ -1045,12 +844,16 @@ async fn a_consumer_the_broker_refuses_reconnects_with_backoff() {
     })
     .await;
     let before = reconnects(&http, &billing.url, queue).await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let tries = reconnects(&http, &billing.url, queue).await - before;
-    // Backoff from 0.5 s doubling: at most 0.5 + 1 + 2 + 4 s fit into 8 s;
-    // a fixed 0.5 s pause would make about 15.
-    assert!(tries >= 1.0, "it kept trying: {tries}");
-    assert!(tries <= 5.0, "{tries} reconnections in 8 s: no backoff");
+    let started = std::time::Instant::now();
+    // It keeps trying: three more reconnections. Backoff from 0.5 s doubling
+    // puts at least 1 + 2 s between them (two whole pauses after the first);
+    // a fixed 0.5 s pause would take 1 s.
+    eventually(Duration::from_secs(30), || async {
+        (reconnects(&http, &billing.url, queue).await >= before + 3.0).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500), "three reconnections in {took:?}: no backoff");
 
     // The queue declared again (any new connection declares the topology),
     // a payment request published: billing consumes it.

@@ -53,23 +53,23 @@ async fn a_resume_from_further_back_than_the_replay_bound_gets_a_reset_and_conti
     let missed = publish_orders(&app, alice.id, 1).await;
     eventually(WAIT, || async {
         let position = replica.stats().await["position"].as_u64()?;
-        (position >= seen.id.parse::<u64>().unwrap() + 11).then_some(())
+        (position >= seen.id().parse::<u64>().unwrap() + 11).then_some(())
     })
     .await;
-    let mut stream = replica.subscribe(&alice, Some(&seen.id)).await;
+    let mut stream = replica.subscribe(&alice, Some(seen.id())).await;
     let reset = next(&mut stream).await;
     assert_eq!(reset.event, push_service::RESET, "{reset:?}");
     let data: Value = serde_json::from_str(&reset.data).unwrap();
     assert!(data["reason"].as_str().unwrap().contains("too far back"), "{data}");
-    assert_eq!(data["lastEventId"].as_u64(), seen.id.parse().ok());
-    assert!(reset.id.parse::<u64>().unwrap() > seen.id.parse::<u64>().unwrap());
+    assert_eq!(data["lastEventId"].as_u64(), seen.id().parse().ok());
+    assert!(reset.id().parse::<u64>().unwrap() > seen.id().parse::<u64>().unwrap());
     // Then live.
     let live = publish_orders(&app, alice.id, 1).await;
     let e = next(&mut stream).await;
     assert_eq!(order_of(&e), live[0], "not the missed {}", missed[0]);
 
     // Within the bound, the missed events are replayed as before.
-    let mut stream = replica.subscribe(&alice, Some(&(e.id.parse::<u64>().unwrap() - 1).to_string())).await;
+    let mut stream = replica.subscribe(&alice, Some(&(e.id().parse::<u64>().unwrap() - 1).to_string())).await;
     assert_eq!(order_of(&next(&mut stream).await), live[0]);
     replica.stop().await;
     app.stop().await;

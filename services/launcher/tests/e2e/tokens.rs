@@ -37,10 +37,11 @@ async fn a_gateway_that_cannot_load_revocations_refuses_tokens_and_is_not_ready(
     let alice = app.user().await;
     let bob = app.user().await;
     // A second gateway that reaches identity through a proxy the test cuts.
-    let proxy = CuttableProxy::start(&app.identity).await;
+    let proxy = TcpProxy::before(&app.identity).await;
+    let proxied = proxy.url(&app.identity);
     let gateway = app
         .gateway_with(|c| {
-            c.identity_url = proxy.url.clone();
+            c.identity_url = proxied;
             c.verifier = strict();
         })
         .await;
@@ -51,7 +52,7 @@ async fn a_gateway_that_cannot_load_revocations_refuses_tokens_and_is_not_ready(
 
     // Identity is out of its reach; meanwhile alice logs out (through the
     // first gateway, so identity records it).
-    proxy.cut();
+    proxy.set(Link::Cut);
     let r = app.post(&alice, "/identity/logout", json!({})).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     eventually(WAIT, || async {
@@ -69,7 +70,7 @@ async fn a_gateway_that_cannot_load_revocations_refuses_tokens_and_is_not_ready(
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     // Back in reach: ready again, the logged-out token refused, the other accepted.
-    proxy.restore();
+    proxy.set(Link::Open);
     eventually(WAIT, || async { (status_of(&app.http, &ready).await == StatusCode::OK).then_some(()) }).await;
     let r = app.http.get(&account).bearer_auth(&alice.token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
@@ -82,9 +83,9 @@ async fn a_gateway_that_cannot_load_revocations_refuses_tokens_and_is_not_ready(
 async fn a_push_replica_that_cannot_load_revocations_refuses_streams_and_is_not_ready() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
-    let proxy = CuttableProxy::start(&app.identity).await;
+    let proxy = TcpProxy::before(&app.identity).await;
     let replica = Replica::start(&app, |c| {
-        c.identity_url = Some(proxy.url.clone());
+        c.identity_url = Some(proxy.url(&app.identity));
         c.verifier = strict();
     })
     .await;
@@ -99,12 +100,12 @@ async fn a_push_replica_that_cannot_load_revocations_refuses_streams_and_is_not_
     drop(resp);
     assert_eq!(status_of(&http, &ready).await, StatusCode::OK);
 
-    proxy.cut();
+    proxy.set(Link::Cut);
     eventually(WAIT, || async { (status_of(&http, &ready).await == StatusCode::SERVICE_UNAVAILABLE).then_some(()) })
         .await;
     assert_unjudgeable(http.get(&orders).bearer_auth(&alice.token).send().await.unwrap()).await;
 
-    proxy.restore();
+    proxy.set(Link::Open);
     eventually(WAIT, || async { (status_of(&http, &ready).await == StatusCode::OK).then_some(()) }).await;
     let r = http.get(&orders).bearer_auth(&alice.token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -147,8 +148,8 @@ async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
     // A fresh token resumes from the last id: nothing missed.
     let user = login_again(&app, &user).await;
     let missed = settled_order(&app, &user, 11).await;
-    let mut stream = gateway_stream(&app, &user, Some(&seen.id)).await;
-    expect_orders(&mut stream, &[&missed], &seen.id).await;
+    let mut stream = gateway_stream(&app, &user, Some(seen.id())).await;
+    expect_orders(&mut stream, &[&missed], seen.id()).await;
     app.stop().await;
 }
 
@@ -206,8 +207,8 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
 
     let user = login_again(&app, &user).await;
     let missed = settled_order(&app, &user, 11).await;
-    let mut stream = gateway_stream(&app, &user, Some(&seen.id)).await;
-    expect_orders(&mut stream, &[&missed], &seen.id).await;
+    let mut stream = gateway_stream(&app, &user, Some(seen.id())).await;
+    expect_orders(&mut stream, &[&missed], seen.id()).await;
     // The replica opens a stream for the fresh token too (sse_events checks the 200).
     drop(sse_events(direct(&user.token).await.unwrap()));
     replica.stop().await;

@@ -330,7 +330,7 @@ impl WebPushService {
         };
         tweak(&mut web_push);
         let config = notification::Config {
-            database_url: format!("{}/{}_notification", postgres_url(), app.prefix),
+            database_url: app.sandbox.database_url("notification"),
             messaging: runtime::MessagingConfig {
                 retry_delays_ms: vec![100, 300],
                 outbox_poll_ms: 100,
@@ -338,8 +338,8 @@ impl WebPushService {
             },
             limits: Default::default(),
             mail: notification::MailConfig {
-                smtp_url: Some(format!("smtp://127.0.0.1:{}", app.smtp.port)),
-                mail_dir: app.smtp.dir.join("unused"),
+                smtp_url: Some(app.smtp.url()),
+                mail_dir: app.sandbox.dir("mail").join("unused"),
                 mail_from: "Order System <orders@localhost>".into(),
                 emails_per_recipient_per_hour: 0,
                 smtp_username: None,

@@ -268,44 +268,6 @@ impl Wakeup {
     }
 }
 
-/// A database of its own on `server` (e.g. `postgres://postgres@127.0.0.1:5432`),
-/// created and migrated as a service does at start and dropped when this
-/// value is (also when a test panics): for tests of a service's rules at their
-/// own level.
-pub struct ScratchDatabase {
-    server: String,
-    name: String,
-    pub pool: PgPool,
-}
-
-impl ScratchDatabase {
-    pub async fn new(server: &str, prefix: &str, migrations: Migrator) -> anyhow::Result<Self> {
-        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-        let pool = connect(&format!("{server}/{name}"), migrations).await?;
-        Ok(ScratchDatabase { server: server.to_owned(), name, pool })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for ScratchDatabase {
-    fn drop(&mut self) {
-        let (server, name) = (self.server.clone(), self.name.clone());
-        // Drop runs outside any runtime (or inside one that is ending): a
-        // thread of its own with a runtime of its own does the drop.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                let pool = PgPool::connect(&format!("{server}/postgres")).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&pool).await.ok()
-            })
-        })
-        .join();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,12 +2,11 @@
 //! loopback in front of the real RabbitMQ, and `sslmode` against the real
 //! PostgreSQL (which speaks TLS) and against a server that does not.
 
-use crate::helpers::{clean_up_blocking, create_vhost, postgres_url};
 use runtime::auth::tls::TestAuthority;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use test_support::Sandbox;
 use tokio::net::{TcpListener, TcpStream};
-use uuid::Uuid;
 
 /// Terminates TLS (the authority's server certificate for `localhost`) on a
 /// loopback port and passes the bytes on to `upstream`: a broker with TLS.
@@ -58,27 +57,12 @@ impl TlsTerminator {
     }
 }
 
-/// A vhost of one test, deleted when dropped.
-struct Vhost(String);
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        clean_up_blocking(vec![], Some(self.0.clone()), None);
-    }
-}
-
-async fn vhost() -> Vhost {
-    let name = format!("tls{}", &Uuid::new_v4().simple().to_string()[..12]);
-    create_vhost(&name).await;
-    Vhost(name)
-}
-
 #[tokio::test]
 async fn an_amqps_url_connects_to_the_broker_over_tls() {
     let authority = runtime::auth::tls::test_authority().unwrap();
     let terminator = TlsTerminator::start(&authority, "127.0.0.1:5672").await;
-    let vhost = vhost().await;
-    let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, vhost.0);
+    let sandbox = Sandbox::new().await;
+    let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, sandbox.vhost());
     let broker = runtime::Broker::new(&url).with_ca(Some(authority.ca_pem.clone()));
     // A confirm channel: the connection is open, the topology declared.
     let channel = broker.confirm_channel().await.expect("connected over TLS");
@@ -92,8 +76,8 @@ async fn an_amqps_url_connects_to_the_broker_over_tls() {
 async fn an_amqps_broker_whose_certificate_is_not_trusted_is_refused() {
     let authority = runtime::auth::tls::test_authority().unwrap();
     let terminator = TlsTerminator::start(&authority, "127.0.0.1:5672").await;
-    let vhost = vhost().await;
-    let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, vhost.0);
+    let sandbox = Sandbox::new().await;
+    let url = format!("amqps://guest:guest@localhost:{}/{}", terminator.port, sandbox.vhost());
     // Only the public web roots: the test authority is not among them.
     let err = runtime::Broker::new(&url).channel().await.expect_err("refused");
     let message = format!("{err}").to_lowercase();
@@ -103,25 +87,16 @@ async fn an_amqps_broker_whose_certificate_is_not_trusted_is_refused() {
 
 #[tokio::test]
 async fn an_amqps_url_to_a_plain_amqp_port_fails_instead_of_speaking_in_clear() {
-    let vhost = vhost().await;
-    let url = format!("amqps://guest:guest@localhost:5672/{}", vhost.0);
+    let sandbox = Sandbox::new().await;
+    let url = format!("amqps://guest:guest@localhost:5672/{}", sandbox.vhost());
     let broker = runtime::Broker::with_timeout("test", url, std::time::Duration::from_secs(5));
     assert!(broker.channel().await.is_err());
 }
 
-/// A database of one test, dropped when the guard is.
-struct Database(String);
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        clean_up_blocking(vec![self.0.clone()], None, None);
-    }
-}
-
 #[tokio::test]
 async fn a_database_url_with_sslmode_require_connects_over_tls() {
-    let db = Database(format!("tls{}", &Uuid::new_v4().simple().to_string()[..12]));
-    let url = format!("{}/{}?sslmode=require", postgres_url(), db.0);
+    let sandbox = Sandbox::without_broker();
+    let url = format!("{}?sslmode=require", sandbox.database_url("tls"));
     let pool = runtime::data::db::connect_with(&url, 2, sqlx::migrate!("../../migrations/ordering")).await.unwrap();
     let ssl: bool =
         sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await.unwrap();
