@@ -9,6 +9,7 @@
 
 mod mailer;
 mod notifications;
+pub mod unsubscribe;
 
 use axum::Router;
 use axum::routing::get;
@@ -21,13 +22,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use mailer::Mailer;
+pub use mailer::{DkimSettings, Mailer};
+pub use unsubscribe::UnsubscribeConfig;
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Notification service", description = "The notifications sent to a user."),
-    paths(notifications::list),
+    paths(notifications::list, unsubscribe::page, unsubscribe::unsubscribe),
     modifiers(&InternalAuth),
     tags((name = "notifications")),
 )]
@@ -90,6 +92,12 @@ pub struct MailConfig {
     /// are still stored and listed, but not mailed. 0: no budget.
     #[arg(long, env = "EMAILS_PER_RECIPIENT_PER_HOUR", default_value_t = 20)]
     pub emails_per_recipient_per_hour: u32,
+
+    #[command(flatten)]
+    pub dkim: DkimSettings,
+
+    #[command(flatten)]
+    pub unsubscribe: UnsubscribeConfig,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -114,14 +122,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
             .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg))),
     );
-    let mailer = Mailer::new(&config.mail, db.clone())?;
+    let links = unsubscribe::Links::from_config(&config.mail.unsubscribe)?.map(std::sync::Arc::new);
+    let mailer = Mailer::new(&config.mail, db.clone(), links.clone())?;
     service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());
     let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
     let shutdown = service.shutdown();
     service.spawn("mailer", mailer.run(poll, shutdown));
     let routes = Router::new()
         .route("/api/v1/notifications", get(notifications::list))
-        .with_state(db)
+        .with_state(db.clone())
+        .route(unsubscribe::PATH, get(unsubscribe::page).post(unsubscribe::unsubscribe))
+        .with_state(unsubscribe::Unsubscribe { db, links })
         .merge(runtime::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await

@@ -231,6 +231,10 @@ pub struct Tuning {
     pub per_user: runtime::http::PerUserLimits,
     /// E-mails one address may be sent an hour (0: no budget).
     pub emails_per_recipient_per_hour: u32,
+    /// How e-mails are DKIM-signed (not at all by default).
+    pub dkim: notification::DkimSettings,
+    /// The e-mails' unsubscribe links (none by default).
+    pub unsubscribe: notification::UnsubscribeConfig,
 }
 
 impl Default for Tuning {
@@ -250,6 +254,8 @@ impl Default for Tuning {
             sweeper: Default::default(),
             per_user: Default::default(),
             emails_per_recipient_per_hour: 20,
+            dkim: Default::default(),
+            unsubscribe: Default::default(),
         }
     }
 }
@@ -343,6 +349,8 @@ impl TestApp {
                 smtp_username: None,
                 smtp_password: None,
                 smtp_ca_file: smtp.ca_file.clone(),
+                dkim: tuning.dkim.clone(),
+                unsubscribe: tuning.unsubscribe.clone(),
             },
             addr: String::new(),
             callers: callers.clone(),

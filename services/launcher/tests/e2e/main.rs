@@ -7,6 +7,7 @@ mod assertions;
 mod audit;
 mod contract;
 mod deploy;
+mod email;
 mod flow;
 mod helpers;
 mod herd;
