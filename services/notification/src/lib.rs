@@ -5,7 +5,9 @@
 //! The e-mail is written to `email_deliveries` in the same transaction as the
 //! notification, and the mailer sends it once the address is known. An order
 //! event that arrives before the user's profile is therefore never dropped:
-//! its e-mail simply waits for the profile.
+//! its e-mail simply waits for the profile. `NotificationCreated` goes to the
+//! outbox in that transaction too; the push service streams it to the user's
+//! open pages.
 
 mod mailer;
 mod notifications;
@@ -13,7 +15,7 @@ pub mod unsubscribe;
 
 use axum::Router;
 use axum::routing::get;
-use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
+use contracts::messages::{NotificationCreated, OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
 use runtime::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
@@ -23,6 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use mailer::{DkimSettings, Mailer};
+
+runtime::publishes!(pub OUTBOX: Notification = "notification" => NotificationCreated);
 pub use unsubscribe::UnsubscribeConfig;
 
 /// The service's REST API, as served at `/openapi.json`.
@@ -122,6 +126,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
             .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg))),
     );
+    // NotificationCreated, written with each notification, for the push service.
+    service.relay_outbox();
     let links = unsubscribe::Links::from_config(&config.mail.unsubscribe)?.map(std::sync::Arc::new);
     let mailer = Mailer::new(&config.mail, db.clone(), links.clone())?;
     service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());

@@ -12,6 +12,7 @@ mod flow;
 mod helpers;
 mod herd;
 mod hostile;
+mod live_notifications;
 mod messaging;
 mod metrics;
 mod outage;
