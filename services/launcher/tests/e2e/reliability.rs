@@ -643,7 +643,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
     let s = Sandbox::without_broker().await;
     let shutdown = CancellationToken::new();
     let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
-    // Notification runs no outbox relay, and still prunes its inbox.
+    // Notification prunes its inbox like every service.
     let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
     let notification = notification::Config {
         database_url: s.database_url("notification"),
