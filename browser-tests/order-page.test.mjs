@@ -6,7 +6,8 @@
 // as a separate process (target/<profile>/push-service) that the gateway
 // reaches over EXTERNAL_PUSH_URL, so that the test can stop and start it.
 // Then, in the page: register, deposit, one order that succeeds and one that
-// fails, both seen changing on screen without a reload; the page's requests
+// fails, both seen changing on screen without a reload, and their
+// notifications arriving from the event stream (no refetch); the page's requests
 // go over HTTP/2; the push service is stopped, an order is placed and its
 // outcome shown by long polling (Prefer: wait), the push service starts again and the page
 // catches up from the event stream.
@@ -163,6 +164,12 @@ async function main() {
     await page.waitForSelector('#app:not([hidden])');
     await page.waitForSelector('#stream-state[data-state=live]');
     log('registered and logged in; stream live');
+    // The page fetched its notifications once, when it opened; from now on
+    // a new one must come from the event stream, not from a refetch.
+    const listFetches = [];
+    page.on('request', (r) => {
+      if (new URL(r.url()).pathname === '/api/v1/notifications') listFetches.push(r.url());
+    });
 
     step = 'deposit';
     await page.fill('#deposit-form input[name=amount]', '100');
@@ -191,8 +198,17 @@ async function main() {
     log(`order ${failed} failed on screen: ${reason}`);
 
     step = 'notifications';
-    await page.waitForFunction(() => [...document.querySelectorAll('#notifications li')]
-      .some((li) => li.textContent.includes('not enough money')));
+    await page.waitForFunction(() => {
+      const live = [...document.querySelectorAll('#notifications li[data-live]')];
+      return live.some((li) => li.textContent.includes('not enough money'))
+        && live.some((li) => li.textContent.includes('successfully processed'));
+    });
+    const shown = await page.locator('#notifications li').allTextContents();
+    if (shown.length !== 2 || !shown[0].includes('not enough money')) {
+      throw new Error(`notifications shown, newest first: ${JSON.stringify(shown)}`);
+    }
+    if (listFetches.length) throw new Error(`the list was fetched again: ${listFetches.join(', ')}`);
+    log('both notifications appeared from the event stream: no refetch, no reload');
 
     step = 'HTTP/2';
     const protocols = await page.evaluate(() => performance.getEntriesByType('navigation')

@@ -14,7 +14,9 @@
 //!   messages bound to it, and a `receive` operation per consumer and
 //!   message; the consumer is the queue name's prefix. Every push-service
 //!   replica reads the stream [`topology::PUSH_STREAM`] of
-//!   [`topology::PUSH_ORDER_EVENTS`] from its own offset;
+//!   [`topology::PUSH_ORDER_EVENTS`] and
+//!   [`topology::PUSH_NOTIFICATION_EVENTS`] from its own offset (two
+//!   channels, one per exchange, of the same stream);
 //! - per message: the AMQP `type` (message binding `messageType`), the
 //!   `correlationId` (the payload field sent as `correlation_id`), the
 //!   `traceparent` header and the other properties.
@@ -23,8 +25,8 @@
 //! writes the committed copy; a test fails when it differs.
 
 use crate::messages::{
-    CorrelationField, CreatePayment, Message, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed, UserCreated,
-    UserUpdated, VoidPayment,
+    CorrelationField, CreatePayment, Message, NotificationCreated, OrderCreated, OrderFailed, PaymentCreated,
+    PaymentFailed, UserCreated, UserUpdated, VoidPayment,
 };
 use crate::topology::{self, QueueSpec};
 use asyncapi_rust::AsyncApi;
@@ -97,7 +99,8 @@ messages!(
     PaymentCreated,
     PaymentFailed,
     OrderCreated,
-    OrderFailed
+    OrderFailed,
+    NotificationCreated
 );
 
 /// A consuming queue, as the document shows it.
@@ -140,6 +143,17 @@ pub fn consumers() -> Vec<Consumer> {
         queue: topology::PUSH_STREAM,
         exchange: OrderCreated::EXCHANGE,
         routing_keys: topology::PUSH_ORDER_EVENTS,
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        queue_type: "stream",
+    });
+    consumers.push(Consumer {
+        service: "push-service",
+        channel: "push.notifications",
+        queue: topology::PUSH_STREAM,
+        exchange: NotificationCreated::EXCHANGE,
+        routing_keys: topology::PUSH_NOTIFICATION_EVENTS,
         durable: true,
         exclusive: false,
         auto_delete: false,

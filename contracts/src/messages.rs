@@ -47,6 +47,7 @@ pub mod exchange {
     pub const IDENTITY: &str = "identity";
     pub const BILLING: &str = "billing";
     pub const ORDERING: &str = "ordering";
+    pub const NOTIFICATION: &str = "notification";
 }
 
 /// A user registered. Billing opens an account, notification keeps a profile copy.
@@ -163,6 +164,24 @@ pub struct OrderFailed {
     pub occurred_at: DateTime<Utc>,
 }
 message!(OrderFailed, exchange::ORDERING, order_id);
+
+/// A notification was stored for a user (`message`, the words the list and
+/// the e-mail show). The push service streams it to the user's pages, so a
+/// page shows it without asking.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "asyncapi", derive(schemars::JsonSchema, asyncapi_rust::ToAsyncApiMessage))]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationCreated {
+    /// The notification's id, as `GET /notifications` lists it.
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// The order it is about, if any.
+    pub order_id: Option<Uuid>,
+    pub message: String,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+}
+message!(NotificationCreated, exchange::NOTIFICATION, id);
 
 /// The reason billing gives when the balance does not cover a payment.
 pub const NOT_ENOUGH_MONEY: &str = "not enough money";

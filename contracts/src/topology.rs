@@ -13,7 +13,7 @@ pub struct QueueSpec {
     pub routing_keys: &'static [&'static str],
 }
 
-pub const EXCHANGES: &[&str] = &[exchange::IDENTITY, exchange::BILLING, exchange::ORDERING];
+pub const EXCHANGES: &[&str] = &[exchange::IDENTITY, exchange::BILLING, exchange::ORDERING, exchange::NOTIFICATION];
 
 pub const BILLING_USERS: QueueSpec =
     QueueSpec { name: "billing.identity", exchange: exchange::IDENTITY, routing_keys: &[messages::UserCreated::NAME] };
@@ -55,5 +55,13 @@ pub const PUSH_STREAM: &str = "push.order-events";
 /// configured otherwise (RabbitMQ `x-max-age`).
 pub const PUSH_STREAM_DEFAULT_MAX_AGE: &str = "24h";
 
-/// What the push stream is bound to.
+/// What the push stream is bound to on the `ordering` exchange.
 pub const PUSH_ORDER_EVENTS: &[&str] = &[messages::OrderCreated::NAME, messages::OrderFailed::NAME];
+
+/// What the push stream is bound to on the `notification` exchange: a
+/// user's notifications reach their pages the way their orders' outcomes do.
+pub const PUSH_NOTIFICATION_EVENTS: &[&str] = &[messages::NotificationCreated::NAME];
+
+/// Every binding of the push stream: (exchange, routing key).
+pub const PUSH_BINDINGS: &[(&str, &[&str])] =
+    &[(exchange::ORDERING, PUSH_ORDER_EVENTS), (exchange::NOTIFICATION, PUSH_NOTIFICATION_EVENTS)];

@@ -78,6 +78,7 @@ fn publishers_and_consumers_are_those_of_the_design() {
             ("ordering", "VoidPayment"),
             ("ordering", "OrderCreated"),
             ("ordering", "OrderFailed"),
+            ("notification", "NotificationCreated"),
         ])
     );
     assert_eq!(
@@ -94,6 +95,7 @@ fn publishers_and_consumers_are_those_of_the_design() {
             ("notification", "OrderFailed"),
             ("push-service", "OrderCreated"),
             ("push-service", "OrderFailed"),
+            ("push-service", "NotificationCreated"),
         ])
     );
 }
@@ -122,6 +124,7 @@ fn every_message_travels_on_its_exchange_with_its_routing_key() {
     check::<PaymentFailed>(&doc);
     check::<OrderCreated>(&doc);
     check::<OrderFailed>(&doc);
+    check::<NotificationCreated>(&doc);
     assert_eq!(doc["components"]["messages"].as_object().unwrap().len(), asyncapi::MESSAGES.len());
 
     // Every durable queue of the topology is a quorum queue channel with its bindings.
@@ -250,6 +253,15 @@ fn payload_schemas_describe_the_json_serde_writes() {
     record("OrderCreated", payload_errors(&doc, &OrderCreated { order_id: id, user_id: id, price, occurred_at: at }));
     let failed = OrderFailed { order_id: id, user_id: id, price, reason: NOT_ENOUGH_MONEY.into(), occurred_at: at };
     record("OrderFailed", payload_errors(&doc, &failed));
+    let notified = NotificationCreated {
+        id,
+        user_id: id,
+        order_id: Some(id),
+        message: "Your order for 12.50$ has been successfully processed".into(),
+        created_at: at,
+    };
+    record("NotificationCreated", payload_errors(&doc, &notified));
+    record("NotificationCreated", payload_errors(&doc, &NotificationCreated { order_id: None, ..notified }));
     assert!(errors.is_empty(), "payloads that do not match their schema: {errors:#?}");
 
     // Optional fields are optional and nullable; camelCase names; the correlation id points at a field.

@@ -20,7 +20,7 @@
 //! none: one resume reads at most what its own user could have missed.
 
 use contracts::api::OrderStatus;
-use contracts::messages::{Message, OrderCreated, OrderFailed};
+use contracts::messages::{Message, NotificationCreated, OrderCreated, OrderFailed};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +42,48 @@ pub struct OrderEventData {
     pub occurred_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// What a page needs to show a new notification without another call.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationEventData {
+    /// The notification's id, as `GET /notifications` lists it.
+    #[schema(format = Uuid)]
+    pub id: Uuid,
+    /// The order it is about, if any.
+    #[schema(format = Uuid)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+    pub message: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The `data:` of an event: an order's outcome (`OrderCreated`,
+/// `OrderFailed`) or a notification (`NotificationCreated`).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum EventData {
+    Order(OrderEventData),
+    Notification(NotificationEventData),
+}
+
+impl EventData {
+    /// When it happened: the order settled, the notification was stored.
+    pub fn occurred_at(&self) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            EventData::Order(o) => o.occurred_at,
+            EventData::Notification(n) => n.created_at,
+        }
+    }
+
+    /// The order or notification it is about (for the logs).
+    pub fn subject(&self) -> Uuid {
+        match self {
+            EventData::Order(o) => o.order_id,
+            EventData::Notification(n) => n.id,
+        }
+    }
+}
+
 /// One event on a user's stream: `id:` is its stream offset (the same on
 /// every replica), `event:` its type.
 #[derive(Clone, Debug)]
@@ -52,7 +94,7 @@ pub struct PushEvent {
     pub message_id: Option<Uuid>,
     pub event: &'static str,
     pub user_id: Uuid,
-    pub data: OrderEventData,
+    pub data: EventData,
 }
 
 /// An entry of the event stream: an order event, or anything else (a marker,
@@ -92,7 +134,7 @@ pub fn decode(offset: u64, kind: &str, message_id: Option<Uuid>, body: &[u8]) ->
                 reason: None,
                 occurred_at: m.occurred_at,
             };
-            (OrderCreated::NAME, m.user_id, data)
+            (OrderCreated::NAME, m.user_id, EventData::Order(data))
         }
         OrderFailed::NAME => {
             let m: OrderFailed = serde_json::from_slice(body).map_err(bad)?;
@@ -103,7 +145,13 @@ pub fn decode(offset: u64, kind: &str, message_id: Option<Uuid>, body: &[u8]) ->
                 reason: Some(m.reason),
                 occurred_at: m.occurred_at,
             };
-            (OrderFailed::NAME, m.user_id, data)
+            (OrderFailed::NAME, m.user_id, EventData::Order(data))
+        }
+        NotificationCreated::NAME => {
+            let m: NotificationCreated = serde_json::from_slice(body).map_err(bad)?;
+            let data =
+                NotificationEventData { id: m.id, order_id: m.order_id, message: m.message, created_at: m.created_at };
+            (NotificationCreated::NAME, m.user_id, EventData::Notification(data))
         }
         _ => return Ok(Entry::Other { offset, message_id }),
     };
@@ -414,7 +462,7 @@ impl Hub {
     /// is unknown: its age is taken from when the order happened (earlier
     /// than its publication, so it is forgotten no later than a live one).
     fn keep_history(&self, state: &mut State, event: &PushEvent) {
-        let age = (chrono::Utc::now() - event.data.occurred_at).to_std().unwrap_or_default();
+        let age = (chrono::Utc::now() - event.data.occurred_at()).to_std().unwrap_or_default();
         let now = Instant::now();
         let read = match now.checked_sub(age) {
             Some(at) if age <= self.recent.max_age => at,
@@ -466,8 +514,8 @@ impl Hub {
                 && let Some(id) = event.message_id
                 && let Some(first) = state.seen.record(id, offset)
             {
-                tracing::info!(message_id = %id, order_id = %event.data.order_id, offset, first,
-                    "order event published again; not sent twice");
+                tracing::info!(message_id = %id, subject = %event.data.subject(), offset, first,
+                    "event published again; not sent twice");
                 metrics::counter!("push_duplicate_events_total").increment(1);
                 state.index.add(offset, None);
                 drop(state);
@@ -558,13 +606,13 @@ mod tests {
             message_id: Some(id),
             event: "OrderCreated",
             user_id: user,
-            data: OrderEventData {
+            data: EventData::Order(OrderEventData {
                 order_id: Uuid::new_v4(),
                 status: OrderStatus::Succeeded,
                 price: serde_json::from_str("1").unwrap(),
                 reason: None,
                 occurred_at: chrono::Utc::now(),
-            },
+            }),
         })
     }
 
@@ -759,8 +807,8 @@ mod tests {
         // An event older than the window is not kept, nor any before it.
         let hub = Arc::new(Hub::new(8, Recent { events: 10, max_age: Duration::from_secs(60) }, 100));
         let mut old = event(6, alice);
-        if let Entry::Event(e) = &mut old {
-            e.data.occurred_at = chrono::Utc::now() - chrono::Duration::minutes(5);
+        if let Entry::Event(PushEvent { data: EventData::Order(o), .. }) = &mut old {
+            o.occurred_at = chrono::Utc::now() - chrono::Duration::minutes(5);
         }
         hub.remember(&event(5, alice));
         hub.remember(&old);

@@ -1,5 +1,6 @@
 //! Push service: streams each user's order outcomes (`OrderCreated`,
-//! `OrderFailed`) to their browsers as server-sent events, over HTTP/2 (TLS
+//! `OrderFailed`) and notifications (`NotificationCreated`) to their
+//! browsers as server-sent events, over HTTP/2 (TLS
 //! with ALPN `h2`, or cleartext h2c and HTTP/1.1 behind a proxy).
 //!
 //! The events come from a durable RabbitMQ stream (see `stream`): each event's
@@ -27,7 +28,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use hub::{Hub, OrderEventData, PushEvent};
+pub use hub::{EventData, Hub, NotificationEventData, OrderEventData, PushEvent};
 pub use sse::RESET;
 
 /// The push service's REST API, as served at `/openapi.json`.

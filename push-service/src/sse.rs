@@ -50,6 +50,10 @@ pub struct ResumeQuery {
     #[serde(rename = "lastEventId")]
     #[param(rename = "lastEventId")]
     last_event_id: Option<String>,
+    /// `true`: the user's notifications too (`event: NotificationCreated`),
+    /// besides the order outcomes, with the same ids and resume guarantees.
+    #[serde(default)]
+    notifications: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,7 +73,12 @@ fn resume_point(headers: &HeaderMap, query: &ResumeQuery) -> Resume {
     }
 }
 
-fn event_of(e: &PushEvent) -> Option<Event> {
+/// The SSE event of `e`, unless it is a notification and the connection
+/// did not ask for them (`notifications`).
+fn event_of(e: &PushEvent, notifications: bool) -> Option<Event> {
+    if !notifications && matches!(e.data, crate::hub::EventData::Notification(_)) {
+        return None;
+    }
     match Event::default().id(e.offset.to_string()).event(e.event).json_data(&e.data) {
         Ok(event) => Some(event),
         Err(err) => {
@@ -146,8 +155,9 @@ async fn authenticate(state: &AppState, parts: &mut Parts) -> Result<(CurrentUse
 }
 
 #[utoipa::path(get, path = "/api/v1/orders", tag = "push", operation_id = "getOrderEvents",
-    description = "The user's order outcomes as server-sent events: `event: OrderCreated` or `OrderFailed` with \
-        the order in `data:`, `id:` its position in the order event stream (the same on every replica; a fresh stream's first frame \
+    description = "The user's order outcomes and notifications as server-sent events: `event: OrderCreated` or \
+        `OrderFailed` with the order in `data:` (an `OrderEventData`), `event: NotificationCreated` with the new \
+        notification (a `NotificationEventData`; with `?notifications=true` only), `id:` its position in the order event stream (the same on every replica; a fresh stream's first frame \
         and the end of a replay carry an `id:` with no event, so a client that drops early resumes from there), \
         `event: reset` when the history asked for is gone or too far back to replay (refetch the orders). Resumes after `Last-Event-ID` \
         or `?lastEventId=`. Authenticated by the `accessToken` cookie or a bearer token, never by the URL. \
@@ -156,8 +166,9 @@ async fn authenticate(state: &AppState, parts: &mut Parts) -> Result<(CurrentUse
     params(ResumeQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (sent by EventSource on reconnect)")),
     responses(
-        (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData`",
-            content_type = "text/event-stream", body = crate::hub::OrderEventData),
+        (status = 200, description = "An endless `text/event-stream`; each event's data is an `OrderEventData` \
+            or a `NotificationEventData`, as its `event:` says",
+            content_type = "text/event-stream", body = crate::hub::EventData),
         runtime::http::responses::NotAuthenticated,
         (status = 429, description = "The user already holds as many open streams as allowed \
             (`PUSH_MAX_STREAMS_PER_USER`)", body = contracts::api::ErrorBody,
@@ -186,9 +197,10 @@ pub async fn order_events(
     };
     let resume = resume_point(&headers, &query);
     let admitted = admit(&state, user.id, resume).await?;
-    tracing::info!(user_id = %user.id, ?resume, position = admitted.position, "stream opened");
+    tracing::info!(user_id = %user.id, ?resume, position = admitted.position, notifications = query.notifications,
+        "stream opened");
     let heartbeat = state.heartbeat;
-    let stream = connection(state, user.id, resume, admitted).take_until(token_ended);
+    let stream = connection(state, user.id, resume, admitted, query.notifications).take_until(token_ended);
     let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -267,6 +279,7 @@ fn connection(
     user: Uuid,
     resume: Resume,
     admitted: Admitted,
+    notifications: bool,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> {
     let Admitted { subscription, position, missed, too_far, slot } = admitted;
     let (shutdown, drain) = (state.shutdown.clone(), state.drain);
@@ -279,7 +292,7 @@ fn connection(
         let first = if resume == Resume::Fresh { first.id(position.to_string()) } else { first };
         yield Ok(first.comment("connected"));
         let mut end = Replayed::Done { covered: None, open: true };
-        for await step in replay(state, user, resume, position, missed, too_far, slot) {
+        for await step in replay(state, user, resume, position, missed, too_far, slot, notifications) {
             match step {
                 Replayed::Event(event) => yield Ok(event),
                 done => end = done,
@@ -293,7 +306,7 @@ fn connection(
         {
             yield Ok(Event::default().id(c.to_string()));
         }
-        for await event in live(subscription, covered, shutdown, drain, user) {
+        for await event in live(subscription, covered, shutdown, drain, user, notifications) {
             yield Ok(event);
         }
     }
@@ -312,7 +325,9 @@ enum Replayed {
 
 /// The events a connection owes before it goes live: none (fresh, or an id
 /// at or after the position), a `reset` (an id never issued), from memory,
-/// or from the stream.
+/// or from the stream. (What a connection was admitted with, passed apart:
+/// the live part keeps the subscription.)
+#[allow(clippy::too_many_arguments)]
 fn replay(
     state: AppState,
     user: Uuid,
@@ -321,6 +336,7 @@ fn replay(
     missed: Missed,
     too_far: bool,
     slot: Option<ReplaySlot>,
+    notifications: bool,
 ) -> impl futures::Stream<Item = Replayed> {
     async_stream::stream! {
         match resume {
@@ -337,18 +353,18 @@ fn replay(
             Resume::From(n) if n >= position => yield Replayed::Done { covered: Some(n), open: true },
             Resume::From(n) => match missed {
                 Missed::InStream { after } => {
-                    for await step in replay_from_stream(state, user, after.max(n), position, slot) {
+                    for await step in replay_from_stream(state, user, after.max(n), position, slot, notifications) {
                         yield step;
                     }
                 }
                 Missed::InMemory(events) => {
-                    for event in replay_from_memory(&events) {
+                    for event in replay_from_memory(&events, notifications) {
                         yield Replayed::Event(event);
                     }
                     yield Replayed::Done { covered: Some(position), open: true };
                 }
                 Missed::Nothing => {
-                    for await step in replay_from_stream(state, user, n, position, slot) {
+                    for await step in replay_from_stream(state, user, n, position, slot, notifications) {
                         yield step;
                     }
                 }
@@ -358,8 +374,8 @@ fn replay(
 }
 
 /// The user's missed events the hub still holds.
-fn replay_from_memory(events: &[std::sync::Arc<PushEvent>]) -> Vec<Event> {
-    events.iter().filter_map(|e| event_of(e)).collect()
+fn replay_from_memory(events: &[std::sync::Arc<PushEvent>], notifications: bool) -> Vec<Event> {
+    events.iter().filter_map(|e| event_of(e, notifications)).collect()
 }
 
 /// Reads the stream from `asked + 1` up to `position`, keeping the user's
@@ -370,6 +386,7 @@ fn replay_from_stream(
     asked: u64,
     position: u64,
     slot: Option<ReplaySlot>,
+    notifications: bool,
 ) -> impl futures::Stream<Item = Replayed> {
     async_stream::stream! {
         // The slot is held for the whole replay.
@@ -406,7 +423,7 @@ fn replay_from_stream(
                 && let Entry::Event(e) = &entry
                 && e.user_id == user
                 && !state.hub.is_duplicate(e)
-                && let Some(event) = event_of(e)
+                && let Some(event) = event_of(e, notifications)
             {
                 yield Replayed::Event(event);
             }
@@ -498,6 +515,7 @@ fn live(
     shutdown: CancellationToken,
     drain: Duration,
     user: Uuid,
+    notifications: bool,
 ) -> impl futures::Stream<Item = Event> {
     async_stream::stream! {
         loop {
@@ -513,7 +531,7 @@ fn live(
             match next {
                 Ok(e) if covered.is_some_and(|c| e.offset <= c) => {}
                 Ok(e) => {
-                    if let Some(event) = event_of(&e) {
+                    if let Some(event) = event_of(&e, notifications) {
                         yield event;
                     }
                 }
@@ -546,7 +564,7 @@ mod tests {
 
     #[test]
     fn the_header_wins_over_the_query_and_bad_ids_are_unknown() {
-        let q = |v: Option<&str>| ResumeQuery { last_event_id: v.map(String::from) };
+        let q = |v: Option<&str>| ResumeQuery { last_event_id: v.map(String::from), notifications: false };
         let mut h = HeaderMap::new();
         assert_eq!(resume_point(&h, &q(None)), Resume::Fresh);
         assert_eq!(resume_point(&h, &q(Some("7"))), Resume::From(7));
@@ -639,17 +657,39 @@ mod tests {
                 message_id: None,
                 user_id: Uuid::nil(),
                 event: "OrderCreated",
-                data: crate::hub::OrderEventData {
+                data: crate::hub::EventData::Order(crate::hub::OrderEventData {
                     order_id: Uuid::nil(),
                     status: contracts::api::OrderStatus::Succeeded,
                     price: "1".parse().unwrap(),
                     reason: None,
                     occurred_at: chrono::Utc::now(),
-                },
+                }),
             })
         };
-        let events = replay_from_memory(&[event(3), event(5)]);
+        let events = replay_from_memory(&[event(3), event(5)], false);
         assert_eq!(events.len(), 2);
         assert!(shown(&events[0]).contains('3') && shown(&events[1]).contains('5'));
+    }
+
+    #[test]
+    fn notifications_go_only_to_the_connections_that_asked_for_them() {
+        let notification = std::sync::Arc::new(PushEvent {
+            offset: 4,
+            message_id: None,
+            user_id: Uuid::nil(),
+            event: "NotificationCreated",
+            data: crate::hub::EventData::Notification(crate::hub::NotificationEventData {
+                id: Uuid::nil(),
+                order_id: None,
+                message: "Your order for 1.00$ has been successfully processed".into(),
+                created_at: chrono::Utc::now(),
+            }),
+        });
+        assert!(replay_from_memory(std::slice::from_ref(&notification), false).is_empty());
+        let sent = replay_from_memory(&[notification], true);
+        assert_eq!(sent.len(), 1);
+        let shown = shown(&sent[0]);
+        assert!(shown.contains("event: NotificationCreated") && shown.contains("id: 4"), "{shown}");
+        assert!(shown.contains("Your order for 1.00$"), "{shown}");
     }
 }

@@ -65,9 +65,12 @@ const UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Where the services behind read the client's address.
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Calls that need no token.
+/// Calls that need no token: registering, logging in, and an e-mail's
+/// unsubscribe link (its signed token is the authority, checked by the
+/// notification service).
 fn is_public(method: &Method, path: &str) -> bool {
-    method == Method::POST && matches!(path, "/api/v1/identity/register" | "/api/v1/identity/login")
+    (method == Method::POST && matches!(path, "/api/v1/identity/register" | "/api/v1/identity/login"))
+        || ((method == Method::GET || method == Method::POST) && path == "/api/v1/notifications/unsubscribe")
 }
 
 const HOP_BY_HOP: &[&str] =
@@ -447,12 +450,17 @@ mod tests {
     }
 
     #[test]
-    fn only_register_and_login_need_no_token() {
+    fn only_register_login_and_unsubscribe_need_no_token() {
         assert!(is_public(&Method::POST, "/api/v1/identity/register"));
         assert!(is_public(&Method::POST, "/api/v1/identity/login"));
         assert!(!is_public(&Method::GET, "/api/v1/identity/login"));
         assert!(!is_public(&Method::POST, "/api/v1/identity/logout"));
         assert!(!is_public(&Method::POST, "/api/v1/identity/login/"));
+        assert!(is_public(&Method::GET, "/api/v1/notifications/unsubscribe"));
+        assert!(is_public(&Method::POST, "/api/v1/notifications/unsubscribe"));
+        assert!(!is_public(&Method::DELETE, "/api/v1/notifications/unsubscribe"));
+        assert!(!is_public(&Method::GET, "/api/v1/notifications"));
+        assert!(!is_public(&Method::GET, "/api/v1/notifications/unsubscribe/x"));
     }
 
     #[test]

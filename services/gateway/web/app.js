@@ -1,6 +1,7 @@
 // The order system's page: plain JavaScript, no build step, no dependencies.
 // Session: the HttpOnly `accessToken` cookie set by login (sent by fetch and
-// EventSource alike). Live order updates: the SSE stream /api/v1/push/orders;
+// EventSource alike). Live order updates and notifications: the SSE stream
+// /api/v1/push/orders?notifications=true;
 // while it is unavailable, pending orders are long-polled (Prefer: wait).
 'use strict';
 
@@ -169,15 +170,33 @@ function upsertOrder(order, eventId) {
 
 // ---- notifications ----
 
+function notificationItem(n) {
+  const li = document.createElement('li');
+  li.textContent = n.message;
+  li.dataset.id = n.id;
+  return li;
+}
+
 async function loadNotifications() {
   try {
     const list = await api('GET', '/notifications');
-    $('notifications').replaceChildren(...list.map((n) => {
-      const li = document.createElement('li');
-      li.textContent = n.message;
-      return li;
-    }));
+    // One the stream brought while this request was on its way stays.
+    const ids = new Set(list.map((n) => n.id));
+    const live = [...$('notifications').children].filter((li) => li.dataset.live && !ids.has(li.dataset.id));
+    $('notifications').replaceChildren(...live, ...list.map(notificationItem));
   } catch (e) { handle(e); }
+}
+
+// A notification from the event stream: newest first, once (a replay after
+// a reconnect may bring one the list already shows).
+function onNotificationEvent(ev) {
+  rememberId(ev.lastEventId);
+  const n = JSON.parse(ev.data);
+  const list = $('notifications');
+  if ([...list.children].some((li) => li.dataset.id === n.id)) return;
+  const li = notificationItem(n);
+  li.dataset.live = 'true';
+  list.prepend(li);
 }
 $('refresh-notifications').addEventListener('click', loadNotifications);
 
@@ -201,16 +220,16 @@ function onOrderEvent(ev) {
   upsertOrder({ id: e.orderId, status: e.status, price: e.price, reason: e.reason, occurredAt: e.occurredAt },
     ev.lastEventId);
   refreshBalance();
-  // The notification is written asynchronously, shortly after the event.
-  setTimeout(loadNotifications, 500);
-  setTimeout(loadNotifications, 2500);
+  // Its notification arrives on the stream as its own event.
 }
 
 function openStream() {
   stopStream();
   // A first connection resumes from the id this tab saw last (the browser
   // sends Last-Event-ID itself on its own reconnections).
-  const url = `${API}/push/orders` + (state.lastEventId ? `?lastEventId=${encodeURIComponent(state.lastEventId)}` : '');
+  // `notifications=true`: the user's notifications come on the stream too.
+  const url = `${API}/push/orders?notifications=true`
+    + (state.lastEventId ? `&lastEventId=${encodeURIComponent(state.lastEventId)}` : '');
   const source = new EventSource(url, { withCredentials: true });
   state.source = source;
   setStreamState('connecting');
@@ -222,6 +241,7 @@ function openStream() {
   });
   source.addEventListener('OrderCreated', onOrderEvent);
   source.addEventListener('OrderFailed', onOrderEvent);
+  source.addEventListener('NotificationCreated', onNotificationEvent);
   source.addEventListener('reset', (ev) => {
     // Events were missed beyond the retention window: refetch.
     rememberId(ev.lastEventId);

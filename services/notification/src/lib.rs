@@ -5,15 +5,18 @@
 //! The e-mail is written to `email_deliveries` in the same transaction as the
 //! notification, and the mailer sends it once the address is known. An order
 //! event that arrives before the user's profile is therefore never dropped:
-//! its e-mail simply waits for the profile.
+//! its e-mail simply waits for the profile. `NotificationCreated` goes to the
+//! outbox in that transaction too; the push service streams it to the user's
+//! open pages.
 
 mod mailer;
 mod notifications;
+pub mod unsubscribe;
 pub mod webpush;
 
 use axum::Router;
 use axum::routing::get;
-use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
+use contracts::messages::{NotificationCreated, OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
 use runtime::http::openapi::InternalAuth;
 use runtime::{Consumer, MessagingConfig, Service};
@@ -22,15 +25,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use mailer::Mailer;
+pub use mailer::{DkimSettings, Mailer};
 pub use webpush::WebPushConfig;
+
+runtime::publishes!(pub OUTBOX: Notification = "notification" => NotificationCreated);
+pub use unsubscribe::UnsubscribeConfig;
 
 /// The service's REST API, as served at `/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Notification service", description = "The notifications sent to a user."),
-    paths(notifications::list, webpush::subscriptions::public_key, webpush::subscriptions::subscribe,
-        webpush::subscriptions::unsubscribe),
+    paths(notifications::list, unsubscribe::page, unsubscribe::unsubscribe, webpush::subscriptions::public_key,
+        webpush::subscriptions::subscribe, webpush::subscriptions::unsubscribe),
     modifiers(&InternalAuth),
     tags((name = "notifications")),
 )]
@@ -96,6 +102,12 @@ pub struct MailConfig {
     /// are still stored and listed, but not mailed. 0: no budget.
     #[arg(long, env = "EMAILS_PER_RECIPIENT_PER_HOUR", default_value_t = 20)]
     pub emails_per_recipient_per_hour: u32,
+
+    #[command(flatten)]
+    pub dkim: DkimSettings,
+
+    #[command(flatten)]
+    pub unsubscribe: UnsubscribeConfig,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -120,7 +132,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .on::<OrderCreated, _>(|_, tx, msg| Box::pin(notifications::on_order_created(tx, msg)))
             .on::<OrderFailed, _>(|_, tx, msg| Box::pin(notifications::on_order_failed(tx, msg))),
     );
-    let mailer = Mailer::new(&config.mail, db.clone())?;
+    // NotificationCreated, written with each notification, for the push service.
+    service.relay_outbox();
+    let links = unsubscribe::Links::from_config(&config.mail.unsubscribe)?.map(std::sync::Arc::new);
+    let mailer = Mailer::new(&config.mail, db.clone(), links.clone())?;
     service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());
     let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
     let shutdown = service.shutdown();
@@ -134,7 +149,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let web_push = webpush::subscriptions::WebPush::new(db.clone(), vapid, config.web_push.clone());
     let routes = Router::new()
         .route("/api/v1/notifications", get(notifications::list))
-        .with_state(db)
+        .with_state(db.clone())
+        .route(unsubscribe::PATH, get(unsubscribe::page).post(unsubscribe::unsubscribe))
+        .with_state(unsubscribe::Unsubscribe { db, links })
         .merge(webpush::subscriptions::routes(web_push))
         .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
     service.verify_callers(&config.callers.verify_keys);

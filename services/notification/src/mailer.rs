@@ -11,19 +11,34 @@
 //! beyond it is dropped (`suppressed_at`, `emails_suppressed_total`), and the
 //! notification it was for stays stored and listed. So nobody can make the
 //! system mail-bomb an address, whatever they make it notify.
+//!
+//! An e-mail is `multipart/alternative` (text, and HTML with the text
+//! escaped), its `Message-ID` derived from the notification's id (a resend is
+//! recognisably the same message), with `List-Unsubscribe` and
+//! `List-Unsubscribe-Post` (RFC 8058) when unsubscribe links are configured,
+//! and DKIM-signed (RFC 6376) when a key is. A user who unsubscribed gets no
+//! e-mail: theirs are dropped (`suppressed_at`) like those beyond a budget.
 
 use anyhow::Context;
-use lettre::message::{Mailbox, header::ContentType};
+use lettre::message::dkim::{
+    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm, DkimSigningKey,
+};
+use lettre::message::header::{Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use runtime::contact::Email;
 use runtime::data::db::Wakeup;
 use sqlx::PgPool;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::MailConfig;
+use crate::unsubscribe::{Links, escape_html};
 
 pub const EMAIL_CHANNEL: &str = "email";
 
@@ -41,6 +56,99 @@ pub struct Mailer {
     transport: Transport,
     /// E-mails per address an hour; `None`: no budget.
     budget: Option<i32>,
+    /// The domain of the `Message-ID`s: the DKIM domain, else the sender's.
+    id_domain: String,
+    dkim: Option<DkimConfig>,
+    unsubscribe: Option<Arc<Links>>,
+}
+
+/// How the e-mails are DKIM-signed (RFC 6376): all three, or none.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DkimSettings {
+    /// The DKIM selector: the key's public half is published as a TXT record
+    /// at `SELECTOR._domainkey.DOMAIN`.
+    #[arg(long, env = "DKIM_SELECTOR")]
+    pub dkim_selector: Option<String>,
+
+    /// The signing domain (`d=`): the sender's domain or a parent of it.
+    #[arg(long, env = "DKIM_DOMAIN")]
+    pub dkim_domain: Option<String>,
+
+    /// PEM file of the RSA private key (PKCS#1, `BEGIN RSA PRIVATE KEY`;
+    /// `openssl genrsa -traditional 2048`). Read at start: a file that cannot
+    /// be read or is not such a key stops the service.
+    #[arg(long, env = "DKIM_PRIVATE_KEY_FILE")]
+    pub dkim_private_key_file: Option<PathBuf>,
+}
+
+/// The headers the DKIM signature covers: those a recipient trusts, and the
+/// unsubscribe pair, which RFC 8058 requires to be signed. Not
+/// `Content-Type`: lettre writes a multipart's with the body, so its signer
+/// would list it in `h=` without hashing it, and no verifier would agree.
+const DKIM_SIGNED: &[&str] =
+    &["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "List-Unsubscribe", "List-Unsubscribe-Post"];
+
+impl DkimSettings {
+    /// The signing configuration, or `None` when DKIM is not configured.
+    fn load(&self) -> anyhow::Result<Option<DkimConfig>> {
+        let (selector, domain, file) = match (&self.dkim_selector, &self.dkim_domain, &self.dkim_private_key_file) {
+            (None, None, None) => return Ok(None),
+            (Some(s), Some(d), Some(f)) => (s, d, f),
+            _ => anyhow::bail!("DKIM: set DKIM_SELECTOR, DKIM_DOMAIN and DKIM_PRIVATE_KEY_FILE together, or none"),
+        };
+        let pem = std::fs::read_to_string(file)
+            .with_context(|| format!("DKIM_PRIVATE_KEY_FILE {}: cannot read the DKIM key", file.display()))?;
+        if pem.contains("BEGIN PRIVATE KEY") {
+            anyhow::bail!(
+                "DKIM_PRIVATE_KEY_FILE {}: a PKCS#8 key; the signer takes PKCS#1                  (`openssl rsa -in KEY -traditional -out KEY.pkcs1`)",
+                file.display()
+            );
+        }
+        let key = DkimSigningKey::new(&pem, DkimSigningAlgorithm::Rsa).map_err(|e| {
+            anyhow::anyhow!("DKIM_PRIVATE_KEY_FILE {}: not an RSA private key in PKCS#1 PEM: {e}", file.display())
+        })?;
+        tracing::info!(selector = %selector, domain = %domain, "e-mails are DKIM-signed");
+        Ok(Some(DkimConfig::new(
+            selector.clone(),
+            domain.clone(),
+            key,
+            DKIM_SIGNED.iter().map(|h| HeaderName::new_from_ascii_str(h)).collect(),
+            DkimCanonicalization { header: DkimCanonicalizationType::Relaxed, body: DkimCanonicalizationType::Relaxed },
+        )))
+    }
+}
+
+/// `List-Unsubscribe` (RFC 2369): where the recipient unsubscribes.
+#[derive(Clone, Debug)]
+struct ListUnsubscribe(String);
+
+impl Header for ListUnsubscribe {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("List-Unsubscribe")
+    }
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(ListUnsubscribe(s.to_string()))
+    }
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), self.0.clone())
+    }
+}
+
+/// `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058): a POST
+/// to the `List-Unsubscribe` link unsubscribes, with no page in between.
+#[derive(Clone, Debug)]
+struct ListUnsubscribePost;
+
+impl Header for ListUnsubscribePost {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("List-Unsubscribe-Post")
+    }
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(ListUnsubscribePost)
+    }
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "List-Unsubscribe=One-Click".into())
+    }
 }
 
 /// The window of a recipient's budget.
@@ -48,6 +156,9 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 
 struct Due {
     id: i64,
+    notification_id: Uuid,
+    user_id: Uuid,
+    unsubscribed: bool,
     subject: String,
     body: String,
     attempts: i32,
@@ -57,8 +168,20 @@ struct Due {
 }
 
 impl Mailer {
-    pub fn new(config: &MailConfig, db: PgPool) -> anyhow::Result<Self> {
+    pub fn new(config: &MailConfig, db: PgPool, unsubscribe: Option<Arc<Links>>) -> anyhow::Result<Self> {
         let from: Mailbox = config.mail_from.parse().context("MAIL_FROM")?;
+        let dkim = config.dkim.load()?;
+        let id_domain = config
+            .dkim
+            .dkim_domain
+            .clone()
+            .filter(|_| dkim.is_some())
+            .unwrap_or_else(|| from.email.domain().to_string());
+        if unsubscribe.is_none() {
+            tracing::warn!(
+                "unsubscribe links are not configured (UNSUBSCRIBE_SECRET, PUBLIC_URL): e-mails carry no List-Unsubscribe"
+            );
+        }
         let transport = match &config.smtp_url {
             Some(url) => Transport::Smtp(smtp_transport(config, url)?),
             None => {
@@ -71,7 +194,7 @@ impl Mailer {
         };
         let budget = (config.emails_per_recipient_per_hour > 0)
             .then(|| i32::try_from(config.emails_per_recipient_per_hour).unwrap_or(i32::MAX));
-        Ok(Mailer { db, from, transport, budget })
+        Ok(Mailer { db, from, transport, budget, id_domain, dkim, unsubscribe })
     }
 
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -104,7 +227,8 @@ impl Mailer {
                      WHERE d.sent_at IS NULL AND d.failed_at IS NULL AND d.suppressed_at IS NULL
                        AND d.next_attempt_at <= now()
                      ORDER BY d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
-                 RETURNING d.id, d.subject, d.body, d.attempts, p.email, p.first_name, p.last_name",
+                 RETURNING d.id, d.notification_id, d.user_id, d.subject, d.body, d.attempts, p.email, p.first_name, p.last_name,
+                     EXISTS (SELECT 1 FROM email_unsubscribes u WHERE u.user_id = d.user_id) AS \"unsubscribed!\"",
                 BATCH,
             )
             .fetch_all(&self.db)
@@ -113,6 +237,14 @@ impl Mailer {
                 return Ok(());
             }
             for mail in &due {
+                if mail.unsubscribed {
+                    metrics::counter!("emails_unsubscribed_total").increment(1);
+                    tracing::info!(delivery_id = mail.id, user_id = %mail.user_id, "recipient unsubscribed; not sent");
+                    sqlx::query!("UPDATE email_deliveries SET suppressed_at = now() WHERE id = $1", mail.id)
+                        .execute(&self.db)
+                        .await?;
+                    continue;
+                }
                 if !self.within_budget(mail).await? {
                     metrics::counter!("emails_suppressed_total").increment(1);
                     tracing::info!(delivery_id = mail.id, to = %mail.email, "recipient's e-mail budget spent; not sent");
@@ -196,7 +328,8 @@ impl Mailer {
         Ok(used <= budget)
     }
 
-    async fn send(&self, mail: &Due) -> Result<(), SendError> {
+    /// The e-mail of a delivery, as it goes out (signed when DKIM is configured).
+    fn message(&self, mail: &Due) -> Result<Message, SendError> {
         let name =
             [mail.first_name.as_deref(), mail.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
         // The parser registration uses too: what it accepted can be sent to.
@@ -205,13 +338,28 @@ impl Mailer {
             .address()
             .clone();
         let to = Mailbox::new((!name.is_empty()).then_some(name), address);
-        let message = Message::builder()
+        let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(&mail.subject)
-            .header(ContentType::TEXT_PLAIN)
-            .body(mail.body.clone())
+            .message_id(Some(message_id(mail.notification_id, &self.id_domain)));
+        let mut link = None;
+        if let Some(links) = &self.unsubscribe {
+            builder = builder.header(ListUnsubscribe(links.list_unsubscribe(mail.user_id))).header(ListUnsubscribePost);
+            link = Some(links.url(mail.user_id));
+        }
+        let (text, html) = bodies(&mail.body, link.as_ref().map(|u| u.as_str()));
+        let mut message = builder
+            .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|e| SendError::Permanent(format!("the message cannot be built: {e}")))?;
+        if let Some(dkim) = &self.dkim {
+            message.sign(dkim);
+        }
+        Ok(message)
+    }
+
+    async fn send(&self, mail: &Due) -> Result<(), SendError> {
+        let message = self.message(mail)?;
         match &self.transport {
             Transport::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| {
                 // A 5xx answer will not change; anything else (4xx, no
@@ -225,6 +373,28 @@ impl Mailer {
             Transport::Files(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError::Temporary(format!("{e}"))),
         }
     }
+}
+
+/// The `Message-ID` of a notification's e-mail: the same on every attempt
+/// and every replica, so a resend is recognisably the same message.
+fn message_id(notification_id: Uuid, domain: &str) -> String {
+    format!("<notification-{notification_id}@{domain}>")
+}
+
+/// The text and HTML bodies of an e-mail: the notification's text (escaped
+/// in the HTML), and the unsubscribe link when there is one.
+fn bodies(message: &str, unsubscribe: Option<&str>) -> (String, String) {
+    let mut text = format!("{message}\n");
+    let mut html = format!("<!doctype html><html><body>\n<p>{}</p>\n", escape_html(message));
+    if let Some(link) = unsubscribe {
+        text.push_str(&format!("\n--\nNo more e-mails about your orders: {link}\n"));
+        html.push_str(&format!(
+            "<p style=\"font-size:small;color:#666\"><a href=\"{}\">Unsubscribe</a> from e-mails about your orders.</p>\n",
+            escape_html(link)
+        ));
+    }
+    html.push_str("</body></html>\n");
+    (text, html)
 }
 
 /// Budgets whose window is over (they count as absent), for `runtime::data::prune`.
@@ -328,6 +498,7 @@ fn smtp_transport(config: &MailConfig, url: &str) -> anyhow::Result<AsyncSmtpTra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lettre::message::header::ContentType;
     use runtime::auth::tls::TestAuthority;
     use std::path::PathBuf;
 
@@ -402,6 +573,8 @@ mod tests {
             smtp_username: login.map(|l| l.0.to_string()),
             smtp_password: login.map(|l| l.1.to_string()),
             smtp_ca_file: ca_file,
+            dkim: Default::default(),
+            unsubscribe: Default::default(),
         }
     }
 
@@ -487,5 +660,64 @@ mod tests {
         let missing = super::tests::config(Some(PathBuf::from("/nonexistent/ca.pem")), None);
         let err = smtp_transport(&missing, "smtps://relay").err().unwrap();
         assert!(err.to_string().contains("SMTP_CA_FILE"), "{err}");
+    }
+
+    fn dkim(dir: &std::path::Path, key: Option<&str>) -> DkimSettings {
+        let file = dir.join("dkim.pem");
+        if let Some(key) = key {
+            std::fs::write(&file, key).unwrap();
+        }
+        DkimSettings {
+            dkim_selector: Some("s1".into()),
+            dkim_domain: Some("example.com".into()),
+            dkim_private_key_file: Some(file),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dkim_key_that_cannot_be_used_stops_the_start_with_its_reason() {
+        let dir = std::env::temp_dir().join(format!("dkim-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |settings: DkimSettings| format!("{:#}", settings.load().expect_err("refused"));
+
+        let missing = err(dkim(&dir, None));
+        assert!(missing.contains("DKIM_PRIVATE_KEY_FILE") && missing.contains("cannot read"), "{missing}");
+        let garbage =
+            err(dkim(&dir, Some("-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")));
+        assert!(garbage.contains("DKIM_PRIVATE_KEY_FILE") && garbage.contains("not an RSA private key"), "{garbage}");
+        let pkcs8 =
+            err(dkim(&dir, Some("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI\n-----END PRIVATE KEY-----\n")));
+        assert!(pkcs8.contains("PKCS#8") && pkcs8.contains("-traditional"), "{pkcs8}");
+        let partial = err(DkimSettings { dkim_domain: None, ..dkim(&dir, None) });
+        assert!(partial.contains("DKIM_SELECTOR, DKIM_DOMAIN and DKIM_PRIVATE_KEY_FILE"), "{partial}");
+        assert!(DkimSettings::default().load().unwrap().is_none(), "no DKIM is a choice, not an error");
+
+        // Mailer::new, the service's start, fails the same way.
+        let unreadable = DkimSettings { dkim_private_key_file: Some(dir.join("absent.pem")), ..dkim(&dir, None) };
+        let config = MailConfig { dkim: unreadable, ..config(None, None) };
+        let db = sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none").unwrap();
+        let Err(start) = Mailer::new(&config, db, None) else { panic!("started with an unreadable DKIM key") };
+        let start = format!("{start:#}");
+        assert!(start.contains("DKIM_PRIVATE_KEY_FILE") && start.contains("absent.pem"), "{start}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_html_part_escapes_the_text_and_the_link() {
+        let (text, html) = bodies("Tom & <Jerry> \"quoted\"", Some("https://x.example/u?token=a&b"));
+        assert!(text.starts_with("Tom & <Jerry> \"quoted\"\n"), "{text}");
+        assert!(text.contains("https://x.example/u?token=a&b"), "{text}");
+        assert!(html.contains("<p>Tom &amp; &lt;Jerry&gt; &quot;quoted&quot;</p>"), "{html}");
+        assert!(html.contains("<a href=\"https://x.example/u?token=a&amp;b\">"), "{html}");
+        assert!(!html.contains("<Jerry>"), "{html}");
+        let (text, html) = bodies("no link", None);
+        assert!(!text.contains("http") && !html.contains("href"), "{text} {html}");
+    }
+
+    #[test]
+    fn the_message_id_is_the_notifications() {
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(message_id(id, "example.com"), format!("<notification-{id}@example.com>"));
+        assert_eq!(message_id(id, "example.com"), message_id(id, "example.com"));
     }
 }

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use contracts::api::{ErrorBody, Notification};
-use contracts::messages::{OrderCreated, OrderFailed, UserCreated, UserUpdated};
+use contracts::messages::{NotificationCreated, OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use runtime::auth::CurrentUser;
 use runtime::http::conditional;
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
@@ -13,6 +13,7 @@ use runtime::{ApiError, Incoming, Page, Query};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::OUTBOX;
 use crate::mailer::EMAIL_CHANNEL;
 
 /// Stores the profile copy unless the one held is newer (a higher version):
@@ -61,18 +62,26 @@ pub async fn on_user_updated(tx: &mut PgConnection, msg: Incoming<UserUpdated>) 
     upsert_profile(tx, u.id, &u.email, &u.first_name, &u.last_name, &u.phone, u.version).await
 }
 
-/// Stores the notification and queues its e-mail, in the consumer's transaction.
+/// Stores the notification, queues its e-mail and announces it
+/// (`NotificationCreated`, for the user's open pages), in the consumer's
+/// transaction.
 async fn notify(tx: &mut PgConnection, user_id: Uuid, order_id: Uuid, subject: &str, message: String) -> HandlerResult {
     let id = Uuid::now_v7();
-    sqlx::query!(
-        "INSERT INTO notifications (id, user_id, order_id, message) VALUES ($1, $2, $3, $4)",
+    let created_at = sqlx::query_scalar!(
+        "INSERT INTO notifications (id, user_id, order_id, message) VALUES ($1, $2, $3, $4) RETURNING created_at",
         id,
         user_id,
         order_id,
         &message,
     )
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
+    OUTBOX
+        .enqueue(
+            tx,
+            &NotificationCreated { id, user_id, order_id: Some(order_id), message: message.clone(), created_at },
+        )
+        .await?;
     sqlx::query!(
         "INSERT INTO email_deliveries (notification_id, user_id, subject, body) VALUES ($1, $2, $3, $4)",
         id,

@@ -65,6 +65,10 @@ pub struct Tuning {
     pub per_user: runtime::http::PerUserLimits,
     /// E-mails one address may be sent an hour (0: no budget).
     pub emails_per_recipient_per_hour: u32,
+    /// How e-mails are DKIM-signed (not at all by default).
+    pub dkim: notification::DkimSettings,
+    /// The e-mails' unsubscribe links (none by default).
+    pub unsubscribe: notification::UnsubscribeConfig,
 }
 
 impl Default for Tuning {
@@ -84,6 +88,8 @@ impl Default for Tuning {
             sweeper: Default::default(),
             per_user: Default::default(),
             emails_per_recipient_per_hour: 20,
+            dkim: Default::default(),
+            unsubscribe: Default::default(),
         }
     }
 }
@@ -175,6 +181,8 @@ impl TestApp {
                 smtp_username: None,
                 smtp_password: None,
                 smtp_ca_file: smtp.ca_file.clone(),
+                dkim: tuning.dkim.clone(),
+                unsubscribe: tuning.unsubscribe.clone(),
             },
             web_push: Default::default(),
             addr: String::new(),

@@ -214,6 +214,7 @@ fn what_each_service_declares_it_publishes_is_what_the_asyncapi_document_says() 
     let declared: BTreeSet<(String, String)> = declared::<identity::Identity>()
         .chain(declared::<billing::Billing>())
         .chain(declared::<ordering::Ordering>())
+        .chain(declared::<notification::Notification>())
         .collect();
     let path = repo().join("contracts/asyncapi.json");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -470,7 +470,7 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
     let s = Sandbox::without_broker();
     let shutdown = CancellationToken::new();
     let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
-    // Notification runs no outbox relay, and still prunes its inbox.
+    // Notification prunes its inbox like every service.
     let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
     let notification = notification::Config {
         database_url: s.database_url("notification"),
@@ -483,6 +483,8 @@ async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_prun
             smtp_username: None,
             smtp_password: None,
             smtp_ca_file: None,
+            dkim: Default::default(),
+            unsubscribe: Default::default(),
         },
         web_push: Default::default(),
         limits: Default::default(),
@@ -639,6 +641,8 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
             smtp_username: None,
             smtp_password: None,
             smtp_ca_file: None,
+            dkim: Default::default(),
+            unsubscribe: Default::default(),
         },
         web_push: Default::default(),
         limits: Default::default(),

@@ -345,6 +345,8 @@ impl WebPushService {
                 smtp_username: None,
                 smtp_password: None,
                 smtp_ca_file: None,
+                dkim: Default::default(),
+                unsubscribe: Default::default(),
             },
             web_push,
             addr: String::new(),

@@ -1,6 +1,6 @@
 //! The push service's stream of order events: a durable RabbitMQ stream
 //! (`x-queue-type=stream`) bound to the `ordering` exchange for the order
-//! outcomes. Its one declaration is here, and its name and retention are part
+//! outcomes and to the `notification` exchange for the users' notifications. Its one declaration is here, and its name and retention are part
 //! of every service's messaging configuration (`PUSH_STREAM`,
 //! `PUSH_RETENTION`, `PUSH_STREAM_SEGMENT_BYTES`, one shared setting): every
 //! service declares it on connecting, so that it keeps the events published
@@ -8,8 +8,7 @@
 //! stream the others declared (no orphan stream under another name).
 
 use crate::messaging::channel::text;
-use contracts::messages::exchange;
-use contracts::topology::{PUSH_ORDER_EVENTS, PUSH_STREAM, PUSH_STREAM_DEFAULT_MAX_AGE};
+use contracts::topology::{PUSH_BINDINGS, PUSH_STREAM, PUSH_STREAM_DEFAULT_MAX_AGE};
 use lapin::Connection;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -69,16 +68,18 @@ pub async fn declare(conn: &Connection, spec: &PushStream) -> lapin::Result<()> 
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         channel.queue_declare(spec.name.as_str().into(), passive, FieldTable::default()).await?;
     }
-    for key in PUSH_ORDER_EVENTS {
-        channel
-            .queue_bind(
-                spec.name.as_str().into(),
-                exchange::ORDERING.into(),
-                (*key).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    for (exchange, keys) in PUSH_BINDINGS {
+        for key in *keys {
+            channel
+                .queue_bind(
+                    spec.name.as_str().into(),
+                    (*exchange).into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
     }
     crate::messaging::channel::close_channel(&channel, "push stream declared").await;
     Ok(())
