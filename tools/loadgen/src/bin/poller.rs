@@ -93,8 +93,11 @@ async fn setup(http: &reqwest::Client, url: &str, run: &str, n: usize) -> anyhow
     if resp.status() != StatusCode::CREATED {
         bail!("register {email}: HTTP {} {}", resp.status(), resp.text().await.unwrap_or_default());
     }
-    let resp =
-        http.post(format!("{url}/identity/login")).json(&serde_json::json!({"email": email, "password": password})).send().await?;
+    let resp = http
+        .post(format!("{url}/identity/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await?;
     if resp.status() != StatusCode::OK {
         bail!("login {email}: HTTP {}", resp.status());
     }
