@@ -11,6 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use runtime::ApiError;
 use runtime::auth::{ASSERTION_HEADER, AssertionSigner, CurrentUser, INTERNAL_HEADERS};
 use runtime::http::BODY_LIMIT;
+use runtime::http::conditional::{ETag, FinalTags};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,15 @@ pub struct Gateway {
     body_timeout: Duration,
     pub client_ip_header: Option<HeaderName>,
     shutdown: CancellationToken,
+    /// Final tags the services marked (`conditional::FINAL`), by user and
+    /// public path: a conditional GET naming one is answered 304 here, once
+    /// the user's token is verified, without signing or forwarding anything.
+    final_tags: FinalTags<(u128, String)>,
 }
+
+/// Final tags the gateway remembers at most (about 150 bytes each): the
+/// oldest is forgotten first.
+const FINAL_TAGS_CAPACITY: usize = 100_000;
 
 /// On shutdown, the event streams passing through end at random moments
 /// within this window (so that their browsers reconnect spread out) instead
@@ -131,6 +140,7 @@ impl Gateway {
             body_timeout: config.connections.body_read_timeout(),
             client_ip_header,
             shutdown,
+            final_tags: FinalTags::new(FINAL_TAGS_CAPACITY),
         })
     }
 
@@ -244,8 +254,19 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         parts.headers.insert(FORWARDED_FOR, ip.to_string().parse::<HeaderValue>().expect("an IP is ASCII"));
     }
     let mut claims = None;
+    // Where a final tag of this answer would be remembered: a GET's, by user and path.
+    let mut final_key = None;
     if !is_public(&parts.method, &path) {
         let c = gw.auth.authenticate(&parts.headers).await.map_err(ApiError::from)?;
+        if parts.method == Method::GET && parts.uri.query().is_none() {
+            let key = (c.user_id.as_u128(), path.clone());
+            // The user's copy of a representation that never changes is current.
+            if let Some(resp) = gw.final_tags.not_modified(&key, &parts.headers) {
+                metrics::counter!("gateway_final_tag_hits_total").increment(1);
+                return Ok(resp);
+            }
+            final_key = Some(key);
+        }
         // Who the user is, for this service only, for the next few seconds.
         let user = CurrentUser { id: c.user_id, email: c.email.clone(), token_id: c.jti, token_expires: c.exp };
         let assertion = gw.signer.sign(route.service, &parts.method, &internal_path, &user);
@@ -322,6 +343,15 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
     let (mut parts, body) = resp.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(*name);
+    }
+    // A service's word that the representation is final: remembered for
+    // this user and path, never passed on.
+    if parts.headers.remove(runtime::http::conditional::FINAL).is_some()
+        && matches!(parts.status, StatusCode::OK | StatusCode::NOT_MODIFIED)
+        && let Some(key) = final_key
+        && let Some(tag) = ETag::of_response(&parts.headers)
+    {
+        gw.final_tags.insert(key, tag);
     }
     // A service names its resources by its own paths; clients see public ones.
     if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok())

@@ -103,7 +103,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     });
     let orders_rate = runtime::http::PerUserRate::per_minute("orders", config.per_user.orders_per_user_per_minute);
     service.spawn("order rate pruning", orders_rate.clone().prune(service.shutdown()));
-    let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl(), orders_rate };
+    let final_tags = std::sync::Arc::new(runtime::http::conditional::FinalTags::new(orders::FINAL_TAGS_CAPACITY));
+    let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl(), orders_rate, final_tags };
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

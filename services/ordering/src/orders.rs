@@ -9,7 +9,7 @@ use contracts::api::{CreateOrder, ErrorBody, Order, OrderStatus};
 use contracts::messages::{CreatePayment, OrderCreated, OrderFailed, PaymentCreated, PaymentFailed};
 use runtime::auth::CurrentUser;
 use runtime::data::watch::Watch;
-use runtime::http::conditional::{self, ETag};
+use runtime::http::conditional::{self, ETag, FinalTags};
 use runtime::http::idempotency::{self, Claim, IdempotencyKeyHeader};
 use runtime::http::responses::{NotAuthenticated, UnexpectedError};
 use runtime::messaging::consumer::{HandlerError, HandlerResult};
@@ -52,7 +52,15 @@ pub struct App {
     pub idempotency_ttl: Duration,
     /// Orders per user a minute: each costs a payment and an e-mail.
     pub orders_rate: std::sync::Arc<runtime::http::PerUserRate>,
+    /// The tags of settled orders read here, by (order, user): a settled
+    /// order never changes again (only pending ones are ever updated), so
+    /// its 304 needs no database; another user's request is never answered
+    /// from here (it reads the database and gets the 404 of a missing order).
+    pub final_tags: std::sync::Arc<FinalTags<(Uuid, Uuid)>>,
 }
+
+/// Settled orders whose tags a replica remembers at most (about 100 bytes each).
+pub const FINAL_TAGS_CAPACITY: usize = 100_000;
 
 /// The channel the `order_changed` trigger notifies with an order's id when
 /// the order is placed or changes.
@@ -274,10 +282,15 @@ async fn read(db: &PgPool, id: Uuid, user: Uuid) -> Result<Option<Order>, ApiErr
     Ok(row.map(Order::from))
 }
 
-/// The order with its tag, or 304, and for a pending one how to follow it.
-fn order_response(headers: &HeaderMap, order: &Order) -> Result<(ETag, Response), ApiError> {
+/// The order with its tag, or 304, and for a pending one how to follow it;
+/// a settled one is final (its tag remembered here, and at the gateway).
+fn order_response(app: &App, user: Uuid, headers: &HeaderMap, order: &Order) -> Result<(ETag, Response), ApiError> {
     let (tag, mut resp) = conditional::json_or_not_modified(headers, None, order)?;
     how_to_follow(&mut resp, order);
+    if order.status != OrderStatus::Pending {
+        app.final_tags.insert((order.id, user), tag.clone());
+        resp.headers_mut().insert(conditional::FINAL, HeaderValue::from_static("1"));
+    }
     Ok((tag, resp))
 }
 
@@ -316,11 +329,18 @@ pub async fn get_one(
     Path(id): Path<Uuid>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // The client's copy of a settled order is current and stays so (there
+    // is nothing to wait for): no need to read it again.
+    if let Some(mut resp) = app.final_tags.not_modified(&(id, user.id), &headers) {
+        metrics::counter!("ordering_final_tag_hits_total").increment(1);
+        resp.headers_mut().insert(conditional::FINAL, HeaderValue::from_static("1"));
+        return Ok(resp);
+    }
     let wait = conditional::prefer_wait(&headers);
     // Registered before the read, so that a settlement committed in between wakes it.
     let mut watcher = wait.map(|_| app.watch.watch(id.to_string()));
     let mut order = read(&app.db, id, user.id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
-    let (tag, resp) = order_response(&headers, &order)?;
+    let (tag, resp) = order_response(&app, user.id, &headers, &order)?;
     let (Some(wait), Some(watcher)) = (wait, watcher.as_mut()) else { return Ok(resp) };
     // Nothing to wait for: a settled order never changes again, and a client
     // whose copy is stale needs the current one now.
@@ -342,7 +362,7 @@ pub async fn get_one(
             break;
         }
     }
-    let (_, mut resp) = order_response(&headers, &order)?;
+    let (_, mut resp) = order_response(&app, user.id, &headers, &order)?;
     let (name, value) = conditional::preference_applied(wait);
     resp.headers_mut().insert(name, value);
     Ok(resp)

@@ -2,7 +2,7 @@
 //! settlement, the list's If-Match (412), and money movements made safe to
 //! retry with an Idempotency-Key.
 
-use crate::helpers::{TestApp, User, assert_error, eventually};
+use crate::helpers::{Link, TcpProxy, TestApp, User, assert_error, eventually};
 use reqwest::header::{CACHE_CONTROL, ETAG, IF_MATCH, IF_NONE_MATCH, LINK, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -78,6 +78,105 @@ async fn an_order_is_followed_with_tags_and_an_unchanged_order_is_304() {
     assert_eq!(header(&r, LINK), "", "a settled order has nothing more to follow");
     let new_tag = header(&r, ETAG);
     assert_eq!(get(&new_tag).await.unwrap().status(), StatusCode::NOT_MODIFIED);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_settled_orders_304_needs_no_database_and_is_never_another_users() {
+    let app = TestApp::spawn().await;
+    let (user, other) = (app.user().await, app.user().await);
+    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let id = place(&app, &user, 20).await["id"].as_str().unwrap().to_string();
+    assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
+    // Straight to ordering, as the gateway calls it (its own memory is another test's).
+    let path = format!("/api/v1/orders/{id}");
+    let get = |who: &User, inm: Option<&str>| {
+        let assertion = app.assertion("ordering", Method::GET, &path, who);
+        let mut req = app
+            .http
+            .get(format!("{}{path}", app.service_url("ordering")))
+            .header(runtime::auth::ASSERTION_HEADER, assertion);
+        if let Some(tag) = inm {
+            req = req.header(IF_NONE_MATCH, tag.to_string());
+        }
+        req.send()
+    };
+    let r = get(&user, None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-final-representation"), "1", "ordering tells the gateway the order is final");
+    let tag = header(&r, ETAG);
+    assert_eq!(get(&other, Some(&tag)).await.unwrap().status(), StatusCode::NOT_FOUND);
+
+    // The orders out of the database's reach: what reads them fails, the
+    // settled order's tag known to ordering does not.
+    let ordering = app.db("ordering").await;
+    sqlx::query("ALTER TABLE orders RENAME TO orders_away").execute(&ordering).await.unwrap();
+    let r = get(&user, Some(&tag)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED, "answered without the database");
+    assert_eq!((header(&r, ETAG), header(&r, CACHE_CONTROL)), (tag.clone(), "private, no-cache".to_string()));
+    assert!(get(&user, None).await.unwrap().status().is_server_error(), "without the tag it reads the database");
+    assert!(get(&user, Some("\"stale\"")).await.unwrap().status().is_server_error(), "another tag: it reads too");
+    assert!(
+        get(&other, Some(&tag)).await.unwrap().status().is_server_error(),
+        "another user's request for the order is never answered from memory"
+    );
+    sqlx::query("ALTER TABLE orders_away RENAME TO orders").execute(&ordering).await.unwrap();
+    assert_eq!(get(&other, Some(&tag)).await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(get(&user, Some(&tag)).await.unwrap().status(), StatusCode::NOT_MODIFIED);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateway_answers_a_settled_orders_304_itself_to_its_user_while_the_token_holds() {
+    let mut app = TestApp::spawn().await;
+    let ordering = app.service_url("ordering");
+    let proxy = TcpProxy::before(&ordering).await;
+    let gateway = app.gateway_to(&proxy.url(&ordering), 5).await;
+    let (user, other) = (app.user().await, app.user().await);
+    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let settled = place(&app, &user, 20).await["id"].as_str().unwrap().to_string();
+    app.settled_order(&user, &settled).await;
+    let held = hold_payments(&app, &user).await;
+    let pending = place(&app, &user, 5).await["id"].as_str().unwrap().to_string();
+    let get = |who: &User, id: &str, inm: Option<&str>| {
+        let mut req = app.http.get(format!("{gateway}/api/v1/ordering/orders/{id}")).bearer_auth(&who.token);
+        if let Some(tag) = inm {
+            req = req.header(IF_NONE_MATCH, tag.to_string());
+        }
+        req.send()
+    };
+    let r = get(&user, &settled, None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-final-representation"), "", "the service's word for the gateway stays inside");
+    let tag = header(&r, ETAG);
+    let pending_tag = header(&get(&user, &pending, None).await.unwrap(), ETAG);
+
+    // Ordering out of reach: only what the gateway knows is final is answered.
+    proxy.set(Link::Cut);
+    let r = get(&user, &settled, Some(&tag)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!((header(&r, ETAG), header(&r, CACHE_CONTROL)), (tag.clone(), "private, no-cache".to_string()));
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    assert_eq!(get(&user, &settled, None).await.unwrap().status(), unavailable);
+    assert_eq!(get(&user, &settled, Some("\"stale\"")).await.unwrap().status(), unavailable);
+    assert_eq!(
+        get(&user, &pending, Some(&pending_tag)).await.unwrap().status(),
+        unavailable,
+        "a pending order may change"
+    );
+    assert_eq!(get(&other, &settled, Some(&tag)).await.unwrap().status(), unavailable, "never to another user");
+    let r = app.http.get(format!("{gateway}/api/v1/ordering/orders/{settled}")).header(IF_NONE_MATCH, &tag).send();
+    assert_eq!(r.await.unwrap().status(), StatusCode::UNAUTHORIZED, "never without the token");
+
+    // Logged out (through the other gateway): this one learns it from the
+    // revoked-token list, and its memory answers that token no more.
+    assert!(app.post(&user, "/identity/logout", json!({})).await.status().is_success());
+    eventually(Duration::from_secs(10), || async {
+        (get(&user, &settled, Some(&tag)).await.ok()?.status() == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    proxy.set(Link::Open);
+    held.commit().await.unwrap();
     app.stop().await;
 }
 

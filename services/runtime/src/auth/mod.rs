@@ -36,7 +36,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -129,9 +129,29 @@ pub struct AssertionSigner(Arc<SignerInner>);
 
 struct SignerInner {
     kid: String,
-    encoding: EncodingKey,
+    /// Parsed once: parsing derives the public key, which costs as much as
+    /// a signature (jsonwebtoken's `encode` did it for every assertion).
+    pair: Ed25519KeyPair,
+    /// The JOSE header's base64url, the same in every assertion of this key.
+    header: String,
     pkcs8: Vec<u8>,
     public: Vec<u8>,
+}
+
+/// [`Claims`] borrowed, to sign without copying the request's strings.
+#[derive(Serialize)]
+struct ClaimsRef<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    sub: Uuid,
+    email: &'a str,
+    tid: Uuid,
+    texp: i64,
+    jti: Uuid,
+    htm: &'a str,
+    htu: &'a str,
+    iat: i64,
+    exp: i64,
 }
 
 impl std::fmt::Debug for AssertionSigner {
@@ -151,12 +171,11 @@ impl AssertionSigner {
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
             .map_err(|e| anyhow::anyhow!("not an Ed25519 private key in PKCS#8: {e}"))?;
         let public = pair.public_key().as_ref().to_vec();
-        Ok(AssertionSigner(Arc::new(SignerInner {
-            kid: kid_of(&public),
-            encoding: EncodingKey::from_ed_der(der),
-            pkcs8: der.to_vec(),
-            public,
-        })))
+        let kid = kid_of(&public);
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.clone());
+        let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        Ok(AssertionSigner(Arc::new(SignerInner { kid, pair, header, pkcs8: der.to_vec(), public })))
     }
 
     /// A PEM (`-----BEGIN PRIVATE KEY-----`, as `openssl genpkey -algorithm
@@ -198,22 +217,30 @@ impl AssertionSigner {
 
     /// [`Self::sign`] as of `issued_at` (seconds since the epoch).
     pub fn sign_at(&self, audience: &str, method: &Method, path: &str, user: &CurrentUser, issued_at: i64) -> String {
-        let claims = Claims {
-            iss: ISSUER.into(),
-            aud: audience.into(),
+        let claims = ClaimsRef {
+            iss: ISSUER,
+            aud: audience,
             sub: user.id,
-            email: user.email.clone(),
+            email: &user.email,
             tid: user.token_id,
             texp: user.token_expires,
             jti: Uuid::new_v4(),
-            htm: method.as_str().into(),
-            htu: path.into(),
+            htm: method.as_str(),
+            htu: path,
             iat: issued_at,
             exp: issued_at + ASSERTION_TTL_SECS,
         };
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.0.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &self.0.encoding).expect("a valid Ed25519 key signs")
+        let claims = serde_json::to_vec(&claims).expect("claims serialize");
+        // A JWS in compact form (RFC 7515): header.claims.signature, as
+        // jsonwebtoken writes and reads it.
+        let mut jwt = String::with_capacity(self.0.header.len() + claims.len() * 4 / 3 + 92);
+        jwt.push_str(&self.0.header);
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(&claims, &mut jwt);
+        let signature = self.0.pair.sign(jwt.as_bytes());
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jwt);
+        jwt
     }
 }
 
@@ -275,7 +302,8 @@ impl VerifyKeys {
 #[derive(Clone, Debug)]
 pub struct CallerVerifier {
     keys: VerifyKeys,
-    audience: &'static str,
+    /// What an assertion's claims must say (its audience: this service), built once.
+    validation: Arc<Validation>,
     seen: Arc<SeenAssertions>,
 }
 
@@ -340,7 +368,12 @@ impl CallerVerifier {
     }
 
     fn with_capacity(keys: VerifyKeys, audience: &'static str, capacity: usize) -> Self {
-        CallerVerifier { keys, audience, seen: Arc::new(SeenAssertions::new(capacity)) }
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY_SECS;
+        CallerVerifier { keys, validation: Arc::new(validation), seen: Arc::new(SeenAssertions::new(capacity)) }
     }
 
     /// The user `headers` name in a valid assertion for this service and
@@ -355,12 +388,7 @@ impl CallerVerifier {
             tracing::warn!(kid, "an assertion signed with a key not configured here (INTERNAL_VERIFY_KEY)");
             refused()
         })?;
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = LEEWAY_SECS;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| {
                 tracing::warn!(error = %e, "an assertion was refused");
                 refused()

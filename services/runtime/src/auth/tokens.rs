@@ -9,6 +9,14 @@
 //! and is answered 503 with `Retry-After` (and the process is not ready),
 //! never accepted. A stream opened with a token ends with it
 //! ([`TokenVerifier::until_ended`]).
+//!
+//! A token verified once is remembered by its exact text until its `exp`
+//! (`TOKEN_CACHE_CAPACITY` of them at most): the same token again (an SPA
+//! polls with one token for its whole life) costs a map lookup instead of a
+//! signature check. What can end a token before its `exp` is checked on every
+//! use all the same: its revocation, the revoked-token list's age, and
+//! identity no longer publishing the key that signed it (the memory is
+//! forgotten when a key disappears from identity's keys).
 
 use axum::http::{HeaderMap, Uri, header};
 use contracts::api::{TOKEN_COOKIE, TOKEN_ISSUER, TokenClaims};
@@ -67,11 +75,20 @@ pub struct VerifierConfig {
     /// (a token naming an unknown key fetches them at once, at most every 5 s).
     #[arg(long, env = "KEY_REFRESH_SECS", default_value_t = 300)]
     pub key_refresh_secs: u64,
+    /// Verified tokens remembered (by their exact text, each until its
+    /// `exp`) so that the same token is not verified again; 0: none.
+    #[arg(long, env = "TOKEN_CACHE_CAPACITY", default_value_t = 10_000)]
+    pub token_cache_capacity: usize,
 }
 
 impl Default for VerifierConfig {
     fn default() -> Self {
-        VerifierConfig { revocation_refresh_ms: 2000, revocation_max_age_secs: 30, key_refresh_secs: 300 }
+        VerifierConfig {
+            revocation_refresh_ms: 2000,
+            revocation_max_age_secs: 30,
+            key_refresh_secs: 300,
+            token_cache_capacity: 10_000,
+        }
     }
 }
 
@@ -106,6 +123,8 @@ pub struct TokenVerifier {
     /// Bumped whenever a token is revoked here or the list is reloaded.
     revocations: tokio::sync::watch::Sender<u64>,
     last_key_fetch: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Tokens verified here, by their exact text, with their claims.
+    verified: RwLock<HashMap<String, TokenClaims>>,
     config: VerifierConfig,
 }
 
@@ -162,6 +181,7 @@ impl TokenVerifier {
             revoked_loaded: RwLock::new(None),
             revocations: tokio::sync::watch::channel(0).0,
             last_key_fetch: tokio::sync::Mutex::new(None),
+            verified: RwLock::new(HashMap::new()),
             config,
         }
     }
@@ -182,7 +202,7 @@ impl TokenVerifier {
             }
         }
         anyhow::ensure!(!keys.is_empty(), "identity published no Ed25519 key");
-        *self.keys.write().expect("keys lock") = keys;
+        self.replace_keys(keys);
         Ok(())
     }
 
@@ -196,6 +216,16 @@ impl TokenVerifier {
             self.revocations.send_modify(|n| *n += 1);
         }
         Ok(())
+    }
+
+    /// Takes identity's keys; a key no longer among them signs nothing
+    /// that is accepted here any more, remembered tokens included.
+    fn replace_keys(&self, keys: HashMap<String, DecodingKey>) {
+        let mut current = self.keys.write().expect("keys lock");
+        if current.keys().any(|kid| !keys.contains_key(kid)) {
+            self.verified.write().expect("verified lock").clear();
+        }
+        *current = keys;
     }
 
     /// Takes a full load of the revoked tokens (id, expiry), forgetting the
@@ -317,6 +347,56 @@ impl TokenVerifier {
 
     /// The claims of a valid, unexpired, unrevoked token.
     pub async fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
+        if let Some(claims) = self.remembered(token, chrono::Utc::now().timestamp()) {
+            return self.admit(claims);
+        }
+        let claims = self.check_signature(token).await?;
+        let claims = self.admit(claims)?;
+        self.remember(token, &claims);
+        Ok(claims)
+    }
+
+    /// The claims of `token` verified before, unless it has expired since
+    /// (through the leeway, as the signature check counts it) as of `now`.
+    fn remembered(&self, token: &str, now: i64) -> Option<TokenClaims> {
+        let verified = self.verified.read().expect("verified lock");
+        let claims = verified.get(token)?;
+        (now <= claims.exp.saturating_add(LEEWAY_SECS as i64)).then(|| claims.clone())
+    }
+
+    /// Keeps `token`'s claims for its next use, within the capacity: full,
+    /// the expired ones go first, then one at random.
+    fn remember(&self, token: &str, claims: &TokenClaims) {
+        let capacity = self.config.token_cache_capacity;
+        if capacity == 0 {
+            return;
+        }
+        let now = chrono::Utc::now().timestamp();
+        let mut verified = self.verified.write().expect("verified lock");
+        if verified.len() >= capacity {
+            verified.retain(|_, c| now <= c.exp.saturating_add(LEEWAY_SECS as i64));
+            while verified.len() >= capacity {
+                let Some(any) = verified.keys().next().cloned() else { break };
+                verified.remove(&any);
+            }
+        }
+        verified.insert(token.to_string(), claims.clone());
+    }
+
+    /// What can end a well-signed token before its `exp`, checked on every
+    /// use: its revocation, and whether revocations can be judged at all.
+    fn admit(&self, claims: TokenClaims) -> Result<TokenClaims, TokenError> {
+        if self.is_revoked(&claims.jti) {
+            return Err(TokenError::Invalid);
+        }
+        if self.revocations_stale() {
+            return Err(TokenError::RevocationsStale);
+        }
+        Ok(claims)
+    }
+
+    /// The claims of a token signed by one of identity's keys, not expired.
+    async fn check_signature(&self, token: &str) -> Result<TokenClaims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         let kid = header.kid.ok_or(TokenError::Invalid)?;
         if !self.keys.read().expect("keys lock").contains_key(&kid) {
@@ -342,16 +422,7 @@ impl TokenVerifier {
         validation.set_issuer(&[TOKEN_ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.leeway = LEEWAY_SECS;
-        let claims =
-            jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map_err(|_| TokenError::Invalid)?.claims;
-        drop(keys);
-        if self.is_revoked(&claims.jti) {
-            return Err(TokenError::Invalid);
-        }
-        if self.revocations_stale() {
-            return Err(TokenError::RevocationsStale);
-        }
-        Ok(claims)
+        jsonwebtoken::decode::<TokenClaims>(token, key, &validation).map(|d| d.claims).map_err(|_| TokenError::Invalid)
     }
 
     /// The claims of the token `headers` carry.
@@ -426,6 +497,95 @@ mod tests {
         assert!(!ended.is_finished());
         v.revoke(&c);
         tokio::time::timeout(Duration::from_secs(5), ended).await.expect("ended on revocation").unwrap();
+    }
+
+    /// A verifier that knows one signing key (`k1`), its revoked-token
+    /// list just loaded, and what signs tokens with that key.
+    fn knowing_a_key(capacity: usize) -> (TokenVerifier, impl Fn(&TokenClaims) -> String) {
+        let config = VerifierConfig { token_cache_capacity: capacity, ..VerifierConfig::default() };
+        let v = TokenVerifier::new("http://127.0.0.1:9", config);
+        let (encoding, decoding) = key_pair();
+        v.keys.write().unwrap().insert("k1".into(), decoding);
+        loaded_now(&v);
+        let sign = move |c: &TokenClaims| {
+            let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+            header.kid = Some("k1".into());
+            jsonwebtoken::encode(&header, c, &encoding).unwrap()
+        };
+        (v, sign)
+    }
+
+    fn key_pair() -> (jsonwebtoken::EncodingKey, DecodingKey) {
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let der = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(der.as_ref()).unwrap();
+        (jsonwebtoken::EncodingKey::from_ed_der(der.as_ref()), DecodingKey::from_ed_der(pair.public_key().as_ref()))
+    }
+
+    #[tokio::test]
+    async fn a_token_verified_once_is_taken_from_memory_and_refused_after_a_reload_revokes_it() {
+        let (v, sign) = knowing_a_key(100);
+        let c = claims();
+        let token = sign(&c);
+        assert_eq!(v.verify(&token).await.unwrap().user_id, c.user_id);
+        // Key `k1` now checks signatures of another key: a token seen for
+        // the first time fails, the remembered one is not checked again.
+        v.keys.write().unwrap().insert("k1".into(), key_pair().1);
+        assert_eq!(v.verify(&sign(&claims())).await.unwrap_err(), TokenError::Invalid);
+        assert_eq!(v.verify(&token).await.unwrap().jti, c.jti);
+        // The next reload of the revoked-token list names it: refused at once.
+        assert!(v.merge_revoked([(c.jti, c.exp)]));
+        assert_eq!(v.verify(&token).await.unwrap_err(), TokenError::Invalid);
+        // A logout through this process, likewise.
+        let (v, sign) = knowing_a_key(100);
+        let c = claims();
+        let token = sign(&c);
+        assert!(v.verify(&token).await.is_ok());
+        v.revoke(&c);
+        assert_eq!(v.verify(&token).await.unwrap_err(), TokenError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_ends_at_its_exp_and_cannot_be_judged_with_a_stale_list() {
+        let (v, sign) = knowing_a_key(100);
+        let c = claims();
+        let token = sign(&c);
+        assert!(v.verify(&token).await.is_ok());
+        let through = c.exp + LEEWAY_SECS as i64;
+        assert!(v.remembered(&token, through).is_some());
+        assert!(v.remembered(&token, through + 1).is_none(), "past exp and the leeway it is not taken from memory");
+        *v.revoked_loaded.write().unwrap() = None;
+        assert_eq!(v.verify(&token).await.unwrap_err(), TokenError::RevocationsStale);
+    }
+
+    #[tokio::test]
+    async fn a_key_identity_no_longer_publishes_forgets_the_tokens_it_signed() {
+        let (v, sign) = knowing_a_key(100);
+        let token = sign(&claims());
+        assert!(v.verify(&token).await.is_ok());
+        // A new key beside it: nothing is forgotten.
+        v.replace_keys(HashMap::from([("k1".to_string(), key_pair().1), ("k2".to_string(), key_pair().1)]));
+        assert!(v.remembered(&token, chrono::Utc::now().timestamp()).is_some());
+        // `k1` gone: its tokens are refused, the remembered one too.
+        v.replace_keys(HashMap::from([("k2".to_string(), key_pair().1)]));
+        assert!(v.remembered(&token, chrono::Utc::now().timestamp()).is_none());
+        assert_eq!(v.verify(&token).await.unwrap_err(), TokenError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn the_memory_of_tokens_is_bounded_and_can_be_turned_off() {
+        let (v, sign) = knowing_a_key(2);
+        for _ in 0..3 {
+            assert!(v.verify(&sign(&claims())).await.is_ok());
+        }
+        assert_eq!(v.verified.read().unwrap().len(), 2);
+        let (v, sign) = knowing_a_key(0);
+        let token = sign(&claims());
+        assert!(v.verify(&token).await.is_ok());
+        assert!(v.verified.read().unwrap().is_empty());
+        // Without a memory every use is checked: another key under `k1` refuses it.
+        v.keys.write().unwrap().insert("k1".into(), key_pair().1);
+        assert_eq!(v.verify(&token).await.unwrap_err(), TokenError::Invalid);
     }
 
     #[test]

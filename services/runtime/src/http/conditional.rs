@@ -1,11 +1,15 @@
 //! Conditional requests (RFC 9110 §13) and the `Prefer: wait` preference
-//! (RFC 7240): entity tags, `If-None-Match` → 304, `If-Match` → 412, and the
-//! longest wait a long poll may ask for.
+//! (RFC 7240): entity tags, `If-None-Match` → 304, `If-Match` → 412, the
+//! longest wait a long poll may ask for, and the memory of final tags that
+//! answers a 304 without reading anything.
 
 use axum::http::header::{CACHE_CONTROL, ETAG, IF_MATCH, IF_NONE_MATCH};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use crate::ApiError;
@@ -23,6 +27,76 @@ pub const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-a
 /// `private, no-cache`: a browser may keep the representation but must
 /// revalidate it (cheaply, with `If-None-Match`) before every use.
 pub const REVALIDATE: HeaderValue = HeaderValue::from_static("private, no-cache");
+
+/// Set by a service on its answer (200 or 304) when the representation will
+/// never change again (a settled order): its tag is final. The gateway
+/// remembers the tag for the user and the path and answers that user's
+/// conditional GETs naming it itself (after checking the user's token, as
+/// for any request); it never passes the header on to the client.
+pub const FINAL: HeaderName = HeaderName::from_static("x-final-representation");
+
+/// Final tags (of representations that never change again), by a key that
+/// names the resource and the user it was served to: a conditional GET of
+/// that user naming the tag is answered 304 from here, without reading the
+/// resource again. Another user's key is another entry, so nothing learnt
+/// for one user answers another. Bounded: past its capacity, the entry
+/// remembered first is forgotten (and read again when asked for).
+pub struct FinalTags<K> {
+    capacity: usize,
+    inner: RwLock<Remembered<K>>,
+}
+
+struct Remembered<K> {
+    tags: HashMap<K, ETag>,
+    /// In the order remembered: the first to forget.
+    order: VecDeque<K>,
+}
+
+impl<K: Hash + Eq + Clone> FinalTags<K> {
+    /// At most `capacity` tags (0: none).
+    pub fn new(capacity: usize) -> Self {
+        FinalTags { capacity, inner: RwLock::new(Remembered { tags: HashMap::new(), order: VecDeque::new() }) }
+    }
+
+    /// The final tag remembered for `key`.
+    pub fn get(&self, key: &K) -> Option<ETag> {
+        self.inner.read().expect("final tags lock").tags.get(key).cloned()
+    }
+
+    /// The 304 for a request whose `If-None-Match` names the final tag
+    /// remembered for `key`; `None` when it does not (or none is).
+    pub fn not_modified(&self, key: &K, headers: &HeaderMap) -> Option<Response> {
+        if !headers.contains_key(IF_NONE_MATCH) {
+            return None;
+        }
+        let tag = self.get(key)?;
+        tag.none_match_hit(headers).then(|| not_modified(&tag))
+    }
+
+    /// Remembers `tag` as the final tag of `key`.
+    pub fn insert(&self, key: K, tag: ETag) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut r = self.inner.write().expect("final tags lock");
+        if r.tags.insert(key.clone(), tag).is_some() {
+            return;
+        }
+        r.order.push_back(key);
+        while r.tags.len() > self.capacity {
+            let Some(oldest) = r.order.pop_front() else { break };
+            r.tags.remove(&oldest);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("final tags lock").tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// A strong entity tag, kept with its quotes (`"…"`), as it goes on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +123,13 @@ impl ETag {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The tag a response carries in its `ETag` header, if a valid one.
+    pub fn of_response(headers: &HeaderMap) -> Option<Self> {
+        let v = headers.get(ETAG)?.to_str().ok()?;
+        let opaque = v.strip_prefix('"')?.strip_suffix('"')?;
+        opaque.bytes().all(|b| b.is_ascii_graphic() && b != b'"').then(|| ETag(v.to_string()))
     }
 
     fn header_value(&self) -> HeaderValue {
@@ -204,6 +285,40 @@ mod tests {
         assert_eq!(prefer_wait(&headers(&[("prefer", "wait=soon")])), None);
         assert_eq!(prefer_wait(&headers(&[("prefer", "return=minimal")])), None);
         assert_eq!(prefer_wait(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn final_tags_are_per_key_bounded_and_answer_only_the_tag_they_know() {
+        let tags = FinalTags::new(2);
+        tags.insert(("a", "alice"), ETag::new("a"));
+        assert_eq!(tags.get(&("a", "alice")), Some(ETag::new("a")));
+        assert_eq!(tags.get(&("a", "bob")), None, "another user's key is another entry");
+        let hit = tags.not_modified(&("a", "alice"), &headers(&[("if-none-match", "\"a\"")])).expect("304");
+        assert_eq!((hit.status(), hit.headers()[ETAG].to_str().unwrap()), (StatusCode::NOT_MODIFIED, "\"a\""));
+        assert!(tags.not_modified(&("a", "alice"), &headers(&[("if-none-match", "\"b\"")])).is_none());
+        assert!(tags.not_modified(&("a", "alice"), &HeaderMap::new()).is_none());
+        assert!(tags.not_modified(&("a", "bob"), &headers(&[("if-none-match", "\"a\"")])).is_none());
+        tags.insert(("b", "alice"), ETag::new("b"));
+        tags.insert(("b", "alice"), ETag::new("b"));
+        assert_eq!(tags.len(), 2, "the same key again takes no more room");
+        tags.insert(("c", "alice"), ETag::new("c"));
+        assert_eq!((tags.len(), tags.get(&("a", "alice")), tags.get(&("c", "alice"))), (2, None, Some(ETag::new("c"))));
+        let none = FinalTags::new(0);
+        none.insert("a", ETag::new("a"));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_responses_tag_is_read_back_only_when_valid() {
+        let tag = ETag::of_bytes(b"x");
+        let mut h = HeaderMap::new();
+        h.insert(ETAG, tag.header_value());
+        assert_eq!(ETag::of_response(&h), Some(tag));
+        for bad in ["W/\"x\"", "x", "\"a\"b\""] {
+            h.insert(ETAG, HeaderValue::from_str(bad).unwrap());
+            assert_eq!(ETag::of_response(&h), None, "{bad}");
+        }
+        assert_eq!(ETag::of_response(&HeaderMap::new()), None);
     }
 
     #[test]
