@@ -145,25 +145,6 @@ fn routes(state: AppState) -> Router {
         .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()))
 }
 
-/// Revoked tokens past their expiry, for `runtime::data::prune`.
-fn delete_expired_revoked_tokens(
-    db: &sqlx::PgPool,
-    max_age_secs: f64,
-    limit: i64,
-) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM revoked_tokens WHERE jti IN (
-                 SELECT jti FROM revoked_tokens WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
-}
-
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut service = Service::new("identity", &config.limits, shutdown)
         .with_database(&config.database_url, sqlx::migrate!("../../migrations/identity"), &config.messaging, &listener)
@@ -198,11 +179,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("throttle pruning", state.throttle.clone().prune(service.shutdown()));
     service.relay_outbox();
     // A revoked token is refused by its expiry anyway once it has expired.
-    let expired = runtime::data::prune::Prune {
-        what: "revoked_tokens",
-        delete: delete_expired_revoked_tokens,
-        max_age: Duration::ZERO,
-    };
+    let expired = runtime::prune!(
+        "revoked_tokens",
+        Duration::ZERO,
+        "DELETE FROM revoked_tokens WHERE jti IN (
+             SELECT jti FROM revoked_tokens WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)"
+    );
     service.prune(vec![expired], config.messaging.prune_interval());
     service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(state)).await

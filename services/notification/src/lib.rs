@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use mailer::{DkimSettings, Mailer};
+pub use mailer::{DkimSettings, Mailer, spent_budgets as spent_email_budgets};
 pub use webpush::WebPushConfig;
 
 runtime::publishes!(pub OUTBOX: Notification = "notification" => NotificationCreated);

@@ -399,25 +399,12 @@ fn bodies(message: &str, unsubscribe: Option<&str>) -> (String, String) {
 
 /// Budgets whose window is over (they count as absent), for `runtime::data::prune`.
 pub fn spent_budgets() -> runtime::data::prune::Prune {
-    runtime::data::prune::Prune { what: "email_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
-}
-
-fn delete_spent_budgets(
-    db: &PgPool,
-    max_age_secs: f64,
-    limit: i64,
-) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM email_budgets WHERE recipient IN (
-                 SELECT recipient FROM email_budgets WHERE window_start < now() - make_interval(secs => $1) LIMIT $2)",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
+    runtime::prune!(
+        "email_budgets",
+        BUDGET_WINDOW,
+        "DELETE FROM email_budgets WHERE recipient IN (
+             SELECT recipient FROM email_budgets WHERE window_start < now() - make_interval(secs => $1) LIMIT $2)"
+    )
 }
 
 /// First retry of a temporary failure after this, doubling up to [`RETRY_CAP`].

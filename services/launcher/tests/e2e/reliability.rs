@@ -466,6 +466,31 @@ async fn sigterm_ends_the_whole_process_in_bounded_time_while_its_database_and_b
 // Tables that stay bounded.
 
 #[tokio::test]
+async fn spent_email_and_push_budgets_are_pruned_and_current_ones_stay() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let db = app.db("notification").await;
+    for (table, key, current, spent) in [
+        ("email_budgets", "recipient", "'now@example.com'", "'then@example.com'"),
+        ("push_budgets", "user_id", "gen_random_uuid()", "gen_random_uuid()"),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO {table} ({key}, window_start, used) VALUES
+                 ({current}, now() - interval '10 minutes', 3), ({spent}, now() - interval '2 hours', 20)"
+        ))
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    assert_eq!(notification::spent_email_budgets().once(&db).await.unwrap(), 1);
+    assert_eq!(notification::webpush::pusher::spent_budgets().once(&db).await.unwrap(), 1);
+    for table in ["email_budgets", "push_budgets"] {
+        let left: Vec<i32> = sqlx::query_scalar(&format!("SELECT used FROM {table}")).fetch_all(&db).await.unwrap();
+        assert_eq!(left, [3], "{table}: the budget of the current hour stays");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_pruned_on_a_schedule() {
     let s = Sandbox::without_broker();
     let shutdown = CancellationToken::new();

@@ -312,25 +312,12 @@ fn retry_after(value: &str) -> Option<Duration> {
 
 /// Budgets whose window is over, for `runtime::data::prune`.
 pub fn spent_budgets() -> runtime::data::prune::Prune {
-    runtime::data::prune::Prune { what: "push_budgets", delete: delete_spent_budgets, max_age: BUDGET_WINDOW }
-}
-
-fn delete_spent_budgets(
-    db: &PgPool,
-    max_age_secs: f64,
-    limit: i64,
-) -> runtime::data::prune::BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM push_budgets WHERE user_id IN (
-                 SELECT user_id FROM push_budgets WHERE window_start < now() - make_interval(secs => $1) LIMIT $2)",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
+    runtime::prune!(
+        "push_budgets",
+        BUDGET_WINDOW,
+        "DELETE FROM push_budgets WHERE user_id IN (
+             SELECT user_id FROM push_budgets WHERE window_start < now() - make_interval(secs => $1) LIMIT $2)"
+    )
 }
 
 #[cfg(test)]

@@ -11,43 +11,46 @@ use tokio_util::sync::CancellationToken;
 /// Rows deleted per statement.
 pub const BATCH: i64 = 1000;
 
+/// A [`Prune`] job around one `DELETE`, checked at compile time like every
+/// other statement (`sqlx::query!`), whose `$1` is the age in seconds past
+/// which a row goes and `$2` the batch size:
+/// `prune!("inbox", max_age, "DELETE FROM inbox WHERE ctid = ANY(ARRAY(SELECT ctid ... LIMIT $2))")`.
+#[macro_export]
+macro_rules! prune {
+    ($what:expr, $max_age:expr, $sql:literal $(,)?) => {{
+        fn delete(
+            db: &::sqlx::PgPool,
+            max_age_secs: f64,
+            limit: i64,
+        ) -> $crate::data::prune::BoxFuture<'_, ::sqlx::Result<u64>> {
+            ::std::boxed::Box::pin(async move {
+                let deleted = ::sqlx::query!($sql, max_age_secs, limit).execute(db).await?;
+                Ok(deleted.rows_affected())
+            })
+        }
+        $crate::data::prune::Prune { what: $what, delete, max_age: $max_age }
+    }};
+}
+
 /// Processed-message records of the idempotent consumers (every service)
 /// older than `max_age`.
 pub fn inbox(max_age: Duration) -> Prune {
-    Prune { what: "inbox", delete: delete_inbox, max_age }
-}
-
-fn delete_inbox(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2))",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
+    crate::prune!(
+        "inbox",
+        max_age,
+        "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2))"
+    )
 }
 
 /// Outbox rows sent longer than `max_age` ago (unsent and parked rows stay).
 pub fn sent_outbox(max_age: Duration) -> Prune {
-    Prune { what: "outbox", delete: delete_sent_outbox, max_age }
-}
-
-fn delete_sent_outbox(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM outbox WHERE sent_at < now() - make_interval(secs => $1) LIMIT $2))",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
+    crate::prune!(
+        "outbox",
+        max_age,
+        "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM outbox WHERE sent_at < now() - make_interval(secs => $1) LIMIT $2))"
+    )
 }
 
 /// One kind of row to prune.
@@ -56,8 +59,7 @@ pub struct Prune {
     /// For the logs: what is deleted.
     pub what: &'static str,
     /// Deletes at most `limit` rows older than `max_age_secs`, returning how
-    /// many: a function around one `sqlx::query!` `DELETE`, so that its SQL
-    /// is checked at compile time like every other.
+    /// many: a function around one `sqlx::query!` `DELETE` (see [`prune!`](crate::prune)).
     pub delete: for<'a> fn(&'a PgPool, f64, i64) -> BoxFuture<'a, sqlx::Result<u64>>,
     pub max_age: Duration,
 }

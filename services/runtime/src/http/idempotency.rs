@@ -15,12 +15,12 @@
 //!   it is free again (a new effect), and [`prune`] deletes it.
 
 use axum::http::HeaderMap;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use std::time::Duration;
 use uuid::Uuid;
 
 use crate::ApiError;
-use crate::data::prune::{BoxFuture, Prune};
+use crate::data::prune::Prune;
 
 pub const HEADER: &str = "idempotency-key";
 
@@ -151,21 +151,12 @@ pub async fn claim(tx: &mut PgConnection, r: Request<'_>, ttl: Duration) -> Resu
 
 /// Deletes the keys past their time, for [`crate::data::prune`].
 pub fn prune(config: &IdempotencyConfig) -> Prune {
-    Prune { what: "idempotency keys", delete: delete_expired, max_age: config.ttl() }
-}
-
-fn delete_expired(db: &PgPool, max_age_secs: f64, limit: i64) -> BoxFuture<'_, sqlx::Result<u64>> {
-    Box::pin(async move {
-        let deleted = sqlx::query!(
-            "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2))",
-            max_age_secs,
-            limit,
-        )
-        .execute(db)
-        .await?;
-        Ok(deleted.rows_affected())
-    })
+    crate::prune!(
+        "idempotency keys",
+        config.ttl(),
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2))"
+    )
 }
 
 #[cfg(test)]
