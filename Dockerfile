@@ -76,7 +76,7 @@ RUN set -eu; \
     find . -path ./target -prune -o -name '*.rs' -exec touch {} +; \
     cargo build --release --locked; \
     mkdir /out; \
-    for bin in gateway identity billing ordering notification push-service order-system fault-suite loadgen floor; do \
+    for bin in gateway identity billing ordering notification push-service order-system fault-suite loadgen floor poller; do \
         cp "target/release/$bin" /out/; \
     done
 
