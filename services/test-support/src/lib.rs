@@ -13,6 +13,6 @@ pub mod sse;
 
 pub use eventually::{eventually, eventually_counts};
 pub use proxy::{Link, SilentListener, TcpProxy, authority};
-pub use sandbox::{Sandbox, broker_connections, close_broker_connections, queue_depth};
+pub use sandbox::{Sandbox, ServiceDb, broker_connections, close_broker_connections, queue_depth};
 pub use servers::{amqp_base, postgres_url, rabbitmq_api};
 pub use smtp::{Mail, Rcpt, SmtpSink};

@@ -204,6 +204,26 @@ pub async fn queue_depth(amqp_url: &str, queue: &str) -> u32 {
     declared.message_count()
 }
 
+/// One service's database in a sandbox of its own, without a broker, for the
+/// tests of a service's rules: migrated as the service does at start, dropped
+/// when the test ends, also when it fails.
+pub struct ServiceDb {
+    pub pool: sqlx::PgPool,
+    /// The database's name on the server.
+    pub name: String,
+    /// Declared last: dropped after the pool.
+    _sandbox: Sandbox,
+}
+
+impl ServiceDb {
+    /// `service`'s database (`<prefix>_<service>`), migrated with `migrations`.
+    pub async fn new(service: &str, migrations: Migrator) -> ServiceDb {
+        let sandbox = Sandbox::without_broker();
+        let pool = sandbox.database(service, migrations).await;
+        ServiceDb { pool, name: format!("{}_{service}", sandbox.prefix), _sandbox: sandbox }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

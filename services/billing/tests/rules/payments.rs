@@ -12,27 +12,6 @@ use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// A billing database of the test's own (in a `test_support` sandbox),
-/// migrated as billing does at start, dropped when the test ends (also when it
-/// fails).
-struct TestDb {
-    pool: PgPool,
-    sandbox: test_support::Sandbox,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let sandbox = test_support::Sandbox::without_broker();
-        let pool = sandbox.database("billing", sqlx::migrate!("../../migrations/billing")).await;
-        TestDb { pool, sandbox }
-    }
-
-    /// The database's name.
-    fn name(&self) -> String {
-        format!("{}_billing", self.sandbox.prefix)
-    }
-}
-
 fn money(amount: i64) -> Money {
     Money::new(rust_decimal::Decimal::from(amount)).unwrap()
 }
@@ -90,11 +69,11 @@ async fn charges(db: &PgPool, id: Uuid) -> i64 {
 
 /// Waits until a transaction of this database waits for a lock (the signal
 /// that a handler is blocked on another's uncommitted row).
-async fn until_blocked(db: &TestDb) {
+async fn until_blocked(db: &test_support::ServiceDb) {
     for _ in 0..1000 {
         let waiting: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'")
-                .bind(db.name())
+                .bind(&db.name)
                 .fetch_one(&db.pool)
                 .await
                 .unwrap();
@@ -108,7 +87,7 @@ async fn until_blocked(db: &TestDb) {
 
 #[tokio::test]
 async fn a_payment_asked_again_gets_its_outcome_and_is_charged_once() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let user = account(&db.pool, 100).await;
     let id = Uuid::now_v7();
     for _ in 0..2 {
@@ -136,7 +115,7 @@ async fn a_payment_asked_again_gets_its_outcome_and_is_charged_once() {
 
 #[tokio::test]
 async fn a_void_before_the_payment_refuses_it_when_it_comes() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let user = account(&db.pool, 100).await;
     let id = Uuid::now_v7();
     let mut tx = db.pool.begin().await.unwrap();
@@ -155,7 +134,7 @@ async fn a_void_before_the_payment_refuses_it_when_it_comes() {
 
 #[tokio::test]
 async fn a_void_after_the_charge_answers_that_it_was_charged() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let user = account(&db.pool, 100).await;
     let id = Uuid::now_v7();
     let mut tx = db.pool.begin().await.unwrap();
@@ -171,7 +150,7 @@ async fn a_void_after_the_charge_answers_that_it_was_charged() {
 
 #[tokio::test]
 async fn a_void_racing_a_charge_in_flight_waits_and_answers_charged() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let user = account(&db.pool, 100).await;
     let id = Uuid::now_v7();
     // The charge has done everything but commit...
@@ -195,7 +174,7 @@ async fn a_void_racing_a_charge_in_flight_waits_and_answers_charged() {
 
 #[tokio::test]
 async fn a_charge_racing_a_void_in_flight_is_rolled_back_and_then_refused() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let user = account(&db.pool, 100).await;
     let id = Uuid::now_v7();
     let mut voiding = db.pool.begin().await.unwrap();

@@ -12,22 +12,6 @@ use runtime::Incoming;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// An ordering database of the test's own (in a `test_support` sandbox),
-/// migrated as ordering does at start, dropped when the test ends (also when it
-/// fails).
-struct TestDb {
-    pool: PgPool,
-    _sandbox: test_support::Sandbox,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let sandbox = test_support::Sandbox::without_broker();
-        let pool = sandbox.database("ordering", sqlx::migrate!("../../migrations/ordering")).await;
-        TestDb { pool, _sandbox: sandbox }
-    }
-}
-
 /// Re-drive after a minute, give up after fifteen.
 fn config() -> SweeperConfig {
     SweeperConfig { redrive_after_ms: 60_000, pending_timeout_ms: 900_000, ..Default::default() }
@@ -81,7 +65,7 @@ async fn age_last_command(db: &PgPool, id: Uuid, secs: i64) {
 
 #[tokio::test]
 async fn an_order_pending_past_the_deadline_is_redriven_with_its_payment_id_and_spaced() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let stuck = order(&db.pool, 120, "pending").await;
     let fresh = order(&db.pool, 1, "pending").await;
     let settled = order(&db.pool, 120, "succeeded").await;
@@ -102,7 +86,7 @@ async fn an_order_pending_past_the_deadline_is_redriven_with_its_payment_id_and_
 
 #[tokio::test]
 async fn a_payment_still_waiting_in_the_outbox_is_not_sent_twice_unless_parked() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let stuck = order(&db.pool, 120, "pending").await;
     assert_eq!(sweep(&db.pool, &config()).await.unwrap().redriven, 1);
     age_last_command(&db.pool, stuck, 61).await;
@@ -116,7 +100,7 @@ async fn a_payment_still_waiting_in_the_outbox_is_not_sent_twice_unless_parked()
 
 #[tokio::test]
 async fn past_the_timeout_the_payment_is_voided_and_the_order_waits_for_billings_answer() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let unpaid = order(&db.pool, 1000, "pending").await;
     let charged = order(&db.pool, 1000, "pending").await;
     assert_eq!(sweep(&db.pool, &config()).await.unwrap(), Swept { redriven: 0, voided: 2 });
@@ -147,7 +131,7 @@ async fn past_the_timeout_the_payment_is_voided_and_the_order_waits_for_billings
 
 #[tokio::test]
 async fn one_replica_sweeps_at_a_time() {
-    let db = TestDb::new().await;
+    let db = crate::test_db().await;
     let stuck = order(&db.pool, 120, "pending").await;
     // Another replica is sweeping (it holds the lock in its transaction).
     let mut other = db.pool.begin().await.unwrap();

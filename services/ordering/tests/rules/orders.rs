@@ -9,18 +9,16 @@ use runtime::Incoming;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// An ordering database of the test's own (in a `test_support` sandbox),
-/// dropped when the test ends (also when it fails).
+/// Ordering's database, of the test's own, and what the tests do with it.
 struct TestDb {
     pool: PgPool,
-    _sandbox: test_support::Sandbox,
+    _db: test_support::ServiceDb,
 }
 
 impl TestDb {
     async fn new() -> TestDb {
-        let sandbox = test_support::Sandbox::without_broker();
-        let pool = sandbox.database("ordering", sqlx::migrate!("../../migrations/ordering")).await;
-        TestDb { pool, _sandbox: sandbox }
+        let db = crate::test_db().await;
+        TestDb { pool: db.pool.clone(), _db: db }
     }
 
     /// A pending order of 60 by `user`.

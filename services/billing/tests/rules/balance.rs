@@ -30,8 +30,8 @@ async fn pay(db: &PgPool, user: Uuid, amount: i64) -> (Uuid, bool) {
 
 #[tokio::test]
 async fn payments_handled_at_the_same_time_never_overdraw() {
-    let sandbox = test_support::Sandbox::without_broker();
-    let db = sandbox.database("billing", sqlx::migrate!("../../migrations/billing")).await;
+    let test_db = crate::test_db().await;
+    let db = test_db.pool.clone();
     let user = Uuid::new_v4();
     sqlx::query("INSERT INTO accounts (user_id, balance) VALUES ($1, 100)").bind(user).execute(&db).await.unwrap();
 
