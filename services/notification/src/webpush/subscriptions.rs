@@ -53,7 +53,11 @@ pub fn routes(state: WebPush) -> Router {
 #[serde(rename_all = "camelCase")]
 pub struct PushSubscription {
     /// The push service's URL for this browser (https).
-    #[schema(max_length = 2048, example = "https://fcm.googleapis.com/fcm/send/dpH5lCsTSSM:APA91b...")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*$",
+        example = "https://fcm.googleapis.com/fcm/send/dpH5lCsTSSM:APA91b..."
+    )]
     pub endpoint: String,
     pub keys: PushKeys,
 }
@@ -71,7 +75,7 @@ pub struct PushKeys {
 /// Which subscription to remove.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct PushEndpoint {
-    #[schema(max_length = 2048)]
+    #[schema(max_length = 2048, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub endpoint: String,
 }
 
