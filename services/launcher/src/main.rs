@@ -64,10 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Run(_)) => run(config).await,
         Some(Command::Openapi { dir }) => ops::openapi(&dir),
         Some(Command::RotateKey) => ops::rotate_key(&config).await,
-        Some(Command::InternalKeys) => {
-            ops::internal_keys();
-            Ok(())
-        }
+        Some(Command::InternalKeys) => ops::internal_keys(),
         Some(Command::ReplayDeadLetters { queue }) => ops::replay_dead_letters(&config, &queue).await,
         Some(Command::Audit(args)) => std::process::exit(if ops::audit(&config, &args).await? { 0 } else { 1 }),
     }

@@ -40,12 +40,22 @@ pub async fn replay_dead_letters(config: &SystemConfig, queue: &str) -> anyhow::
 }
 
 /// Prints a new key pair for the gateway's assertions, as environment lines.
-pub fn internal_keys() {
+/// A reader that stops early (`| head -2`) is not an error.
+pub fn internal_keys() -> anyhow::Result<()> {
+    use std::io::Write;
     let signer = runtime::auth::AssertionSigner::generate();
-    println!("# The gateway's private key: keep it secret (a Kubernetes Secret, a Docker secret).");
-    println!("INTERNAL_SIGNING_KEY={}", signer.private_key_text());
-    println!("# Its public half, for every service behind the gateway (and the launcher's EXTERNAL_PUSH_URL one).");
-    println!("INTERNAL_VERIFY_KEY={}", signer.verify_keys().text());
+    let text = format!(
+        "# The gateway's private key: keep it secret (a Kubernetes Secret, a Docker secret).\n\
+         INTERNAL_SIGNING_KEY={}\n\
+         # Its public half, for every service behind the gateway (and the launcher's EXTERNAL_PUSH_URL one).\n\
+         INTERNAL_VERIFY_KEY={}\n",
+        signer.private_key_text(),
+        signer.verify_keys().text()
+    );
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 /// Rotates the token signing key kept in the identity database.

@@ -329,3 +329,19 @@ async fn the_audit_reports_each_broken_invariant() {
     }
     app.stop().await;
 }
+
+/// `order-system internal-keys` whose reader is gone before it writes (as
+/// `| head` may be) exits 0 instead of panicking on the broken pipe.
+#[test]
+fn internal_keys_to_a_closed_pipe_is_not_a_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_order-system"))
+        .arg("internal-keys")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
+}
