@@ -308,16 +308,22 @@ class Pod:
                 continue
             src = self.dir / "volumes" / m["name"]
             src.mkdir(parents=True, exist_ok=True)
+            src_spec = v.get("secret") or v.get("configMap")
+            optional = bool(src_spec.get("optional"))
             if "secret" in v:
                 data = self.rh.secret(v["secret"]["secretName"])
-                if data is None:
+                if data is None and not optional:
                     raise Failed(f"{self.name}: volume {m['name']}: Secret {v['secret']['secretName']} does not exist")
             else:
                 data = self.rh.configmap(v["configMap"]["name"])
-            src_spec = v.get("secret") or v.get("configMap")
+            # As the kubelet does: an optional source that is missing (or
+            # lacks a key) gives an empty directory (or leaves the file out).
+            data = data or {}
             items = src_spec.get("items") or [{"key": k, "path": k} for k in data]
             for it in items:
                 if it["key"] not in data:
+                    if optional:
+                        continue
                     raise Failed(f"{self.name}: volume {m['name']}: key {it['key']} missing")
                 f = src / it["path"]
                 f.parent.mkdir(parents=True, exist_ok=True)
