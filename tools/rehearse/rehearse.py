@@ -603,10 +603,20 @@ class Rehearsal:
         return None if d is None else dict(d.get("data") or {})
 
     def binary(self, image):
+        """The image's binary, copied once into the work directory as an
+        image layer would be: a pod mounts its own tmpfs on /tmp, which
+        would hide a checkout (and its target/) under /tmp."""
         name = image.rsplit("@", 1)[0].rsplit("/", 1)[-1].split(":")[0]
-        path = ROOT / "target" / self.args.profile / name
+        built = ROOT / "target" / self.args.profile / name
+        if not built.exists():
+            raise Failed(f"no binary {built} for image {image} (cargo build first)")
+        layer = self.work / "bin"
+        layer.mkdir(exist_ok=True)
+        os.chmod(layer, 0o755)
+        path = layer / name
         if not path.exists():
-            raise Failed(f"no binary {path} for image {image} (cargo build first)")
+            shutil.copy2(built, path)
+            os.chmod(path, 0o755)
         return path
 
     # ---- render
