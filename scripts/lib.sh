@@ -8,6 +8,7 @@
 # Leftovers:  drop_databases PREFIX; delete_vhost NAME
 # A throwaway system (`order-system run --throwaway`):
 #             throwaway_start BIN NAME LOG [ARGS...]; throwaway_stop
+#             (an older build without it is started by environment instead)
 #
 # Settings (environment): POSTGRES_HOST (127.0.0.1), POSTGRES_USER
 # (postgres), RABBITMQ_API_URL (http://guest:guest@127.0.0.1:15672/api).
@@ -96,8 +97,12 @@ throwaway_start() { # bin name log [args...]
     THROWAWAY_OWN_VHOST=1
     case " $* " in *" --shared-vhost "*) THROWAWAY_OWN_VHOST="" ;; esac
     THROWAWAY_ENV=$(mktemp -u "/tmp/throwaway-$THROWAWAY_NAME.XXXXXX.env")
-    "$bin" run --throwaway --name "$THROWAWAY_NAME" --env-file "$THROWAWAY_ENV" "$@" >"$log" 2>&1 &
-    THROWAWAY_PID=$!
+    if "$bin" run --help 2>/dev/null | grep -q -- --throwaway; then
+        "$bin" run --throwaway --name "$THROWAWAY_NAME" --env-file "$THROWAWAY_ENV" "$@" >"$log" 2>&1 &
+        THROWAWAY_PID=$!
+    else
+        throwaway_start_by_env "$bin" "$log" || return 1
+    fi
     local t0=$SECONDS
     until [ -e "$THROWAWAY_ENV" ]; do
         if ! kill -0 "$THROWAWAY_PID" 2>/dev/null || ((SECONDS - t0 > 120)); then
@@ -115,6 +120,31 @@ throwaway_start() { # bin name log [args...]
     fi
 }
 
+# A build from before `run --throwaway` (an A/B benchmark's older side),
+# started as that build's own scripts started it: by environment, its
+# services on the gateway's port + 1..5, throttles off, and the same env
+# file written here. Its databases and vhost are removed by throwaway_stop.
+throwaway_start_by_env() { # bin log
+    local bin=$1 log=$2 port
+    [ -n "$THROWAWAY_OWN_VHOST" ] || { echo "--shared-vhost needs a build with run --throwaway" >&2; return 1; }
+    port=$(first_free 6 24080 24180 24280 24380 24480) || return 1
+    curl -sf -o /dev/null -X PUT "$LIB_RABBITMQ_API/vhosts/$THROWAWAY_NAME" || return 1
+    curl -sf -o /dev/null -X PUT -H 'content-type: application/json' -d '{"configure":".*","write":".*","read":".*"}' \
+        "$LIB_RABBITMQ_API/permissions/$THROWAWAY_NAME/guest" || return 1
+    mkdir -p "/tmp/order-system-$THROWAWAY_NAME"
+    POSTGRES_URL="postgres://$LIB_PG_USER@$LIB_PG_HOST:5432" DATABASE_PREFIX="${THROWAWAY_NAME}_" \
+        AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$THROWAWAY_NAME" \
+        GATEWAY_ADDR="127.0.0.1:$port" GATEWAY_HTTPS_ADDR= PUSH_TLS_ADDR= \
+        MAIL_DIR="/tmp/order-system-$THROWAWAY_NAME/mail" \
+        LOGIN_PER_ADDRESS_PER_MINUTE=0 LOGIN_PER_ACCOUNT_PER_MINUTE=0 REGISTER_PER_ADDRESS_PER_MINUTE=0 \
+        ORDERS_PER_USER_PER_MINUTE=0 DEPOSITS_PER_USER_PER_MINUTE=0 WITHDRAWALS_PER_USER_PER_MINUTE=0 \
+        EMAILS_PER_RECIPIENT_PER_HOUR=0 \
+        "$bin" >"$log" 2>&1 &
+    THROWAWAY_PID=$!
+    printf 'GATEWAY_URL=http://127.0.0.1:%s\nGATEWAY_PORT=%s\nDATABASE_PREFIX=%s_\nAMQP_VHOST=%s\nMAIL_DIR=%s\nSYSTEM_PID=%s\n' \
+        "$port" "$port" "$THROWAWAY_NAME" "$THROWAWAY_NAME" "/tmp/order-system-$THROWAWAY_NAME/mail" "$THROWAWAY_PID" >"$THROWAWAY_ENV"
+}
+
 # Stops the throwaway system (SIGTERM; SIGKILL after 30 s) and removes what
 # it left: its databases and vhost are normally gone already.
 throwaway_stop() {
@@ -130,6 +160,7 @@ throwaway_stop() {
     drop_databases "${THROWAWAY_NAME}_" 2>/dev/null || true
     [ -z "${THROWAWAY_OWN_VHOST:-}" ] || delete_vhost "$THROWAWAY_NAME" || true
     rm -f "${THROWAWAY_ENV:-}"
+    rm -rf "/tmp/order-system-$THROWAWAY_NAME"
     THROWAWAY_NAME="" THROWAWAY_PID=""
     return 0
 }
