@@ -212,7 +212,7 @@ fn has(report: &Report, check: &str, subject: &str, detail: &str) -> bool {
 #[tokio::test]
 async fn the_audit_reports_each_broken_invariant() {
     // Ordering's sweeper would settle the order left pending below.
-    let app = TestApp::spawn_with(crate::helpers::Tuning::sweeper_off()).await;
+    let app = TestApp::spawn_with(crate::helpers::sweeper_off).await;
     let (ann, bob) = (app.user().await, app.user().await);
     deposit(&app, &ann, 1000).await;
     deposit(&app, &bob, 1000).await;

@@ -191,3 +191,12 @@ pub async fn assert_error(resp: reqwest::Response, status: StatusCode, needle: &
     let message = body["message"].as_str().expect("message");
     assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{message:?} should mention {needle:?}");
 }
+
+/// Waits until the service at `url` says it is ready (`/health/ready`).
+pub async fn ready(http: &reqwest::Client, url: &str) {
+    eventually(Duration::from_secs(30), || async {
+        let r = http.get(format!("{url}/health/ready")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
+}

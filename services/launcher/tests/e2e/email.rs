@@ -5,7 +5,7 @@
 //! the configured key. Unsubscribing stops the e-mails and keeps the
 //! notifications; a link this system did not sign is refused.
 
-use crate::helpers::{TestApp, Tuning, assert_error, eventually, eventually_counts};
+use crate::helpers::{TestApp, assert_error, eventually, eventually_counts};
 use notification::unsubscribe::{Links, UnsubscribeConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -165,14 +165,13 @@ async fn mail_to(app: &TestApp, email: &str) -> String {
 #[tokio::test]
 async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
     let key = DkimKey::generate();
-    let app = TestApp::spawn_with(Tuning {
-        dkim: notification::DkimSettings {
+    let app = TestApp::spawn_with(|c| {
+        c.mail.dkim = notification::DkimSettings {
             dkim_selector: Some(SELECTOR.into()),
             dkim_domain: Some(DOMAIN.into()),
             dkim_private_key_file: Some(key.private()),
-        },
-        unsubscribe: unsubscribe_config(),
-        ..Tuning::default()
+        };
+        c.mail.unsubscribe = unsubscribe_config();
     })
     .await;
     let user = app.user().await;
@@ -280,7 +279,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
 
 #[tokio::test]
 async fn an_unsubscribe_link_this_system_did_not_sign_is_refused() {
-    let app = TestApp::spawn_with(Tuning { unsubscribe: unsubscribe_config(), ..Tuning::default() }).await;
+    let app = TestApp::spawn_with(|c| c.mail.unsubscribe = unsubscribe_config()).await;
     let user = app.user().await;
     let call = |method: reqwest::Method, query: String| {
         let url = app.url(&format!("/notifications/unsubscribe{query}"));

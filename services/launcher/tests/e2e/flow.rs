@@ -1,6 +1,6 @@
 //! The seed's own scenario, through the gateway over HTTP.
 
-use crate::helpers::{TestApp, Tuning, eventually};
+use crate::helpers::{TestApp, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -106,7 +106,7 @@ async fn register_deposit_order_succeed_then_fail() {
 
 #[tokio::test]
 async fn an_orders_e_mail_goes_over_implicit_tls_when_the_smtp_url_is_smtps() {
-    let app = TestApp::spawn_with(Tuning { smtps: true, ..Default::default() }).await;
+    let app = TestApp::spawn_over_smtps().await;
     let user = app.user().await;
     let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);

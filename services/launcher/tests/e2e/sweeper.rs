@@ -5,7 +5,7 @@
 //! consumer's commit wrote (as a database failover can), and time passing
 //! by moving an order's placement back.
 
-use crate::helpers::{TestApp, Tuning, User, eventually, eventually_counts};
+use crate::helpers::{TestApp, User, eventually, eventually_counts};
 use contracts::messages::{CreatePayment, Message, PAYMENT_VOIDED, exchange};
 use ordering::sweeper::SweeperConfig;
 use reqwest::StatusCode;
@@ -23,7 +23,7 @@ async fn app() -> TestApp {
         sweep_interval_ms: 100,
         sweep_batch: 100,
     };
-    TestApp::spawn_with(Tuning { sweeper, ..Default::default() }).await
+    TestApp::spawn_with(|c| c.sweeper = sweeper).await
 }
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -131,7 +131,7 @@ async fn login_again(app: &TestApp, user: &User) -> User {
 #[tokio::test]
 async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
     const TTL: u64 = 4;
-    let app = TestApp::spawn_with(Tuning { token_ttl_secs: TTL, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.token_ttl_secs = TTL).await;
     let logged_in = tokio::time::Instant::now();
     let user = app.user().await;
     let mut stream = gateway_stream(&app, &user, None).await;
@@ -162,7 +162,7 @@ async fn a_stream_opened_with_an_assertion_ends_when_the_token_it_names_expires(
     // a token that expires in a second.
     let expires = chrono::Utc::now().timestamp() + 1;
     let caller = runtime::auth::CurrentUser { token_expires: expires, ..as_current(&user) };
-    let assertion = app.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller);
+    let assertion = app.signer().sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller);
     let resp =
         reqwest::Client::new().get(format!("{}/api/v1/orders", replica.url)).header(ASSERTION, assertion).send().await;
     let resp = resp.unwrap();
@@ -181,11 +181,7 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
     let app = TestApp::spawn().await;
     let user = app.user().await;
     // A replica facing browsers, which checks tokens itself.
-    let replica = Replica::start(&app, |c| {
-        c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
-    })
-    .await;
+    let replica = Replica::start(&app, |_| {}).await;
     let direct =
         |token: &str| h2_client().get(format!("{}/api/v1/orders", replica.https)).bearer_auth(token.to_string()).send();
     let mut through_gateway = gateway_stream(&app, &user, None).await;
@@ -229,11 +225,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
     let alice = app.user().await;
     let old_kid = kid_of(&alice.token);
     // A push replica facing browsers, which verifies tokens itself.
-    let replica = Replica::start(&app, |c| {
-        c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
-    })
-    .await;
+    let replica = Replica::start(&app, |_| {}).await;
     let orders = format!("{}/api/v1/orders", replica.https);
     let stream_status = |token: String| {
         let orders = orders.clone();

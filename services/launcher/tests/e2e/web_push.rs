@@ -329,29 +329,11 @@ impl WebPushService {
             ..Default::default()
         };
         tweak(&mut web_push);
-        let config = notification::Config {
-            database_url: app.sandbox.database_url("notification"),
-            messaging: runtime::MessagingConfig {
-                retry_delays_ms: vec![100, 300],
-                outbox_poll_ms: 100,
-                ..runtime::MessagingConfig::local(&app.vhost.amqp_url)
-            },
-            limits: Default::default(),
-            mail: notification::MailConfig {
-                smtp_url: Some(app.smtp.url()),
-                mail_dir: app.sandbox.dir("mail").join("unused"),
-                mail_from: "Order System <orders@localhost>".into(),
-                emails_per_recipient_per_hour: 0,
-                smtp_username: None,
-                smtp_password: None,
-                smtp_ca_file: None,
-                dkim: Default::default(),
-                unsubscribe: Default::default(),
-            },
-            web_push,
-            addr: String::new(),
-            callers: app.callers(),
-        };
+        let mut system = app.config.clone();
+        system.web_push = web_push;
+        system.messaging.outbox_poll_ms = 100;
+        system.mail.emails_per_recipient_per_hour = 0;
+        let config = system.notification(&app.wiring);
         let (task, shutdown, url) = Self::spawn(&config).await;
         let gateway = app.gateway_with(|c| c.notification_url = url).await;
         WebPushService { config, task, shutdown, gateway }
@@ -364,12 +346,7 @@ impl WebPushService {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(notification::run(config.clone(), listener, shutdown.clone()));
-        let http = reqwest::Client::new();
-        eventually(Duration::from_secs(30), || async {
-            let r = http.get(format!("{url}/health/ready")).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        crate::client::ready(&reqwest::Client::new(), &url).await;
         (task, shutdown, url)
     }
 
