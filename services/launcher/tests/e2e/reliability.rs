@@ -679,13 +679,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
 
     // While the slow server holds a send, no transaction is open.
     smtp.holding(1).await;
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(open, 0, "no transaction held across an SMTP send");
+    assert_eq!(test_support::idle_in_transaction(&db).await, 0, "no transaction held across an SMTP send");
     smtp.release();
 
     #[derive(Debug, sqlx::FromRow)]

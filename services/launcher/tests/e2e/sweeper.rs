@@ -70,11 +70,7 @@ async fn lose_settlement(ordering: &PgPool, order: Uuid, placed_secs_ago: Option
 
 /// How often billing charged payment `id` (its ledger entries).
 async fn charges(billing: &PgPool, id: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE payment_id = $1")
-        .bind(id)
-        .fetch_one(billing)
-        .await
-        .unwrap()
+    test_support::count(billing, "SELECT count(*) FROM ledger_entries WHERE payment_id = $1", id).await
 }
 
 /// The order as its user reads it, once it is no longer pending.
