@@ -230,7 +230,7 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
     let bob = app.user().await;
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
+    app.deposit(&alice, 100).await;
     let r = app.post(&alice, "/ordering/orders", json!({"price": 30})).await;
     let order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     app.settled_order(&alice, &order).await;
@@ -256,8 +256,7 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
 #[tokio::test]
 async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
     let place =
         |key: &'static str, price: u32| app.post_with_key(&user, "/ordering/orders", key, json!({"price": price}));
     let (first, again) = tokio::join!(place("checkout-7f3a", 30), place("checkout-7f3a", 30));

@@ -83,6 +83,19 @@ impl TestApp {
         User { id, email, token }
     }
 
+    /// Deposits `amount` into the user's account.
+    pub async fn deposit(&self, user: &User, amount: u32) {
+        let r = self.post(user, "/billing/account/deposit", json!({"amount": amount})).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "a deposit of {amount}");
+    }
+
+    /// A new user (registered and logged in) with `amount` in their account.
+    pub async fn user_with(&self, amount: u32) -> User {
+        let user = self.user().await;
+        self.deposit(&user, amount).await;
+        user
+    }
+
     pub async fn balance(&self, user: &User) -> f64 {
         self.get::<Value>(user, "/billing/account").await["amount"].as_f64().unwrap()
     }

@@ -174,9 +174,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
         c.mail.unsubscribe = unsubscribe_config();
     })
     .await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let user = app.user_with(1000).await;
     let r = app.post(&user, "/ordering/orders", json!({"price": 600})).await;
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");

@@ -12,8 +12,7 @@ async fn register_deposit_order_succeed_then_fail() {
     let mut events = app.subscribe(&user).await;
 
     assert_eq!(app.balance(&user).await, 0.0);
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    app.deposit(&user, 1000).await;
     assert_eq!(app.balance(&user).await, 1000.0);
 
     // Order 600: accepted at once, pending, then succeeded.
@@ -107,9 +106,7 @@ async fn register_deposit_order_succeed_then_fail() {
 #[tokio::test]
 async fn an_orders_e_mail_goes_over_implicit_tls_when_the_smtp_url_is_smtps() {
     let app = TestApp::spawn_over_smtps().await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let user = app.user_with(100).await;
     let r = app.post(&user, "/ordering/orders", json!({"price": 42})).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     // The sink speaks only TLS: a message in its Maildir came over TLS.
@@ -136,7 +133,7 @@ async fn an_event_stream_carries_only_its_own_users_events() {
     assert_eq!(e.event, "OrderFailed");
     assert!(e.data.contains(&bob_order));
 
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 10})).await;
+    app.deposit(&alice, 10).await;
     let r = app.post(&alice, "/ordering/orders", json!({"price": 5})).await;
     let alice_order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let e = tokio::time::timeout(Duration::from_secs(10), alice_events.recv()).await.unwrap().unwrap();
@@ -156,8 +153,7 @@ async fn an_event_stream_carries_only_its_own_users_events() {
 async fn an_orders_trace_follows_it_through_every_service() {
     let app = TestApp::spawn().await;
     let spans = runtime::telemetry::init_for_tests();
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 10})).await;
+    let user = app.user_with(10).await;
 
     let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
     let traceparent = format!("00-{trace_id}-{:016x}-01", rand_span_id());

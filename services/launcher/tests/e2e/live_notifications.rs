@@ -53,9 +53,7 @@ fn data(e: &SseEvent) -> Value {
 #[tokio::test]
 async fn a_notification_reaches_the_stream_once_and_again_after_a_resume() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let user = app.user_with(100).await;
     let mut live = stream(&app, &user, true, None).await;
     let mut orders_only = stream(&app, &user, false, None).await;
 

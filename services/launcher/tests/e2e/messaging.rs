@@ -18,8 +18,7 @@ fn create_payment(id: Uuid, user: Uuid, amount: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_create_payment_delivered_twice_charges_once() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let payment = Uuid::new_v4();
     let body = create_payment(payment, user.id, "30");
@@ -59,8 +58,7 @@ async fn a_create_payment_delivered_twice_charges_once() {
 #[tokio::test]
 async fn concurrent_payments_and_withdrawals_never_overdraw() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let publishes = futures::future::join_all((0..15).map(|_| {
         let body = create_payment(Uuid::new_v4(), user.id, "10");
@@ -104,8 +102,7 @@ async fn concurrent_payments_and_withdrawals_never_overdraw() {
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_and_the_queue_keeps_flowing() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let user = app.user_with(50).await;
 
     let id = || Some(Uuid::new_v4().to_string());
     app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, b"{ not json").await;

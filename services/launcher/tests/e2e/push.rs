@@ -125,8 +125,7 @@ async fn stream_with_one_event(
 #[tokio::test]
 async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let (stream, e, _) = stream_with_one_event(&app, &user, 10).await;
     assert_eq!(e.event, "OrderCreated");
@@ -216,7 +215,7 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
     let bob = app.user().await;
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
+    app.deposit(&alice, 100).await;
 
     // Alice's first event arrives through the gateway's replica.
     let (stream, e, _) = stream_with_one_event(&app, &alice, 10).await;

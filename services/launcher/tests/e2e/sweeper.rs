@@ -28,14 +28,6 @@ async fn app() -> TestApp {
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A user with `amount` on their account.
-async fn user_with(app: &TestApp, amount: u32) -> User {
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({ "amount": amount })).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    user
-}
-
 /// Places an order of `price` and waits until it is settled: its id.
 async fn settled(app: &TestApp, user: &User, price: u32, status: &str) -> Uuid {
     let r = app.post(user, "/ordering/orders", json!({ "price": price })).await;
@@ -85,7 +77,7 @@ async fn settled_again(app: &TestApp, user: &User, id: Uuid) -> Value {
 #[tokio::test]
 async fn a_settlement_lost_after_its_ack_is_healed_by_a_redrive_that_charges_once() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let id = settled(&app, &user, 60, "succeeded").await;
     let (ordering, billing) = (app.db("ordering").await, app.db("billing").await);
 
@@ -108,7 +100,7 @@ async fn a_settlement_lost_after_its_ack_is_healed_by_a_redrive_that_charges_onc
 #[tokio::test]
 async fn an_order_whose_payment_command_was_lost_is_paid_by_the_redrive() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let ordering = app.db("ordering").await;
     // The order committed, its CreatePayment went out and was then lost (a
     // broker that deleted it past a delivery limit): billing never saw it.
@@ -129,7 +121,7 @@ async fn an_order_whose_payment_command_was_lost_is_paid_by_the_redrive() {
 #[tokio::test]
 async fn an_unpaid_order_times_out_failed_and_a_late_payment_is_refused() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let mut events = app.subscribe(&user).await;
     let (ordering, billing) = (app.db("ordering").await, app.db("billing").await);
     // Billing never saw this order's payment, and the order is past the
@@ -166,7 +158,7 @@ async fn an_unpaid_order_times_out_failed_and_a_late_payment_is_refused() {
 #[tokio::test]
 async fn a_charged_order_is_never_failed_by_the_timeout() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let id = settled(&app, &user, 60, "succeeded").await;
     let ordering = app.db("ordering").await;
     // The settlement is lost and the order is past the timeout: billing is

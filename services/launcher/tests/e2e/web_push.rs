@@ -391,8 +391,7 @@ impl Drop for WebPushService {
 async fn subscribed_user(app: &TestApp, service: &WebPushService, peer: &PushPeer, deposit: u32) -> (User, String) {
     let user = app.user().await;
     if deposit > 0 {
-        let r = app.post(&user, "/billing/account/deposit", json!({"amount": deposit})).await;
-        assert!(r.status().is_success());
+        app.deposit(&user, deposit).await;
     }
     let (channel, subscription) = peer.browser(None);
     let r = service.subscribe(app, &user, &subscription).await;
@@ -555,8 +554,7 @@ async fn keys_that_do_not_match_are_refused_or_end_the_delivery_without_retries(
     let mut app = TestApp::spawn().await;
     let peer = PushPeer::start().await;
     let service = WebPushService::start(&mut app, &peer, |c| c.subscriptions_per_user = 3).await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
+    let user = app.user_with(1000).await;
 
     // What the service can check itself is refused at once (422).
     let (_, good) = peer.browser(None);
