@@ -290,12 +290,12 @@ async fn a_burst_of_failed_orders_mails_the_address_at_most_its_budget_and_lists
         5,
     )
     .await;
-    let sent: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NOT NULL")
-            .bind(user.id)
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let sent = test_support::count(
+        &db,
+        "SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NOT NULL",
+        user.id,
+    )
+    .await;
     assert_eq!(sent, 2, "the budget");
     let notifications: Vec<Value> = app.get(&user, "/notifications").await;
     assert_eq!(notifications.len(), 5, "every notification is stored and listed");

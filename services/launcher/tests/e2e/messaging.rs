@@ -38,19 +38,15 @@ async fn a_create_payment_delivered_twice_charges_once() {
     })
     .await;
     assert_eq!(app.balance(&user).await, 70.0);
-    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1")
-        .bind(payment)
-        .fetch_one(&billing)
-        .await
-        .unwrap();
+    let payments = test_support::count(&billing, "SELECT count(*) FROM payments WHERE id = $1", payment).await;
     assert_eq!(payments, 1);
     // Each request for the payment was answered (PaymentCreated twice, same id).
-    let answers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1")
-            .bind(payment.to_string())
-            .fetch_one(&billing)
-            .await
-            .unwrap();
+    let answers = test_support::count(
+        &billing,
+        "SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1",
+        payment.to_string(),
+    )
+    .await;
     assert_eq!(answers, 2);
     app.stop().await;
 }
@@ -182,12 +178,12 @@ async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profil
         1,
     )
     .await;
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL")
-            .bind(user)
-            .fetch_one(&notification)
-            .await
-            .unwrap();
+    let pending = test_support::count(
+        &notification,
+        "SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL",
+        user,
+    )
+    .await;
     assert_eq!(pending, 1);
     assert!(app.smtp.messages().iter().all(|m| !m.contains("42.50$")));
 

@@ -839,8 +839,7 @@ async fn a_consumer_the_broker_refuses_reconnects_with_backoff() {
     publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
     let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
     eventually(Duration::from_secs(45), || async {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
+        let n = test_support::count(&db, "SELECT count(*) FROM payments WHERE id = $1", id).await;
         (n == 1).then_some(())
     })
     .await;

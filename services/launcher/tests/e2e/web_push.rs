@@ -459,11 +459,7 @@ async fn a_settled_order_reaches_the_subscribed_browser_signed_and_encrypted() {
         1,
     )
     .await;
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM push_deliveries WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let queued = test_support::count(&db, "SELECT count(*) FROM push_deliveries WHERE user_id = $1", user.id).await;
     // The subscription's messages went with it, and none was queued since.
     assert_eq!(queued, 0, "nothing queued for the third order");
     assert_eq!(peer.received(&channel).len(), 2);
@@ -524,11 +520,7 @@ async fn a_subscription_answered_410_is_removed() {
         0,
     )
     .await;
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let left = test_support::count(&db, "SELECT count(*) FROM push_subscriptions WHERE user_id = $1", user.id).await;
     assert_eq!(left, 1, "the other browser's subscription stays");
 
     // The next outcome goes to the remaining browser only.
@@ -605,11 +597,8 @@ async fn keys_that_do_not_match_are_refused_or_end_the_delivery_without_retries(
     assert_eq!(attempts, 1, "a 403 is not retried");
     assert!(reason.contains("403"), "{reason}");
     assert_eq!(peer.received(&wrong_server).iter().map(|r| r.status).collect::<Vec<_>>(), [403]);
-    let subscriptions: i64 = sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let subscriptions =
+        test_support::count(&db, "SELECT count(*) FROM push_subscriptions WHERE user_id = $1", user.id).await;
     assert_eq!(subscriptions, 3, "a refusal is not a removal");
 
     // A fourth browser replaces the oldest (the cap is 3).
@@ -662,11 +651,8 @@ async fn nothing_is_pushed_twice_after_a_restart_and_a_redelivered_order_event()
     })
     .await;
     let db = app.db("notification").await;
-    let notifications: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE order_id = $1")
-        .bind(event.order_id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let notifications =
+        test_support::count(&db, "SELECT count(*) FROM notifications WHERE order_id = $1", event.order_id).await;
     assert_eq!(notifications, 1);
     let per_order = |order: Uuid| {
         peer.received(&channel)
