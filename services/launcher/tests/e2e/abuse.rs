@@ -279,7 +279,7 @@ async fn a_burst_of_failed_orders_mails_the_address_at_most_its_budget_and_lists
     // No money: every order fails, and each failure is a notification.
     let user = app.user().await;
     for _ in 0..5 {
-        assert_eq!(app.post(&user, "/ordering/orders", json!({"price": 1})).await.status(), StatusCode::ACCEPTED);
+        app.place_order(&user, 1).await;
     }
     let db = app.db("notification").await;
     eventually_counts(

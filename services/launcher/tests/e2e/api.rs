@@ -231,8 +231,7 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
     let alice = app.user().await;
     let bob = app.user().await;
     app.deposit(&alice, 100).await;
-    let r = app.post(&alice, "/ordering/orders", json!({"price": 30})).await;
-    let order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let order = app.place_order(&alice, 30).await;
     app.settled_order(&alice, &order).await;
     crate::helpers::eventually(std::time::Duration::from_secs(10), || async {
         let n: Vec<Value> = app.get(&alice, "/notifications").await;
@@ -282,8 +281,7 @@ async fn order_lists_come_in_pages_newest_first() {
     let user = app.user().await;
     let mut placed = Vec::new();
     for price in [1, 2, 3] {
-        let r = app.post(&user, "/ordering/orders", json!({"price": price})).await;
-        placed.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        placed.push(app.place_order(&user, price).await);
     }
     let first: Vec<Value> = app.get(&user, "/ordering/orders?limit=2").await;
     assert_eq!(first.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), [&placed[2], &placed[1]]);

@@ -15,9 +15,7 @@ fn dec(s: &str) -> Decimal {
 }
 
 async fn order(app: &TestApp, user: &User, price: u32) -> (Uuid, Value) {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     let settled = app.settled_order(user, &id).await;
     (id.parse().unwrap(), settled)
 }

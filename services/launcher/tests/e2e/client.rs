@@ -96,6 +96,13 @@ impl TestApp {
         user
     }
 
+    /// Places an order of `price` for the user (accepted, pending): its id.
+    pub async fn place_order(&self, user: &User, price: u32) -> String {
+        let r = self.post(user, "/ordering/orders", json!({"price": price})).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "an order of {price}");
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+    }
+
     pub async fn balance(&self, user: &User) -> f64 {
         self.get::<Value>(user, "/billing/account").await["amount"].as_f64().unwrap()
     }

@@ -8,7 +8,7 @@
 use crate::helpers::{TestApp, assert_error, eventually, eventually_counts};
 use notification::unsubscribe::{Links, UnsubscribeConfig};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
 use uuid::Uuid;
@@ -175,8 +175,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
     })
     .await;
     let user = app.user_with(1000).await;
-    let r = app.post(&user, "/ordering/orders", json!({"price": 600})).await;
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(&user, 600).await;
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
 
     let raw = mail_to(&app, &user.email).await;
@@ -259,8 +258,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
     }
 
     // The next order is still notified, but not mailed.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 100})).await;
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(&user, 100).await;
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
     eventually(Duration::from_secs(10), || async {
         let list: Vec<Value> = app.get(&user, "/notifications").await;

@@ -43,9 +43,7 @@ async fn register_deposit_order_succeed_then_fail() {
     .await;
 
     // Order 500: not enough money left, so it fails and nothing is charged.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 500})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let failed_id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let failed_id = app.place_order(&user, 500).await;
     let settled = app.settled_order(&user, &failed_id).await;
     assert_eq!(settled["status"], "failed");
     assert_eq!(settled["reason"], "not enough money");
@@ -107,8 +105,7 @@ async fn register_deposit_order_succeed_then_fail() {
 async fn an_orders_e_mail_goes_over_implicit_tls_when_the_smtp_url_is_smtps() {
     let app = TestApp::spawn_over_smtps().await;
     let user = app.user_with(100).await;
-    let r = app.post(&user, "/ordering/orders", json!({"price": 42})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    app.place_order(&user, 42).await;
     // The sink speaks only TLS: a message in its Maildir came over TLS.
     eventually(Duration::from_secs(15), || async {
         app.smtp
@@ -127,15 +124,13 @@ async fn an_event_stream_carries_only_its_own_users_events() {
     let mut alice_events = app.subscribe(&alice).await;
     let mut bob_events = app.subscribe(&bob).await;
 
-    let r = app.post(&bob, "/ordering/orders", json!({"price": 5})).await;
-    let bob_order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let bob_order = app.place_order(&bob, 5).await;
     let e = tokio::time::timeout(Duration::from_secs(10), bob_events.recv()).await.unwrap().unwrap();
     assert_eq!(e.event, "OrderFailed");
     assert!(e.data.contains(&bob_order));
 
     app.deposit(&alice, 10).await;
-    let r = app.post(&alice, "/ordering/orders", json!({"price": 5})).await;
-    let alice_order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let alice_order = app.place_order(&alice, 5).await;
     let e = tokio::time::timeout(Duration::from_secs(10), alice_events.recv()).await.unwrap().unwrap();
     assert_eq!(e.event, "OrderCreated");
     assert!(e.data.contains(&alice_order), "alice's first event is her own order, not bob's");

@@ -38,9 +38,7 @@ async fn an_order_is_followed_with_tags_and_an_unchanged_order_is_304() {
     let held = hold_payments(&app, &user).await;
 
     // The 202 says how to follow the order.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 20})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(&user, 20).await;
     let r = app.post(&user, "/ordering/orders", json!({"price": 5})).await;
     assert_eq!(
         header(&r, LOCATION),

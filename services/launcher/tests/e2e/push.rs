@@ -75,9 +75,7 @@ pub(crate) fn order_of(e: &SseEvent) -> String {
 
 /// Places an order and waits until it is settled; returns its id.
 pub(crate) async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     app.settled_order(user, &id).await;
     id
 }
@@ -419,8 +417,7 @@ async fn the_gateway_multiplexes_event_streams_to_the_push_service_over_h2c() {
     let h2c = open_streams(&app, &app.gateway, &users, 12).await;
     assert_eq!(connections_to(push_port) - before, 1, "12 event streams on one h2c connection");
     // Events still reach every stream.
-    let order = app.post(user, "/ordering/orders", json!({"price": 1})).await;
-    let id = order.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, 1).await;
     for mut stream in h2c.into_iter().step_by(users.len()) {
         assert_eq!(order_of(&next(&mut stream).await), id);
     }

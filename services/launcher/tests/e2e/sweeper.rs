@@ -8,8 +8,7 @@
 use crate::helpers::{TestApp, User, eventually, eventually_counts};
 use contracts::messages::{CreatePayment, Message, PAYMENT_VOIDED, exchange};
 use ordering::sweeper::SweeperConfig;
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
@@ -30,9 +29,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Places an order of `price` and waits until it is settled: its id.
 async fn settled(app: &TestApp, user: &User, price: u32, status: &str) -> Uuid {
-    let r = app.post(user, "/ordering/orders", json!({ "price": price })).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     assert_eq!(app.settled_order(user, &id).await["status"], status);
     id.parse().unwrap()
 }

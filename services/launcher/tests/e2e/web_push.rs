@@ -400,9 +400,7 @@ async fn subscribed_user(app: &TestApp, service: &WebPushService, peer: &PushPee
 }
 
 async fn order(app: &TestApp, user: &User, price: u32) -> Value {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     app.settled_order(user, &id).await
 }
 
