@@ -77,10 +77,15 @@ impl TestApp {
         let r = self.register(&email, "correct horse").await;
         assert_eq!(r.status(), StatusCode::CREATED);
         let id: Uuid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
-        let r = self.login(&email, "correct horse").await;
+        self.login_again(&User { id, email, token: String::new() }).await
+    }
+
+    /// `user` logged in again (with the password `user()` gave them): a fresh token.
+    pub async fn login_again(&self, user: &User) -> User {
+        let r = self.login(&user.email, "correct horse").await;
         assert_eq!(r.status(), StatusCode::OK);
         let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
-        User { id, email, token }
+        User { id: user.id, email: user.email.clone(), token }
     }
 
     /// Deposits `amount` into the user's account.

@@ -108,7 +108,7 @@ pub(crate) async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, or
 
 /// A stream through the gateway that has seen one event: that of an order
 /// of `price`, placed and settled after the stream opened.
-async fn stream_with_one_event(
+pub(crate) async fn stream_with_one_event(
     app: &TestApp,
     user: &User,
     price: u32,
