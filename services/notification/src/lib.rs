@@ -9,6 +9,7 @@
 //! outbox in that transaction too; the push service streams it to the user's
 //! open pages.
 
+mod delivery;
 mod mailer;
 mod notifications;
 pub mod unsubscribe;
