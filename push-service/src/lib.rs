@@ -210,8 +210,7 @@ pub async fn run_with_tls(
              (or set PUSH_TLS_ADDR empty: behind the gateway, the cleartext port checks its assertions)"
         );
     }
-    let mut service = Service::new("push", &config.limits, shutdown.clone());
-    service.verify_callers(&config.callers.verify_keys);
+    let mut service = Service::new("push", &config.limits, &config.callers.verify_keys, shutdown.clone());
     // The stream (name, retention) is the one every service declares.
     let broker = service.with_broker(&config.messaging)?;
     let spec = config.messaging.push_stream.clone();

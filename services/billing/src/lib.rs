@@ -70,7 +70,7 @@ fn routes(app: accounts::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("billing", &config.limits, shutdown)
+    let mut service = Service::new("billing", &config.limits, &config.callers.verify_keys, shutdown)
         .with_database(&config.database_url, sqlx::migrate!("../../migrations/billing"), &config.messaging, &listener)
         .await?;
     let db = service.db.clone();
@@ -93,6 +93,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("deposit rate pruning", deposits.clone().prune(service.shutdown()));
     service.spawn("withdrawal rate pruning", withdrawals.clone().prune(service.shutdown()));
     let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl(), deposits, withdrawals };
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

@@ -146,7 +146,7 @@ fn routes(state: AppState) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("identity", &config.limits, shutdown)
+    let mut service = Service::new("identity", &config.limits, &config.callers.verify_keys, shutdown)
         .with_database(&config.database_url, sqlx::migrate!("../../migrations/identity"), &config.messaging, &listener)
         .await?;
     let token_ttl = Duration::from_secs(config.token_ttl_secs);
@@ -186,6 +186,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
              SELECT jti FROM revoked_tokens WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)"
     );
     service.prune(vec![expired], config.messaging.prune_interval());
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(state)).await
 }

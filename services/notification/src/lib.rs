@@ -9,6 +9,7 @@
 //! outbox in that transaction too; the push service streams it to the user's
 //! open pages.
 
+mod delivery;
 mod mailer;
 mod notifications;
 pub mod unsubscribe;
@@ -111,7 +112,7 @@ pub struct MailConfig {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("notification", &config.limits, shutdown)
+    let mut service = Service::new("notification", &config.limits, &config.callers.verify_keys, shutdown)
         .with_database(
             &config.database_url,
             sqlx::migrate!("../../migrations/notification"),
@@ -154,6 +155,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .with_state(unsubscribe::Unsubscribe { db, links })
         .merge(webpush::subscriptions::routes(web_push))
         .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await
 }

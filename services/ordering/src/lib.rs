@@ -76,7 +76,7 @@ fn routes(app: orders::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("ordering", &config.limits, shutdown)
+    let mut service = Service::new("ordering", &config.limits, &config.callers.verify_keys, shutdown)
         .with_database(&config.database_url, sqlx::migrate!("../../migrations/ordering"), &config.messaging, &listener)
         .await?;
     let db = service.db.clone();
@@ -105,6 +105,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("order rate pruning", orders_rate.clone().prune(service.shutdown()));
     let final_tags = std::sync::Arc::new(runtime::http::conditional::FinalTags::new(orders::FINAL_TAGS_CAPACITY));
     let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl(), orders_rate, final_tags };
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

@@ -59,8 +59,8 @@ pub struct Service<Db: Storage = PgPool> {
     uses_broker: bool,
     check: Option<Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
     https: Option<Https>,
-    /// How requests' callers are checked (see [`crate::auth`]); required.
-    callers: Option<CallerVerifier>,
+    /// How requests' callers are checked (see [`crate::auth`]).
+    callers: CallerVerifier,
     /// Limits per connection and per client (a server facing the internet),
     /// and the header naming the client's address behind a proxy.
     connections: Option<(crate::http::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
@@ -70,7 +70,12 @@ impl Service<()> {
     /// A service with only its HTTP port so far: the gateway and the push
     /// service stay so; the others add their database
     /// ([`Service::with_database`]).
-    pub fn new(name: &'static str, limits: &HttpLimits, shutdown: CancellationToken) -> Self {
+    ///
+    /// Every request that names its user (`CurrentUser`) carries the
+    /// gateway's assertion (see [`crate::auth`]), checked with `callers`; it
+    /// must be meant for this service (its name). Every service has callers
+    /// to check, so it is given them at its start.
+    pub fn new(name: &'static str, limits: &HttpLimits, callers: &VerifyKeys, shutdown: CancellationToken) -> Self {
         Service {
             name,
             db: (),
@@ -81,7 +86,7 @@ impl Service<()> {
             uses_broker: false,
             check: None,
             https: None,
-            callers: None,
+            callers: CallerVerifier::new(callers.clone(), name),
             connections: None,
         }
     }
@@ -203,14 +208,6 @@ impl<Db: Storage> Service<Db> {
         self.tasks.spawn(task, future);
     }
 
-    /// Checks the gateway's assertion (see [`crate::auth`]) with `keys` on
-    /// every request that names its user (`CurrentUser`); the assertion must
-    /// be meant for this service (its name). Every service needs it: `serve`
-    /// refuses to start without it.
-    pub fn verify_callers(&mut self, keys: &VerifyKeys) {
-        self.callers = Some(CallerVerifier::new(keys.clone(), self.name));
-    }
-
     /// Serves within `limits` per connection and per client address (see
     /// [`crate::http::connections`]); the address is `client_ip_header`'s where
     /// set (a proxy in front), else the connection's peer.
@@ -247,10 +244,7 @@ impl<Db: Storage> Service<Db> {
     /// the common layers) and runs every task until shutdown or the first
     /// failure.
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
-        let Some(callers) = self.callers.take() else {
-            anyhow::bail!("{}: no key to verify its callers with (Service::verify_callers)", self.name);
-        };
-        let routes = routes.layer(axum::Extension(callers));
+        let routes = routes.layer(axum::Extension(self.callers.clone()));
         let broker = self.messaging.as_ref().map(|(_, b)| b.clone());
         let readiness = Readiness {
             db: self.db.pool(),
@@ -372,18 +366,5 @@ impl Starting {
         if tokio::time::timeout(Duration::from_secs(5), self.task).await.is_err() {
             tracing::warn!("the server of a starting service did not stop in 5 s; abandoned");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_service_that_was_given_no_key_to_verify_its_callers_with_does_not_start() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let service = Service::new("svc", &HttpLimits::default(), CancellationToken::new());
-        let err = service.serve(listener, Router::new()).await.unwrap_err();
-        assert!(err.to_string().contains("no key to verify its callers"), "{err}");
     }
 }
