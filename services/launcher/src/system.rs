@@ -316,11 +316,20 @@ impl SystemConfig {
         connections
     }
 
+    /// What every service behind the gateway shares: the broker, the HTTP
+    /// limits, and the gateway's keys to check its callers with.
+    pub fn common(&self, wiring: &Wiring) -> runtime::ServiceConfig {
+        runtime::ServiceConfig {
+            messaging: self.messaging.clone(),
+            limits: wiring.limits.clone(),
+            callers: wiring.callers(),
+        }
+    }
+
     pub fn identity(&self, wiring: &Wiring) -> identity::Config {
         identity::Config {
             database_url: self.database_url(Service::Identity),
-            messaging: self.messaging.clone(),
-            limits: wiring.limits.clone(),
+            common: self.common(wiring),
             token_ttl_secs: self.token_ttl_secs,
             jwt_private_key_pem: std::env::var("JWT_PRIVATE_KEY_PEM").ok(),
             // Identity is reached through the gateway, which sets this header.
@@ -328,18 +337,15 @@ impl SystemConfig {
             cookie_secure: false,
             signing_key_reload_secs: self.signing_key_reload_secs,
             addr: wiring.addr(Service::Identity).to_string(),
-            callers: wiring.callers(),
         }
     }
 
     pub fn billing(&self, wiring: &Wiring) -> billing::Config {
         billing::Config {
             database_url: self.database_url(Service::Billing),
-            messaging: self.messaging.clone(),
+            common: self.common(wiring),
             idempotency: self.idempotency.clone(),
-            limits: wiring.limits.clone(),
             addr: wiring.addr(Service::Billing).to_string(),
-            callers: wiring.callers(),
             per_user: self.per_user(),
         }
     }
@@ -347,13 +353,11 @@ impl SystemConfig {
     pub fn ordering(&self, wiring: &Wiring) -> ordering::Config {
         ordering::Config {
             database_url: self.database_url(Service::Ordering),
-            messaging: self.messaging.clone(),
+            common: self.common(wiring),
             idempotency: self.idempotency.clone(),
             api_only: false,
             sweeper: self.sweeper.clone(),
-            limits: wiring.limits.clone(),
             addr: wiring.addr(Service::Ordering).to_string(),
-            callers: wiring.callers(),
             per_user: self.per_user(),
         }
     }
@@ -361,12 +365,10 @@ impl SystemConfig {
     pub fn notification(&self, wiring: &Wiring) -> notification::Config {
         notification::Config {
             database_url: self.database_url(Service::Notification),
-            messaging: self.messaging.clone(),
-            limits: wiring.limits.clone(),
+            common: self.common(wiring),
             mail: self.mail(),
             web_push: self.web_push.clone(),
             addr: wiring.addr(Service::Notification).to_string(),
-            callers: wiring.callers(),
         }
     }
 
@@ -377,11 +379,11 @@ impl SystemConfig {
             addr: wiring.addr(Service::Push).to_string(),
             tls_addr: self.push_tls_addr.clone(),
             tls: self.tls.clone(),
-            limits: wiring.limits.clone(),
             // Its own HTTPS port faces browsers: it checks tokens itself (and
             // only then, as its binary's environment says).
             identity_url: (!self.push_tls_addr.is_empty()).then(|| wiring.url(Service::Identity)),
             verifier: self.verifier.clone(),
+            common: self.common(wiring),
             ..push_service::Config::local(self.messaging.clone(), wiring.signer.verify_keys())
         }
     }

@@ -4,14 +4,16 @@
 //! (created and migrated; `Service<PgPool>`, the default) with consumers,
 //! outbox relay, pruning and gauges; a broker connection; a readiness
 //! condition of its own. A service's `run` then reads as its wiring:
-//! `Service::new(..)`, then `.with_database(..)` for the services that keep
-//! state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`; the
-//! gateway and the push service are `Service<()>`, without a database.
+//! `Service::start(..)` from its [`ServiceConfig`] (`Service::new` for the
+//! gateway, which has no broker), then `.with_database(..)` for the services
+//! that keep state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`;
+//! the gateway and the push service are `Service<()>`, without a database.
 
 use crate::auth::{CallerVerifier, VerifyKeys};
 use crate::http::{Readiness, serve, service_router};
 use crate::messaging::outbox::Relay;
 use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
+use anyhow::Context as _;
 use axum::Router;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -66,6 +68,21 @@ pub struct Service<Db: Storage = PgPool> {
     connections: Option<(crate::http::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
 }
 
+/// What every service behind the gateway is configured with, flattened
+/// into its own `Config`: its broker, its HTTP limits and the keys that
+/// check its callers (the gateway's assertions).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServiceConfig {
+    #[command(flatten)]
+    pub messaging: MessagingConfig,
+
+    #[command(flatten)]
+    pub limits: HttpLimits,
+
+    #[command(flatten)]
+    pub callers: crate::auth::CallerKeys,
+}
+
 impl Service<()> {
     /// A service with only its HTTP port so far: the gateway and the push
     /// service stay so; the others add their database
@@ -91,13 +108,22 @@ impl Service<()> {
         }
     }
 
-    /// Uses the broker of `messaging` (its state shows in the readiness
-    /// details; it is closed at the end) and returns it.
-    pub fn with_broker(&mut self, messaging: &MessagingConfig) -> anyhow::Result<Broker> {
-        let broker = Broker::from_config(self.name, messaging)?;
-        self.messaging = Some((messaging.clone(), broker.clone()));
+    /// A service of `common`'s settings: its limits, its callers' keys and
+    /// its broker (connected lazily by the tasks that need it). The services
+    /// that keep state add their database ([`Service::with_database`]).
+    pub fn start(name: &'static str, common: &ServiceConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let mut service = Service::new(name, &common.limits, &common.callers.verify_keys, shutdown);
+        // A configuration error shows at once, before any wait.
+        service.messaging = Some((common.messaging.clone(), Broker::from_config(name, &common.messaging)?));
+        Ok(service)
+    }
+
+    /// Uses the service's broker (its state shows in the readiness details;
+    /// it is closed at the end) and returns it.
+    pub fn with_broker(&mut self) -> anyhow::Result<Broker> {
+        let (_, broker) = self.messaging.as_ref().context("a broker needs the messaging settings of Service::start")?;
         self.uses_broker = true;
-        Ok(broker)
+        Ok(broker.clone())
     }
 
     /// Connects to (and migrates) the service's database, with the broker of
@@ -112,11 +138,10 @@ impl Service<()> {
         self,
         database_url: &str,
         migrations: Migrator,
-        messaging: &MessagingConfig,
         listener: &TcpListener,
     ) -> anyhow::Result<Service<PgPool>> {
-        // A configuration error shows at once, before any wait.
-        let broker = Broker::from_config(self.name, messaging)?;
+        let (messaging, broker) =
+            self.messaging.clone().context("a database service needs the messaging settings of Service::start")?;
         let shutdown = self.shutdown();
         let starting = Starting::serve(self.name, listener, &shutdown)?;
         let pool_size = self.limits.database_pool_size;

@@ -237,10 +237,8 @@ async fn a_restarted_push_replica_gets_every_stream_back_and_none_misses_an_even
 async fn a_replica_not_attached_to_the_stream_yet_says_when_to_come_back() {
     let app = TestApp::spawn().await;
     // Its broker is unreachable: it never attaches to the stream.
-    let config = push_service::Config {
-        messaging: MessagingConfig::local("amqp://127.0.0.1:1/%2f"),
-        ..app.config.push(&app.wiring)
-    };
+    let mut config = app.config.push(&app.wiring);
+    config.common.messaging = MessagingConfig::local("amqp://127.0.0.1:1/%2f");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/api/v1/orders", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();

@@ -256,7 +256,7 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
     // A replica on its own stream that keeps one second, in tiny segments
     // (retention drops whole segments).
     let replica = Replica::start(&app, |c| {
-        c.messaging.push_stream = runtime::messaging::push_stream::PushStream {
+        c.common.messaging.push_stream = runtime::messaging::push_stream::PushStream {
             name: "push.short".into(),
             max_age: "1s".into(),
             segment_bytes: Some(2000),

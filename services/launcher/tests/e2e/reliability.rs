@@ -325,7 +325,7 @@ async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details()
     let s = Sandbox::new().await;
     let amqp = TcpProxy::before(&s.amqp_url).await;
     let mut config = billing_config(&s);
-    config.messaging.amqp_url = amqp.url(&s.amqp_url);
+    config.common.messaging.amqp_url = amqp.url(&s.amqp_url);
     let billing = start_billing(config).await;
     let http = reqwest::Client::new();
     let details = || async {
