@@ -44,11 +44,9 @@ pub struct ApiDoc;
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "push-service", about = "Push service: order events to browsers over HTTP/2 server-sent events")]
 pub struct Config {
+    /// The broker, the HTTP limits and the keys that check callers.
     #[command(flatten)]
-    pub messaging: MessagingConfig,
-
-    #[command(flatten)]
-    pub limits: runtime::HttpLimits,
+    pub common: runtime::ServiceConfig,
 
     /// Seconds between heartbeat comments on an idle stream.
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
@@ -115,9 +113,6 @@ pub struct Config {
     #[arg(long, env = "PUSH_IDENTITY_URL")]
     pub identity_url: Option<String>,
 
-    #[command(flatten)]
-    pub callers: runtime::auth::CallerKeys,
-
     /// How the token checks (with `PUSH_IDENTITY_URL`) keep current.
     #[command(flatten)]
     pub verifier: runtime::auth::tokens::VerifierConfig,
@@ -139,8 +134,11 @@ impl Config {
     /// assertions `callers` verifies.
     pub fn local(messaging: MessagingConfig, callers: runtime::auth::VerifyKeys) -> Self {
         Config {
-            messaging,
-            limits: runtime::HttpLimits::default(),
+            common: runtime::ServiceConfig {
+                messaging,
+                limits: runtime::HttpLimits::default(),
+                callers: runtime::auth::CallerKeys { verify_keys: callers },
+            },
             heartbeat_secs: 15,
             retry_ms: 3000,
             buffer: 64,
@@ -154,7 +152,6 @@ impl Config {
             dedup_events: 200_000,
             dedup_lookback: "1h".into(),
             identity_url: None,
-            callers: runtime::auth::CallerKeys { verify_keys: callers },
             verifier: Default::default(),
             addr: String::new(),
             tls_addr: String::new(),
@@ -210,16 +207,15 @@ pub async fn run_with_tls(
              (or set PUSH_TLS_ADDR empty: behind the gateway, the cleartext port checks its assertions)"
         );
     }
-    let mut service = Service::new("push", &config.limits, shutdown.clone());
-    service.verify_callers(&config.callers.verify_keys);
+    let mut service = Service::start("push", &config.common, shutdown.clone())?;
     // The stream (name, retention) is the one every service declares.
-    let broker = service.with_broker(&config.messaging)?;
-    let spec = config.messaging.push_stream.clone();
+    let broker = service.with_broker()?;
+    let spec = config.common.messaging.push_stream.clone();
     let recent = hub::Recent { events: config.recent_events, max_age: spec.retention().map_err(anyhow::Error::msg)? };
     let hub = Arc::new(Hub::new(config.buffer, recent, config.dedup_events));
     let lookback = max_age(&config.dedup_lookback).map_err(anyhow::Error::msg)?;
     // A stream reader needs credit for whole chunks to keep up.
-    let prefetch = config.messaging.prefetch.max(256);
+    let prefetch = config.common.messaging.prefetch.max(256);
     let drain = Duration::from_secs(config.drain_secs);
     let verifier = config.identity_url.as_deref().map(|url| Arc::new(TokenVerifier::new(url, config.verifier.clone())));
     let state = AppState {

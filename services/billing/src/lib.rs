@@ -17,7 +17,7 @@ use contracts::messages::{CreatePayment, PaymentCreated, PaymentFailed, UserCrea
 use contracts::topology;
 use runtime::http::idempotency::{self, IdempotencyConfig};
 use runtime::http::openapi::InternalAuth;
-use runtime::{Consumer, MessagingConfig, Service};
+use runtime::{Consumer, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -40,17 +40,12 @@ pub struct Config {
     #[arg(long, env = "BILLING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/billing")]
     pub database_url: String,
 
+    /// The broker, the HTTP limits and the keys that check callers.
     #[command(flatten)]
-    pub messaging: MessagingConfig,
+    pub common: runtime::ServiceConfig,
 
     #[command(flatten)]
     pub idempotency: IdempotencyConfig,
-
-    #[command(flatten)]
-    pub limits: runtime::HttpLimits,
-
-    #[command(flatten)]
-    pub callers: runtime::auth::CallerKeys,
 
     /// Deposits and withdrawals per user a minute.
     #[command(flatten)]
@@ -70,8 +65,8 @@ fn routes(app: accounts::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("billing", &config.limits, shutdown)
-        .with_database(&config.database_url, sqlx::migrate!("../../migrations/billing"), &config.messaging, &listener)
+    let mut service = Service::start("billing", &config.common, shutdown)?
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/billing"), &listener)
         .await?;
     let db = service.db.clone();
     service.consume(
@@ -93,6 +88,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("deposit rate pruning", deposits.clone().prune(service.shutdown()));
     service.spawn("withdrawal rate pruning", withdrawals.clone().prune(service.shutdown()));
     let app = accounts::App { db, idempotency_ttl: config.idempotency.ttl(), deposits, withdrawals };
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

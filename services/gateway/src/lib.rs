@@ -95,11 +95,10 @@ pub async fn run_with_tls(
         .merge(web::routes())
         .merge(docs::routes());
 
-    let mut service = Service::new("gateway", &config.limits, shutdown);
+    // No route of its own names a caller; the skeleton wants a verifier all the same.
+    let mut service = Service::new("gateway", &config.limits, &signer.verify_keys(), shutdown);
     // Slow and idle clients get a bounded share of the connections and permits.
     service.limit_connections(&config.connections, client_ip_header);
-    // No route of its own names a caller; the skeleton wants a verifier all the same.
-    service.verify_callers(&signer.verify_keys());
     let keys = auth.clone();
     service.ready_when(move || keys.not_ready());
     service.spawn("token keys", auth.keep_fresh(service.shutdown()));

@@ -384,7 +384,9 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
                 _ = ended => tracing::info!("event stream ended with its token"),
             }
         };
-        let open = OpenStream::new();
+        // `gateway_streams_open`: event streams this replica carries now (its
+        // autoscaler counts them, as the push service's counts `sse_connections_open`).
+        let open = runtime::metrics::GaugeGuard::new(metrics::gauge!("gateway_streams_open"));
         let stream = futures::StreamExt::take_until(body.into_data_stream(), end);
         // The guard lives as long as the stream: dropped when the stream
         // ends, the upstream closes or the client goes away.
@@ -394,23 +396,6 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Result<Res
         return Ok(Response::from_parts(parts, body).into_response());
     }
     Ok(Response::from_parts(parts, body).into_response())
-}
-
-/// `gateway_streams_open`: event streams this replica carries now (its
-/// autoscaler counts them, as the push service's counts `sse_connections_open`).
-struct OpenStream;
-
-impl OpenStream {
-    fn new() -> Self {
-        metrics::gauge!("gateway_streams_open").increment(1.0);
-        OpenStream
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        metrics::gauge!("gateway_streams_open").decrement(1.0);
-    }
 }
 
 #[cfg(test)]

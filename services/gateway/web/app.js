@@ -16,6 +16,8 @@ const state = {
   lastEventId: sessionStorage.getItem('lastEventId') || '',
 };
 
+// The page's one call to the API (webpush.js uses it too): JSON in and out,
+// the session cookie sent; an error status throws with the server's message.
 async function api(method, path, body) {
   const init = { method, credentials: 'same-origin', headers: {} };
   if (body !== undefined) {

@@ -1,11 +1,12 @@
 // "Notify me when my order settles": subscribes this browser to Web Push
 // with the server's VAPID public key (service worker /sw.js) and hands the
 // subscription to the notification service, or removes it again. Kept apart
-// from app.js: it needs nothing of the page but its button.
+// from app.js: it needs nothing of the page but its button, and app.js's
+// `api()` (index.html loads app.js first).
 'use strict';
 
 (function () {
-  const API = '/api/v1/notifications';
+  const BASE = '/notifications';  // the notification service, under app.js's API
   const button = document.getElementById('push-toggle');
   const note = document.getElementById('push-state');
   const say = (text) => { note.textContent = text || ''; };
@@ -16,18 +17,9 @@
     return;
   }
 
-  async function call(method, path, body) {
-    const init = { method, credentials: 'same-origin', headers: {} };
-    if (body !== undefined) {
-      init.headers['content-type'] = 'application/json';
-      init.body = JSON.stringify(body);
-    }
-    const resp = await fetch(API + path, init);
-    const text = await resp.text();
-    const data = text ? JSON.parse(text) : null;
-    if (!resp.ok) throw new Error((data && data.message) || resp.statusText);
-    return data;
-  }
+  // The page's one API call (app.js, loaded before this script), under the
+  // notification service's path.
+  const call = (method, path, body) => api(method, BASE + path, body);
 
   function base64urlToBytes(text) {
     const b64 = text.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (text.length % 4)) % 4);

@@ -13,8 +13,8 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
 use contracts::messages::{UserCreated, UserUpdated};
+use runtime::Service;
 use runtime::http::openapi::InternalAuth;
-use runtime::{MessagingConfig, Service};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,14 +43,9 @@ pub struct Config {
     #[arg(long, env = "IDENTITY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/identity")]
     pub database_url: String,
 
+    /// The broker, the HTTP limits and the keys that check callers.
     #[command(flatten)]
-    pub messaging: MessagingConfig,
-
-    #[command(flatten)]
-    pub limits: runtime::HttpLimits,
-
-    #[command(flatten)]
-    pub callers: runtime::auth::CallerKeys,
+    pub common: runtime::ServiceConfig,
 
     /// How long an access token is valid, in seconds.
     #[arg(long, env = "TOKEN_TTL_SECS", default_value_t = 3600)]
@@ -146,8 +141,8 @@ fn routes(state: AppState) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("identity", &config.limits, shutdown)
-        .with_database(&config.database_url, sqlx::migrate!("../../migrations/identity"), &config.messaging, &listener)
+    let mut service = Service::start("identity", &config.common, shutdown)?
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/identity"), &listener)
         .await?;
     let token_ttl = Duration::from_secs(config.token_ttl_secs);
     let ring = match &config.jwt_private_key_pem {
@@ -185,7 +180,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         "DELETE FROM revoked_tokens WHERE jti IN (
              SELECT jti FROM revoked_tokens WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)"
     );
-    service.prune(vec![expired], config.messaging.prune_interval());
-    service.verify_callers(&config.callers.verify_keys);
+    service.prune(vec![expired], config.common.messaging.prune_interval());
     service.serve(listener, routes(state)).await
 }

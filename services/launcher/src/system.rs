@@ -154,6 +154,17 @@ pub struct SystemConfig {
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
 
+    /// How long the push service, stopping, lets its event streams end
+    /// (clients reconnect elsewhere meanwhile), in seconds.
+    #[arg(long, env = "PUSH_DRAIN_SECS", default_value_t = 10)]
+    pub push_drain_secs: u64,
+
+    /// How the gateway (and the push service's own HTTPS port) check
+    /// identity's tokens: revocations and keys refreshed, verified tokens
+    /// remembered.
+    #[command(flatten)]
+    pub verifier: runtime::auth::tokens::VerifierConfig,
+
     /// HTTPS address of the gateway (HTTP/2 and HTTP/1.1); empty turns it off.
     #[arg(long, env = "GATEWAY_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
     pub gateway_https_addr: String,
@@ -305,11 +316,20 @@ impl SystemConfig {
         connections
     }
 
+    /// What every service behind the gateway shares: the broker, the HTTP
+    /// limits, and the gateway's keys to check its callers with.
+    pub fn common(&self, wiring: &Wiring) -> runtime::ServiceConfig {
+        runtime::ServiceConfig {
+            messaging: self.messaging.clone(),
+            limits: wiring.limits.clone(),
+            callers: wiring.callers(),
+        }
+    }
+
     pub fn identity(&self, wiring: &Wiring) -> identity::Config {
         identity::Config {
             database_url: self.database_url(Service::Identity),
-            messaging: self.messaging.clone(),
-            limits: wiring.limits.clone(),
+            common: self.common(wiring),
             token_ttl_secs: self.token_ttl_secs,
             jwt_private_key_pem: std::env::var("JWT_PRIVATE_KEY_PEM").ok(),
             // Identity is reached through the gateway, which sets this header.
@@ -317,18 +337,15 @@ impl SystemConfig {
             cookie_secure: false,
             signing_key_reload_secs: self.signing_key_reload_secs,
             addr: wiring.addr(Service::Identity).to_string(),
-            callers: wiring.callers(),
         }
     }
 
     pub fn billing(&self, wiring: &Wiring) -> billing::Config {
         billing::Config {
             database_url: self.database_url(Service::Billing),
-            messaging: self.messaging.clone(),
+            common: self.common(wiring),
             idempotency: self.idempotency.clone(),
-            limits: wiring.limits.clone(),
             addr: wiring.addr(Service::Billing).to_string(),
-            callers: wiring.callers(),
             per_user: self.per_user(),
         }
     }
@@ -336,13 +353,11 @@ impl SystemConfig {
     pub fn ordering(&self, wiring: &Wiring) -> ordering::Config {
         ordering::Config {
             database_url: self.database_url(Service::Ordering),
-            messaging: self.messaging.clone(),
+            common: self.common(wiring),
             idempotency: self.idempotency.clone(),
             api_only: false,
             sweeper: self.sweeper.clone(),
-            limits: wiring.limits.clone(),
             addr: wiring.addr(Service::Ordering).to_string(),
-            callers: wiring.callers(),
             per_user: self.per_user(),
         }
     }
@@ -350,24 +365,25 @@ impl SystemConfig {
     pub fn notification(&self, wiring: &Wiring) -> notification::Config {
         notification::Config {
             database_url: self.database_url(Service::Notification),
-            messaging: self.messaging.clone(),
-            limits: wiring.limits.clone(),
+            common: self.common(wiring),
             mail: self.mail(),
             web_push: self.web_push.clone(),
             addr: wiring.addr(Service::Notification).to_string(),
-            callers: wiring.callers(),
         }
     }
 
     pub fn push(&self, wiring: &Wiring) -> push_service::Config {
         push_service::Config {
             heartbeat_secs: self.heartbeat_secs,
+            drain_secs: self.push_drain_secs,
             addr: wiring.addr(Service::Push).to_string(),
             tls_addr: self.push_tls_addr.clone(),
             tls: self.tls.clone(),
-            limits: wiring.limits.clone(),
-            // Its own HTTPS port faces browsers too: it checks tokens itself.
-            identity_url: Some(wiring.url(Service::Identity)),
+            // Its own HTTPS port faces browsers: it checks tokens itself (and
+            // only then, as its binary's environment says).
+            identity_url: (!self.push_tls_addr.is_empty()).then(|| wiring.url(Service::Identity)),
+            verifier: self.verifier.clone(),
+            common: self.common(wiring),
             ..push_service::Config::local(self.messaging.clone(), wiring.signer.verify_keys())
         }
     }
@@ -382,7 +398,7 @@ impl SystemConfig {
             push_url: wiring.url(Service::Push),
             push_h2c: self.gateway_push_h2c,
             push_streams_per_connection: self.gateway_push_streams_per_connection,
-            verifier: Default::default(),
+            verifier: self.verifier.clone(),
             upstream_timeout_secs: 30,
             client_ip_header: self.gateway_client_ip_header.clone(),
             https_addr: self.gateway_https_addr.clone(),
@@ -397,8 +413,7 @@ impl SystemConfig {
     /// run as a process of its own, listening on `wiring.addr(service)` and
     /// reaching the others at `wiring.url(..)`: the same settings
     /// `System::start` gives it in this process, as its binary reads them.
-    /// Settings of its own beyond these (log format, drain windows) the
-    /// caller adds.
+    /// Settings of its own beyond these (log format) the caller adds.
     pub fn process_env(&self, service: Service, wiring: &Wiring) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![];
         let mut set = |k: &str, v: String| env.push((k.to_owned(), v));
@@ -409,6 +424,13 @@ impl SystemConfig {
         }
         set("RETRY_DELAYS_MS", join(&self.messaging.retry_delays_ms));
         set(&format!("{prefix}_ADDR"), wiring.addr(service).to_string());
+        if matches!(service, Service::Gateway | Service::Push) {
+            let verifier = &self.verifier;
+            set("REVOCATION_REFRESH_MS", verifier.revocation_refresh_ms.to_string());
+            set("REVOCATION_MAX_AGE_SECS", verifier.revocation_max_age_secs.to_string());
+            set("KEY_REFRESH_SECS", verifier.key_refresh_secs.to_string());
+            set("TOKEN_CACHE_CAPACITY", verifier.token_cache_capacity.to_string());
+        }
         match service {
             Service::Gateway => {
                 set("INTERNAL_SIGNING_KEY", wiring.signer.private_key_text());
@@ -455,6 +477,7 @@ impl SystemConfig {
                     set("PUSH_IDENTITY_URL", wiring.url(Service::Identity));
                 }
                 set("SSE_HEARTBEAT_SECS", self.heartbeat_secs.to_string());
+                set("PUSH_DRAIN_SECS", self.push_drain_secs.to_string());
             }
             Service::Gateway => {}
         }
@@ -521,37 +544,55 @@ impl Wiring {
     }
 }
 
-/// The listeners of the services this process runs.
-pub struct Listeners(std::collections::BTreeMap<Service, TcpListener>);
+/// The listeners of the services this process runs, and the gateway's
+/// HTTPS listener when it runs with HTTPS on.
+pub struct Listeners {
+    services: std::collections::BTreeMap<Service, TcpListener>,
+    gateway_https: Option<std::net::TcpListener>,
+}
 
 impl Listeners {
     /// Each service `config` runs, on its configured address.
     pub async fn configured(config: &SystemConfig) -> anyhow::Result<Listeners> {
-        let mut listeners = std::collections::BTreeMap::new();
+        let mut services = std::collections::BTreeMap::new();
         for service in Service::ALL.into_iter().filter(|s| config.runs(*s)) {
             let addr = config.addr(service);
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("{} cannot listen on {addr}: {e}", service.name()))?;
-            listeners.insert(service, listener);
+            services.insert(service, listener);
         }
-        Ok(Listeners(listeners))
+        let gateway_https = match config.runs(Service::Gateway) {
+            true => runtime::auth::tls::bind(&config.gateway_https_addr)?,
+            false => None,
+        };
+        Ok(Listeners { services, gateway_https })
     }
 
     /// Each service `config` runs, on a free port of `host` the system
     /// chooses (port 0): never taken by another process between choosing
-    /// and binding it.
+    /// and binding it. The gateway's HTTPS port too, unless it is off.
     pub async fn free_ports(config: &SystemConfig, host: IpAddr) -> anyhow::Result<Listeners> {
-        let mut listeners = std::collections::BTreeMap::new();
+        let mut services = std::collections::BTreeMap::new();
         for service in Service::ALL.into_iter().filter(|s| config.runs(*s)) {
-            listeners.insert(service, TcpListener::bind(SocketAddr::new(host, 0)).await?);
+            services.insert(service, TcpListener::bind(SocketAddr::new(host, 0)).await?);
         }
-        Ok(Listeners(listeners))
+        let https_on = config.runs(Service::Gateway) && !config.gateway_https_addr.trim().is_empty();
+        let gateway_https = match https_on {
+            true => Some(std::net::TcpListener::bind(SocketAddr::new(host, 0))?),
+            false => None,
+        };
+        Ok(Listeners { services, gateway_https })
     }
 
     /// The address each service listens on.
     pub fn addrs(&self) -> anyhow::Result<Vec<(Service, SocketAddr)>> {
-        self.0.iter().map(|(s, l)| Ok((*s, l.local_addr()?))).collect()
+        self.services.iter().map(|(s, l)| Ok((*s, l.local_addr()?))).collect()
+    }
+
+    /// The address of the gateway's HTTPS listener, if any.
+    pub fn gateway_https_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        Ok(self.gateway_https.as_ref().map(std::net::TcpListener::local_addr).transpose()?)
     }
 }
 
@@ -559,6 +600,8 @@ impl Listeners {
 pub struct System {
     tasks: Tasks,
     pub wiring: Wiring,
+    /// Where the gateway's HTTPS listener is, when it has one.
+    pub gateway_https: Option<SocketAddr>,
 }
 
 impl System {
@@ -580,10 +623,12 @@ impl System {
         for (service, addr) in listeners.addrs()? {
             wiring.place(service, addr);
         }
-        let databases = listeners.0.keys().filter(|s| Service::WITH_DATABASE.contains(s)).count();
+        let gateway_https = listeners.gateway_https_addr()?;
+        let databases = listeners.services.keys().filter(|s| Service::WITH_DATABASE.contains(s)).count();
         wiring.limits = fit_pools(config, u32::try_from(databases).unwrap_or(4)).await;
         let mut tasks = Tasks::new(shutdown.clone());
-        for (service, listener) in listeners.0 {
+        let mut https = listeners.gateway_https;
+        for (service, listener) in listeners.services {
             let name = service.task_name();
             let stop = shutdown.clone();
             match service {
@@ -594,11 +639,13 @@ impl System {
                     tasks.spawn(name, notification::run(config.notification(&wiring), listener, stop))
                 }
                 Service::Push => tasks.spawn(name, push_service::run(config.push(&wiring), listener, stop)),
-                Service::Gateway => tasks.spawn(name, gateway::run(config.gateway(&wiring), listener, stop)),
+                Service::Gateway => {
+                    tasks.spawn(name, gateway::run_with_tls(config.gateway(&wiring), listener, https.take(), stop))
+                }
             }
             tracing::info!(service = service.name(), addr = %wiring.addr(service), "started");
         }
-        Ok(System { tasks, wiring })
+        Ok(System { tasks, wiring, gateway_https })
     }
 
     /// Waits for every service to stop; the first failure stops the others.
@@ -755,6 +802,33 @@ mod tests {
         assert!(ordering.contains_key("INTERNAL_VERIFY_KEY") && !ordering.contains_key("INTERNAL_SIGNING_KEY"));
         // The push service has no database.
         assert!(!env_of(&c, Service::Push).keys().any(|k| k.ends_with("_DATABASE_URL")));
+    }
+
+    #[tokio::test]
+    async fn free_ports_include_the_gateways_https_port_unless_it_is_off() {
+        let host = IpAddr::from([127, 0, 0, 1]);
+        let on = Listeners::free_ports(&config(&[]), host).await.unwrap();
+        assert!(on.gateway_https_addr().unwrap().is_some_and(|a| a.port() != 0));
+        let off = Listeners::free_ports(&config(&["--gateway-https-addr", ""]), host).await.unwrap();
+        assert_eq!(off.gateway_https_addr().unwrap(), None);
+        let no_gateway = Listeners::free_ports(&config(&["--services", "identity"]), host).await.unwrap();
+        assert_eq!(no_gateway.gateway_https_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn the_push_service_checks_tokens_only_on_its_own_https_port_and_as_the_gateway_does() {
+        let c = config(&["--revocation-refresh-ms", "200", "--push-drain-secs", "0"]);
+        let w = wiring(&c);
+        let push = c.push(&w);
+        assert_eq!(push.identity_url, Some(w.url(Service::Identity)));
+        assert_eq!((push.verifier.revocation_refresh_ms, push.drain_secs), (200, 0));
+        assert_eq!(c.gateway(&w).verifier.revocation_refresh_ms, 200);
+        assert_eq!(env_of(&c, Service::Push)["REVOCATION_REFRESH_MS"], "200");
+        assert_eq!(env_of(&c, Service::Push)["PUSH_DRAIN_SECS"], "0");
+        assert_eq!(env_of(&c, Service::Gateway)["REVOCATION_REFRESH_MS"], "200");
+        let behind_gateway = config(&["--push-tls-addr", ""]);
+        assert_eq!(behind_gateway.push(&wiring(&behind_gateway)).identity_url, None);
+        assert!(!env_of(&behind_gateway, Service::Push).contains_key("PUSH_IDENTITY_URL"));
     }
 
     #[test]

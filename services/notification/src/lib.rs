@@ -9,6 +9,7 @@
 //! outbox in that transaction too; the push service streams it to the user's
 //! open pages.
 
+mod delivery;
 mod mailer;
 mod notifications;
 pub mod unsubscribe;
@@ -19,7 +20,7 @@ use axum::routing::get;
 use contracts::messages::{NotificationCreated, OrderCreated, OrderFailed, UserCreated, UserUpdated};
 use contracts::topology;
 use runtime::http::openapi::InternalAuth;
-use runtime::{Consumer, MessagingConfig, Service};
+use runtime::{Consumer, Service};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -48,14 +49,9 @@ pub struct Config {
     #[arg(long, env = "NOTIFICATION_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/notification")]
     pub database_url: String,
 
+    /// The broker, the HTTP limits and the keys that check callers.
     #[command(flatten)]
-    pub messaging: MessagingConfig,
-
-    #[command(flatten)]
-    pub limits: runtime::HttpLimits,
-
-    #[command(flatten)]
-    pub callers: runtime::auth::CallerKeys,
+    pub common: runtime::ServiceConfig,
 
     #[command(flatten)]
     pub mail: MailConfig,
@@ -111,13 +107,8 @@ pub struct MailConfig {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("notification", &config.limits, shutdown)
-        .with_database(
-            &config.database_url,
-            sqlx::migrate!("../../migrations/notification"),
-            &config.messaging,
-            &listener,
-        )
+    let mut service = Service::start("notification", &config.common, shutdown)?
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/notification"), &listener)
         .await?;
     let db = service.db.clone();
     service.consume(
@@ -136,14 +127,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.relay_outbox();
     let links = unsubscribe::Links::from_config(&config.mail.unsubscribe)?.map(std::sync::Arc::new);
     let mailer = Mailer::new(&config.mail, db.clone(), links.clone())?;
-    service.prune(vec![mailer::spent_budgets()], config.messaging.prune_interval());
-    let poll = Duration::from_millis(config.messaging.outbox_poll_ms);
+    service.prune(vec![mailer::spent_budgets()], config.common.messaging.prune_interval());
+    let poll = Duration::from_millis(config.common.messaging.outbox_poll_ms);
     let shutdown = service.shutdown();
     service.spawn("mailer", mailer.run(poll, shutdown.clone()));
     let vapid = config.web_push.vapid()?;
     if let Some(vapid) = &vapid {
         let pusher = webpush::Pusher::new(&config.web_push, vapid.clone(), db.clone())?;
-        service.prune(vec![webpush::pusher::spent_budgets()], config.messaging.prune_interval());
+        service.prune(vec![webpush::pusher::spent_budgets()], config.common.messaging.prune_interval());
         service.spawn("web push", pusher.run(poll, shutdown));
     }
     let web_push = webpush::subscriptions::WebPush::new(db.clone(), vapid, config.web_push.clone());
@@ -154,6 +145,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .with_state(unsubscribe::Unsubscribe { db, links })
         .merge(webpush::subscriptions::routes(web_push))
         .merge(runtime::http::openapi::route(<ApiDoc as utoipa::OpenApi>::openapi()));
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes).await
 }

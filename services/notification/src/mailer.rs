@@ -29,7 +29,6 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use runtime::contact::Email;
-use runtime::data::db::Wakeup;
 use sqlx::PgPool;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::MailConfig;
+use crate::delivery::{self, BUDGET_WINDOW, Budget};
 use crate::unsubscribe::{Links, escape_html};
 
 pub const EMAIL_CHANNEL: &str = "email";
@@ -54,8 +54,8 @@ pub struct Mailer {
     db: PgPool,
     from: Mailbox,
     transport: Transport,
-    /// E-mails per address an hour; `None`: no budget.
-    budget: Option<i32>,
+    /// E-mails per address an hour.
+    budget: Budget,
     /// The domain of the `Message-ID`s: the DKIM domain, else the sender's.
     id_domain: String,
     dkim: Option<DkimConfig>,
@@ -151,9 +151,6 @@ impl Header for ListUnsubscribePost {
     }
 }
 
-/// The window of a recipient's budget.
-const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
-
 struct Due {
     id: i64,
     notification_id: Uuid,
@@ -192,22 +189,12 @@ impl Mailer {
                 Transport::Files(AsyncFileTransport::new(dir))
             }
         };
-        let budget = (config.emails_per_recipient_per_hour > 0)
-            .then(|| i32::try_from(config.emails_per_recipient_per_hour).unwrap_or(i32::MAX));
+        let budget = Budget::per_hour(config.emails_per_recipient_per_hour);
         Ok(Mailer { db, from, transport, budget, id_domain, dkim, unsubscribe })
     }
 
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut wakeup = Wakeup::new(self.db.clone(), EMAIL_CHANNEL, poll);
-        loop {
-            wakeup.listen().await;
-            if let Err(e) = self.send_due().await {
-                tracing::warn!(error = %e, "mailer pass failed");
-            }
-            if !wakeup.wait(&shutdown).await {
-                return Ok(());
-            }
-        }
+        delivery::run(&self.db, EMAIL_CHANNEL, poll, &shutdown, "mailer", || self.send_due()).await
     }
 
     /// Sends every due e-mail whose recipient is known, a batch at a time,
@@ -280,8 +267,7 @@ impl Mailer {
                     }
                     Err(SendError::Temporary(reason)) => {
                         metrics::counter!("emails_failed_total", "kind" => "temporary").increment(1);
-                        let attempts = u32::try_from(mail.attempts).unwrap_or(0);
-                        let delay = runtime::backoff::delay(attempts, RETRY_BASE, RETRY_CAP);
+                        let delay = delivery::retry_delay(mail.attempts, RETRY_BASE, None);
                         tracing::warn!(delivery_id = mail.id, %reason, retry_in = ?delay, "e-mail not sent; will retry");
                         sqlx::query!(
                             "UPDATE email_deliveries SET attempts = attempts + 1, last_error = $2,
@@ -305,27 +291,23 @@ impl Mailer {
         }
     }
 
-    /// Takes one e-mail from the recipient's budget, on its first attempt
-    /// (a retry was counted then): whether it may be sent. One statement, so
-    /// replicas that mail the same address at once cannot both overspend.
+    /// Takes one e-mail from the recipient's budget (see [`Budget::allows`]):
+    /// whether it may be sent.
     async fn within_budget(&self, mail: &Due) -> sqlx::Result<bool> {
-        let Some(budget) = self.budget else { return Ok(true) };
-        if mail.attempts > 0 {
-            return Ok(true);
-        }
-        let used = sqlx::query_scalar!(
-            "INSERT INTO email_budgets AS b (recipient, window_start, used) VALUES (lower($1), now(), 1)
+        let take = |window: f64| {
+            sqlx::query_scalar!(
+                "INSERT INTO email_budgets AS b (recipient, window_start, used) VALUES (lower($1), now(), 1)
              ON CONFLICT (recipient) DO UPDATE SET
                  used = CASE WHEN b.window_start <= now() - make_interval(secs => $2) THEN 1 ELSE b.used + 1 END,
                  window_start = CASE WHEN b.window_start <= now() - make_interval(secs => $2)
                                      THEN now() ELSE b.window_start END
              RETURNING used",
-            mail.email,
-            BUDGET_WINDOW.as_secs_f64(),
-        )
-        .fetch_one(&self.db)
-        .await?;
-        Ok(used <= budget)
+                mail.email,
+                window,
+            )
+            .fetch_one(&self.db)
+        };
+        self.budget.allows(mail.attempts, take).await
     }
 
     /// The e-mail of a delivery, as it goes out (signed when DKIM is configured).
@@ -407,9 +389,9 @@ pub fn spent_budgets() -> runtime::data::prune::Prune {
     )
 }
 
-/// First retry of a temporary failure after this, doubling up to [`RETRY_CAP`].
+/// First retry of a temporary failure after this, doubling up to
+/// [`delivery::RETRY_CAP`].
 const RETRY_BASE: Duration = Duration::from_secs(2);
-const RETRY_CAP: Duration = Duration::from_secs(3600);
 
 /// Why an e-mail was not sent.
 enum SendError {

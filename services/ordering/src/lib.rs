@@ -15,7 +15,7 @@ use contracts::topology;
 use runtime::data::watch::Watch;
 use runtime::http::idempotency::{self, IdempotencyConfig};
 use runtime::http::openapi::InternalAuth;
-use runtime::{Consumer, MessagingConfig, Service};
+use runtime::{Consumer, Service};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,8 +38,9 @@ pub struct Config {
     #[arg(long, env = "ORDERING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/ordering")]
     pub database_url: String,
 
+    /// The broker, the HTTP limits and the keys that check callers.
     #[command(flatten)]
-    pub messaging: MessagingConfig,
+    pub common: runtime::ServiceConfig,
 
     #[command(flatten)]
     pub idempotency: IdempotencyConfig,
@@ -52,12 +53,6 @@ pub struct Config {
 
     #[command(flatten)]
     pub sweeper: sweeper::SweeperConfig,
-
-    #[command(flatten)]
-    pub limits: runtime::HttpLimits,
-
-    #[command(flatten)]
-    pub callers: runtime::auth::CallerKeys,
 
     /// Orders per user a minute (`ORDERS_PER_USER_PER_MINUTE`).
     #[command(flatten)]
@@ -76,8 +71,8 @@ fn routes(app: orders::App) -> Router {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut service = Service::new("ordering", &config.limits, shutdown)
-        .with_database(&config.database_url, sqlx::migrate!("../../migrations/ordering"), &config.messaging, &listener)
+    let mut service = Service::start("ordering", &config.common, shutdown)?
+        .with_database(&config.database_url, sqlx::migrate!("../../migrations/ordering"), &listener)
         .await?;
     let db = service.db.clone();
     if !config.api_only {
@@ -105,6 +100,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     service.spawn("order rate pruning", orders_rate.clone().prune(service.shutdown()));
     let final_tags = std::sync::Arc::new(runtime::http::conditional::FinalTags::new(orders::FINAL_TAGS_CAPACITY));
     let app = orders::App { db, watch, idempotency_ttl: config.idempotency.ttl(), orders_rate, final_tags };
-    service.verify_callers(&config.callers.verify_keys);
     service.serve(listener, routes(app)).await
 }

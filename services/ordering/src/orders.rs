@@ -351,7 +351,11 @@ pub async fn get_one(
     drop(resp);
     let deadline = tokio::time::Instant::now() + wait;
     tracing::debug!(order_id = %id, wait_secs = wait.as_secs(), "long poll");
-    let _waiting = LongPollWaiting::new(&app.db);
+    // Counted in `orders_long_polls_waiting{database}` while it waits, until
+    // it answers or its client goes away (the request is dropped): what is
+    // parked now, for operators and for tests that must know a poll waits.
+    let label = runtime::metrics::database_label(&app.db);
+    let _waiting = runtime::metrics::GaugeGuard::new(metrics::gauge!("orders_long_polls_waiting", "database" => label));
     loop {
         tokio::select! {
             woken = watcher.changed() => if !woken { break },
@@ -366,25 +370,6 @@ pub async fn get_one(
     let (name, value) = conditional::preference_applied(wait);
     resp.headers_mut().insert(name, value);
     Ok(resp)
-}
-
-/// Counts a long poll in `orders_long_polls_waiting{database}` while it
-/// waits, until it answers or its client goes away (the request is dropped):
-/// what is parked now, for operators and for tests that must know a poll waits.
-struct LongPollWaiting(metrics::Gauge);
-
-impl LongPollWaiting {
-    fn new(db: &PgPool) -> Self {
-        let gauge = metrics::gauge!("orders_long_polls_waiting", "database" => runtime::metrics::database_label(db));
-        gauge.increment(1.0);
-        LongPollWaiting(gauge)
-    }
-}
-
-impl Drop for LongPollWaiting {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
 }
 
 /// Moves a pending order to its final status; `None` when the payment is not

@@ -31,5 +31,5 @@ pub use http::{ApiError, Json, Page, Path, Query};
 pub use messaging::broker::Broker;
 pub use messaging::config::MessagingConfig;
 pub use messaging::consumer::{Consumer, HandlerError, Incoming};
-pub use service::Service;
+pub use service::{Service, ServiceConfig};
 pub use shutdown::Tasks;

@@ -92,3 +92,21 @@ where
         }
     }
 }
+
+/// Counts one in `gauge` while it lives: incremented when made, decremented
+/// when dropped (a request answered, a stream ended, a client gone away).
+/// What is open or waiting now, for operators and autoscalers.
+pub struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

@@ -4,14 +4,16 @@
 //! (created and migrated; `Service<PgPool>`, the default) with consumers,
 //! outbox relay, pruning and gauges; a broker connection; a readiness
 //! condition of its own. A service's `run` then reads as its wiring:
-//! `Service::new(..)`, then `.with_database(..)` for the services that keep
-//! state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`; the
-//! gateway and the push service are `Service<()>`, without a database.
+//! `Service::start(..)` from its [`ServiceConfig`] (`Service::new` for the
+//! gateway, which has no broker), then `.with_database(..)` for the services
+//! that keep state (`Service<PgPool>`), `with_broker`, `https`, `ready_when`;
+//! the gateway and the push service are `Service<()>`, without a database.
 
 use crate::auth::{CallerVerifier, VerifyKeys};
 use crate::http::{Readiness, serve, service_router};
 use crate::messaging::outbox::Relay;
 use crate::{Broker, Consumer, HttpLimits, MessagingConfig, Tasks};
+use anyhow::Context as _;
 use axum::Router;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -59,18 +61,38 @@ pub struct Service<Db: Storage = PgPool> {
     uses_broker: bool,
     check: Option<Arc<dyn Fn() -> Option<&'static str> + Send + Sync>>,
     https: Option<Https>,
-    /// How requests' callers are checked (see [`crate::auth`]); required.
-    callers: Option<CallerVerifier>,
+    /// How requests' callers are checked (see [`crate::auth`]).
+    callers: CallerVerifier,
     /// Limits per connection and per client (a server facing the internet),
     /// and the header naming the client's address behind a proxy.
     connections: Option<(crate::http::connections::ConnectionLimits, Option<axum::http::HeaderName>)>,
+}
+
+/// What every service behind the gateway is configured with, flattened
+/// into its own `Config`: its broker, its HTTP limits and the keys that
+/// check its callers (the gateway's assertions).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServiceConfig {
+    #[command(flatten)]
+    pub messaging: MessagingConfig,
+
+    #[command(flatten)]
+    pub limits: HttpLimits,
+
+    #[command(flatten)]
+    pub callers: crate::auth::CallerKeys,
 }
 
 impl Service<()> {
     /// A service with only its HTTP port so far: the gateway and the push
     /// service stay so; the others add their database
     /// ([`Service::with_database`]).
-    pub fn new(name: &'static str, limits: &HttpLimits, shutdown: CancellationToken) -> Self {
+    ///
+    /// Every request that names its user (`CurrentUser`) carries the
+    /// gateway's assertion (see [`crate::auth`]), checked with `callers`; it
+    /// must be meant for this service (its name). Every service has callers
+    /// to check, so it is given them at its start.
+    pub fn new(name: &'static str, limits: &HttpLimits, callers: &VerifyKeys, shutdown: CancellationToken) -> Self {
         Service {
             name,
             db: (),
@@ -81,18 +103,27 @@ impl Service<()> {
             uses_broker: false,
             check: None,
             https: None,
-            callers: None,
+            callers: CallerVerifier::new(callers.clone(), name),
             connections: None,
         }
     }
 
-    /// Uses the broker of `messaging` (its state shows in the readiness
-    /// details; it is closed at the end) and returns it.
-    pub fn with_broker(&mut self, messaging: &MessagingConfig) -> anyhow::Result<Broker> {
-        let broker = Broker::from_config(self.name, messaging)?;
-        self.messaging = Some((messaging.clone(), broker.clone()));
+    /// A service of `common`'s settings: its limits, its callers' keys and
+    /// its broker (connected lazily by the tasks that need it). The services
+    /// that keep state add their database ([`Service::with_database`]).
+    pub fn start(name: &'static str, common: &ServiceConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let mut service = Service::new(name, &common.limits, &common.callers.verify_keys, shutdown);
+        // A configuration error shows at once, before any wait.
+        service.messaging = Some((common.messaging.clone(), Broker::from_config(name, &common.messaging)?));
+        Ok(service)
+    }
+
+    /// Uses the service's broker (its state shows in the readiness details;
+    /// it is closed at the end) and returns it.
+    pub fn with_broker(&mut self) -> anyhow::Result<Broker> {
+        let (_, broker) = self.messaging.as_ref().context("a broker needs the messaging settings of Service::start")?;
         self.uses_broker = true;
-        Ok(broker)
+        Ok(broker.clone())
     }
 
     /// Connects to (and migrates) the service's database, with the broker of
@@ -107,11 +138,10 @@ impl Service<()> {
         self,
         database_url: &str,
         migrations: Migrator,
-        messaging: &MessagingConfig,
         listener: &TcpListener,
     ) -> anyhow::Result<Service<PgPool>> {
-        // A configuration error shows at once, before any wait.
-        let broker = Broker::from_config(self.name, messaging)?;
+        let (messaging, broker) =
+            self.messaging.clone().context("a database service needs the messaging settings of Service::start")?;
         let shutdown = self.shutdown();
         let starting = Starting::serve(self.name, listener, &shutdown)?;
         let pool_size = self.limits.database_pool_size;
@@ -203,14 +233,6 @@ impl<Db: Storage> Service<Db> {
         self.tasks.spawn(task, future);
     }
 
-    /// Checks the gateway's assertion (see [`crate::auth`]) with `keys` on
-    /// every request that names its user (`CurrentUser`); the assertion must
-    /// be meant for this service (its name). Every service needs it: `serve`
-    /// refuses to start without it.
-    pub fn verify_callers(&mut self, keys: &VerifyKeys) {
-        self.callers = Some(CallerVerifier::new(keys.clone(), self.name));
-    }
-
     /// Serves within `limits` per connection and per client address (see
     /// [`crate::http::connections`]); the address is `client_ip_header`'s where
     /// set (a proxy in front), else the connection's peer.
@@ -247,10 +269,7 @@ impl<Db: Storage> Service<Db> {
     /// the common layers) and runs every task until shutdown or the first
     /// failure.
     pub async fn serve(mut self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
-        let Some(callers) = self.callers.take() else {
-            anyhow::bail!("{}: no key to verify its callers with (Service::verify_callers)", self.name);
-        };
-        let routes = routes.layer(axum::Extension(callers));
+        let routes = routes.layer(axum::Extension(self.callers.clone()));
         let broker = self.messaging.as_ref().map(|(_, b)| b.clone());
         let readiness = Readiness {
             db: self.db.pool(),
@@ -372,18 +391,5 @@ impl Starting {
         if tokio::time::timeout(Duration::from_secs(5), self.task).await.is_err() {
             tracing::warn!("the server of a starting service did not stop in 5 s; abandoned");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_service_that_was_given_no_key_to_verify_its_callers_with_does_not_start() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let service = Service::new("svc", &HttpLimits::default(), CancellationToken::new());
-        let err = service.serve(listener, Router::new()).await.unwrap_err();
-        assert!(err.to_string().contains("no key to verify its callers"), "{err}");
     }
 }

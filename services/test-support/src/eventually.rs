@@ -24,11 +24,7 @@ pub async fn eventually_counts<A>(limit: Duration, db: &sqlx::PgPool, count_sql:
 where
     A: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send + 'static,
 {
-    eventually(limit, || async {
-        let n: i64 = sqlx::query_scalar(count_sql).bind(arg.clone()).fetch_one(db).await.unwrap();
-        (n == expected).then_some(())
-    })
-    .await
+    eventually(limit, || async { (crate::count(db, count_sql, arg.clone()).await == expected).then_some(()) }).await
 }
 
 #[cfg(test)]

@@ -66,21 +66,10 @@ impl SmtpSink {
     /// Implicit TLS (`smtps://`) with a certificate for `localhost` from a
     /// fresh test authority, whose certificate is written to `dir/ca.pem`.
     pub async fn smtps(dir: &Path) -> SmtpSink {
-        use rustls::pki_types::pem::PemObject;
         let authority = runtime::auth::tls::test_authority().unwrap();
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, &authority.ca_pem).unwrap();
-        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(authority.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(authority.key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = crate::tls::acceptor(&authority);
         let mut sink = SmtpSink::listen(Box::new(|_, _| Rcpt::Accept), Some(acceptor)).await;
         sink.ca_file = Some(ca_file);
         sink
@@ -97,19 +86,10 @@ impl SmtpSink {
             released: watch::channel(false).0,
         });
         let serving = shared.clone();
-        let task = tokio::spawn(async move {
-            let mut sessions = tokio::task::JoinSet::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (shared, tls) = (serving.clone(), tls.clone());
-                sessions.spawn(async move {
-                    let _ = match tls {
-                        Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(stream) => session(stream, &shared).await,
-                            Err(_) => return,
-                        },
-                        None => session(tcp, &shared).await,
-                    };
-                });
+        let task = crate::tls::serve_each(listener, tls, move |stream| {
+            let shared = serving.clone();
+            async move {
+                let _ = session(stream, &shared).await;
             }
         });
         SmtpSink { port, ca_file: None, shared, task }

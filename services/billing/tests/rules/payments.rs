@@ -45,12 +45,7 @@ async fn balance(db: &PgPool, user: Uuid) -> i64 {
 /// The answers billing has written for payment `id`, oldest first:
 /// `PaymentCreated` or `PaymentFailed: <reason>`.
 async fn answers(db: &PgPool, id: Uuid) -> Vec<String> {
-    let rows: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT message_type, payload FROM outbox WHERE correlation_id = $1 ORDER BY id")
-            .bind(id.to_string())
-            .fetch_all(db)
-            .await
-            .unwrap();
+    let rows = test_support::outbox_messages(db, id).await;
     rows.into_iter()
         .map(|(kind, payload)| match payload["reason"].as_str() {
             Some(reason) => format!("{kind}: {reason}"),
@@ -60,11 +55,7 @@ async fn answers(db: &PgPool, id: Uuid) -> Vec<String> {
 }
 
 async fn charges(db: &PgPool, id: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE payment_id = $1")
-        .bind(id)
-        .fetch_one(db)
-        .await
-        .unwrap()
+    test_support::count(db, "SELECT count(*) FROM ledger_entries WHERE payment_id = $1", id).await
 }
 
 /// Waits until a transaction of this database waits for a lock (the signal

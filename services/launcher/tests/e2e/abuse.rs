@@ -6,6 +6,7 @@
 //! they logged in from before) go on.
 
 use crate::helpers::*;
+use order_system::system::SystemConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -28,13 +29,14 @@ async fn assert_throttled(resp: reqwest::Response, status: StatusCode, needle: &
     assert_error(resp, status, needle).await;
 }
 
-fn behind_ingress(tuning: Tuning) -> Tuning {
-    Tuning { gateway_client_ip_header: Some("x-real-ip".into()), ..tuning }
+/// The gateway behind an ingress that names the client in `X-Real-IP`.
+fn behind_ingress(config: &mut SystemConfig) {
+    config.gateway_client_ip_header = Some("x-real-ip".into());
 }
 
 #[tokio::test]
 async fn a_login_storm_on_one_account_is_throttled_while_another_user_logs_in() {
-    let app = TestApp::spawn_with(behind_ingress(Tuning::default())).await;
+    let app = TestApp::spawn_with(behind_ingress).await;
     let victim = app.user().await;
     let other = app.user().await;
 
@@ -70,8 +72,11 @@ async fn a_login_storm_on_one_account_is_throttled_while_another_user_logs_in() 
 
 #[tokio::test]
 async fn guessing_from_one_address_is_throttled_and_other_addresses_are_not() {
-    let abuse = identity::AbuseLimits { login_per_address_per_minute: 5, ..Tuning::default().abuse };
-    let app = TestApp::spawn_with(behind_ingress(Tuning { abuse, ..Default::default() })).await;
+    let app = TestApp::spawn_with(|c| {
+        behind_ingress(c);
+        c.abuse.login_per_address_per_minute = 5;
+    })
+    .await;
 
     // Different accounts, one address: the address's limit.
     for i in 0..5 {
@@ -89,8 +94,7 @@ async fn guessing_from_one_address_is_throttled_and_other_addresses_are_not() {
 async fn a_client_cannot_escape_the_address_limit_by_sending_its_own_forwarding_header() {
     // No ingress: the gateway trusts no header, so every request below comes
     // from the same peer (127.0.0.1), whatever X-Forwarded-For it claims.
-    let abuse = identity::AbuseLimits { login_per_address_per_minute: 3, ..Tuning::default().abuse };
-    let app = TestApp::spawn_with(Tuning { abuse, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.abuse.login_per_address_per_minute = 3).await;
     for i in 0..4 {
         let r = app
             .http
@@ -112,8 +116,11 @@ async fn a_client_cannot_escape_the_address_limit_by_sending_its_own_forwarding_
 
 #[tokio::test]
 async fn registrations_from_one_address_are_throttled() {
-    let abuse = identity::AbuseLimits { register_per_address_per_minute: 2, ..Tuning::default().abuse };
-    let app = TestApp::spawn_with(behind_ingress(Tuning { abuse, ..Default::default() })).await;
+    let app = TestApp::spawn_with(|c| {
+        behind_ingress(c);
+        c.abuse.register_per_address_per_minute = 2;
+    })
+    .await;
     let register = |address: &'static str, i: u32| {
         app.http
             .post(app.url("/identity/register"))
@@ -140,7 +147,7 @@ async fn password_checks_beyond_the_bound_are_shed_with_503_and_retry_after() {
         login_per_account_per_minute: 0,
         ..Default::default()
     };
-    let app = TestApp::spawn_with(Tuning { abuse, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.abuse = abuse).await;
     let a = &app;
     let logins = (0..30).map(|i| async move { a.login(&format!("busy{i}@example.com"), "password1").await });
     let answers = futures::future::join_all(logins).await;
@@ -183,12 +190,12 @@ async fn login_with_cookie(
 
 #[tokio::test]
 async fn guessers_lock_an_account_but_not_its_owner_on_a_device_that_logged_in_before() {
-    let abuse = identity::AbuseLimits {
-        login_per_account_per_minute: 3,
-        login_per_device_per_minute: 2,
-        ..Tuning::default().abuse
-    };
-    let app = TestApp::spawn_with(behind_ingress(Tuning { abuse, ..Default::default() })).await;
+    let app = TestApp::spawn_with(|c| {
+        behind_ingress(c);
+        c.abuse.login_per_account_per_minute = 3;
+        c.abuse.login_per_device_per_minute = 2;
+    })
+    .await;
     let owner = app.user().await; // one login, without a device cookie
     let other = app.user().await;
 
@@ -235,7 +242,7 @@ async fn orders_deposits_and_withdrawals_past_a_users_rate_get_429_and_other_use
         deposits_per_user_per_minute: 2,
         withdrawals_per_user_per_minute: 2,
     };
-    let app = TestApp::spawn_with(Tuning { per_user, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.per_user = per_user).await;
     let (greedy, other) = (app.user().await, app.user().await);
     for (path, body, what) in [
         ("/billing/account/deposit", json!({"amount": 5}), "too many deposits"),
@@ -268,11 +275,11 @@ async fn order_total(app: &TestApp, user: &User) -> f64 {
 
 #[tokio::test]
 async fn a_burst_of_failed_orders_mails_the_address_at_most_its_budget_and_lists_every_notification() {
-    let app = TestApp::spawn_with(Tuning { emails_per_recipient_per_hour: 2, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.mail.emails_per_recipient_per_hour = 2).await;
     // No money: every order fails, and each failure is a notification.
     let user = app.user().await;
     for _ in 0..5 {
-        assert_eq!(app.post(&user, "/ordering/orders", json!({"price": 1})).await.status(), StatusCode::ACCEPTED);
+        app.place_order(&user, 1).await;
     }
     let db = app.db("notification").await;
     eventually_counts(
@@ -283,12 +290,12 @@ async fn a_burst_of_failed_orders_mails_the_address_at_most_its_budget_and_lists
         5,
     )
     .await;
-    let sent: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NOT NULL")
-            .bind(user.id)
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let sent = test_support::count(
+        &db,
+        "SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NOT NULL",
+        user.id,
+    )
+    .await;
     assert_eq!(sent, 2, "the budget");
     let notifications: Vec<Value> = app.get(&user, "/notifications").await;
     assert_eq!(notifications.len(), 5, "every notification is stored and listed");

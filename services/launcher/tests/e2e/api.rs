@@ -230,9 +230,8 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
     let bob = app.user().await;
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
-    let r = app.post(&alice, "/ordering/orders", json!({"price": 30})).await;
-    let order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.deposit(&alice, 100).await;
+    let order = app.place_order(&alice, 30).await;
     app.settled_order(&alice, &order).await;
     crate::helpers::eventually(std::time::Duration::from_secs(10), || async {
         let n: Vec<Value> = app.get(&alice, "/notifications").await;
@@ -256,8 +255,7 @@ async fn users_cannot_see_each_others_orders_account_or_notifications() {
 #[tokio::test]
 async fn an_order_request_sent_again_with_its_idempotency_key_places_one_order() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
     let place =
         |key: &'static str, price: u32| app.post_with_key(&user, "/ordering/orders", key, json!({"price": price}));
     let (first, again) = tokio::join!(place("checkout-7f3a", 30), place("checkout-7f3a", 30));
@@ -283,8 +281,7 @@ async fn order_lists_come_in_pages_newest_first() {
     let user = app.user().await;
     let mut placed = Vec::new();
     for price in [1, 2, 3] {
-        let r = app.post(&user, "/ordering/orders", json!({"price": price})).await;
-        placed.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        placed.push(app.place_order(&user, price).await);
     }
     let first: Vec<Value> = app.get(&user, "/ordering/orders?limit=2").await;
     assert_eq!(first.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), [&placed[2], &placed[1]]);

@@ -1,12 +1,15 @@
 //! The whole system of one test, in-process on random ports, with its own
 //! PostgreSQL databases, RabbitMQ vhost and SMTP sink (a `test_support`
 //! sandbox), so tests run in parallel without seeing each other's data or
-//! messages. The services' configs for tests are built here, in one place.
+//! messages. It is described by the launcher's `SystemConfig` and started by
+//! its `System`, as `order-system run` starts one: a test changes the fields
+//! it is about, nothing restates a service's configuration.
 
 use crate::client::{User, as_current};
+use order_system::system::{Listeners, Service, System, SystemConfig, Wiring};
 use reqwest::{Method, StatusCode};
-use runtime::MessagingConfig;
 use serde_json::Value;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use test_support::{Sandbox, SmtpSink, eventually, postgres_url};
 use tokio::net::TcpListener;
@@ -29,238 +32,138 @@ pub struct TestApp {
     pub vhost: Vhost,
     pub prefix: String,
     pub smtp: SmtpSink,
+    /// The system's description, as the test set it: more services of this
+    /// system (replicas, a second gateway) are configured from it.
+    pub config: SystemConfig,
+    /// Where the services are, and the gateway's key for the assertions the
+    /// services verify (generated per test, as the launcher does): tests mint
+    /// assertions with it to call a service directly, as the gateway would.
+    pub wiring: Wiring,
     shutdown: CancellationToken,
+    system: System,
+    /// Services started beside the system's own (replicas, gateways).
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    messaging: MessagingConfig,
-    gateway_config: gateway::Config,
-    /// The gateway's key for the assertions the services verify (generated
-    /// per test, as the launcher does): tests mint assertions with it to call
-    /// a service directly, as the gateway would.
-    pub signer: runtime::auth::AssertionSigner,
     /// The databases, vhost and mail directory, removed when the app is
     /// dropped (after `stop`, or when the test fails). Declared last: dropped
     /// after the services' tasks and the SMTP sink.
     pub sandbox: Sandbox,
 }
 
-async fn listener() -> (TcpListener, String) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    (l, url)
-}
-
-/// Limits a test sets differently from the defaults.
-pub struct Tuning {
-    pub abuse: identity::AbuseLimits,
-    pub identity_limits: runtime::HttpLimits,
-    /// The header the gateway reads the client's address from (as behind an ingress).
-    pub gateway_client_ip_header: Option<String>,
-    /// How long identity's access tokens are valid.
-    pub token_ttl_secs: u64,
-    /// E-mail over implicit TLS (`smtps://`, the sink's CA in `SMTP_CA_FILE`).
-    pub smtps: bool,
-    /// When ordering re-drives and gives up on pending orders.
-    pub sweeper: ordering::sweeper::SweeperConfig,
-    /// Orders, deposits and withdrawals per user a minute.
-    pub per_user: runtime::http::PerUserLimits,
-    /// E-mails one address may be sent an hour (0: no budget).
-    pub emails_per_recipient_per_hour: u32,
-    /// How e-mails are DKIM-signed (not at all by default).
-    pub dkim: notification::DkimSettings,
-    /// The e-mails' unsubscribe links (none by default).
-    pub unsubscribe: notification::UnsubscribeConfig,
-}
-
-impl Default for Tuning {
-    /// Production's limits, but many users register and log in from one
-    /// address in a test.
-    fn default() -> Self {
-        Tuning {
-            abuse: identity::AbuseLimits {
-                login_per_address_per_minute: 10_000,
-                register_per_address_per_minute: 10_000,
-                ..Default::default()
-            },
-            identity_limits: Default::default(),
-            gateway_client_ip_header: None,
-            token_ttl_secs: 3600,
-            smtps: false,
-            sweeper: Default::default(),
-            per_user: Default::default(),
-            emails_per_recipient_per_hour: 20,
-            dkim: Default::default(),
-            unsubscribe: Default::default(),
-        }
+/// A system on the sandbox's databases (`PREFIX_identity`, ..., removed
+/// with it) and vhost, with the defaults of `order-system run` otherwise.
+pub fn sandboxed(sandbox: &Sandbox) -> SystemConfig {
+    let mut config = SystemConfig::defaults();
+    config.postgres_url = postgres_url();
+    config.database_prefix = format!("{}_", sandbox.prefix);
+    for service in Service::WITH_DATABASE {
+        // The sandbox drops each database the service creates.
+        assert_eq!(config.database_url(service), sandbox.database_url(service.name()));
     }
+    config.messaging.amqp_url = sandbox.amqp_url.clone();
+    config
 }
 
-impl Tuning {
-    /// Ordering's sweeper leaves pending orders alone (for a year): for tests
-    /// that leave an order pending on purpose, which it would re-drive or void.
-    pub fn sweeper_off() -> Tuning {
-        let year = 365 * 24 * 3600 * 1000;
-        let sweeper =
-            ordering::sweeper::SweeperConfig { redrive_after_ms: year, pending_timeout_ms: year, ..Default::default() };
-        Tuning { sweeper, ..Default::default() }
-    }
+/// Ordering's sweeper leaves pending orders alone (for a year): for tests
+/// that leave an order pending on purpose, which it would re-drive or void.
+pub fn sweeper_off(config: &mut SystemConfig) {
+    let year = 365 * 24 * 3600 * 1000;
+    config.sweeper.redrive_after_ms = year;
+    config.sweeper.pending_timeout_ms = year;
 }
 
 pub const SERVICES_WITH_DB: [&str; 4] = ["identity", "billing", "ordering", "notification"];
 
 impl TestApp {
     pub async fn spawn() -> TestApp {
-        Self::spawn_with(Tuning::default()).await
+        Self::spawn_with(|_| {}).await
     }
 
-    pub async fn spawn_with(tuning: Tuning) -> TestApp {
+    /// The system of a test, changed by `tune`.
+    pub async fn spawn_with(tune: impl FnOnce(&mut SystemConfig)) -> TestApp {
+        Self::start(false, tune).await
+    }
+
+    /// E-mail over implicit TLS (`smtps://`, the sink's CA in `SMTP_CA_FILE`).
+    pub async fn spawn_over_smtps() -> TestApp {
+        Self::start(true, |_| {}).await
+    }
+
+    /// The system of a test: production's settings, except that many users
+    /// register and log in from one address, messages are retried, metrics
+    /// and revocations refreshed and signing keys reloaded within a second,
+    /// streams beat every second and end at once on shutdown, the push
+    /// service has no HTTPS port of its own and e-mail goes to the sink.
+    fn config(sandbox: &Sandbox, smtp: &SmtpSink) -> SystemConfig {
+        let mut config = sandboxed(sandbox);
+        config.messaging.retry_delays_ms = vec![100, 300];
+        config.messaging.metrics_refresh_ms = 200;
+        config.abuse.login_per_address_per_minute = 10_000;
+        config.abuse.register_per_address_per_minute = 10_000;
+        config.signing_key_reload_secs = 1;
+        config.verifier.revocation_refresh_ms = 200;
+        config.heartbeat_secs = 1;
+        config.push_drain_secs = 0;
+        config.push_tls_addr.clear();
+        config.mail.smtp_url = Some(smtp.url());
+        config.mail.smtp_ca_file = smtp.ca_file.clone();
+        config.mail.mail_dir = sandbox.dir("mail").join("unused");
+        config
+    }
+
+    async fn start(smtps: bool, tune: impl FnOnce(&mut SystemConfig)) -> TestApp {
         let sandbox = Sandbox::new().await;
         let prefix = sandbox.prefix.clone();
         let vhost = Vhost { name: sandbox.vhost().to_string(), amqp_url: sandbox.amqp_url.clone() };
-        let mail_dir = sandbox.dir("mail");
-        let smtp = if tuning.smtps { SmtpSink::smtps(&mail_dir).await } else { SmtpSink::start().await };
-        let messaging = MessagingConfig {
-            retry_delays_ms: vec![100, 300],
-            metrics_refresh_ms: 200,
-            ..MessagingConfig::local(&vhost.amqp_url)
-        };
-        let db = |service: &str| sandbox.database_url(service);
-        let signer = runtime::auth::AssertionSigner::generate();
-        let callers = runtime::auth::CallerKeys { verify_keys: signer.verify_keys() };
+        let smtp = if smtps { SmtpSink::smtps(&sandbox.dir("mail")).await } else { SmtpSink::start().await };
+        let mut config = Self::config(&sandbox, &smtp);
+        tune(&mut config);
         let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-
-        let (l, identity_url) = listener().await;
-        let config = identity::Config {
-            database_url: db("identity"),
-            messaging: messaging.clone(),
-            limits: tuning.identity_limits,
-            token_ttl_secs: tuning.token_ttl_secs,
-            jwt_private_key_pem: None,
-            // The gateway sets it.
-            abuse: identity::AbuseLimits { client_ip_header: Some("x-forwarded-for".into()), ..tuning.abuse },
-            cookie_secure: false,
-            signing_key_reload_secs: 1,
-            addr: String::new(),
-            callers: callers.clone(),
-        };
-        tasks.push(tokio::spawn(identity::run(config, l, shutdown.clone())));
-        let (l, billing_url) = listener().await;
-        let config = billing::Config {
-            database_url: db("billing"),
-            messaging: messaging.clone(),
-            idempotency: Default::default(),
-            limits: Default::default(),
-            addr: String::new(),
-            callers: callers.clone(),
-            per_user: tuning.per_user.clone(),
-        };
-        tasks.push(tokio::spawn(billing::run(config, l, shutdown.clone())));
-        let (l, ordering_url) = listener().await;
-        let config = ordering::Config {
-            database_url: db("ordering"),
-            messaging: messaging.clone(),
-            idempotency: Default::default(),
-            api_only: false,
-            sweeper: tuning.sweeper,
-            limits: Default::default(),
-            addr: String::new(),
-            callers: callers.clone(),
-            per_user: tuning.per_user.clone(),
-        };
-        tasks.push(tokio::spawn(ordering::run(config, l, shutdown.clone())));
-        let (l, notification_url) = listener().await;
-        let config = notification::Config {
-            database_url: db("notification"),
-            messaging: messaging.clone(),
-            limits: Default::default(),
-            mail: notification::MailConfig {
-                smtp_url: Some(smtp.url()),
-                mail_dir: mail_dir.join("unused"),
-                mail_from: "Order System <orders@localhost>".into(),
-                emails_per_recipient_per_hour: tuning.emails_per_recipient_per_hour,
-                smtp_username: None,
-                smtp_password: None,
-                smtp_ca_file: smtp.ca_file.clone(),
-                dkim: tuning.dkim.clone(),
-                unsubscribe: tuning.unsubscribe.clone(),
-            },
-            web_push: Default::default(),
-            addr: String::new(),
-            callers: callers.clone(),
-        };
-        tasks.push(tokio::spawn(notification::run(config, l, shutdown.clone())));
-        let (l, push_url) = listener().await;
-        let config = push_service::Config {
-            heartbeat_secs: 1,
-            drain_secs: 0,
-            ..push_service::Config::local(messaging.clone(), signer.verify_keys())
-        };
-        tasks.push(tokio::spawn(push_service::run(config, l, shutdown.clone())));
-        let (l, gateway) = listener().await;
-        let config = gateway::Config {
-            addr: String::new(),
-            identity_url: identity_url.clone(),
-            billing_url,
-            ordering_url: ordering_url.clone(),
-            notification_url,
-            push_url,
-            push_h2c: true,
-            push_streams_per_connection: 100,
-            verifier: runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
-            upstream_timeout_secs: 30,
-            client_ip_header: tuning.gateway_client_ip_header,
-            https_addr: String::new(),
-            tls: Default::default(),
-            limits: Default::default(),
-            connections: Default::default(),
-            signing: runtime::auth::SigningKeyConfig::with(signer.clone()),
-        };
-        let gateway_config = config.clone();
-        let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let gateway_https = format!("https://{}", https.local_addr().unwrap());
-        tasks.push(tokio::spawn(gateway::run_with_tls(config, l, Some(https), shutdown.clone())));
-
+        let listeners = Listeners::free_ports(&config, IpAddr::V4(Ipv4Addr::LOCALHOST)).await.unwrap();
+        let system = System::start(&config, listeners, shutdown.clone()).await.unwrap();
+        let wiring = system.wiring.clone();
+        let https = system.gateway_https.expect("the gateway's HTTPS port");
         let app = TestApp {
             sandbox,
-            gateway,
-            gateway_https,
-            identity: identity_url,
+            gateway: wiring.url(Service::Gateway),
+            gateway_https: format!("https://{https}"),
+            identity: wiring.url(Service::Identity),
             http: reqwest::Client::new(),
             vhost,
             prefix,
             smtp,
+            config,
+            wiring,
             shutdown,
-            tasks,
-            messaging,
-            gateway_config,
-            signer,
+            system,
+            tasks: Vec::new(),
         };
-        app.wait_until_ready(&ordering_url).await;
+        app.wait_until_ready().await;
         app
+    }
+
+    /// The gateway's key, which every service of this app verifies.
+    pub fn signer(&self) -> &runtime::auth::AssertionSigner {
+        &self.wiring.signer
+    }
+
+    /// Runs `run` on a listener of its own, beside the system; once it is
+    /// ready, its URL.
+    async fn beside<F>(&mut self, run: impl FnOnce(TcpListener, CancellationToken) -> F) -> String
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        self.tasks.push(tokio::spawn(run(listener, self.shutdown.clone())));
+        crate::client::ready(&self.http, &url).await;
+        url
     }
 
     /// Another ordering replica on the same database and vhost; with
     /// `api_only` it serves the API but settles nothing. Its URL.
     pub async fn ordering_replica(&mut self, api_only: bool) -> String {
-        let (l, url) = listener().await;
-        let config = ordering::Config {
-            database_url: self.sandbox.database_url("ordering"),
-            messaging: self.messaging.clone(),
-            idempotency: Default::default(),
-            api_only,
-            sweeper: Default::default(),
-            limits: Default::default(),
-            addr: String::new(),
-            callers: self.callers(),
-            per_user: Default::default(),
-        };
-        self.tasks.push(tokio::spawn(ordering::run(config, l, self.shutdown.clone())));
-        eventually(Duration::from_secs(30), || async {
-            let r = self.http.get(format!("{url}/health/ready")).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        url
+        let config = ordering::Config { api_only, ..self.config.ordering(&self.wiring) };
+        self.beside(|l, stop| ordering::run(config, l, stop)).await
     }
 
     /// Another gateway to the same services, except ordering at `ordering_url`,
@@ -273,45 +176,25 @@ impl TestApp {
         .await
     }
 
-    /// Another gateway, configured as the first one and then by `tweak`,
-    /// once it is ready. Its URL.
+    /// Another gateway (without HTTPS), configured as the first one and then
+    /// by `tweak`, once it is ready. Its URL.
     pub async fn gateway_with(&mut self, tweak: impl FnOnce(&mut gateway::Config)) -> String {
-        let (l, url) = listener().await;
-        let mut config = self.gateway_config.clone();
+        let mut config = self.config.gateway(&self.wiring);
         tweak(&mut config);
-        self.tasks.push(tokio::spawn(gateway::run_with_tls(config, l, None, self.shutdown.clone())));
-        eventually(Duration::from_secs(30), || async {
-            let r = self.http.get(format!("{url}/health/ready")).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        url
+        self.beside(|l, stop| gateway::run_with_tls(config, l, None, stop)).await
     }
 
     /// A service's own (internal) URL, as the gateway reaches it.
     pub fn service_url(&self, service: &str) -> String {
-        let c = &self.gateway_config;
-        match service {
-            "identity" => &c.identity_url,
-            "billing" => &c.billing_url,
-            "ordering" => &c.ordering_url,
-            "notification" => &c.notification_url,
-            "push" => &c.push_url,
-            _ => panic!("no service {service}"),
-        }
-        .clone()
-    }
-
-    /// The gateway's public key, as every service of this app is configured.
-    pub fn callers(&self) -> runtime::auth::CallerKeys {
-        runtime::auth::CallerKeys { verify_keys: self.signer.verify_keys() }
+        let service = Service::ALL.into_iter().find(|s| s.name() == service);
+        self.wiring.url(service.expect("a service of the system"))
     }
 
     /// What the gateway sends `service` (its name) to say that `user`
     /// calls `method` on `path` (the service's own): the value of
     /// `X-User-Assertion`, good for one request.
     pub fn assertion(&self, service: &str, method: Method, path: &str, user: &User) -> String {
-        self.signer.sign(service, &method, path, &as_current(user))
+        self.signer().sign(service, &method, path, &as_current(user))
     }
 
     /// Starts the shutdown of every service (as SIGTERM would); `stop` still cleans up.
@@ -319,7 +202,8 @@ impl TestApp {
         self.shutdown.cancel();
     }
 
-    async fn wait_until_ready(&self, ordering_url: &str) {
+    async fn wait_until_ready(&self) {
+        let ordering_url = self.wiring.url(Service::Ordering);
         // Ready when the gateway can verify tokens (identity is up and the
         // gateway has its keys) and the consumers are connected.
         eventually(Duration::from_secs(30), || async {
@@ -346,6 +230,7 @@ impl TestApp {
     /// Stops every service and removes the test's databases and vhost.
     pub async fn stop(self) {
         self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.system.join()).await;
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }

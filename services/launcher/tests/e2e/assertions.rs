@@ -37,7 +37,7 @@ async fn an_internal_port_refuses_a_bare_user_id_and_forged_expired_or_misdirect
         let forged = stranger.sign(service, &Method::GET, path, &as_current(&user));
         refused(get().header(ASSERTION, forged).send().await.unwrap()).await;
         // Expired (past the clock leeway).
-        let old = app.signer.sign_at(
+        let old = app.signer().sign_at(
             service,
             &Method::GET,
             path,

@@ -15,16 +15,9 @@ fn dec(s: &str) -> Decimal {
 }
 
 async fn order(app: &TestApp, user: &User, price: u32) -> (Uuid, Value) {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     let settled = app.settled_order(user, &id).await;
     (id.parse().unwrap(), settled)
-}
-
-async fn deposit(app: &TestApp, user: &User, amount: u32) {
-    let r = app.post(user, "/billing/account/deposit", json!({"amount": amount})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
 }
 
 type Entry = (String, String, Option<Uuid>, Decimal, Decimal);
@@ -45,8 +38,7 @@ async fn ledger(app: &TestApp, user: &User) -> Vec<Entry> {
 #[tokio::test]
 async fn every_money_movement_is_a_ledger_entry_and_the_balance_is_their_sum() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    deposit(&app, &user, 1000).await;
+    let user = app.user_with(1000).await;
     let r = app.post(&user, "/billing/account/withdraw", json!({"amount": 100})).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // Refused withdrawal and failed order: no money moves, no entry.
@@ -101,8 +93,7 @@ async fn every_money_movement_is_a_ledger_entry_and_the_balance_is_their_sum() {
 #[tokio::test]
 async fn concurrent_deposits_withdrawals_and_payments_keep_the_balance_equal_to_the_ledger() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    deposit(&app, &user, 500).await;
+    let user = app.user_with(500).await;
     let calls = (0..30).map(|i| {
         let app = &app;
         let user = &user;
@@ -212,10 +203,10 @@ fn has(report: &Report, check: &str, subject: &str, detail: &str) -> bool {
 #[tokio::test]
 async fn the_audit_reports_each_broken_invariant() {
     // Ordering's sweeper would settle the order left pending below.
-    let app = TestApp::spawn_with(crate::helpers::Tuning::sweeper_off()).await;
+    let app = TestApp::spawn_with(crate::helpers::sweeper_off).await;
     let (ann, bob) = (app.user().await, app.user().await);
-    deposit(&app, &ann, 1000).await;
-    deposit(&app, &bob, 1000).await;
+    app.deposit(&ann, 1000).await;
+    app.deposit(&bob, 1000).await;
     let (repriced, _) = order(&app, &ann, 100).await;
     let (unnotified, _) = order(&app, &ann, 110).await;
     let (twice_notified, _) = order(&app, &ann, 120).await;

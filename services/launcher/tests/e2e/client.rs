@@ -77,10 +77,35 @@ impl TestApp {
         let r = self.register(&email, "correct horse").await;
         assert_eq!(r.status(), StatusCode::CREATED);
         let id: Uuid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
-        let r = self.login(&email, "correct horse").await;
+        self.login_again(&User { id, email, token: String::new() }).await
+    }
+
+    /// `user` logged in again (with the password `user()` gave them): a fresh token.
+    pub async fn login_again(&self, user: &User) -> User {
+        let r = self.login(&user.email, "correct horse").await;
         assert_eq!(r.status(), StatusCode::OK);
         let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
-        User { id, email, token }
+        User { id: user.id, email: user.email.clone(), token }
+    }
+
+    /// Deposits `amount` into the user's account.
+    pub async fn deposit(&self, user: &User, amount: u32) {
+        let r = self.post(user, "/billing/account/deposit", json!({"amount": amount})).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "a deposit of {amount}");
+    }
+
+    /// A new user (registered and logged in) with `amount` in their account.
+    pub async fn user_with(&self, amount: u32) -> User {
+        let user = self.user().await;
+        self.deposit(&user, amount).await;
+        user
+    }
+
+    /// Places an order of `price` for the user (accepted, pending): its id.
+    pub async fn place_order(&self, user: &User, price: u32) -> String {
+        let r = self.post(user, "/ordering/orders", json!({"price": price})).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "an order of {price}");
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
     }
 
     pub async fn balance(&self, user: &User) -> f64 {
@@ -190,4 +215,13 @@ pub async fn assert_error(resp: reqwest::Response, status: StatusCode, needle: &
     assert_eq!(body["code"], status.as_u16(), "{body}");
     let message = body["message"].as_str().expect("message");
     assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{message:?} should mention {needle:?}");
+}
+
+/// Waits until the service at `url` says it is ready (`/health/ready`).
+pub async fn ready(http: &reqwest::Client, url: &str) {
+    eventually(Duration::from_secs(30), || async {
+        let r = http.get(format!("{url}/health/ready")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
 }

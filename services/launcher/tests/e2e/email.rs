@@ -5,10 +5,10 @@
 //! the configured key. Unsubscribing stops the e-mails and keeps the
 //! notifications; a link this system did not sign is refused.
 
-use crate::helpers::{TestApp, Tuning, assert_error, eventually, eventually_counts};
+use crate::helpers::{TestApp, assert_error, eventually, eventually_counts};
 use notification::unsubscribe::{Links, UnsubscribeConfig};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
 use uuid::Uuid;
@@ -165,21 +165,17 @@ async fn mail_to(app: &TestApp, email: &str) -> String {
 #[tokio::test]
 async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
     let key = DkimKey::generate();
-    let app = TestApp::spawn_with(Tuning {
-        dkim: notification::DkimSettings {
+    let app = TestApp::spawn_with(|c| {
+        c.mail.dkim = notification::DkimSettings {
             dkim_selector: Some(SELECTOR.into()),
             dkim_domain: Some(DOMAIN.into()),
             dkim_private_key_file: Some(key.private()),
-        },
-        unsubscribe: unsubscribe_config(),
-        ..Tuning::default()
+        };
+        c.mail.unsubscribe = unsubscribe_config();
     })
     .await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = app.post(&user, "/ordering/orders", json!({"price": 600})).await;
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let user = app.user_with(1000).await;
+    let id = app.place_order(&user, 600).await;
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
 
     let raw = mail_to(&app, &user.email).await;
@@ -262,8 +258,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
     }
 
     // The next order is still notified, but not mailed.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 100})).await;
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(&user, 100).await;
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
     eventually(Duration::from_secs(10), || async {
         let list: Vec<Value> = app.get(&user, "/notifications").await;
@@ -280,7 +275,7 @@ async fn an_order_email_is_multipart_signed_and_unsubscribes_in_one_click() {
 
 #[tokio::test]
 async fn an_unsubscribe_link_this_system_did_not_sign_is_refused() {
-    let app = TestApp::spawn_with(Tuning { unsubscribe: unsubscribe_config(), ..Tuning::default() }).await;
+    let app = TestApp::spawn_with(|c| c.mail.unsubscribe = unsubscribe_config()).await;
     let user = app.user().await;
     let call = |method: reqwest::Method, query: String| {
         let url = app.url(&format!("/notifications/unsubscribe{query}"));

@@ -1,6 +1,6 @@
 //! The seed's own scenario, through the gateway over HTTP.
 
-use crate::helpers::{TestApp, Tuning, eventually};
+use crate::helpers::{TestApp, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -12,8 +12,7 @@ async fn register_deposit_order_succeed_then_fail() {
     let mut events = app.subscribe(&user).await;
 
     assert_eq!(app.balance(&user).await, 0.0);
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    app.deposit(&user, 1000).await;
     assert_eq!(app.balance(&user).await, 1000.0);
 
     // Order 600: accepted at once, pending, then succeeded.
@@ -44,9 +43,7 @@ async fn register_deposit_order_succeed_then_fail() {
     .await;
 
     // Order 500: not enough money left, so it fails and nothing is charged.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 500})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let failed_id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let failed_id = app.place_order(&user, 500).await;
     let settled = app.settled_order(&user, &failed_id).await;
     assert_eq!(settled["status"], "failed");
     assert_eq!(settled["reason"], "not enough money");
@@ -106,12 +103,9 @@ async fn register_deposit_order_succeed_then_fail() {
 
 #[tokio::test]
 async fn an_orders_e_mail_goes_over_implicit_tls_when_the_smtp_url_is_smtps() {
-    let app = TestApp::spawn_with(Tuning { smtps: true, ..Default::default() }).await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = app.post(&user, "/ordering/orders", json!({"price": 42})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let app = TestApp::spawn_over_smtps().await;
+    let user = app.user_with(100).await;
+    app.place_order(&user, 42).await;
     // The sink speaks only TLS: a message in its Maildir came over TLS.
     eventually(Duration::from_secs(15), || async {
         app.smtp
@@ -130,15 +124,13 @@ async fn an_event_stream_carries_only_its_own_users_events() {
     let mut alice_events = app.subscribe(&alice).await;
     let mut bob_events = app.subscribe(&bob).await;
 
-    let r = app.post(&bob, "/ordering/orders", json!({"price": 5})).await;
-    let bob_order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let bob_order = app.place_order(&bob, 5).await;
     let e = tokio::time::timeout(Duration::from_secs(10), bob_events.recv()).await.unwrap().unwrap();
     assert_eq!(e.event, "OrderFailed");
     assert!(e.data.contains(&bob_order));
 
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 10})).await;
-    let r = app.post(&alice, "/ordering/orders", json!({"price": 5})).await;
-    let alice_order = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.deposit(&alice, 10).await;
+    let alice_order = app.place_order(&alice, 5).await;
     let e = tokio::time::timeout(Duration::from_secs(10), alice_events.recv()).await.unwrap().unwrap();
     assert_eq!(e.event, "OrderCreated");
     assert!(e.data.contains(&alice_order), "alice's first event is her own order, not bob's");
@@ -156,8 +148,7 @@ async fn an_event_stream_carries_only_its_own_users_events() {
 async fn an_orders_trace_follows_it_through_every_service() {
     let app = TestApp::spawn().await;
     let spans = runtime::telemetry::init_for_tests();
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 10})).await;
+    let user = app.user_with(10).await;
 
     let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
     let traceparent = format!("00-{trace_id}-{:016x}-01", rand_span_id());

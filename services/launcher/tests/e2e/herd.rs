@@ -51,10 +51,8 @@ impl Herd {
 /// streams URL. It ends its streams at once when stopped (no drain window:
 /// the worst case, a killed process).
 async fn replica(app: &TestApp) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
-    let config = push_service::Config {
-        drain_secs: 0,
-        ..push_service::Config::local(MessagingConfig::local(&app.vhost.amqp_url), app.signer.verify_keys())
-    };
+    // Production's heartbeat: the herd is load enough.
+    let config = push_service::Config { heartbeat_secs: 15, ..app.config.push(&app.wiring) };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/api/v1/orders", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
@@ -167,7 +165,7 @@ async fn a_restarted_push_replica_gets_every_stream_back_and_none_misses_an_even
     let mut tasks = Vec::new();
     for n in 0..streams {
         let user = User { id: users[n / STREAMS_PER_USER], email: String::new(), token: String::new() };
-        let caller = (app.signer.clone(), as_current(&user));
+        let caller = (app.signer().clone(), as_current(&user));
         let client = client(n, clients[n / 100].clone(), url.clone(), caller, herd.clone());
         tasks.push(tokio::spawn(client));
     }
@@ -239,10 +237,8 @@ async fn a_restarted_push_replica_gets_every_stream_back_and_none_misses_an_even
 async fn a_replica_not_attached_to_the_stream_yet_says_when_to_come_back() {
     let app = TestApp::spawn().await;
     // Its broker is unreachable: it never attaches to the stream.
-    let config = push_service::Config {
-        drain_secs: 0,
-        ..push_service::Config::local(MessagingConfig::local("amqp://127.0.0.1:1/%2f"), app.signer.verify_keys())
-    };
+    let mut config = app.config.push(&app.wiring);
+    config.common.messaging = MessagingConfig::local("amqp://127.0.0.1:1/%2f");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/api/v1/orders", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
@@ -251,7 +247,7 @@ async fn a_replica_not_attached_to_the_stream_yet_says_when_to_come_back() {
     let r = app
         .http
         .get(&url)
-        .header(ASSERTION, app.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &as_current(&user)))
+        .header(ASSERTION, app.signer().sign("push", &reqwest::Method::GET, "/api/v1/orders", &as_current(&user)))
         .send()
         .await
         .unwrap();

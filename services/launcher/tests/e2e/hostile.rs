@@ -109,21 +109,16 @@ async fn send(app: &TestApp, user: &User, method: Method, path: &str, body: Stri
 fn every_public_json_body_answers_2xx_or_4xx_whatever_its_strings_and_numbers_hold() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // No throttles: every request reaches its handler.
-    let tuning = Tuning {
-        abuse: identity::AbuseLimits {
-            login_per_address_per_minute: 0,
-            login_per_account_per_minute: 0,
-            register_per_address_per_minute: 0,
-            ..Default::default()
-        },
-        per_user: runtime::http::PerUserLimits {
+    let app = rt.block_on(TestApp::spawn_with(|c| {
+        c.abuse.login_per_address_per_minute = 0;
+        c.abuse.login_per_account_per_minute = 0;
+        c.abuse.register_per_address_per_minute = 0;
+        c.per_user = runtime::http::PerUserLimits {
             orders_per_user_per_minute: 0,
             deposits_per_user_per_minute: 0,
             withdrawals_per_user_per_minute: 0,
-        },
-        ..Default::default()
-    };
-    let app = rt.block_on(TestApp::spawn_with(tuning));
+        };
+    }));
     let user = rt.block_on(app.user());
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(200);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });

@@ -5,8 +5,7 @@
 //! resume from `Last-Event-ID` if it was missed.
 
 use crate::helpers::{SseEvent, TestApp, User, sse_events};
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -24,12 +23,6 @@ async fn stream(
         req = req.header("last-event-id", id);
     }
     sse_events(req.send().await.unwrap())
-}
-
-async fn order(app: &TestApp, user: &User, price: u32) -> String {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
 }
 
 /// Events until the `NotificationCreated` of `order_id` (inclusive).
@@ -53,14 +46,12 @@ fn data(e: &SseEvent) -> Value {
 #[tokio::test]
 async fn a_notification_reaches_the_stream_once_and_again_after_a_resume() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let user = app.user_with(100).await;
     let mut live = stream(&app, &user, true, None).await;
     let mut orders_only = stream(&app, &user, false, None).await;
 
     // The order's outcome, then its notification, with the list's id and words.
-    let first = order(&app, &user, 60).await;
+    let first = app.place_order(&user, 60).await;
     let events = until_notified(&mut live, &first).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["OrderCreated", "NotificationCreated"], "{events:?}");
@@ -75,7 +66,7 @@ async fn a_notification_reaches_the_stream_once_and_again_after_a_resume() {
 
     // A second order: by the time its notification arrives, the first one
     // has not come again.
-    let second = order(&app, &user, 100).await;
+    let second = app.place_order(&user, 100).await;
     let events = until_notified(&mut live, &second).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["OrderFailed", "NotificationCreated"], "each event once: {events:?}");
@@ -90,7 +81,7 @@ async fn a_notification_reaches_the_stream_once_and_again_after_a_resume() {
 
     // Away while a third order settles: the resume brings exactly what was missed.
     drop(live);
-    let third = order(&app, &user, 30).await;
+    let third = app.place_order(&user, 30).await;
     let listed = crate::helpers::eventually(WAIT, || async {
         let list: Vec<Value> = app.get(&user, "/notifications").await;
         (list.len() == 3).then_some(list)
@@ -105,7 +96,7 @@ async fn a_notification_reaches_the_stream_once_and_again_after_a_resume() {
     assert!(events[0].id().parse::<u64>().unwrap() > last_seen.parse::<u64>().unwrap());
 
     // Nothing more: the next event is a later order's, not a repeat.
-    let fourth = order(&app, &user, 5).await;
+    let fourth = app.place_order(&user, 5).await;
     let events = until_notified(&mut resumed, &fourth).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["OrderCreated", "NotificationCreated"], "{events:?}");

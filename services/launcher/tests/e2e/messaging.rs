@@ -18,8 +18,7 @@ fn create_payment(id: Uuid, user: Uuid, amount: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_create_payment_delivered_twice_charges_once() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let payment = Uuid::new_v4();
     let body = create_payment(payment, user.id, "30");
@@ -39,19 +38,15 @@ async fn a_create_payment_delivered_twice_charges_once() {
     })
     .await;
     assert_eq!(app.balance(&user).await, 70.0);
-    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1")
-        .bind(payment)
-        .fetch_one(&billing)
-        .await
-        .unwrap();
+    let payments = test_support::count(&billing, "SELECT count(*) FROM payments WHERE id = $1", payment).await;
     assert_eq!(payments, 1);
     // Each request for the payment was answered (PaymentCreated twice, same id).
-    let answers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1")
-            .bind(payment.to_string())
-            .fetch_one(&billing)
-            .await
-            .unwrap();
+    let answers = test_support::count(
+        &billing,
+        "SELECT count(*) FROM outbox WHERE message_type = 'PaymentCreated' AND correlation_id = $1",
+        payment.to_string(),
+    )
+    .await;
     assert_eq!(answers, 2);
     app.stop().await;
 }
@@ -59,8 +54,7 @@ async fn a_create_payment_delivered_twice_charges_once() {
 #[tokio::test]
 async fn concurrent_payments_and_withdrawals_never_overdraw() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let publishes = futures::future::join_all((0..15).map(|_| {
         let body = create_payment(Uuid::new_v4(), user.id, "10");
@@ -104,8 +98,7 @@ async fn concurrent_payments_and_withdrawals_never_overdraw() {
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_and_the_queue_keeps_flowing() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let user = app.user_with(50).await;
 
     let id = || Some(Uuid::new_v4().to_string());
     app.publish_raw(exchange::ORDERING, CreatePayment::NAME, id().as_deref(), CreatePayment::NAME, b"{ not json").await;
@@ -185,12 +178,12 @@ async fn an_order_event_that_outruns_the_users_profile_is_mailed_once_the_profil
         1,
     )
     .await;
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL")
-            .bind(user)
-            .fetch_one(&notification)
-            .await
-            .unwrap();
+    let pending = test_support::count(
+        &notification,
+        "SELECT count(*) FROM email_deliveries WHERE user_id = $1 AND sent_at IS NULL",
+        user,
+    )
+    .await;
     assert_eq!(pending, 1);
     assert!(app.smtp.messages().iter().all(|m| !m.contains("42.50$")));
 

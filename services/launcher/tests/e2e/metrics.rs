@@ -19,7 +19,7 @@ async fn scrape(app: &TestApp) -> String {
 #[tokio::test]
 async fn a_stuck_pending_order_shows_in_the_pending_gauges_until_it_settles() {
     // Ordering's sweeper would settle the orders left pending below.
-    let app = TestApp::spawn_with(crate::helpers::Tuning::sweeper_off()).await;
+    let app = TestApp::spawn_with(crate::helpers::sweeper_off).await;
     let database = format!("{}_ordering", app.prefix);
     let db = app.db("ordering").await;
 

@@ -34,14 +34,11 @@ async fn place(app: &TestApp, user: &User, price: u32) -> Value {
 #[tokio::test]
 async fn an_order_is_followed_with_tags_and_an_unchanged_order_is_304() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let user = app.user_with(50).await;
     let held = hold_payments(&app, &user).await;
 
     // The 202 says how to follow the order.
-    let r = app.post(&user, "/ordering/orders", json!({"price": 20})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(&user, 20).await;
     let r = app.post(&user, "/ordering/orders", json!({"price": 5})).await;
     assert_eq!(
         header(&r, LOCATION),
@@ -85,7 +82,7 @@ async fn an_order_is_followed_with_tags_and_an_unchanged_order_is_304() {
 async fn a_settled_orders_304_needs_no_database_and_is_never_another_users() {
     let app = TestApp::spawn().await;
     let (user, other) = (app.user().await, app.user().await);
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    app.deposit(&user, 50).await;
     let id = place(&app, &user, 20).await["id"].as_str().unwrap().to_string();
     assert_eq!(app.settled_order(&user, &id).await["status"], "succeeded");
     // Straight to ordering, as the gateway calls it (its own memory is another test's).
@@ -133,7 +130,7 @@ async fn the_gateway_answers_a_settled_orders_304_itself_to_its_user_while_the_t
     let proxy = TcpProxy::before(&ordering).await;
     let gateway = app.gateway_to(&proxy.url(&ordering), 5).await;
     let (user, other) = (app.user().await, app.user().await);
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    app.deposit(&user, 50).await;
     let settled = place(&app, &user, 20).await["id"].as_str().unwrap().to_string();
     app.settled_order(&user, &settled).await;
     let held = hold_payments(&app, &user).await;
@@ -187,8 +184,7 @@ async fn a_long_poll_is_answered_by_the_settlement_on_another_replica() {
     // Its gateway gives a service 1 s to start answering: long polls get more.
     let replica = app.ordering_replica(true).await;
     let gateway_b = app.gateway_to(&replica, 1).await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let user = app.user_with(50).await;
     let held = hold_payments(&app, &user).await;
     let order = place(&app, &user, 20).await;
     let id = order["id"].as_str().unwrap().to_string();
@@ -234,8 +230,7 @@ async fn a_long_poll_is_answered_by_the_settlement_on_another_replica() {
 #[tokio::test]
 async fn waiting_long_polls_end_cleanly_on_shutdown() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 50})).await;
+    let user = app.user_with(50).await;
     let held = hold_payments(&app, &user).await;
     let order = place(&app, &user, 20).await;
     let id = order["id"].as_str().unwrap();
@@ -259,8 +254,7 @@ async fn waiting_long_polls_end_cleanly_on_shutdown() {
 #[tokio::test]
 async fn an_order_placed_against_a_stale_list_tag_is_refused_with_412() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
     let list = || app.call(Some(&user), Method::GET, "/ordering/orders", None);
     let r = list().await;
     let empty = header(&r, ETAG);

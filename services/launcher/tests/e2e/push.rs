@@ -8,7 +8,6 @@ use crate::helpers::{
 };
 use futures::StreamExt;
 use reqwest::{StatusCode, Version};
-use runtime::MessagingConfig;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -30,11 +29,9 @@ pub(crate) struct Replica {
 impl Replica {
     pub async fn start(app: &TestApp, tweak: impl FnOnce(&mut push_service::Config)) -> Replica {
         let mut config = push_service::Config {
-            heartbeat_secs: 1,
-            drain_secs: 0,
             // Its HTTPS port faces browsers: it checks their tokens with identity.
             identity_url: Some(app.identity.clone()),
-            ..push_service::Config::local(MessagingConfig::local(&app.vhost.amqp_url), app.signer.verify_keys())
+            ..app.config.push(&app.wiring)
         };
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,7 +40,7 @@ impl Replica {
         let https = format!("https://{}", tls.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(push_service::run_with_tls(config, listener, Some(tls), shutdown.clone()));
-        Replica { url, https, shutdown, task, signer: app.signer.clone() }
+        Replica { url, https, shutdown, task, signer: app.signer().clone() }
     }
 
     /// What the gateway would send this replica to say that `user` calls.
@@ -78,9 +75,7 @@ pub(crate) fn order_of(e: &SseEvent) -> String {
 
 /// Places an order and waits until it is settled; returns its id.
 pub(crate) async fn settled_order(app: &TestApp, user: &User, price: u32) -> String {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     app.settled_order(user, &id).await;
     id
 }
@@ -113,7 +108,7 @@ pub(crate) async fn expect_orders(rx: &mut mpsc::UnboundedReceiver<SseEvent>, or
 
 /// A stream through the gateway that has seen one event: that of an order
 /// of `price`, placed and settled after the stream opened.
-async fn stream_with_one_event(
+pub(crate) async fn stream_with_one_event(
     app: &TestApp,
     user: &User,
     price: u32,
@@ -128,8 +123,7 @@ async fn stream_with_one_event(
 #[tokio::test]
 async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events() {
     let app = TestApp::spawn().await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 100})).await;
+    let user = app.user_with(100).await;
 
     let (stream, e, _) = stream_with_one_event(&app, &user, 10).await;
     assert_eq!(e.event, "OrderCreated");
@@ -219,7 +213,7 @@ async fn any_replica_resumes_any_id_and_a_restarted_one_too() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
     let bob = app.user().await;
-    app.post(&alice, "/billing/account/deposit", json!({"amount": 100})).await;
+    app.deposit(&alice, 100).await;
 
     // Alice's first event arrives through the gateway's replica.
     let (stream, e, _) = stream_with_one_event(&app, &alice, 10).await;
@@ -262,7 +256,7 @@ async fn an_expired_or_unknown_id_gets_a_reset_event() {
     // A replica on its own stream that keeps one second, in tiny segments
     // (retention drops whole segments).
     let replica = Replica::start(&app, |c| {
-        c.messaging.push_stream = runtime::messaging::push_stream::PushStream {
+        c.common.messaging.push_stream = runtime::messaging::push_stream::PushStream {
             name: "push.short".into(),
             max_age: "1s".into(),
             segment_bytes: Some(2000),
@@ -423,8 +417,7 @@ async fn the_gateway_multiplexes_event_streams_to_the_push_service_over_h2c() {
     let h2c = open_streams(&app, &app.gateway, &users, 12).await;
     assert_eq!(connections_to(push_port) - before, 1, "12 event streams on one h2c connection");
     // Events still reach every stream.
-    let order = app.post(user, "/ordering/orders", json!({"price": 1})).await;
-    let id = order.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, 1).await;
     for mut stream in h2c.into_iter().step_by(users.len()) {
         assert_eq!(order_of(&next(&mut stream).await), id);
     }
@@ -620,7 +613,7 @@ async fn a_replica_facing_browsers_checks_the_token_itself() {
     let app = TestApp::spawn().await;
     let alice = app.user().await;
     let bob = app.user().await;
-    let replica = Replica::start(&app, |c| c.identity_url = Some(app.identity.clone())).await;
+    let replica = Replica::start(&app, |_| {}).await;
     let tls = h2_client();
     let url = format!("{}/api/v1/orders", replica.https);
     let status = |r: reqwest::Response| r.status();
@@ -666,24 +659,7 @@ async fn a_gateway_shutting_down_ends_the_streams_it_carries() {
     // A gateway of its own in front of the replica, which keeps running.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = format!("http://{}", listener.local_addr().unwrap());
-    let config = gateway::Config {
-        addr: String::new(),
-        identity_url: app.identity.clone(),
-        billing_url: "http://127.0.0.1:9".into(),
-        ordering_url: "http://127.0.0.1:9".into(),
-        notification_url: "http://127.0.0.1:9".into(),
-        push_url: replica.url.clone(),
-        push_h2c: true,
-        push_streams_per_connection: 100,
-        verifier: runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() },
-        upstream_timeout_secs: 30,
-        client_ip_header: None,
-        https_addr: String::new(),
-        tls: Default::default(),
-        limits: Default::default(),
-        connections: Default::default(),
-        signing: runtime::auth::SigningKeyConfig::with(app.signer.clone()),
-    };
+    let config = gateway::Config { push_url: replica.url.clone(), ..app.config.gateway(&app.wiring) };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway::run_with_tls(config, listener, None, shutdown.clone()));
     let url = format!("{gateway}/api/v1/push/orders");

@@ -4,8 +4,8 @@
 use crate::helpers::{eventually, eventually_counts};
 use contracts::messages::{CreatePayment, Message, exchange};
 use lapin::options::QueueDeclareOptions;
+use order_system::system::{SystemConfig, Wiring};
 use reqwest::StatusCode;
-use runtime::MessagingConfig;
 use serde_json::Value;
 use std::time::Duration;
 use test_support::{Link, Sandbox, TcpProxy};
@@ -41,42 +41,42 @@ fn gateway_key() -> &'static runtime::auth::AssertionSigner {
     KEY.get_or_init(runtime::auth::AssertionSigner::generate)
 }
 
-pub fn callers() -> runtime::auth::CallerKeys {
-    runtime::auth::CallerKeys { verify_keys: gateway_key().verify_keys() }
-}
-
 /// What the gateway sends billing to say that `user` calls `method` `path`.
 fn as_user(user: Uuid, method: reqwest::Method, path: &str) -> String {
     let user = crate::helpers::User { id: user, email: String::new(), token: String::new() };
     gateway_key().sign("billing", &method, path, &crate::helpers::as_current(&user))
 }
 
-pub fn messaging(amqp_url: &str) -> MessagingConfig {
-    MessagingConfig { retry_delays_ms: vec![50, 150], ..MessagingConfig::local(amqp_url) }
+/// The system whose services these tests start one at a time: on the
+/// sandbox's databases and vhost, messages retried within 200 ms, and where
+/// they are, with the gateway's key as far as they know it.
+fn system(s: &Sandbox) -> (SystemConfig, Wiring) {
+    let mut config = crate::helpers::sandboxed(s);
+    config.messaging.retry_delays_ms = vec![50, 150];
+    let wiring = Wiring::new(&config, gateway_key().clone());
+    (config, wiring)
 }
 
-/// Billing on `database_url` and `amqp_url`, once it answers readiness.
-pub async fn start_billing(database_url: String, amqp_url: &str) -> Running {
+/// Billing of the sandbox's system, as `System` configures it.
+fn billing_config(s: &Sandbox) -> billing::Config {
+    let (config, wiring) = system(s);
+    config.billing(&wiring)
+}
+
+/// Billing of the sandbox's system, its database reached through `pg`.
+fn billing_behind(s: &Sandbox, pg: &TcpProxy) -> billing::Config {
+    let billing = billing_config(s);
+    billing::Config { database_url: pg.url(&billing.database_url), ..billing }
+}
+
+/// Billing, once it answers readiness.
+async fn start_billing(config: billing::Config) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let config = billing::Config {
-        database_url,
-        messaging: messaging(amqp_url),
-        idempotency: Default::default(),
-        limits: Default::default(),
-        addr: String::new(),
-        callers: callers(),
-        per_user: Default::default(),
-    };
     let task = tokio::spawn(billing::run(config, listener, shutdown.clone()));
     let running = Running { url, shutdown, task: Some(task) };
-    let http = reqwest::Client::new();
-    eventually(Duration::from_secs(20), || async {
-        let r = http.get(format!("{}/health/ready", running.url)).send().await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    crate::client::ready(&reqwest::Client::new(), &running.url).await;
     running
 }
 
@@ -92,7 +92,7 @@ async fn account(http: &reqwest::Client, billing: &str, user: Uuid) -> reqwest::
 async fn while_the_database_is_away_requests_get_503_with_retry_after_and_service_resumes() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
+    let billing = start_billing(billing_behind(&s, &pg)).await;
     let http = reqwest::Client::new();
     let user = Uuid::new_v4();
     assert_eq!(account(&http, &billing.url, user).await.status(), StatusCode::OK);
@@ -151,7 +151,7 @@ pub async fn publish(amqp_url: &str, exchange: &str, kind: &str, body: &[u8]) {
 async fn messages_consumed_while_the_database_is_away_wait_for_it_instead_of_being_dead_lettered() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
+    let billing = start_billing(billing_behind(&s, &pg)).await;
 
     pg.set(Link::Cut);
     let payments: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
@@ -207,7 +207,7 @@ async fn service_metric(http: &reqwest::Client, service: &str, name: &str, label
 async fn a_database_outage_spends_no_delivery_of_a_queue_with_a_low_delivery_limit() {
     let s = Sandbox::new().await;
     let pg = TcpProxy::before(&crate::helpers::postgres_url()).await;
-    let billing = start_billing(pg.url(&s.database_url("billing")), &s.amqp_url).await;
+    let billing = start_billing(billing_behind(&s, &pg)).await;
     s.lower_delivery_limit("^billing\\.payments$", 0, "billing.payments").await;
     let http = reqwest::Client::new();
     let queue = "queue=\"billing.payments\"";
@@ -265,7 +265,7 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_and_an_older_queue_i
     ch.queue_declare("billing.identity".into(), durable, quorum).await.unwrap();
     let _ = conn.close(200, "declared".into()).await;
 
-    let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;
+    let billing = start_billing(billing_config(&s)).await;
     let http = reqwest::Client::new();
     let api = crate::helpers::rabbitmq_api();
     // The management API lists a new queue after a moment.
@@ -324,8 +324,9 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered_and_an_older_queue_i
 async fn a_service_whose_broker_is_away_stays_ready_and_says_so_in_the_details() {
     let s = Sandbox::new().await;
     let amqp = TcpProxy::before(&s.amqp_url).await;
-    let amqp_url = amqp.url(&s.amqp_url);
-    let billing = start_billing(s.database_url("billing"), &amqp_url).await;
+    let mut config = billing_config(&s);
+    config.common.messaging.amqp_url = amqp.url(&s.amqp_url);
+    let billing = start_billing(config).await;
     let http = reqwest::Client::new();
     let details = || async {
         let r = http.get(format!("{}/health/ready", billing.url)).send().await.unwrap();
@@ -380,7 +381,7 @@ async fn delay_queues_dead_letter_back_at_least_once_beside_an_old_declaration()
     runtime::messaging::broker::publish_confirmed(&ch, "", q, &body, props).await.unwrap();
     broker.close().await;
 
-    let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;
+    let billing = start_billing(billing_config(&s)).await;
     let http = reqwest::Client::new();
     for queue in ["billing.payments.delay.50ms", "billing.payments.delay.150ms", "billing.identity.delay.50ms"] {
         let url = format!("{}/queues/{}/{queue}", crate::helpers::rabbitmq_api(), s.prefix);
@@ -494,42 +495,16 @@ async fn spent_email_and_push_budgets_are_pruned_and_current_ones_stay() {
 async fn processed_messages_sent_outbox_rows_and_expired_revoked_tokens_are_pruned_on_a_schedule() {
     let s = Sandbox::without_broker();
     let shutdown = CancellationToken::new();
-    let messaging = MessagingConfig { prune_interval_secs: 1, processed_retention_hours: 1, ..messaging(&s.amqp_url) };
+    let (mut system, wiring) = system(&s);
+    system.messaging.prune_interval_secs = 1;
+    system.messaging.processed_retention_hours = 1;
     // Notification prunes its inbox like every service.
     let mail = std::env::temp_dir().join(format!("order-system-{}", s.prefix));
-    let notification = notification::Config {
-        database_url: s.database_url("notification"),
-        messaging: messaging.clone(),
-        mail: notification::MailConfig {
-            smtp_url: None,
-            mail_dir: mail.clone(),
-            mail_from: "Order System <orders@localhost>".into(),
-            emails_per_recipient_per_hour: 0,
-            smtp_username: None,
-            smtp_password: None,
-            smtp_ca_file: None,
-            dkim: Default::default(),
-            unsubscribe: Default::default(),
-        },
-        web_push: Default::default(),
-        limits: Default::default(),
-        addr: String::new(),
-        callers: callers(),
-    };
+    system.mail.mail_dir = mail.clone();
+    system.mail.emails_per_recipient_per_hour = 0;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let notification_task = tokio::spawn(notification::run(notification, listener, shutdown.clone()));
-    let identity = identity::Config {
-        database_url: s.database_url("identity"),
-        messaging,
-        token_ttl_secs: 3600,
-        jwt_private_key_pem: None,
-        abuse: Default::default(),
-        limits: Default::default(),
-        cookie_secure: false,
-        signing_key_reload_secs: 10,
-        addr: String::new(),
-        callers: callers(),
-    };
+    let notification_task = tokio::spawn(notification::run(system.notification(&wiring), listener, shutdown.clone()));
+    let identity = system.identity(&wiring);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let identity_task = tokio::spawn(identity::run(identity, listener, shutdown.clone()));
 
@@ -655,25 +630,11 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
     let smtp = test_support::SmtpSink::with_rule(picky).await;
 
     let shutdown = CancellationToken::new();
-    let config = notification::Config {
-        database_url: s.database_url("notification"),
-        messaging: messaging(&s.amqp_url),
-        mail: notification::MailConfig {
-            smtp_url: Some(smtp.url()),
-            mail_dir: out.join("unused"),
-            mail_from: "Order System <orders@localhost>".into(),
-            emails_per_recipient_per_hour: 0,
-            smtp_username: None,
-            smtp_password: None,
-            smtp_ca_file: None,
-            dkim: Default::default(),
-            unsubscribe: Default::default(),
-        },
-        web_push: Default::default(),
-        limits: Default::default(),
-        addr: String::new(),
-        callers: callers(),
-    };
+    let (mut system, wiring) = system(&s);
+    system.mail.smtp_url = Some(smtp.url());
+    system.mail.mail_dir = out.join("unused");
+    system.mail.emails_per_recipient_per_hour = 0;
+    let config = system.notification(&wiring);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let task = tokio::spawn(notification::run(config, listener, shutdown.clone()));
     let url = s.database_url("notification");
@@ -718,13 +679,7 @@ async fn the_mailer_fails_permanent_refusals_retries_temporary_ones_and_holds_no
 
     // While the slow server holds a send, no transaction is open.
     smtp.holding(1).await;
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(open, 0, "no transaction held across an SMTP send");
+    assert_eq!(test_support::idle_in_transaction(&db).await, 0, "no transaction held across an SMTP send");
     smtp.release();
 
     #[derive(Debug, sqlx::FromRow)]
@@ -793,15 +748,7 @@ async fn a_service_started_while_its_database_is_away_waits_for_it_alive_and_not
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let config = billing::Config {
-            database_url: pg.url(&s.database_url("billing")),
-            messaging: messaging(&s.amqp_url),
-            idempotency: Default::default(),
-            limits: Default::default(),
-            addr: String::new(),
-            callers: callers(),
-            per_user: Default::default(),
-        };
+        let config = billing_behind(&s, &pg);
         (url, shutdown.clone(), tokio::spawn(billing::run(config, listener, shutdown)))
     };
     let http = reqwest::Client::new();
@@ -857,7 +804,7 @@ async fn reconnects(http: &reqwest::Client, service: &str, queue: &str) -> f64 {
 #[tokio::test]
 async fn a_consumer_the_broker_refuses_reconnects_with_backoff() {
     let s = Sandbox::new().await;
-    let billing = start_billing(s.database_url("billing"), &s.amqp_url).await;
+    let billing = start_billing(billing_config(&s)).await;
     let http = reqwest::Client::new();
     let queue = "billing.payments";
     // Deleted once billing's consumer has declared it and consumes.
@@ -892,8 +839,7 @@ async fn a_consumer_the_broker_refuses_reconnects_with_backoff() {
     publish(&s.amqp_url, exchange::ORDERING, CreatePayment::NAME, &body).await;
     let db = sqlx::PgPool::connect(&s.database_url("billing")).await.unwrap();
     eventually(Duration::from_secs(45), || async {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM payments WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
+        let n = test_support::count(&db, "SELECT count(*) FROM payments WHERE id = $1", id).await;
         (n == 1).then_some(())
     })
     .await;

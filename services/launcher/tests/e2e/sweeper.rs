@@ -5,11 +5,10 @@
 //! consumer's commit wrote (as a database failover can), and time passing
 //! by moving an order's placement back.
 
-use crate::helpers::{TestApp, Tuning, User, eventually, eventually_counts};
+use crate::helpers::{TestApp, User, eventually, eventually_counts};
 use contracts::messages::{CreatePayment, Message, PAYMENT_VOIDED, exchange};
 use ordering::sweeper::SweeperConfig;
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
@@ -23,24 +22,14 @@ async fn app() -> TestApp {
         sweep_interval_ms: 100,
         sweep_batch: 100,
     };
-    TestApp::spawn_with(Tuning { sweeper, ..Default::default() }).await
+    TestApp::spawn_with(|c| c.sweeper = sweeper).await
 }
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A user with `amount` on their account.
-async fn user_with(app: &TestApp, amount: u32) -> User {
-    let user = app.user().await;
-    let r = app.post(&user, "/billing/account/deposit", json!({ "amount": amount })).await;
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    user
-}
-
 /// Places an order of `price` and waits until it is settled: its id.
 async fn settled(app: &TestApp, user: &User, price: u32, status: &str) -> Uuid {
-    let r = app.post(user, "/ordering/orders", json!({ "price": price })).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     assert_eq!(app.settled_order(user, &id).await["status"], status);
     id.parse().unwrap()
 }
@@ -70,11 +59,7 @@ async fn lose_settlement(ordering: &PgPool, order: Uuid, placed_secs_ago: Option
 
 /// How often billing charged payment `id` (its ledger entries).
 async fn charges(billing: &PgPool, id: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE payment_id = $1")
-        .bind(id)
-        .fetch_one(billing)
-        .await
-        .unwrap()
+    test_support::count(billing, "SELECT count(*) FROM ledger_entries WHERE payment_id = $1", id).await
 }
 
 /// The order as its user reads it, once it is no longer pending.
@@ -89,7 +74,7 @@ async fn settled_again(app: &TestApp, user: &User, id: Uuid) -> Value {
 #[tokio::test]
 async fn a_settlement_lost_after_its_ack_is_healed_by_a_redrive_that_charges_once() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let id = settled(&app, &user, 60, "succeeded").await;
     let (ordering, billing) = (app.db("ordering").await, app.db("billing").await);
 
@@ -112,7 +97,7 @@ async fn a_settlement_lost_after_its_ack_is_healed_by_a_redrive_that_charges_onc
 #[tokio::test]
 async fn an_order_whose_payment_command_was_lost_is_paid_by_the_redrive() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let ordering = app.db("ordering").await;
     // The order committed, its CreatePayment went out and was then lost (a
     // broker that deleted it past a delivery limit): billing never saw it.
@@ -133,7 +118,7 @@ async fn an_order_whose_payment_command_was_lost_is_paid_by_the_redrive() {
 #[tokio::test]
 async fn an_unpaid_order_times_out_failed_and_a_late_payment_is_refused() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let mut events = app.subscribe(&user).await;
     let (ordering, billing) = (app.db("ordering").await, app.db("billing").await);
     // Billing never saw this order's payment, and the order is past the
@@ -170,7 +155,7 @@ async fn an_unpaid_order_times_out_failed_and_a_late_payment_is_refused() {
 #[tokio::test]
 async fn a_charged_order_is_never_failed_by_the_timeout() {
     let app = app().await;
-    let user = user_with(&app, 100).await;
+    let user = app.user_with(100).await;
     let id = settled(&app, &user, 60, "succeeded").await;
     let ordering = app.db("ordering").await;
     // The settlement is lost and the order is past the timeout: billing is

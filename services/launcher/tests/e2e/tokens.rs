@@ -4,7 +4,9 @@
 //! logout) and resumes with a fresh one.
 
 use crate::helpers::*;
-use crate::push::{Replica, expect_orders, gateway_stream, h2_client, next, order_of, settled_order};
+use crate::push::{
+    Replica, expect_orders, gateway_stream, h2_client, next, order_of, settled_order, stream_with_one_event,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -121,23 +123,13 @@ async fn ended(stream: &mut tokio::sync::mpsc::UnboundedReceiver<SseEvent>, with
         .expect("the stream ended in time");
 }
 
-async fn login_again(app: &TestApp, user: &User) -> User {
-    let r = app.login(&user.email, "correct horse").await;
-    assert_eq!(r.status(), StatusCode::OK);
-    let token = r.json::<Value>().await.unwrap()["accessToken"].as_str().unwrap().to_string();
-    User { id: user.id, email: user.email.clone(), token }
-}
-
 #[tokio::test]
 async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
     const TTL: u64 = 4;
-    let app = TestApp::spawn_with(Tuning { token_ttl_secs: TTL, ..Default::default() }).await;
+    let app = TestApp::spawn_with(|c| c.token_ttl_secs = TTL).await;
     let logged_in = tokio::time::Instant::now();
     let user = app.user().await;
-    let mut stream = gateway_stream(&app, &user, None).await;
-    let first = settled_order(&app, &user, 10).await; // fails: no money
-    let seen = next(&mut stream).await;
-    assert_eq!(order_of(&seen), first);
+    let (mut stream, seen, _) = stream_with_one_event(&app, &user, 10).await; // fails: no money
 
     // It ends by itself once the token has expired (5 s of leeway after exp).
     ended(&mut stream, Duration::from_secs(TTL + 15)).await;
@@ -146,7 +138,7 @@ async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "the old token is no longer accepted");
 
     // A fresh token resumes from the last id: nothing missed.
-    let user = login_again(&app, &user).await;
+    let user = app.login_again(&user).await;
     let missed = settled_order(&app, &user, 11).await;
     let mut stream = gateway_stream(&app, &user, Some(seen.id())).await;
     expect_orders(&mut stream, &[&missed], seen.id()).await;
@@ -162,7 +154,7 @@ async fn a_stream_opened_with_an_assertion_ends_when_the_token_it_names_expires(
     // a token that expires in a second.
     let expires = chrono::Utc::now().timestamp() + 1;
     let caller = runtime::auth::CurrentUser { token_expires: expires, ..as_current(&user) };
-    let assertion = app.signer.sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller);
+    let assertion = app.signer().sign("push", &reqwest::Method::GET, "/api/v1/orders", &caller);
     let resp =
         reqwest::Client::new().get(format!("{}/api/v1/orders", replica.url)).header(ASSERTION, assertion).send().await;
     let resp = resp.unwrap();
@@ -181,11 +173,7 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
     let app = TestApp::spawn().await;
     let user = app.user().await;
     // A replica facing browsers, which checks tokens itself.
-    let replica = Replica::start(&app, |c| {
-        c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
-    })
-    .await;
+    let replica = Replica::start(&app, |_| {}).await;
     let direct =
         |token: &str| h2_client().get(format!("{}/api/v1/orders", replica.https)).bearer_auth(token.to_string()).send();
     let mut through_gateway = gateway_stream(&app, &user, None).await;
@@ -205,7 +193,7 @@ async fn a_stream_ends_when_its_token_is_logged_out_at_the_gateway_and_at_a_push
     ended(&mut through_gateway, Duration::from_secs(5)).await;
     ended(&mut at_replica, Duration::from_secs(5)).await;
 
-    let user = login_again(&app, &user).await;
+    let user = app.login_again(&user).await;
     let missed = settled_order(&app, &user, 11).await;
     let mut stream = gateway_stream(&app, &user, Some(seen.id())).await;
     expect_orders(&mut stream, &[&missed], seen.id()).await;
@@ -229,11 +217,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
     let alice = app.user().await;
     let old_kid = kid_of(&alice.token);
     // A push replica facing browsers, which verifies tokens itself.
-    let replica = Replica::start(&app, |c| {
-        c.identity_url = Some(app.identity.clone());
-        c.verifier = runtime::auth::tokens::VerifierConfig { revocation_refresh_ms: 200, ..Default::default() };
-    })
-    .await;
+    let replica = Replica::start(&app, |_| {}).await;
     let orders = format!("{}/api/v1/orders", replica.https);
     let stream_status = |token: String| {
         let orders = orders.clone();
@@ -259,7 +243,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_k
     let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
     assert_eq!(kids, [new_kid.as_str(), old_kid.as_str()], "current first, then the previous one");
     let bob = app.user().await;
-    let bob = login_again(&app, &bob).await;
+    let bob = app.login_again(&bob).await;
     assert_eq!(kid_of(&bob.token), new_kid, "a login after the reload is signed with the new key");
 
     // Both tokens verify at the gateway and at the push replica, which learn

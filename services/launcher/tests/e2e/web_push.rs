@@ -329,29 +329,11 @@ impl WebPushService {
             ..Default::default()
         };
         tweak(&mut web_push);
-        let config = notification::Config {
-            database_url: app.sandbox.database_url("notification"),
-            messaging: runtime::MessagingConfig {
-                retry_delays_ms: vec![100, 300],
-                outbox_poll_ms: 100,
-                ..runtime::MessagingConfig::local(&app.vhost.amqp_url)
-            },
-            limits: Default::default(),
-            mail: notification::MailConfig {
-                smtp_url: Some(app.smtp.url()),
-                mail_dir: app.sandbox.dir("mail").join("unused"),
-                mail_from: "Order System <orders@localhost>".into(),
-                emails_per_recipient_per_hour: 0,
-                smtp_username: None,
-                smtp_password: None,
-                smtp_ca_file: None,
-                dkim: Default::default(),
-                unsubscribe: Default::default(),
-            },
-            web_push,
-            addr: String::new(),
-            callers: app.callers(),
-        };
+        let mut system = app.config.clone();
+        system.web_push = web_push;
+        system.messaging.outbox_poll_ms = 100;
+        system.mail.emails_per_recipient_per_hour = 0;
+        let config = system.notification(&app.wiring);
         let (task, shutdown, url) = Self::spawn(&config).await;
         let gateway = app.gateway_with(|c| c.notification_url = url).await;
         WebPushService { config, task, shutdown, gateway }
@@ -364,12 +346,7 @@ impl WebPushService {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(notification::run(config.clone(), listener, shutdown.clone()));
-        let http = reqwest::Client::new();
-        eventually(Duration::from_secs(30), || async {
-            let r = http.get(format!("{url}/health/ready")).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        crate::client::ready(&reqwest::Client::new(), &url).await;
         (task, shutdown, url)
     }
 
@@ -414,8 +391,7 @@ impl Drop for WebPushService {
 async fn subscribed_user(app: &TestApp, service: &WebPushService, peer: &PushPeer, deposit: u32) -> (User, String) {
     let user = app.user().await;
     if deposit > 0 {
-        let r = app.post(&user, "/billing/account/deposit", json!({"amount": deposit})).await;
-        assert!(r.status().is_success());
+        app.deposit(&user, deposit).await;
     }
     let (channel, subscription) = peer.browser(None);
     let r = service.subscribe(app, &user, &subscription).await;
@@ -424,9 +400,7 @@ async fn subscribed_user(app: &TestApp, service: &WebPushService, peer: &PushPee
 }
 
 async fn order(app: &TestApp, user: &User, price: u32) -> Value {
-    let r = app.post(user, "/ordering/orders", json!({"price": price})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = app.place_order(user, price).await;
     app.settled_order(user, &id).await
 }
 
@@ -483,11 +457,7 @@ async fn a_settled_order_reaches_the_subscribed_browser_signed_and_encrypted() {
         1,
     )
     .await;
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM push_deliveries WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let queued = test_support::count(&db, "SELECT count(*) FROM push_deliveries WHERE user_id = $1", user.id).await;
     // The subscription's messages went with it, and none was queued since.
     assert_eq!(queued, 0, "nothing queued for the third order");
     assert_eq!(peer.received(&channel).len(), 2);
@@ -548,11 +518,7 @@ async fn a_subscription_answered_410_is_removed() {
         0,
     )
     .await;
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let left = test_support::count(&db, "SELECT count(*) FROM push_subscriptions WHERE user_id = $1", user.id).await;
     assert_eq!(left, 1, "the other browser's subscription stays");
 
     // The next outcome goes to the remaining browser only.
@@ -578,8 +544,7 @@ async fn keys_that_do_not_match_are_refused_or_end_the_delivery_without_retries(
     let mut app = TestApp::spawn().await;
     let peer = PushPeer::start().await;
     let service = WebPushService::start(&mut app, &peer, |c| c.subscriptions_per_user = 3).await;
-    let user = app.user().await;
-    app.post(&user, "/billing/account/deposit", json!({"amount": 1000})).await;
+    let user = app.user_with(1000).await;
 
     // What the service can check itself is refused at once (422).
     let (_, good) = peer.browser(None);
@@ -630,11 +595,8 @@ async fn keys_that_do_not_match_are_refused_or_end_the_delivery_without_retries(
     assert_eq!(attempts, 1, "a 403 is not retried");
     assert!(reason.contains("403"), "{reason}");
     assert_eq!(peer.received(&wrong_server).iter().map(|r| r.status).collect::<Vec<_>>(), [403]);
-    let subscriptions: i64 = sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let subscriptions =
+        test_support::count(&db, "SELECT count(*) FROM push_subscriptions WHERE user_id = $1", user.id).await;
     assert_eq!(subscriptions, 3, "a refusal is not a removal");
 
     // A fourth browser replaces the oldest (the cap is 3).
@@ -687,11 +649,8 @@ async fn nothing_is_pushed_twice_after_a_restart_and_a_redelivered_order_event()
     })
     .await;
     let db = app.db("notification").await;
-    let notifications: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE order_id = $1")
-        .bind(event.order_id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let notifications =
+        test_support::count(&db, "SELECT count(*) FROM notifications WHERE order_id = $1", event.order_id).await;
     assert_eq!(notifications, 1);
     let per_order = |order: Uuid| {
         peer.received(&channel)

@@ -17,7 +17,6 @@
 //! database like the e-mail budget; a message beyond it is not sent.
 
 use anyhow::Context;
-use runtime::data::db::Wakeup;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -26,15 +25,12 @@ use uuid::Uuid;
 use web_push_native::WebPushBuilder;
 
 use super::{PUSH_CHANNEL, Vapid, WebPushConfig};
+use crate::delivery::{self, BUDGET_WINDOW, Budget};
 
 /// Messages claimed at a time.
 const BATCH: i64 = 20;
 /// How long one push service may take to answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest wait between tries, whatever `Retry-After` says.
-const RETRY_CAP: Duration = Duration::from_secs(3600);
-/// The window of a user's budget.
-const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 
 pub struct Pusher {
     db: PgPool,
@@ -42,8 +38,8 @@ pub struct Pusher {
     http: reqwest::Client,
     ttl: Duration,
     retry_base: Duration,
-    /// Messages per user an hour; `None`: no budget.
-    budget: Option<i32>,
+    /// Messages per user an hour.
+    budget: Budget,
 }
 
 struct Due {
@@ -88,8 +84,7 @@ impl Pusher {
                 http = http.add_root_certificate(cert);
             }
         }
-        let budget =
-            (config.per_user_per_hour > 0).then(|| i32::try_from(config.per_user_per_hour).unwrap_or(i32::MAX));
+        let budget = Budget::per_hour(config.per_user_per_hour);
         Ok(Pusher {
             db,
             vapid,
@@ -101,16 +96,7 @@ impl Pusher {
     }
 
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut wakeup = Wakeup::new(self.db.clone(), PUSH_CHANNEL, poll);
-        loop {
-            wakeup.listen().await;
-            if let Err(e) = self.send_due(&shutdown).await {
-                tracing::warn!(error = %e, "pusher pass failed");
-            }
-            if !wakeup.wait(&shutdown).await {
-                return Ok(());
-            }
-        }
+        delivery::run(&self.db, PUSH_CHANNEL, poll, &shutdown, "pusher", || self.send_due(&shutdown)).await
     }
 
     /// Sends every due message, a batch at a time, holding no transaction
@@ -195,9 +181,7 @@ impl Pusher {
             }
             Outcome::Retry { reason, after } => {
                 metrics::counter!("web_push_failed_total", "kind" => "temporary").increment(1);
-                let attempts = u32::try_from(message.attempts).unwrap_or(0);
-                let delay = after.unwrap_or_else(|| runtime::backoff::delay(attempts, self.retry_base, RETRY_CAP));
-                let delay = delay.min(RETRY_CAP);
+                let delay = delivery::retry_delay(message.attempts, self.retry_base, after);
                 tracing::warn!(%reason, retry_in = ?delay, "push message not taken; will retry");
                 sqlx::query!(
                     "UPDATE push_deliveries SET attempts = attempts + 1, last_error = $2,
@@ -276,26 +260,23 @@ impl Pusher {
         Ok(request)
     }
 
-    /// Takes one message from the user's budget on its first attempt: whether
-    /// it may be sent (one statement, as the mailer's budget).
+    /// Takes one message from the user's budget (see [`Budget::allows`]):
+    /// whether it may be sent.
     async fn within_budget(&self, message: &Due) -> sqlx::Result<bool> {
-        let Some(budget) = self.budget else { return Ok(true) };
-        if message.attempts > 0 {
-            return Ok(true);
-        }
-        let used = sqlx::query_scalar!(
-            "INSERT INTO push_budgets AS b (user_id, window_start, used) VALUES ($1, now(), 1)
+        let take = |window: f64| {
+            sqlx::query_scalar!(
+                "INSERT INTO push_budgets AS b (user_id, window_start, used) VALUES ($1, now(), 1)
              ON CONFLICT (user_id) DO UPDATE SET
                  used = CASE WHEN b.window_start <= now() - make_interval(secs => $2) THEN 1 ELSE b.used + 1 END,
                  window_start = CASE WHEN b.window_start <= now() - make_interval(secs => $2)
                                      THEN now() ELSE b.window_start END
              RETURNING used",
-            message.user_id,
-            BUDGET_WINDOW.as_secs_f64(),
-        )
-        .fetch_one(&self.db)
-        .await?;
-        Ok(used <= budget)
+                message.user_id,
+                window,
+            )
+            .fetch_one(&self.db)
+        };
+        self.budget.allows(message.attempts, take).await
     }
 }
 

@@ -57,11 +57,7 @@ impl TestDb {
 
     /// The events the outbox holds for order `id`, oldest first, with their payloads.
     async fn events(&self, id: Uuid) -> Vec<(String, serde_json::Value)> {
-        sqlx::query_as("SELECT message_type, payload FROM outbox WHERE correlation_id = $1 ORDER BY id")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await
-            .unwrap()
+        test_support::outbox_messages(&self.pool, id).await
     }
 }
 

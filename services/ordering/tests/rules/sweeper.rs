@@ -36,12 +36,7 @@ async fn order(db: &PgPool, age_secs: i64, status: &str) -> Uuid {
 
 /// The messages the outbox holds for order `id`, oldest first.
 async fn commands(db: &PgPool, id: Uuid) -> Vec<String> {
-    let rows: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT message_type, payload FROM outbox WHERE correlation_id = $1 ORDER BY id")
-            .bind(id.to_string())
-            .fetch_all(db)
-            .await
-            .unwrap();
+    let rows = test_support::outbox_messages(db, id).await;
     for (_, payload) in rows.iter().filter(|(kind, _)| kind.ends_with("Payment")) {
         assert_eq!(payload["id"], id.to_string(), "the command names the order's own payment id");
         assert_eq!(payload["amount"], 60);

@@ -193,23 +193,6 @@ impl Drop for Share {
     }
 }
 
-/// `gateway_client_requests_in_progress`: requests holding their client's
-/// share now (until their response head).
-struct InProgress;
-
-impl InProgress {
-    fn new() -> Self {
-        metrics::gauge!("gateway_client_requests_in_progress").increment(1.0);
-        InProgress
-    }
-}
-
-impl Drop for InProgress {
-    fn drop(&mut self) {
-        metrics::gauge!("gateway_client_requests_in_progress").decrement(1.0);
-    }
-}
-
 async fn share_of_requests(
     shares: Arc<PerClient>,
     client_ip_header: Option<HeaderName>,
@@ -226,7 +209,9 @@ async fn share_of_requests(
         return ApiError::too_many_requests("too many requests at once from your address, try again", RETRY_AFTER)
             .into_response();
     };
-    let _counted = InProgress::new();
+    // `gateway_client_requests_in_progress`: requests holding their client's
+    // share now (until their response head).
+    let _counted = crate::metrics::GaugeGuard::new(metrics::gauge!("gateway_client_requests_in_progress"));
     next.run(req).await
 }
 

@@ -164,12 +164,7 @@ async fn a_confirm_that_never_comes_times_out_without_a_transaction_held_and_the
         claimed.then_some(())
     })
     .await;
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let open = test_support::idle_in_transaction(&db).await;
     assert_eq!(open, 0, "no transaction open while the relay waits for the broker");
     let state = eventually(Duration::from_secs(10), || async {
         let state = outbox_state(&db, row).await;

@@ -25,32 +25,17 @@ impl Drop for TlsTerminator {
 
 impl TlsTerminator {
     async fn start(authority: &TestAuthority, upstream: &'static str) -> TlsTerminator {
-        use rustls::pki_types::pem::PemObject;
-        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(authority.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(authority.key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = test_support::tls::acceptor(authority);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(AtomicUsize::new(0));
         let counted = handshakes.clone();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, counted) = (acceptor.clone(), counted.clone());
-                connections.spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut plain) = TcpStream::connect(upstream).await else { return };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                });
+        let task = test_support::tls::serve_each(listener, Some(acceptor), move |mut tls| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut plain) = TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
             }
         });
         TlsTerminator { port, handshakes, task }
