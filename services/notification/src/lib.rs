@@ -87,6 +87,12 @@ pub struct MailConfig {
     #[arg(long, env = "SMTP_CA_FILE")]
     pub smtp_ca_file: Option<PathBuf>,
 
+    /// Seconds one e-mail's SMTP exchange may take, from the connection to
+    /// the server's answer to the message; a server slower than that (or
+    /// one that accepts and never answers) gets the e-mail again later.
+    #[arg(long, env = "SMTP_TIMEOUT_SECS", default_value_t = 30)]
+    pub smtp_timeout_secs: u64,
+
     /// Where e-mails go when no SMTP server is configured.
     #[arg(long, env = "MAIL_DIR", default_value = "var/mail")]
     pub mail_dir: PathBuf,

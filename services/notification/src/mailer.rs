@@ -60,6 +60,8 @@ pub struct Mailer {
     id_domain: String,
     dkim: Option<DkimConfig>,
     unsubscribe: Option<Arc<Links>>,
+    /// How long one SMTP exchange may take.
+    smtp_timeout: Duration,
 }
 
 /// How the e-mails are DKIM-signed (RFC 6376): all three, or none.
@@ -190,11 +192,12 @@ impl Mailer {
             }
         };
         let budget = Budget::per_hour(config.emails_per_recipient_per_hour);
-        Ok(Mailer { db, from, transport, budget, id_domain, dkim, unsubscribe })
+        let smtp_timeout = Duration::from_secs(config.smtp_timeout_secs.max(1));
+        Ok(Mailer { db, from, transport, budget, id_domain, dkim, unsubscribe, smtp_timeout })
     }
 
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-        delivery::run(&self.db, EMAIL_CHANNEL, poll, &shutdown, "mailer", || self.send_due()).await
+        delivery::run(&self.db, EMAIL_CHANNEL, poll, &shutdown, "mailer", || self.send_due(&shutdown)).await
     }
 
     /// Sends every due e-mail whose recipient is known, a batch at a time,
@@ -202,8 +205,10 @@ impl Mailer {
     /// first (its `next_attempt_at` moved past the time a batch may take, in
     /// one short statement with `SKIP LOCKED`, so replicas take different
     /// e-mails and a mailer that dies leaves them to the others), then each
-    /// e-mail is sent and its outcome recorded on its own.
-    async fn send_due(&self) -> anyhow::Result<()> {
+    /// e-mail is sent and its outcome recorded on its own. Asked to stop, it
+    /// hands the batch's unsent e-mails back (due at once, for another
+    /// replica) after the one in flight, instead of keeping them claimed.
+    async fn send_due(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         loop {
             let due = sqlx::query_as!(
                 Due,
@@ -223,7 +228,14 @@ impl Mailer {
             if due.is_empty() {
                 return Ok(());
             }
-            for mail in &due {
+            for (i, mail) in due.iter().enumerate() {
+                if shutdown.is_cancelled() {
+                    let rest: Vec<i64> = due[i..].iter().map(|m| m.id).collect();
+                    sqlx::query!("UPDATE email_deliveries SET next_attempt_at = now() WHERE id = ANY($1)", &rest)
+                        .execute(&self.db)
+                        .await?;
+                    return Ok(());
+                }
                 if mail.unsubscribed {
                     metrics::counter!("emails_unsubscribed_total").increment(1);
                     tracing::info!(delivery_id = mail.id, user_id = %mail.user_id, "recipient unsubscribed; not sent");
@@ -343,15 +355,24 @@ impl Mailer {
     async fn send(&self, mail: &Due) -> Result<(), SendError> {
         let message = self.message(mail)?;
         match &self.transport {
-            Transport::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| {
-                // A 5xx answer will not change; anything else (4xx, no
-                // connection, a timeout) may.
-                if e.is_permanent() {
-                    SendError::Permanent(format!("refused by the SMTP server: {e}"))
-                } else {
-                    SendError::Temporary(format!("{e}"))
-                }
-            }),
+            // lettre's own timeout bounds the connection only: the whole
+            // exchange is bounded here (no connection is pooled, so the one
+            // given up is closed).
+            Transport::Smtp(t) => match tokio::time::timeout(self.smtp_timeout, t.send(message)).await {
+                Err(_) => Err(SendError::Temporary(format!(
+                    "the SMTP server did not answer within {} s",
+                    self.smtp_timeout.as_secs_f64()
+                ))),
+                Ok(sent) => sent.map(|_| ()).map_err(|e| {
+                    // A 5xx answer will not change; anything else (4xx, no
+                    // connection, a timeout) may.
+                    if e.is_permanent() {
+                        SendError::Permanent(format!("refused by the SMTP server: {e}"))
+                    } else {
+                        SendError::Temporary(format!("{e}"))
+                    }
+                }),
+            },
             Transport::Files(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError::Temporary(format!("{e}"))),
         }
     }
@@ -461,7 +482,7 @@ fn smtp_transport(config: &MailConfig, url: &str) -> anyhow::Result<AsyncSmtpTra
         tracing::warn!(smtp = %shown, "SMTP credentials may travel unencrypted: use smtps:// or ?tls=required");
     }
     tracing::info!(smtp = %shown, ?security, "e-mails go to the SMTP server");
-    Ok(builder.timeout(Some(Duration::from_secs(10))).build())
+    Ok(builder.timeout(Some(Duration::from_secs(config.smtp_timeout_secs.max(1)))).build())
 }
 
 #[cfg(test)]
@@ -542,9 +563,80 @@ mod tests {
             smtp_username: login.map(|l| l.0.to_string()),
             smtp_password: login.map(|l| l.1.to_string()),
             smtp_ca_file: ca_file,
+            smtp_timeout_secs: 30,
             dkim: Default::default(),
             unsubscribe: Default::default(),
         }
+    }
+
+    /// E-mails due for `user` (their profile known), `n` of them.
+    async fn due_emails(db: &PgPool, user: uuid::Uuid, n: usize) {
+        sqlx::query("INSERT INTO profiles (user_id, email) VALUES ($1, 'someone@example.com')")
+            .bind(user)
+            .execute(db)
+            .await
+            .unwrap();
+        for i in 0..n {
+            let notification = uuid::Uuid::new_v4();
+            sqlx::query("INSERT INTO notifications (id, user_id, message) VALUES ($1, $2, 'm')")
+                .bind(notification)
+                .bind(user)
+                .execute(db)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO email_deliveries (notification_id, user_id, subject, body) VALUES ($1, $2, $3, 'b')",
+            )
+            .bind(notification)
+            .bind(user)
+            .bind(format!("e-mail {i}"))
+            .execute(db)
+            .await
+            .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mailer_asked_to_stop_mid_batch_hands_the_unsent_emails_back() {
+        let db = test_support::ServiceDb::new("notification", sqlx::migrate!("../../migrations/notification")).await;
+        due_emails(&db.pool, uuid::Uuid::new_v4(), 3).await;
+        // A server that accepts and never answers: the first e-mail waits
+        // there (until the exchange's timeout) with the batch claimed.
+        let hung = test_support::SilentListener::start().await;
+        let mail = MailConfig {
+            smtp_url: Some(format!("smtp://127.0.0.1:{}", hung.port)),
+            smtp_timeout_secs: 2,
+            ..config(None, None)
+        };
+        let mailer = Mailer::new(&mail, db.pool.clone(), None).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(mailer.run(Duration::from_secs(60), shutdown.clone()));
+        test_support::eventually(Duration::from_secs(10), || async { (hung.accepted() > 0).then_some(()) }).await;
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM email_deliveries WHERE next_attempt_at > now() + interval '5 minutes'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(claimed, 3, "the whole batch is claimed while the first e-mail is in flight");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        // The one in flight timed out and is retried later; the two never
+        // tried are due again at once.
+        let rows: Vec<(String, i32, bool, Option<String>)> = sqlx::query_as(
+            "SELECT subject, attempts, next_attempt_at <= now(), last_error FROM email_deliveries WHERE sent_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 3, "nothing was sent: {rows:?}");
+        assert_eq!(rows[0].1, 1, "the first e-mail was tried once, to be retried: {rows:?}");
+        assert!(rows[0].3.as_deref().unwrap_or_default().contains("did not answer within 2 s"), "{rows:?}");
+        assert_eq!(
+            rows[1..].iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(),
+            vec![(0, true), (0, true)],
+            "the rest are handed back untried and due now"
+        );
     }
 
     fn message(subject: &str) -> Message {
