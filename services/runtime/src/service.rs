@@ -393,3 +393,23 @@ impl Starting {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `Service::start` gives a service its broker; the gateway's
+    /// `Service::new` has none, and asking it for a database or a broker is
+    /// refused with the reason rather than started half-configured.
+    #[tokio::test]
+    async fn a_service_without_messaging_settings_gets_no_database_or_broker() {
+        let keys = crate::auth::AssertionSigner::generate().verify_keys();
+        let mut service = Service::new("svc", &HttpLimits::default(), &keys, CancellationToken::new());
+        let err = service.with_broker().err().unwrap();
+        assert!(err.to_string().contains("messaging settings of Service::start"), "{err}");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let migrations = Migrator::DEFAULT;
+        let err = service.with_database("postgres://nowhere", migrations, &listener).await.err().unwrap();
+        assert!(err.to_string().contains("messaging settings of Service::start"), "{err}");
+    }
+}
