@@ -223,7 +223,11 @@ async fn guessers_lock_an_account_but_not_its_owner_on_a_device_that_logged_in_b
     }
     let r = login_with_cookie(&app, "192.0.2.10", &laptop, &other.email, "correct horse").await;
     assert_throttled(r, StatusCode::TOO_MANY_REQUESTS, "for this account").await;
-    let forged = format!("{}0", &laptop[..laptop.len() - 1]);
+    // Its last character changed (to another one: a cookie ending in '0'
+    // must not be "forged" into itself).
+    let last = if laptop.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &laptop[..laptop.len() - 1]);
+    assert_ne!(forged, laptop);
     let r = login_with_cookie(&app, "192.0.2.12", &forged, &owner.email, "correct horse").await;
     assert_throttled(r, StatusCode::TOO_MANY_REQUESTS, "for this account").await;
 
